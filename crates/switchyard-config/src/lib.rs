@@ -1,0 +1,209 @@
+//! Switchyard's configuration: the YAML file format, its defaults, and its validation.
+//!
+//! A config is read in two steps. [`raw`] mirrors the YAML exactly (serde with
+//! `deny_unknown_fields`), so type errors name the field and the line. [`validate`] then turns
+//! the raw file into the typed [`Config`] of this module, collecting every semantic problem with
+//! its field path instead of stopping at the first. Nothing here knows about Pingora.
+
+mod duration;
+mod raw;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use duration::{format_duration, parse_duration};
+pub use raw::{Algorithm, HealthCheckType};
+
+/// A validated configuration: every address parsed, every reference resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub server: Server,
+    pub listeners: Vec<Listener>,
+    pub admin: Option<Admin>,
+    pub metrics: Option<Metrics>,
+    pub state_file: Option<PathBuf>,
+    /// Sorted by name.
+    pub upstreams: Vec<Upstream>,
+    /// In file order: the first match wins.
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Server {
+    pub threads: usize,
+    pub grace_period: Duration,
+    pub upgrade_socket: PathBuf,
+    pub debug_headers: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listener {
+    pub address: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admin {
+    pub address: SocketAddr,
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Metrics {
+    pub address: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upstream {
+    pub name: String,
+    pub algorithm: Algorithm,
+    pub backends: Vec<Backend>,
+    pub health_check: Option<HealthCheck>,
+    pub timeouts: Timeouts,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backend {
+    pub address: SocketAddr,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub probe: Probe,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+/// What a health check sends and what it accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    Tcp,
+    Http {
+        path: String,
+        expect_status: u16,
+        /// `Host` header of the probe; `None` sends the backend's address.
+        host: Option<String>,
+    },
+}
+
+/// Per-upstream timeouts towards backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Establishing a TCP connection to a backend.
+    pub connect: Duration,
+    /// Waiting for the next byte from a backend once the request is sent.
+    pub read: Duration,
+    /// Waiting for a backend to accept the next bytes of a request.
+    pub write: Duration,
+    /// How long an unused keep-alive connection to a backend is kept for reuse.
+    pub idle: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub name: String,
+    /// Lower-cased, without a port.
+    pub host: Option<String>,
+    pub path_prefix: Option<String>,
+    /// Sorted by upstream name.
+    pub split: Vec<SplitWeight>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SplitWeight {
+    pub upstream: String,
+    pub weight: u32,
+}
+
+/// Largest backend weight the contract allows.
+pub const MAX_BACKEND_WEIGHT: u32 = 1000;
+/// Largest route split weight the contract allows.
+pub const MAX_SPLIT_WEIGHT: u32 = 10_000;
+
+/// One thing wrong with a config, about one field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Where in the file, e.g. `upstreams.green.backends[1].address`; empty for the whole file.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in a config, in file order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problems(pub Vec<Problem>);
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Problems {}
+
+impl Problems {
+    fn one(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Problems(vec![Problem {
+            path: path.into(),
+            message: message.into(),
+        }])
+    }
+}
+
+impl Config {
+    /// Parses and validates YAML text.
+    pub fn from_yaml(text: &str) -> Result<Config, Problems> {
+        let raw: raw::File = serde_yaml::from_str(text).map_err(yaml_problem)?;
+        validate::validate(raw)
+    }
+
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, Problems> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Problems::one("", format!("cannot read {}: {e}", path.display())))?;
+        Config::from_yaml(&text)
+    }
+
+    pub fn upstream(&self, name: &str) -> Option<&Upstream> {
+        self.upstreams.iter().find(|u| u.name == name)
+    }
+}
+
+/// serde_yaml already prefixes the field path; keep its location at the end.
+fn yaml_problem(e: serde_yaml::Error) -> Problems {
+    let text = e.to_string();
+    match text.split_once(": ") {
+        Some((path, rest)) if is_field_path(path) => Problems::one(path, rest),
+        _ => Problems::one("", text),
+    }
+}
+
+fn is_field_path(s: &str) -> bool {
+    !s.is_empty()
+        && !s.contains(' ')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.[]".contains(c))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,127 @@
+//! The YAML file exactly as written: field names, optionality and types, nothing more.
+//! Defaults and cross-field checks belong to `validate`, so that every problem can be reported.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use serde::{Deserialize, Serialize};
+
+use crate::duration::YamlDuration;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    #[serde(default)]
+    pub server: Server,
+    pub listeners: Option<Vec<Listener>>,
+    pub admin: Option<Admin>,
+    pub metrics: Option<Metrics>,
+    pub state_file: Option<PathBuf>,
+    pub upstreams: Option<BTreeMap<String, Upstream>>,
+    pub routes: Option<Vec<Route>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    pub threads: Option<usize>,
+    pub grace_period: Option<YamlDuration>,
+    pub upgrade_socket: Option<PathBuf>,
+    pub debug_headers: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub address: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    pub address: String,
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    pub address: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    #[default]
+    RoundRobin,
+    WeightedRoundRobin,
+    LeastConnections,
+    IpHash,
+}
+
+impl Algorithm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::RoundRobin => "round_robin",
+            Algorithm::WeightedRoundRobin => "weighted_round_robin",
+            Algorithm::LeastConnections => "least_connections",
+            Algorithm::IpHash => "ip_hash",
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    #[serde(default)]
+    pub algorithm: Algorithm,
+    pub backends: Option<Vec<Backend>>,
+    pub health_check: Option<HealthCheck>,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    pub address: String,
+    pub weight: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthCheckType {
+    Http,
+    Tcp,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    #[serde(rename = "type")]
+    pub kind: HealthCheckType,
+    pub path: Option<String>,
+    pub expect_status: Option<u16>,
+    pub host: Option<String>,
+    pub interval: Option<YamlDuration>,
+    pub timeout: Option<YamlDuration>,
+    pub rise: Option<u32>,
+    pub fall: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    pub connect: Option<YamlDuration>,
+    pub read: Option<YamlDuration>,
+    pub write: Option<YamlDuration>,
+    pub idle: Option<YamlDuration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub name: Option<String>,
+    pub host: Option<String>,
+    pub path_prefix: Option<String>,
+    pub split: Option<BTreeMap<String, u32>>,
+}

@@ -1,0 +1,225 @@
+//! Unit tests of parsing and validation: defaults, and the exact problem lines `check` prints.
+
+use super::*;
+
+const VALID: &str = r#"
+server:
+  threads: 2
+  grace_period: 30s
+listeners:
+  - address: 127.0.0.1:8080
+admin:
+  address: 127.0.0.1:9000
+metrics:
+  address: 127.0.0.1:9100
+upstreams:
+  blue:
+    algorithm: weighted_round_robin
+    backends:
+      - address: 127.0.0.1:9001
+      - address: 127.0.0.1:9002
+        weight: 3
+    health_check:
+      type: http
+      path: /healthz
+      interval: 1s
+      timeout: 500ms
+      rise: 2
+      fall: 2
+  green:
+    algorithm: least_connections
+    backends:
+      - address: 127.0.0.1:9003
+routes:
+  - name: web
+    host: Example.com
+    path_prefix: /
+    split:
+      blue: 90
+      green: 10
+"#;
+
+fn problems(yaml: &str) -> Vec<String> {
+    match Config::from_yaml(yaml) {
+        Ok(_) => Vec::new(),
+        Err(p) => p.0.iter().map(|p| p.to_string()).collect(),
+    }
+}
+
+#[test]
+fn the_contract_example_parses_with_defaults() {
+    let config = Config::from_yaml(VALID).expect("valid");
+    assert_eq!(config.server.threads, 2);
+    assert_eq!(config.server.grace_period, Duration::from_secs(30));
+    assert_eq!(
+        config.server.upgrade_socket,
+        PathBuf::from("/tmp/switchyard-upgrade.sock")
+    );
+    let blue = config.upstream("blue").unwrap();
+    assert_eq!(blue.algorithm, Algorithm::WeightedRoundRobin);
+    assert_eq!(blue.backends[0].weight, 1);
+    assert_eq!(blue.backends[1].weight, 3);
+    let hc = blue.health_check.as_ref().unwrap();
+    assert_eq!(
+        hc.probe,
+        Probe::Http {
+            path: "/healthz".into(),
+            expect_status: 200,
+            host: None
+        }
+    );
+    assert_eq!(hc.timeout, Duration::from_millis(500));
+    assert_eq!(blue.timeouts.connect, Duration::from_secs(5));
+    let route = &config.routes[0];
+    assert_eq!(route.host.as_deref(), Some("example.com"));
+    assert_eq!(
+        route.split,
+        vec![
+            SplitWeight {
+                upstream: "blue".into(),
+                weight: 90
+            },
+            SplitWeight {
+                upstream: "green".into(),
+                weight: 10
+            }
+        ]
+    );
+}
+
+#[test]
+fn every_semantic_problem_is_reported_with_its_path() {
+    let yaml = r#"
+server:
+  threads: 0
+listeners:
+  - address: localhost
+upstreams:
+  green:
+    backends:
+      - address: 127.0.0.1:9003
+      - address: 127.0.0.1:99999
+      - address: 127.0.0.1:9003
+        weight: 1001
+    health_check:
+      type: http
+      path: healthz
+      interval: 1s
+      timeout: 1s
+      rise: 0
+      fall: 0
+  empty:
+    backends: []
+routes:
+  - name: web
+    path_prefix: api
+    split:
+      green: 0
+      purple: 5
+  - name: web
+    split:
+      green: 0
+"#;
+    assert_eq!(
+        problems(yaml),
+        vec![
+            "server.threads: must be at least 1",
+            "listeners[0].address: \"localhost\" is not a valid address: expected IP:port, e.g. 127.0.0.1:9001",
+            "upstreams.empty.backends: at least one backend is required",
+            "upstreams.green.backends[1].address: \"127.0.0.1:99999\" is not a valid address: expected IP:port, e.g. 127.0.0.1:9001",
+            "upstreams.green.backends[2].weight: 1001 is out of range 0..=1000",
+            "upstreams.green.backends[2].address: 127.0.0.1:9003 is listed twice (also backends[0])",
+            "upstreams.green.health_check.timeout: 1s must be shorter than interval (1s)",
+            "upstreams.green.health_check.rise: must be at least 1",
+            "upstreams.green.health_check.fall: must be at least 1",
+            "upstreams.green.health_check.path: \"healthz\" must start with '/'",
+            "routes[0].path_prefix: \"api\" must start with '/'",
+            "routes[0].split.purple: unknown upstream \"purple\"",
+            "routes[0].split: weights must not all be 0",
+            "routes[1].name: route name \"web\" is used twice (also routes[0])",
+            "routes[1].split: weights must not all be 0",
+        ]
+    );
+}
+
+#[test]
+fn unknown_fields_are_errors_with_path_and_line() {
+    let yaml = "listeners:\n  - address: 127.0.0.1:8080\n    wieght: 3\n";
+    let lines = problems(yaml);
+    assert_eq!(lines.len(), 1);
+    assert!(
+        lines[0].starts_with("listeners[0]: unknown field `wieght`"),
+        "{lines:?}"
+    );
+    assert!(lines[0].contains("line 3 column 5"), "{lines:?}");
+}
+
+#[test]
+fn yaml_syntax_errors_give_line_and_column() {
+    let lines = problems("listeners:\n  - address: 127.0.0.1:8080\n bad: [\n");
+    assert_eq!(lines.len(), 1);
+    assert!(lines[0].contains("line 3 column 2"), "{lines:?}");
+}
+
+#[test]
+fn bad_durations_and_algorithms_name_the_field() {
+    let lines = problems("server:\n  grace_period: 30 seconds\n");
+    assert!(
+        lines[0].starts_with("server.grace_period: invalid duration \"30 seconds\""),
+        "{lines:?}"
+    );
+    let lines = problems("upstreams:\n  a:\n    algorithm: random\n");
+    assert!(
+        lines[0].starts_with("upstreams.a.algorithm: unknown variant `random`"),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn missing_sections_are_named() {
+    assert_eq!(
+        problems("server: {}\n"),
+        vec![
+            "listeners: at least one listener is required",
+            "upstreams: at least one upstream is required",
+            "routes: at least one route is required",
+        ]
+    );
+}
+
+#[test]
+fn admin_beyond_loopback_needs_a_token_and_sockets_are_distinct() {
+    let yaml = VALID
+        .replace("address: 127.0.0.1:9000", "address: 0.0.0.0:9000")
+        .replace("address: 127.0.0.1:9100", "address: 127.0.0.1:8080");
+    assert_eq!(
+        problems(&yaml),
+        vec![
+            "admin.address: 0.0.0.0:9000 is not a loopback address; set admin.token_file to expose the admin API beyond this machine",
+            "metrics.address: 127.0.0.1:8080 is already used by listeners[0].address",
+        ]
+    );
+}
+
+#[test]
+fn tcp_checks_refuse_http_fields_and_weights_are_bounded() {
+    let yaml = VALID
+        .replace("type: http", "type: tcp")
+        .replace("green: 10", "green: 10001");
+    assert_eq!(
+        problems(&yaml),
+        vec![
+            "upstreams.blue.health_check.path: only applies to type: http, not type: tcp",
+            "routes[0].split.green: 10001 is out of range 0..=10000",
+        ]
+    );
+}
+
+#[test]
+fn hosts_must_be_bare() {
+    let yaml = VALID.replace("host: Example.com", "host: example.com:8080");
+    assert_eq!(
+        problems(&yaml),
+        vec!["routes[0].host: \"example.com:8080\" must be a bare host name, without port or path (the port is ignored when matching)"]
+    );
+}

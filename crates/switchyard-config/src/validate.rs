@@ -1,0 +1,402 @@
+//! Turns the raw file into a [`Config`]: applies defaults, parses addresses, resolves
+//! references, and reports every problem with its field path.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::raw::{self, HealthCheckType};
+use crate::{
+    format_duration, Admin, Backend, Config, HealthCheck, Listener, Metrics, Problem, Problems,
+    Probe, Route, Server, SplitWeight, Timeouts, Upstream, MAX_BACKEND_WEIGHT, MAX_SPLIT_WEIGHT,
+};
+
+const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
+const DEFAULT_UPGRADE_SOCKET: &str = "/tmp/switchyard-upgrade.sock";
+const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+const DEFAULT_RISE: u32 = 2;
+const DEFAULT_FALL: u32 = 3;
+const DEFAULT_TIMEOUTS: Timeouts = Timeouts {
+    connect: Duration::from_secs(5),
+    read: Duration::from_secs(60),
+    write: Duration::from_secs(60),
+    idle: Duration::from_secs(60),
+};
+
+/// Collects problems while the typed config is built; a field with a problem is left out.
+#[derive(Default)]
+struct Checker {
+    problems: Vec<Problem>,
+}
+
+impl Checker {
+    fn problem(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn address(&mut self, path: &str, text: &str) -> Option<SocketAddr> {
+        match text.trim().parse::<SocketAddr>() {
+            Ok(addr) if addr.port() == 0 => {
+                self.problem(path, format!("{text:?} has port 0; give a real port"));
+                None
+            }
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                self.problem(
+                    path,
+                    format!("{text:?} is not a valid address: expected IP:port, e.g. 127.0.0.1:9001"),
+                );
+                None
+            }
+        }
+    }
+
+    fn name(&mut self, path: &str, what: &str, name: &str) {
+        let valid = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        if !valid {
+            self.problem(
+                path,
+                format!("{what} name {name:?} must be non-empty and use only letters, digits, '_', '.' and '-'"),
+            );
+        }
+    }
+
+    fn nonzero(&mut self, path: &str, value: Duration) -> Duration {
+        if value.is_zero() {
+            self.problem(path, "must be longer than 0s");
+        }
+        value
+    }
+}
+
+pub fn validate(file: raw::File) -> Result<Config, Problems> {
+    let mut c = Checker::default();
+    let server = server(&mut c, file.server);
+    let listeners = listeners(&mut c, file.listeners.unwrap_or_default());
+    let admin = file.admin.and_then(|a| admin(&mut c, a));
+    let metrics = file
+        .metrics
+        .and_then(|m| c.address("metrics.address", &m.address))
+        .map(|address| Metrics { address });
+    sockets_distinct(&mut c, &listeners, admin.as_ref(), metrics.as_ref());
+    let upstreams = upstreams(&mut c, file.upstreams.unwrap_or_default());
+    let routes = routes(&mut c, file.routes.unwrap_or_default(), &upstreams);
+    if c.problems.is_empty() {
+        Ok(Config {
+            server,
+            listeners,
+            admin,
+            metrics,
+            state_file: file.state_file,
+            upstreams,
+            routes,
+        })
+    } else {
+        Err(Problems(c.problems))
+    }
+}
+
+fn server(c: &mut Checker, raw: raw::Server) -> Server {
+    let threads = raw.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    if threads == 0 {
+        c.problem("server.threads", "must be at least 1");
+    }
+    Server {
+        threads,
+        grace_period: raw.grace_period.map(|d| d.0).unwrap_or(DEFAULT_GRACE_PERIOD),
+        upgrade_socket: raw
+            .upgrade_socket
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_UPGRADE_SOCKET)),
+        debug_headers: raw.debug_headers.unwrap_or(false),
+    }
+}
+
+fn listeners(c: &mut Checker, raw: Vec<raw::Listener>) -> Vec<Listener> {
+    if raw.is_empty() {
+        c.problem("listeners", "at least one listener is required");
+    }
+    raw.iter()
+        .enumerate()
+        .filter_map(|(i, l)| c.address(&format!("listeners[{i}].address"), &l.address))
+        .map(|address| Listener { address })
+        .collect()
+}
+
+fn admin(c: &mut Checker, raw: raw::Admin) -> Option<Admin> {
+    let address = c.address("admin.address", &raw.address)?;
+    if raw.token_file.is_none() && !address.ip().is_loopback() {
+        c.problem(
+            "admin.address",
+            format!("{address} is not a loopback address; set admin.token_file to expose the admin API beyond this machine"),
+        );
+    }
+    Some(Admin {
+        address,
+        token_file: raw.token_file,
+    })
+}
+
+fn sockets_distinct(
+    c: &mut Checker,
+    listeners: &[Listener],
+    admin: Option<&Admin>,
+    metrics: Option<&Metrics>,
+) {
+    let mut seen: HashMap<SocketAddr, String> = HashMap::new();
+    let all = listeners
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (format!("listeners[{i}].address"), l.address))
+        .chain(admin.map(|a| ("admin.address".to_string(), a.address)))
+        .chain(metrics.map(|m| ("metrics.address".to_string(), m.address)));
+    for (path, addr) in all {
+        if let Some(first) = seen.get(&addr) {
+            c.problem(path, format!("{addr} is already used by {first}"));
+        } else {
+            seen.insert(addr, path);
+        }
+    }
+}
+
+fn upstreams(c: &mut Checker, raw: BTreeMap<String, raw::Upstream>) -> Vec<Upstream> {
+    if raw.is_empty() {
+        c.problem("upstreams", "at least one upstream is required");
+    }
+    raw.into_iter()
+        .map(|(name, u)| upstream(c, name, u))
+        .collect()
+}
+
+fn upstream(c: &mut Checker, name: String, raw: raw::Upstream) -> Upstream {
+    let path = format!("upstreams.{name}");
+    c.name(&path, "upstream", &name);
+    let backends = backends(c, &path, raw.backends.unwrap_or_default());
+    let health_check = raw
+        .health_check
+        .map(|h| health_check(c, &format!("{path}.health_check"), h));
+    let t = raw.timeouts;
+    let tp = format!("{path}.timeouts");
+    let timeouts = Timeouts {
+        connect: c.nonzero(
+            &format!("{tp}.connect"),
+            t.connect.map(|d| d.0).unwrap_or(DEFAULT_TIMEOUTS.connect),
+        ),
+        read: c.nonzero(&format!("{tp}.read"), t.read.map(|d| d.0).unwrap_or(DEFAULT_TIMEOUTS.read)),
+        write: c.nonzero(
+            &format!("{tp}.write"),
+            t.write.map(|d| d.0).unwrap_or(DEFAULT_TIMEOUTS.write),
+        ),
+        idle: c.nonzero(&format!("{tp}.idle"), t.idle.map(|d| d.0).unwrap_or(DEFAULT_TIMEOUTS.idle)),
+    };
+    Upstream {
+        name,
+        algorithm: raw.algorithm,
+        backends,
+        health_check,
+        timeouts,
+    }
+}
+
+fn backends(c: &mut Checker, upstream_path: &str, raw: Vec<raw::Backend>) -> Vec<Backend> {
+    if raw.is_empty() {
+        c.problem(
+            format!("{upstream_path}.backends"),
+            "at least one backend is required",
+        );
+    }
+    let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, b) in raw.iter().enumerate() {
+        let path = format!("{upstream_path}.backends[{i}]");
+        let weight = b.weight.unwrap_or(1);
+        if weight > MAX_BACKEND_WEIGHT {
+            c.problem(
+                format!("{path}.weight"),
+                format!("{weight} is out of range 0..={MAX_BACKEND_WEIGHT}"),
+            );
+        }
+        let Some(address) = c.address(&format!("{path}.address"), &b.address) else {
+            continue;
+        };
+        if let Some(first) = seen.insert(address, i) {
+            c.problem(
+                format!("{path}.address"),
+                format!("{address} is listed twice (also backends[{first}])"),
+            );
+            continue;
+        }
+        out.push(Backend { address, weight });
+    }
+    out
+}
+
+fn health_check(c: &mut Checker, path: &str, raw: raw::HealthCheck) -> HealthCheck {
+    let interval = c.nonzero(
+        &format!("{path}.interval"),
+        raw.interval.map(|d| d.0).unwrap_or(DEFAULT_CHECK_INTERVAL),
+    );
+    let timeout = match raw.timeout.map(|d| d.0) {
+        Some(t) => c.nonzero(&format!("{path}.timeout"), t),
+        None => DEFAULT_CHECK_TIMEOUT.min(interval / 2),
+    };
+    if !interval.is_zero() && timeout >= interval {
+        c.problem(
+            format!("{path}.timeout"),
+            format!(
+                "{} must be shorter than interval ({})",
+                format_duration(timeout),
+                format_duration(interval)
+            ),
+        );
+    }
+    let rise = raw.rise.unwrap_or(DEFAULT_RISE);
+    let fall = raw.fall.unwrap_or(DEFAULT_FALL);
+    for (field, value) in [("rise", rise), ("fall", fall)] {
+        if value == 0 {
+            c.problem(format!("{path}.{field}"), "must be at least 1");
+        }
+    }
+    let probe = match raw.kind {
+        HealthCheckType::Tcp => {
+            for (field, set) in [
+                ("path", raw.path.is_some()),
+                ("expect_status", raw.expect_status.is_some()),
+                ("host", raw.host.is_some()),
+            ] {
+                if set {
+                    c.problem(
+                        format!("{path}.{field}"),
+                        "only applies to type: http, not type: tcp",
+                    );
+                }
+            }
+            Probe::Tcp
+        }
+        HealthCheckType::Http => {
+            let probe_path = raw.path.unwrap_or_else(|| "/".to_string());
+            if !probe_path.starts_with('/') {
+                c.problem(
+                    format!("{path}.path"),
+                    format!("{probe_path:?} must start with '/'"),
+                );
+            }
+            let expect_status = raw.expect_status.unwrap_or(200);
+            if !(100..=599).contains(&expect_status) {
+                c.problem(
+                    format!("{path}.expect_status"),
+                    format!("{expect_status} is not an HTTP status (100..=599)"),
+                );
+            }
+            Probe::Http {
+                path: probe_path,
+                expect_status,
+                host: raw.host,
+            }
+        }
+    };
+    HealthCheck {
+        probe,
+        interval,
+        timeout,
+        rise,
+        fall,
+    }
+}
+
+fn routes(c: &mut Checker, raw: Vec<raw::Route>, upstreams: &[Upstream]) -> Vec<Route> {
+    if raw.is_empty() {
+        c.problem("routes", "at least one route is required");
+    }
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, r) in raw.into_iter().enumerate() {
+        let path = format!("routes[{i}]");
+        let name = match r.name {
+            Some(name) => {
+                c.name(&format!("{path}.name"), "route", &name);
+                if let Some(first) = names.insert(name.clone(), i) {
+                    c.problem(
+                        format!("{path}.name"),
+                        format!("route name {name:?} is used twice (also routes[{first}])"),
+                    );
+                }
+                name
+            }
+            None => {
+                c.problem(format!("{path}.name"), "is required");
+                String::new()
+            }
+        };
+        let host = r.host.map(|h| {
+            if h.is_empty() || h.contains(':') || h.contains('/') || h.contains(' ') {
+                c.problem(
+                    format!("{path}.host"),
+                    format!("{h:?} must be a bare host name, without port or path (the port is ignored when matching)"),
+                );
+            }
+            h.to_ascii_lowercase()
+        });
+        if let Some(prefix) = &r.path_prefix {
+            if !prefix.starts_with('/') {
+                c.problem(
+                    format!("{path}.path_prefix"),
+                    format!("{prefix:?} must start with '/'"),
+                );
+            }
+        }
+        let split = split(c, &format!("{path}.split"), r.split, upstreams);
+        out.push(Route {
+            name,
+            host,
+            path_prefix: r.path_prefix,
+            split,
+        });
+    }
+    out
+}
+
+/// Checks a route split against the known upstreams.
+fn split(
+    c: &mut Checker,
+    path: &str,
+    raw: Option<BTreeMap<String, u32>>,
+    upstreams: &[Upstream],
+) -> Vec<SplitWeight> {
+    let raw = raw.unwrap_or_default();
+    if raw.is_empty() {
+        c.problem(path, "at least one upstream is required");
+        return Vec::new();
+    }
+    let mut out = Vec::with_capacity(raw.len());
+    for (upstream, weight) in raw {
+        let field = format!("{path}.{upstream}");
+        if !upstreams.iter().any(|u| u.name == upstream) {
+            c.problem(field, format!("unknown upstream {upstream:?}"));
+            continue;
+        }
+        if weight > MAX_SPLIT_WEIGHT {
+            c.problem(
+                field,
+                format!("{weight} is out of range 0..={MAX_SPLIT_WEIGHT}"),
+            );
+            continue;
+        }
+        out.push(SplitWeight { upstream, weight });
+    }
+    if !out.is_empty() && out.iter().all(|s| s.weight == 0) {
+        c.problem(path, "weights must not all be 0");
+    }
+    out
+}
