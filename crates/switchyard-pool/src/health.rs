@@ -1,0 +1,313 @@
+//! Active health checks: one task per checked backend, run by a single Pingora background
+//! service that follows the pool (a backend added or removed later gets or loses its task).
+//!
+//! Probes are Pingora's own `TcpHealthCheck` and `HttpHealthCheck`; rise and fall are counted
+//! here because Pingora keeps its health state inside its `LoadBalancer`, which we do not use.
+//! A backend's first check decides its state at once (like Envoy's cluster warming); after
+//! that it takes `rise` successes or `fall` failures in a row to flip. The service reports
+//! ready only when every backend has had its first check, and the proxy service depends on it,
+//! so the listeners accept nothing before the pool knows which backends are up.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use log::{info, warn};
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use pingora_core::services::ServiceReadyNotifier;
+use pingora_core::{Error, ErrorType};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_load_balancing::health_check::{
+    HealthCheck as Probe, HttpHealthCheck, TcpHealthCheck,
+};
+use pingora_load_balancing::Backend as ProbeTarget;
+use switchyard_config::{HealthCheck, Probe as ProbeConfig};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::live::BackendLive;
+use crate::Pool;
+
+/// The background service that runs every health check of the pool.
+pub struct HealthChecks {
+    pool: Arc<Pool>,
+}
+
+impl HealthChecks {
+    pub fn new(pool: Arc<Pool>) -> Self {
+        HealthChecks { pool }
+    }
+}
+
+/// A running check task and what it was started for, to restart it when either changes.
+struct Running {
+    check: HealthCheck,
+    live: Arc<BackendLive>,
+    task: JoinHandle<()>,
+}
+
+type Key = (Arc<str>, SocketAddr);
+
+#[async_trait]
+impl BackgroundService for HealthChecks {
+    async fn start_with_ready_notifier(
+        &self,
+        mut shutdown: ShutdownWatch,
+        ready: ServiceReadyNotifier,
+    ) {
+        let mut running: HashMap<Key, Running> = HashMap::new();
+        let mut changes = self.pool.subscribe();
+        let (first_done, mut first_results) = mpsc::unbounded_channel();
+        let started = self.reconcile(&mut running, Some(&first_done));
+        for _ in 0..started {
+            if first_results.recv().await.is_none() {
+                break;
+            }
+        }
+        info!("health checks: first round done for {started} backends");
+        ready.notify_ready();
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    self.reconcile(&mut running, None);
+                }
+            }
+        }
+        for (_, r) in running {
+            r.task.abort();
+        }
+    }
+}
+
+impl HealthChecks {
+    /// Starts a task for each checked backend that has none (or whose check changed) and
+    /// stops the tasks of backends that are gone. Returns how many tasks it started.
+    fn reconcile(
+        &self,
+        running: &mut HashMap<Key, Running>,
+        first_done: Option<&mpsc::UnboundedSender<()>>,
+    ) -> usize {
+        let snapshot = self.pool.snapshot();
+        let mut wanted: HashMap<Key, (HealthCheck, Arc<BackendLive>)> = HashMap::new();
+        for upstream in &snapshot.upstreams {
+            let Some(check) = &upstream.health_check else {
+                continue;
+            };
+            for backend in &upstream.backends {
+                wanted.insert(
+                    (Arc::clone(&upstream.name), backend.live.address),
+                    (check.clone(), Arc::clone(&backend.live)),
+                );
+            }
+        }
+        running.retain(|key, r| {
+            let keep = wanted
+                .get(key)
+                .is_some_and(|(check, live)| *check == r.check && Arc::ptr_eq(live, &r.live));
+            if !keep {
+                r.task.abort();
+            }
+            keep
+        });
+        let mut started = 0;
+        for (key, (check, live)) in wanted {
+            if running.contains_key(&key) {
+                continue;
+            }
+            let watcher = Watcher {
+                pool: Arc::clone(&self.pool),
+                upstream: Arc::clone(&key.0),
+                live: Arc::clone(&live),
+                check: check.clone(),
+            };
+            let task = tokio::spawn(watcher.run(first_done.cloned()));
+            running.insert(key, Running { check, live, task });
+            started += 1;
+        }
+        started
+    }
+}
+
+/// Checks one backend forever, flipping its health on `rise`/`fall`.
+struct Watcher {
+    pool: Arc<Pool>,
+    upstream: Arc<str>,
+    live: Arc<BackendLive>,
+    check: HealthCheck,
+}
+
+impl Watcher {
+    async fn run(self, mut first_done: Option<mpsc::UnboundedSender<()>>) {
+        let probe = build_probe(&self.check, self.live.address);
+        let target = match ProbeTarget::new(&self.live.address.to_string()) {
+            Ok(target) => target,
+            Err(e) => {
+                warn!("health check of {} not started: {e}", self.live.address);
+                return;
+            }
+        };
+        let mut streak = Streak::default();
+        let mut interval = tokio::time::interval(self.check.interval);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            let outcome = match tokio::time::timeout(self.check.timeout, probe.check(&target)).await
+            {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(describe(&e)),
+                Err(_) => Err(format!("no answer within {:?}", self.check.timeout)),
+            };
+            self.observe(&mut streak, outcome);
+            if let Some(done) = first_done.take() {
+                // The receiver is gone once the first round is over; nothing to tell then.
+                let _ = done.send(());
+            }
+        }
+    }
+
+    fn observe(&self, streak: &mut Streak, outcome: Result<(), String>) {
+        let healthy = self.live.is_healthy();
+        let verdict = streak.record(outcome.is_ok(), healthy, &self.check);
+        let Some(now_healthy) = verdict else {
+            return;
+        };
+        if !self.live.set_healthy(now_healthy) {
+            return;
+        }
+        let why = match (&outcome, streak.first) {
+            (Ok(()), true) => "first check passed".to_string(),
+            (Err(e), true) => format!("first check failed: {e}"),
+            (Ok(()), false) => format!("{} checks passed in a row", self.check.rise),
+            (Err(e), false) => format!("{} checks failed in a row, last: {e}", self.check.fall),
+        };
+        info!(
+            "upstream {} backend {} is now {}: {why}",
+            self.upstream,
+            self.live.address,
+            if now_healthy { "healthy" } else { "unhealthy" }
+        );
+        self.pool.refresh();
+    }
+}
+
+/// Consecutive results, for rise and fall.
+#[derive(Default)]
+struct Streak {
+    checks: u64,
+    /// Whether the last recorded check was the backend's first.
+    first: bool,
+    successes: u32,
+    failures: u32,
+}
+
+impl Streak {
+    /// Returns the health the backend should have now, if this result decides it.
+    fn record(&mut self, ok: bool, healthy: bool, check: &HealthCheck) -> Option<bool> {
+        self.checks += 1;
+        self.first = self.checks == 1;
+        if ok {
+            self.successes += 1;
+            self.failures = 0;
+        } else {
+            self.failures += 1;
+            self.successes = 0;
+        }
+        if self.first {
+            Some(ok)
+        } else if !healthy && self.successes >= check.rise {
+            Some(true)
+        } else if healthy && self.failures >= check.fall {
+            Some(false)
+        } else {
+            None
+        }
+    }
+}
+
+fn describe(e: &Error) -> String {
+    match (&e.etype, &e.cause) {
+        (ErrorType::CustomCode(_, status), _) => format!("status {status}"),
+        (_, Some(cause)) => format!("{}: {cause}", e.etype.as_str()),
+        (_, None) => e.etype.as_str().to_string(),
+    }
+}
+
+fn build_probe(check: &HealthCheck, address: SocketAddr) -> Box<dyn Probe + Send + Sync> {
+    match &check.probe {
+        ProbeConfig::Tcp => {
+            let mut tcp = TcpHealthCheck::new();
+            tcp.peer_template.options.connection_timeout = Some(check.timeout);
+            tcp
+        }
+        ProbeConfig::Http {
+            path,
+            expect_status,
+            host,
+        } => {
+            let host = host.clone().unwrap_or_else(|| address.to_string());
+            let mut http = HttpHealthCheck::new(&host, false);
+            http.peer_template.options.connection_timeout = Some(check.timeout);
+            http.peer_template.options.read_timeout = Some(check.timeout);
+            http.peer_template.options.write_timeout = Some(check.timeout);
+            if let Ok(req) = probe_request(path, &host) {
+                http.req = req;
+            }
+            let expected = *expect_status;
+            http.validator = Some(Box::new(move |resp: &ResponseHeader| {
+                if resp.status.as_u16() == expected {
+                    Ok(())
+                } else {
+                    Error::e_explain(
+                        ErrorType::CustomCode("unexpected status", resp.status.as_u16()),
+                        format!("expected {expected}"),
+                    )
+                }
+            }));
+            Box::new(http)
+        }
+    }
+}
+
+fn probe_request(path: &str, host: &str) -> pingora_core::Result<RequestHeader> {
+    let mut req = RequestHeader::build("GET", path.as_bytes(), None)?;
+    req.insert_header("Host", host)?;
+    req.insert_header("User-Agent", "switchyard-health-check")?;
+    Ok(req)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn check(rise: u32, fall: u32) -> HealthCheck {
+        HealthCheck {
+            probe: ProbeConfig::Tcp,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            rise,
+            fall,
+        }
+    }
+
+    #[test]
+    fn first_result_decides_then_rise_and_fall_count() {
+        let c = check(2, 3);
+        let mut s = Streak::default();
+        assert_eq!(s.record(false, false, &c), Some(false), "first check decides");
+        assert_eq!(s.record(true, false, &c), None, "one success is not rise=2");
+        assert_eq!(s.record(true, false, &c), Some(true));
+        assert_eq!(s.record(false, true, &c), None);
+        assert_eq!(s.record(false, true, &c), None);
+        assert_eq!(s.record(true, true, &c), None, "a success resets the failures");
+        assert_eq!(s.record(false, true, &c), None);
+        assert_eq!(s.record(false, true, &c), None);
+        assert_eq!(s.record(false, true, &c), Some(false), "fall=3 reached");
+    }
+}

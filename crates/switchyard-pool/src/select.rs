@@ -1,0 +1,191 @@
+//! Backend selection: the four algorithms of the contract, precomputed per snapshot so that a
+//! pick is an atomic increment and an index, and every worker thread shares one position.
+//!
+//! Pingora's own weighted selection repeats a backend `weight` times in a row (a a a b), and it
+//! has no least-connections; we build nginx's smooth sequence once per snapshot instead and
+//! reuse Pingora's Ketama ring for `ip_hash`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use pingora_ketama::{Bucket, Continuum};
+use switchyard_config::Algorithm;
+
+use crate::snapshot::Backend;
+
+/// Ring points visited before giving up on clockwise order.
+const RING_WALK_LIMIT: usize = 4096;
+
+/// Backend indices (into the upstream's `backends`) that may take new requests, arranged for
+/// the upstream's algorithm.
+pub(crate) enum Selector {
+    /// No backend can take a request.
+    Empty,
+    /// Available backends, taken in turn.
+    RoundRobin(Box<[usize]>),
+    /// One period of nginx's smooth weighted round robin.
+    Smooth(Box<[usize]>),
+    /// Available backends; the least loaded relative to weight wins.
+    LeastConnections(Box<[usize]>),
+    /// Ketama ring over available backends' addresses, weighted.
+    Ketama(Continuum),
+}
+
+impl Selector {
+    /// `available` are indices of backends that may take traffic (active, weight > 0, healthy).
+    pub(crate) fn build(algorithm: Algorithm, backends: &[Backend], available: Vec<usize>) -> Self {
+        if available.is_empty() {
+            return Selector::Empty;
+        }
+        match algorithm {
+            Algorithm::RoundRobin => Selector::RoundRobin(available.into()),
+            Algorithm::LeastConnections => Selector::LeastConnections(available.into()),
+            Algorithm::WeightedRoundRobin => {
+                let weighted: Vec<(usize, u32)> =
+                    available.iter().map(|&i| (i, backends[i].weight)).collect();
+                Selector::Smooth(smooth_sequence(&weighted).into())
+            }
+            Algorithm::IpHash => {
+                let buckets: Vec<Bucket> = available
+                    .iter()
+                    .map(|&i| Bucket::new(backends[i].live.address, backends[i].weight))
+                    .collect();
+                Selector::Ketama(Continuum::new(&buckets))
+            }
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        matches!(self, Selector::Empty)
+    }
+
+    /// Picks a backend for which `usable` holds, trying further candidates in the algorithm's
+    /// own order when the first is not usable (a health flip not yet rebuilt, a retry).
+    pub(crate) fn pick(
+        &self,
+        backends: &[Backend],
+        cursor: &AtomicUsize,
+        client: Option<IpAddr>,
+        usable: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
+        match self {
+            Selector::Empty => None,
+            Selector::RoundRobin(order) | Selector::Smooth(order) => {
+                let start = cursor.fetch_add(1, Ordering::Relaxed);
+                (0..order.len())
+                    .map(|k| order[(start + k) % order.len()])
+                    .find(|&i| usable(i))
+            }
+            Selector::LeastConnections(order) => {
+                // Rotating the scan start breaks ties round robin.
+                let start = cursor.fetch_add(1, Ordering::Relaxed);
+                let mut best: Option<(usize, usize, u32)> = None;
+                for k in 0..order.len() {
+                    let i = order[(start + k) % order.len()];
+                    if !usable(i) {
+                        continue;
+                    }
+                    let load = backends[i].live.in_flight();
+                    let weight = backends[i].weight;
+                    // load/weight < best_load/best_weight, without division.
+                    let better = match best {
+                        None => true,
+                        Some((_, best_load, best_weight)) => {
+                            (load as u128) * (best_weight as u128)
+                                < (best_load as u128) * (weight as u128)
+                        }
+                    };
+                    if better {
+                        best = Some((i, load, weight));
+                    }
+                }
+                best.map(|(i, _, _)| i)
+            }
+            Selector::Ketama(ring) => {
+                let key = client_key(client);
+                // Walking the ring finds the next backend clockwise, which keeps other
+                // clients in place; the walk is bounded because a heavy backend owns long runs
+                // of points, and past the bound any available backend will do.
+                ring.node_iter(key.as_bytes())
+                    .take(RING_WALK_LIMIT)
+                    .filter_map(|addr| index_of(backends, addr))
+                    .find(|&i| usable(i))
+                    .or_else(|| {
+                        (0..backends.len()).find(|&i| backends[i].takes_traffic() && usable(i))
+                    })
+            }
+        }
+    }
+}
+
+fn index_of(backends: &[Backend], addr: &SocketAddr) -> Option<usize> {
+    backends.iter().position(|b| b.live.address == *addr)
+}
+
+/// Bytes of the client IP for hashing; requests without one share a key.
+struct ClientKey {
+    bytes: [u8; 16],
+    len: usize,
+}
+
+impl ClientKey {
+    fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+fn client_key(client: Option<IpAddr>) -> ClientKey {
+    let mut bytes = [0u8; 16];
+    let len = match client {
+        Some(IpAddr::V4(v4)) => {
+            bytes[..4].copy_from_slice(&v4.octets());
+            4
+        }
+        Some(IpAddr::V6(v6)) => {
+            bytes.copy_from_slice(&v6.octets());
+            16
+        }
+        None => 0,
+    };
+    ClientKey { bytes, len }
+}
+
+/// One period of nginx's smooth weighted round robin over `(id, weight)`: each id appears
+/// exactly `weight / gcd` times, spread out rather than in runs. Zero weights never appear.
+pub fn smooth_sequence<T: Copy>(weighted: &[(T, u32)]) -> Vec<T> {
+    let divisor = weighted
+        .iter()
+        .map(|&(_, w)| w)
+        .filter(|&w| w > 0)
+        .fold(0, gcd);
+    if divisor == 0 {
+        return Vec::new();
+    }
+    let weights: Vec<i64> = weighted
+        .iter()
+        .map(|&(_, w)| i64::from(w / divisor))
+        .collect();
+    let total: i64 = weights.iter().sum();
+    let mut current = vec![0i64; weights.len()];
+    let mut sequence = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let mut best = 0;
+        for i in 0..weights.len() {
+            current[i] += weights[i];
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        sequence.push(weighted[best].0);
+    }
+    sequence
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}

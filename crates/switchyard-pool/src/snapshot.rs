@@ -1,0 +1,284 @@
+//! One immutable view of routes, upstreams and backends, with everything a request needs
+//! precomputed: route order, split sequences, and each upstream's selector.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use switchyard_config::{Algorithm, Config, HealthCheck, Timeouts};
+
+use crate::live::BackendLive;
+use crate::select::{smooth_sequence, Selector};
+
+/// What the operator wants of a backend, apart from its health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendState {
+    Active,
+    /// No new requests; requests in flight finish.
+    Draining,
+    /// No requests at all, as if removed, but kept in the list.
+    Disabled,
+}
+
+impl BackendState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendState::Active => "active",
+            BackendState::Draining => "draining",
+            BackendState::Disabled => "disabled",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub live: Arc<BackendLive>,
+    pub weight: u32,
+    pub state: BackendState,
+}
+
+impl Backend {
+    /// Whether the operator lets this backend take new requests (health aside).
+    pub fn takes_traffic(&self) -> bool {
+        self.state == BackendState::Active && self.weight > 0
+    }
+
+    fn available(&self) -> bool {
+        self.takes_traffic() && self.live.is_healthy()
+    }
+}
+
+pub struct Upstream {
+    pub name: Arc<str>,
+    pub algorithm: Algorithm,
+    pub backends: Vec<Backend>,
+    pub health_check: Option<HealthCheck>,
+    pub timeouts: Timeouts,
+    selector: Selector,
+    /// Selection position, shared by all threads and kept across snapshots.
+    cursor: Arc<AtomicUsize>,
+}
+
+impl Upstream {
+    fn new(
+        name: Arc<str>,
+        algorithm: Algorithm,
+        backends: Vec<Backend>,
+        health_check: Option<HealthCheck>,
+        timeouts: Timeouts,
+        cursor: Arc<AtomicUsize>,
+    ) -> Upstream {
+        let available = (0..backends.len())
+            .filter(|&i| backends[i].available())
+            .collect();
+        Upstream {
+            selector: Selector::build(algorithm, &backends, available),
+            name,
+            algorithm,
+            backends,
+            health_check,
+            timeouts,
+            cursor,
+        }
+    }
+
+    /// Whether any backend could take a request when this snapshot was built.
+    pub fn has_available(&self) -> bool {
+        !self.selector.is_empty()
+    }
+
+    /// Picks a backend for a new request; `exclude` is a backend that just failed.
+    pub fn pick_backend(&self, client: Option<IpAddr>, exclude: Option<usize>) -> Option<usize> {
+        self.selector
+            .pick(&self.backends, &self.cursor, client, |i| {
+                Some(i) != exclude && self.backends[i].live.is_healthy()
+            })
+    }
+
+    fn rebuilt(&self) -> Upstream {
+        Upstream::new(
+            Arc::clone(&self.name),
+            self.algorithm,
+            self.backends.clone(),
+            self.health_check.clone(),
+            self.timeouts,
+            Arc::clone(&self.cursor),
+        )
+    }
+}
+
+pub struct Route {
+    pub name: Arc<str>,
+    /// Lower-cased, without port.
+    pub host: Option<Box<str>>,
+    pub path_prefix: Option<Box<str>>,
+    /// Upstream index and weight, as configured.
+    pub split: Vec<(usize, u32)>,
+    /// One smooth period over the upstreams that had an available backend at build time.
+    sequence: Box<[usize]>,
+    cursor: Arc<AtomicUsize>,
+}
+
+impl Route {
+    fn new(
+        name: Arc<str>,
+        host: Option<Box<str>>,
+        path_prefix: Option<Box<str>>,
+        split: Vec<(usize, u32)>,
+        upstreams: &[Upstream],
+        cursor: Arc<AtomicUsize>,
+    ) -> Route {
+        let available: Vec<(usize, u32)> = split
+            .iter()
+            .copied()
+            .filter(|&(u, _)| upstreams[u].has_available())
+            .collect();
+        Route {
+            sequence: smooth_sequence(&available).into(),
+            name,
+            host,
+            path_prefix,
+            split,
+            cursor,
+        }
+    }
+
+    fn matches(&self, host: Option<&str>, path: &str) -> bool {
+        let host_ok = match (&self.host, host) {
+            (None, _) => true,
+            (Some(want), Some(got)) => want.eq_ignore_ascii_case(got),
+            (Some(_), None) => false,
+        };
+        host_ok
+            && self
+                .path_prefix
+                .as_deref()
+                .is_none_or(|prefix| path.starts_with(prefix))
+    }
+
+    fn rebuilt(&self, upstreams: &[Upstream]) -> Route {
+        Route::new(
+            Arc::clone(&self.name),
+            self.host.clone(),
+            self.path_prefix.clone(),
+            self.split.clone(),
+            upstreams,
+            Arc::clone(&self.cursor),
+        )
+    }
+}
+
+pub struct Snapshot {
+    pub routes: Vec<Route>,
+    pub upstreams: Vec<Upstream>,
+}
+
+impl Snapshot {
+    /// Builds the state a config describes, reusing live state and cursors from `previous`
+    /// for every backend, upstream and route that keeps its name (and address).
+    pub fn from_config(config: &Config, previous: Option<&Snapshot>) -> Snapshot {
+        let upstreams: Vec<Upstream> = config
+            .upstreams
+            .iter()
+            .map(|u| {
+                let old = previous.and_then(|p| p.upstream(&u.name));
+                let backends = u
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let live = old
+                            .and_then(|o| o.backends.iter().find(|ob| ob.live.address == b.address))
+                            .map(|ob| Arc::clone(&ob.live))
+                            // Unchecked backends are healthy; checked ones earn it.
+                            .unwrap_or_else(|| BackendLive::new(b.address, u.health_check.is_none()));
+                        Backend {
+                            live,
+                            weight: b.weight,
+                            state: BackendState::Active,
+                        }
+                    })
+                    .collect();
+                Upstream::new(
+                    u.name.as_str().into(),
+                    u.algorithm,
+                    backends,
+                    u.health_check.clone(),
+                    u.timeouts,
+                    old.map(|o| Arc::clone(&o.cursor)).unwrap_or_default(),
+                )
+            })
+            .collect();
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| {
+                let split = r
+                    .split
+                    .iter()
+                    .filter_map(|s| {
+                        let index = upstreams.iter().position(|u| *u.name == *s.upstream)?;
+                        Some((index, s.weight))
+                    })
+                    .collect();
+                let cursor = previous
+                    .and_then(|p| p.routes.iter().find(|old| *old.name == *r.name))
+                    .map(|old| Arc::clone(&old.cursor))
+                    .unwrap_or_default();
+                Route::new(
+                    r.name.as_str().into(),
+                    r.host.as_deref().map(Into::into),
+                    r.path_prefix.as_deref().map(Into::into),
+                    split,
+                    &upstreams,
+                    cursor,
+                )
+            })
+            .collect();
+        Snapshot { routes, upstreams }
+    }
+
+    /// The same state with selection recomputed from current health.
+    pub fn rebuilt(&self) -> Snapshot {
+        let upstreams: Vec<Upstream> = self.upstreams.iter().map(Upstream::rebuilt).collect();
+        let routes = self.routes.iter().map(|r| r.rebuilt(&upstreams)).collect();
+        Snapshot { routes, upstreams }
+    }
+
+    pub fn upstream(&self, name: &str) -> Option<&Upstream> {
+        self.upstreams.iter().find(|u| *u.name == *name)
+    }
+
+    /// The first route matching a request's host (without port) and path.
+    pub fn match_route(&self, host: Option<&str>, path: &str) -> Option<usize> {
+        self.routes.iter().position(|r| r.matches(host, path))
+    }
+
+    /// Picks upstream and backend for a request on `route`, moving to the route's next
+    /// upstream when one has no backend left to give.
+    pub fn pick(&self, route: usize, client: Option<IpAddr>) -> Option<(usize, usize)> {
+        let route = &self.routes[route];
+        let sequence = &route.sequence;
+        if sequence.is_empty() {
+            return None;
+        }
+        let start = route.cursor.fetch_add(1, Ordering::Relaxed);
+        (0..sequence.len()).find_map(|k| {
+            let upstream = sequence[(start + k) % sequence.len()];
+            self.upstreams[upstream]
+                .pick_backend(client, None)
+                .map(|backend| (upstream, backend))
+        })
+    }
+}
+
+/// The host part of a `Host` header or authority: `example.com:8080` -> `example.com`,
+/// `[::1]:80` -> `[::1]`.
+pub fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.find(']').map_or(host, |end| &host[..=end]);
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    }
+}
