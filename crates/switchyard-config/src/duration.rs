@@ -9,7 +9,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let invalid = || format!("invalid duration {text:?}: expected a whole number followed by ms, s, m or h (e.g. 250ms, 2s, 1m)");
+    let invalid = || {
+        format!("invalid duration {text:?}: expected a whole number followed by ms, s, m or h (e.g. 250ms, 2s, 1m)")
+    };
     let value: u64 = number.parse().map_err(|_| invalid())?;
     let millis_per_unit = match unit {
         "ms" => 1,
@@ -29,11 +31,11 @@ pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
     if ms == 0 {
         "0s".to_string()
-    } else if ms % 3_600_000 == 0 {
+    } else if ms.is_multiple_of(3_600_000) {
         format!("{}h", ms / 3_600_000)
-    } else if ms % 60_000 == 0 {
+    } else if ms.is_multiple_of(60_000) {
         format!("{}m", ms / 60_000)
-    } else if ms % 1_000 == 0 {
+    } else if ms.is_multiple_of(1_000) {
         format!("{}s", ms / 1_000)
     } else {
         format!("{ms}ms")

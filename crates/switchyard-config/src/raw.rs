@@ -1,9 +1,9 @@
 //! The YAML file exactly as written: field names, optionality and types, nothing more.
 //! Defaults and cross-field checks belong to `validate`, so that every problem can be reported.
 
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use serde::{Deserialize, Serialize};
 
 use crate::duration::YamlDuration;
 

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use crate::raw::{self, HealthCheckType};
 use crate::{
-    format_duration, Admin, Backend, Config, HealthCheck, Listener, Metrics, Problem, Problems,
-    Probe, Route, Server, SplitWeight, Timeouts, Upstream, MAX_BACKEND_WEIGHT, MAX_SPLIT_WEIGHT,
+    format_duration, Admin, Backend, Config, HealthCheck, Listener, Metrics, Probe, Problem,
+    Problems, Route, Server, SplitWeight, Timeouts, Upstream, MAX_BACKEND_WEIGHT, MAX_SPLIT_WEIGHT,
 };
 
 const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
@@ -49,7 +49,9 @@ impl Checker {
             Err(_) => {
                 self.problem(
                     path,
-                    format!("{text:?} is not a valid address: expected IP:port, e.g. 127.0.0.1:9001"),
+                    format!(
+                        "{text:?} is not a valid address: expected IP:port, e.g. 127.0.0.1:9001"
+                    ),
                 );
                 None
             }
@@ -115,7 +117,10 @@ fn server(c: &mut Checker, raw: raw::Server) -> Server {
     }
     Server {
         threads,
-        grace_period: raw.grace_period.map(|d| d.0).unwrap_or(DEFAULT_GRACE_PERIOD),
+        grace_period: raw
+            .grace_period
+            .map(|d| d.0)
+            .unwrap_or(DEFAULT_GRACE_PERIOD),
         upgrade_socket: raw
             .upgrade_socket
             .unwrap_or_else(|| PathBuf::from(DEFAULT_UPGRADE_SOCKET)),
@@ -193,12 +198,18 @@ fn upstream(c: &mut Checker, name: String, raw: raw::Upstream) -> Upstream {
             &format!("{tp}.connect"),
             t.connect.map(|d| d.0).unwrap_or(DEFAULT_TIMEOUTS.connect),
         ),
-        read: c.nonzero(&format!("{tp}.read"), t.read.map(|d| d.0).unwrap_or(DEFAULT_TIMEOUTS.read)),
+        read: c.nonzero(
+            &format!("{tp}.read"),
+            t.read.map(|d| d.0).unwrap_or(DEFAULT_TIMEOUTS.read),
+        ),
         write: c.nonzero(
             &format!("{tp}.write"),
             t.write.map(|d| d.0).unwrap_or(DEFAULT_TIMEOUTS.write),
         ),
-        idle: c.nonzero(&format!("{tp}.idle"), t.idle.map(|d| d.0).unwrap_or(DEFAULT_TIMEOUTS.idle)),
+        idle: c.nonzero(
+            &format!("{tp}.idle"),
+            t.idle.map(|d| d.0).unwrap_or(DEFAULT_TIMEOUTS.idle),
+        ),
     };
     Upstream {
         name,

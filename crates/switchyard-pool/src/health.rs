@@ -19,9 +19,7 @@ use pingora_core::services::background::BackgroundService;
 use pingora_core::services::ServiceReadyNotifier;
 use pingora_core::{Error, ErrorType};
 use pingora_http::{RequestHeader, ResponseHeader};
-use pingora_load_balancing::health_check::{
-    HealthCheck as Probe, HttpHealthCheck, TcpHealthCheck,
-};
+use pingora_load_balancing::health_check::{HealthCheck as Probe, HttpHealthCheck, TcpHealthCheck};
 use pingora_load_balancing::Backend as ProbeTarget;
 use switchyard_config::{HealthCheck, Probe as ProbeConfig};
 use tokio::sync::mpsc;
@@ -300,12 +298,20 @@ mod tests {
     fn first_result_decides_then_rise_and_fall_count() {
         let c = check(2, 3);
         let mut s = Streak::default();
-        assert_eq!(s.record(false, false, &c), Some(false), "first check decides");
+        assert_eq!(
+            s.record(false, false, &c),
+            Some(false),
+            "first check decides"
+        );
         assert_eq!(s.record(true, false, &c), None, "one success is not rise=2");
         assert_eq!(s.record(true, false, &c), Some(true));
         assert_eq!(s.record(false, true, &c), None);
         assert_eq!(s.record(false, true, &c), None);
-        assert_eq!(s.record(true, true, &c), None, "a success resets the failures");
+        assert_eq!(
+            s.record(true, true, &c),
+            None,
+            "a success resets the failures"
+        );
         assert_eq!(s.record(false, true, &c), None);
         assert_eq!(s.record(false, true, &c), None);
         assert_eq!(s.record(false, true, &c), Some(false), "fall=3 reached");

@@ -56,7 +56,10 @@ impl Pool {
     }
 
     fn update(&self, next: impl FnOnce(&Snapshot) -> Snapshot) {
-        let _writer = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _writer = self
+            .writer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let built = next(&self.current.load());
         self.current.store(Arc::new(built));
         self.version.send_modify(|v| *v += 1);

@@ -190,7 +190,9 @@ impl Snapshot {
                             .and_then(|o| o.backends.iter().find(|ob| ob.live.address == b.address))
                             .map(|ob| Arc::clone(&ob.live))
                             // Unchecked backends are healthy; checked ones earn it.
-                            .unwrap_or_else(|| BackendLive::new(b.address, u.health_check.is_none()));
+                            .unwrap_or_else(|| {
+                                BackendLive::new(b.address, u.health_check.is_none())
+                            });
                         Backend {
                             live,
                             weight: b.weight,

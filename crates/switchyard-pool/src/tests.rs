@@ -11,7 +11,12 @@ fn config(algorithm: &str, weights: &[u32]) -> Config {
     let backends: String = weights
         .iter()
         .enumerate()
-        .map(|(i, w)| format!("      - address: 127.0.0.1:{}\n        weight: {w}\n", 9001 + i))
+        .map(|(i, w)| {
+            format!(
+                "      - address: 127.0.0.1:{}\n        weight: {w}\n",
+                9001 + i
+            )
+        })
         .collect();
     let yaml = format!(
         "listeners:\n  - address: 127.0.0.1:8080\nupstreams:\n  pool:\n    algorithm: {algorithm}\n    backends:\n{backends}routes:\n  - name: all\n    split:\n      pool: 1\n"
@@ -26,7 +31,9 @@ fn port_of(snapshot: &Snapshot, backend: usize) -> u16 {
 fn picks(snapshot: &Snapshot, n: usize) -> Vec<u16> {
     (0..n)
         .map(|_| {
-            let b = snapshot.upstreams[0].pick_backend(None, None).expect("a backend");
+            let b = snapshot.upstreams[0]
+                .pick_backend(None, None)
+                .expect("a backend");
             port_of(snapshot, b)
         })
         .collect()
@@ -80,13 +87,20 @@ fn least_connections_prefers_the_least_loaded_relative_to_weight() {
     let s = Snapshot::from_config(&config("least_connections", &[1, 1, 2]), None);
     let up = &s.upstreams[0];
     // A slow backend holds requests: it must get none while the others have fewer.
-    let held: Vec<InFlight> = (0..3).map(|_| InFlight::new(&up.backends[0].live)).collect();
+    let held: Vec<InFlight> = (0..3)
+        .map(|_| InFlight::new(&up.backends[0].live))
+        .collect();
     let mut guards = Vec::new();
     for _ in 0..6 {
         let b = up.pick_backend(None, None).unwrap();
         guards.push(InFlight::new(&up.backends[b].live));
     }
-    let c = counts(&guards.iter().map(|g| g.backend().address.port()).collect::<Vec<_>>());
+    let c = counts(
+        &guards
+            .iter()
+            .map(|g| g.backend().address.port())
+            .collect::<Vec<_>>(),
+    );
     // 9001 holds 3; 9002 (w1) and 9003 (w2) fill so that load/weight stays lowest: 2 and 4.
     assert_eq!(c.get(&9001), None);
     assert_eq!((c[&9002], c[&9003]), (2, 4));
@@ -148,7 +162,12 @@ fn ip_hash_spreads_clients_in_proportion_to_weight() {
 
 #[test]
 fn unavailable_backends_get_no_new_requests() {
-    for algorithm in ["round_robin", "weighted_round_robin", "least_connections", "ip_hash"] {
+    for algorithm in [
+        "round_robin",
+        "weighted_round_robin",
+        "least_connections",
+        "ip_hash",
+    ] {
         let s = Snapshot::from_config(&config(algorithm, &[1, 0, 1, 1, 1]), None);
         let s = with_backends(&s, |i, b| match i {
             2 => b.state = BackendState::Draining,
@@ -178,11 +197,18 @@ fn a_health_flip_is_honoured_before_the_rebuild() {
 
 #[test]
 fn retries_exclude_the_failed_backend() {
-    for algorithm in ["round_robin", "weighted_round_robin", "least_connections", "ip_hash"] {
+    for algorithm in [
+        "round_robin",
+        "weighted_round_robin",
+        "least_connections",
+        "ip_hash",
+    ] {
         let s = Snapshot::from_config(&config(algorithm, &[1, 1, 1]), None);
         for i in 0..100 {
             let first = s.upstreams[0].pick_backend(Some(ip(i)), None).unwrap();
-            let second = s.upstreams[0].pick_backend(Some(ip(i)), Some(first)).unwrap();
+            let second = s.upstreams[0]
+                .pick_backend(Some(ip(i)), Some(first))
+                .unwrap();
             assert_ne!(first, second, "{algorithm}");
         }
     }
@@ -236,7 +262,10 @@ fn an_upstream_without_backends_gives_its_share_away_and_none_left_is_none() {
 fn routes_match_host_without_port_and_path_prefix_in_order() {
     let s = Snapshot::from_config(&Config::from_yaml(TWO_UPSTREAMS).unwrap(), None);
     let host = |h| Some(crate::strip_port(h));
-    assert_eq!(s.match_route(host("API.example.com:8080"), "/v1/users"), Some(0));
+    assert_eq!(
+        s.match_route(host("API.example.com:8080"), "/v1/users"),
+        Some(0)
+    );
     assert_eq!(s.match_route(host("api.example.com"), "/v2/users"), Some(1));
     assert_eq!(s.match_route(host("other"), "/v1/users"), Some(1));
     assert_eq!(s.match_route(None, "/v1/users"), Some(1));

@@ -1,1 +1,273 @@
+//! The request path: Pingora's proxy phases, each a thin step over the pool.
+//!
+//! `request_filter` matches the route and picks upstream and backend (404/503 when it cannot),
+//! `upstream_peer` hands Pingora that backend with the upstream's timeouts, `fail_to_connect`
+//! retries a refused or timed-out connect once on another backend of the same upstream, and
+//! `fail_to_proxy` turns the remaining failures into short plain-text 502/504 answers. The
+//! context holds the snapshot the request started with, so a swap mid-request changes nothing
+//! for it, and an [`InFlight`] guard so that least-connections and draining see it.
 
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_core::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use switchyard_pool::{strip_port, InFlight, Pool, Snapshot};
+
+/// Switchyard's `ProxyHttp`: all decisions come from the pool's current snapshot.
+pub struct Proxy {
+    pool: Arc<Pool>,
+    debug_headers: bool,
+    active: Arc<AtomicUsize>,
+}
+
+impl Proxy {
+    pub fn new(pool: Arc<Pool>, debug_headers: bool) -> Proxy {
+        Proxy {
+            pool,
+            debug_headers,
+            active: Arc::default(),
+        }
+    }
+
+    /// Requests being handled right now, for draining at shutdown.
+    pub fn active_requests(&self) -> Arc<AtomicUsize> {
+        Arc::clone(&self.active)
+    }
+}
+
+/// Per-request state.
+pub struct RequestCtx {
+    _active: Active,
+    snapshot: Option<Arc<Snapshot>>,
+    client: Option<IpAddr>,
+    upstream: usize,
+    backend: usize,
+    in_flight: Option<InFlight>,
+    retried: bool,
+}
+
+/// Counts a request as active from its first byte to the end of its logging phase.
+struct Active(Arc<AtomicUsize>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Release);
+    }
+}
+
+impl RequestCtx {
+    /// The snapshot and upstream a picked request goes to.
+    fn target(&self) -> Option<(&Snapshot, usize)> {
+        self.snapshot.as_deref().map(|s| (s, self.upstream))
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Proxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        RequestCtx {
+            _active: Active(Arc::clone(&self.active)),
+            snapshot: None,
+            client: None,
+            upstream: 0,
+            backend: 0,
+            in_flight: None,
+            retried: false,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let snapshot = self.pool.snapshot();
+        let req = session.req_header();
+        let host = req
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri.host())
+            .map(strip_port);
+        let Some(route) = snapshot.match_route(host, req.uri.path()) else {
+            respond_plain(
+                session,
+                404,
+                "404 Not Found: no route matches this request\n",
+            )
+            .await?;
+            return Ok(true);
+        };
+        ctx.client = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let Some((upstream, backend)) = snapshot.pick(route, ctx.client) else {
+            respond_plain(
+                session,
+                503,
+                "503 Service Unavailable: no backend is available for this route\n",
+            )
+            .await?;
+            return Ok(true);
+        };
+        ctx.in_flight = Some(InFlight::new(
+            &snapshot.upstreams[upstream].backends[backend].live,
+        ));
+        ctx.upstream = upstream;
+        ctx.backend = backend;
+        ctx.snapshot = Some(snapshot);
+        Ok(false)
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let Some((snapshot, upstream)) = ctx.target() else {
+            return Error::e_explain(ErrorType::InternalError, "no backend picked");
+        };
+        let upstream = &snapshot.upstreams[upstream];
+        let backend = &upstream.backends[ctx.backend];
+        let mut peer = HttpPeer::new(backend.live.address, false, String::new());
+        let t = &upstream.timeouts;
+        peer.options.connection_timeout = Some(t.connect);
+        peer.options.read_timeout = Some(t.read);
+        peer.options.write_timeout = Some(t.write);
+        peer.options.idle_timeout = Some(t.idle);
+        Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if ctx.retried {
+            return e;
+        }
+        ctx.retried = true;
+        let Some((snapshot, upstream)) = ctx.target() else {
+            return e;
+        };
+        let upstream = &snapshot.upstreams[upstream];
+        match upstream.pick_backend(ctx.client, Some(ctx.backend)) {
+            Some(next) => {
+                log::warn!(
+                    "upstream {}: connect to {peer} failed ({}), retrying on {}",
+                    upstream.name,
+                    e.etype().as_str(),
+                    upstream.backends[next].live.address
+                );
+                ctx.in_flight = Some(InFlight::new(&upstream.backends[next].live));
+                ctx.backend = next;
+                e.set_retry(true);
+            }
+            None => e.set_retry(false),
+        }
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(ip) = ctx.client {
+            let mut forwarded_for = String::new();
+            for value in upstream_request.headers.get_all("x-forwarded-for") {
+                if let Ok(value) = value.to_str() {
+                    forwarded_for.push_str(value);
+                    forwarded_for.push_str(", ");
+                }
+            }
+            forwarded_for.push_str(&ip.to_string());
+            upstream_request.insert_header("X-Forwarded-For", forwarded_for)?;
+        }
+        upstream_request.insert_header("X-Forwarded-Proto", "http")?;
+        if let Some(host) = session
+            .req_header()
+            .headers
+            .get(http::header::HOST)
+            .cloned()
+        {
+            upstream_request.insert_header("X-Forwarded-Host", host)?;
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if self.debug_headers {
+            if let Some((snapshot, upstream)) = ctx.target() {
+                response
+                    .insert_header("X-Switchyard-Upstream", &*snapshot.upstreams[upstream].name)?;
+            }
+        }
+        // Once shutdown or upgrade has begun, tell keep-alive clients to reconnect (to the new
+        // process) instead of reusing a connection that is about to be closed.
+        if session.is_process_shutting_down() {
+            session.set_keepalive(None);
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        _ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let (code, body) = match (e.esource(), e.etype()) {
+            (_, ErrorType::HTTPStatus(code)) => (*code, ""),
+            (
+                ErrorSource::Upstream,
+                ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout,
+            ) => (
+                504,
+                "504 Gateway Timeout: the backend did not answer in time\n",
+            ),
+            (ErrorSource::Upstream, _) => (502, "502 Bad Gateway: the backend failed to answer\n"),
+            (
+                ErrorSource::Downstream,
+                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed,
+            ) => (0, ""),
+            (ErrorSource::Downstream, _) => (400, "400 Bad Request\n"),
+            _ => (500, "500 Internal Server Error\n"),
+        };
+        if code > 0 {
+            if let Err(write_error) = respond_plain(session, code, body).await {
+                log::debug!("could not send {code} to the client: {write_error}");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+}
+
+/// Answers with a short plain-text body and closes the connection.
+async fn respond_plain(session: &mut Session, status: u16, body: &'static str) -> Result<()> {
+    let mut resp = ResponseHeader::build(status, Some(3))?;
+    resp.insert_header("Content-Type", "text/plain; charset=utf-8")?;
+    resp.insert_header("Content-Length", body.len())?;
+    resp.insert_header("Connection", "close")?;
+    session
+        .as_downstream_mut()
+        .write_error_response(resp, Bytes::from_static(body.as_bytes()))
+        .await
+}

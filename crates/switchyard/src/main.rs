@@ -1,1 +1,70 @@
-fn main() {}
+//! The `switchyard` binary: command line, and the Pingora server assembled from a config.
+
+mod cli;
+mod demo;
+mod launch;
+mod signals;
+
+use std::process::ExitCode;
+
+use cli::Command;
+use switchyard_config::Config;
+
+fn main() -> ExitCode {
+    let command = match cli::parse(std::env::args().skip(1)) {
+        Ok(command) => command,
+        Err(usage_error) => {
+            eprintln!("switchyard: {usage_error}\n\n{}", cli::USAGE);
+            return ExitCode::from(2);
+        }
+    };
+    match command {
+        Command::Help => {
+            println!("{}", cli::USAGE);
+            ExitCode::SUCCESS
+        }
+        Command::Version => {
+            println!("switchyard {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Command::Check { config } => match Config::load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(problems) => {
+                eprintln!("{problems}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Run { config, upgrade } => {
+            init_logging();
+            let loaded = match Config::load(&config) {
+                Ok(loaded) => loaded,
+                Err(problems) => {
+                    eprintln!("{problems}");
+                    return ExitCode::from(1);
+                }
+            };
+            exit_on_error(launch::run(loaded, upgrade, Vec::new()))
+        }
+        Command::Demo => {
+            init_logging();
+            exit_on_error(demo::run())
+        }
+    }
+}
+
+fn init_logging() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+}
+
+fn exit_on_error(result: Result<(), String>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(cause) => {
+            eprintln!("switchyard: {cause}");
+            ExitCode::from(1)
+        }
+    }
+}

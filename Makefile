@@ -1,0 +1,29 @@
+# Switchyard: `make run` starts the demo, `make test` runs every check CI runs.
+# Both install their system prerequisites first (Debian; root or sudo).
+
+CARGO ?= cargo
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test deps test-deps build fmt lint
+
+deps:
+	@command -v cmake >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq cmake; }
+	@command -v cc >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq build-essential; }
+
+test-deps: deps
+	@command -v curl >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq curl; }
+
+build: deps
+	$(CARGO) build --release --bin switchyard
+
+run: build
+	./target/release/switchyard demo
+
+fmt:
+	$(CARGO) fmt --all -- --check
+
+lint: deps
+	$(CARGO) clippy --all-targets -- -D warnings
+
+test: test-deps fmt lint
+	$(CARGO) test --all-targets

@@ -1,0 +1,93 @@
+//! Assembles the Pingora server from a validated config: pool, health checks, proxy
+//! listeners and the shutdown drain, and runs it until a signal ends it.
+
+use std::sync::Arc;
+
+use log::info;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{RunArgs, Server};
+use pingora::services::background::background_service;
+use pingora::services::ServiceWithDependents;
+use switchyard_config::Config;
+use switchyard_pool::health::HealthChecks;
+use switchyard_pool::Pool;
+use switchyard_proxy::Proxy;
+
+use crate::signals::{Drain, Signals};
+
+/// Services that must be up before the first health checks run (the demo's backends).
+pub type Prerequisites = Vec<Box<dyn ServiceWithDependents>>;
+
+/// Runs the load balancer until SIGTERM, SIGINT or SIGQUIT has ended it.
+pub fn run(config: Config, upgrade: bool, prerequisites: Prerequisites) -> Result<(), String> {
+    if !upgrade {
+        ensure_listeners_free(&config)?;
+    }
+    let server_conf = ServerConf {
+        threads: config.server.threads,
+        upgrade_sock: config.server.upgrade_socket.display().to_string(),
+        // Our drain ends the process as soon as in-flight requests are done; Pingora's own
+        // grace period is only the upper bound behind it.
+        grace_period_seconds: Some(config.server.grace_period.as_secs() + 1),
+        graceful_shutdown_timeout_seconds: Some(1),
+        // Connect failures are retried once, on another backend, by the proxy itself.
+        max_retries: 1,
+        ..ServerConf::default()
+    };
+    let opt = Opt {
+        upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, server_conf);
+    server.bootstrap();
+
+    let prerequisites = server.add_services(prerequisites);
+    let pool = Arc::new(Pool::new(&config));
+    let health = server.add_service(background_service(
+        "health checks",
+        HealthChecks::new(Arc::clone(&pool)),
+    ));
+    for prerequisite in &prerequisites {
+        health.add_dependency(prerequisite);
+    }
+
+    let proxy = Proxy::new(Arc::clone(&pool), config.server.debug_headers);
+    let active = proxy.active_requests();
+    let mut proxy_service =
+        pingora::proxy::http_proxy_service_with_name(&server.configuration, proxy, "proxy");
+    for listener in &config.listeners {
+        proxy_service.add_tcp(&listener.address.to_string());
+    }
+    let proxy = server.add_service(proxy_service);
+    proxy.add_dependency(&health);
+
+    server.add_service(background_service(
+        "drain",
+        Drain::new(active, config.server.grace_period),
+    ));
+
+    for listener in &config.listeners {
+        info!(
+            "proxy listening on {} once health checks have run",
+            listener.address
+        );
+    }
+    server.run(RunArgs {
+        shutdown_signal: Box::new(Signals),
+    });
+    Ok(())
+}
+
+/// Pingora panics in a service thread when a bind fails; check first for a one-line error.
+fn ensure_listeners_free(config: &Config) -> Result<(), String> {
+    for (i, listener) in config.listeners.iter().enumerate() {
+        ensure_free(&format!("listeners[{i}].address"), listener.address)?;
+    }
+    Ok(())
+}
+
+pub fn ensure_free(field: &str, address: std::net::SocketAddr) -> Result<(), String> {
+    std::net::TcpListener::bind(address)
+        .map(drop)
+        .map_err(|e| format!("{field}: cannot listen on {address}: {e}"))
+}

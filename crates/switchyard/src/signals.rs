@@ -1,0 +1,98 @@
+//! Signals and the end of the process.
+//!
+//! Pingora's defaults make SIGINT a fast exit and always sleep the whole grace period after
+//! SIGTERM. The contract wants both to stop accepting, let in-flight requests finish, and exit
+//! as soon as they have (within `grace_period`), so we hand Pingora our own signal watch and
+//! run a drain that exits the process once nothing is in flight.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use log::{info, warn};
+use pingora::server::{ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora::services::background::BackgroundService;
+use tokio::signal::unix::{signal, SignalKind};
+
+/// SIGTERM and SIGINT: graceful stop. SIGQUIT: hand the sockets over, then stop.
+pub struct Signals;
+
+#[async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        let (Ok(mut term), Ok(mut int), Ok(mut quit), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::quit()),
+            signal(SignalKind::hangup()),
+        ) else {
+            warn!("cannot install signal handlers; stopping");
+            return ShutdownSignal::FastShutdown;
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => {
+                    info!("SIGTERM: no new connections; finishing requests in flight");
+                    return ShutdownSignal::GracefulTerminate;
+                }
+                _ = int.recv() => {
+                    info!("SIGINT: no new connections; finishing requests in flight");
+                    return ShutdownSignal::GracefulTerminate;
+                }
+                _ = quit.recv() => {
+                    info!("SIGQUIT: handing the listening sockets over, then draining");
+                    return ShutdownSignal::GracefulUpgrade;
+                }
+                _ = hup.recv() => {
+                    warn!("SIGHUP: config reload is not available in this version; ignored");
+                }
+            }
+        }
+    }
+}
+
+/// Once shutdown has begun, waits for the requests in flight and ends the process.
+pub struct Drain {
+    active: Arc<AtomicUsize>,
+    grace_period: Duration,
+}
+
+impl Drain {
+    pub fn new(active: Arc<AtomicUsize>, grace_period: Duration) -> Self {
+        Drain {
+            active,
+            grace_period,
+        }
+    }
+}
+
+/// How often the drain looks at the in-flight count; a request takes longer than this.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
+
+#[async_trait]
+impl BackgroundService for Drain {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        while !*shutdown.borrow() {
+            if shutdown.changed().await.is_err() {
+                return;
+            }
+        }
+        let deadline = Instant::now() + self.grace_period;
+        loop {
+            let active = self.active.load(Ordering::Acquire);
+            if active == 0 {
+                info!("no request in flight; exiting");
+                std::process::exit(0);
+            }
+            if Instant::now() >= deadline {
+                warn!(
+                    "grace period of {:?} over with {active} requests in flight; exiting",
+                    self.grace_period
+                );
+                std::process::exit(0);
+            }
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+    }
+}
