@@ -1,1 +1,10 @@
+//! Integration tests: the real `switchyard` binary in front of real backends on 127.0.0.1,
+//! driven by a real HTTP client. One test binary, shared fixtures.
 
+mod fixtures;
+
+mod balancing;
+mod check;
+mod health;
+mod lifecycle;
+mod proxying;

@@ -175,7 +175,10 @@ impl Watcher {
         let Some(now_healthy) = verdict else {
             return;
         };
-        if !self.live.set_healthy(now_healthy) {
+        let changed = self.live.set_healthy(now_healthy);
+        // The first result is logged even when it confirms the initial state: it is the moment
+        // the backend's health becomes known.
+        if !changed && !streak.first {
             return;
         }
         let why = match (&outcome, streak.first) {
@@ -190,7 +193,9 @@ impl Watcher {
             self.live.address,
             if now_healthy { "healthy" } else { "unhealthy" }
         );
-        self.pool.refresh();
+        if changed {
+            self.pool.refresh();
+        }
     }
 }
 

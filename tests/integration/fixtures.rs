@@ -1,0 +1,529 @@
+//! Shared fixtures: test backends, an HTTP/1.1 client, and a running `switchyard`.
+//!
+//! Backends run on one shared tokio runtime and can be killed (every socket closed at once)
+//! and restarted on the same port. Every wait has a deadline.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::runtime::Runtime;
+use tokio::task::JoinSet;
+
+pub const BINARY: &str = env!("CARGO_BIN_EXE_switchyard");
+
+pub fn runtime() -> &'static Runtime {
+    static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("test runtime")
+    })
+}
+
+pub fn block_on<F: Future>(f: F) -> F::Output {
+    runtime().block_on(f)
+}
+
+/// Polls `condition` until it holds or `limit` passes; panics with `what` on timeout.
+pub fn wait_until(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A free port on 127.0.0.1 (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+pub fn temp_path(name: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "switchyard-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir.join(name)
+}
+
+// ---------------------------------------------------------------- backends
+
+struct BackendShared {
+    name: String,
+    requests: AtomicUsize,
+    sick: AtomicBool,
+    delay_ms: AtomicU64,
+    last_headers: Mutex<Vec<(String, String)>>,
+}
+
+/// A test backend (optionally slow, see `set_delay`). Paths: `/healthz` (503 when sick), `/slow/<ms>`, `/download/<bytes>`,
+/// `/upload` (POST; answers the byte count), `/ws` (101, then echoes bytes), `/reset` (closes
+/// without answering); anything else answers its name. Every answer has `X-Backend: <name>`.
+pub struct TestBackend {
+    pub addr: SocketAddr,
+    shared: Arc<BackendShared>,
+    tasks: Option<JoinSet<()>>,
+}
+
+impl TestBackend {
+    pub fn start(name: &str) -> TestBackend {
+        let shared = Arc::new(BackendShared {
+            name: name.to_string(),
+            requests: AtomicUsize::new(0),
+            sick: AtomicBool::new(false),
+            delay_ms: AtomicU64::new(0),
+            last_headers: Mutex::new(Vec::new()),
+        });
+        let listener = block_on(TcpListener::bind("127.0.0.1:0")).expect("bind backend");
+        let addr = listener.local_addr().expect("backend addr");
+        let mut backend = TestBackend {
+            addr,
+            shared,
+            tasks: None,
+        };
+        backend.serve(listener);
+        backend
+    }
+
+    fn serve(&mut self, listener: TcpListener) {
+        let _guard = runtime().enter();
+        let mut tasks = JoinSet::new();
+        let shared = Arc::clone(&self.shared);
+        let (conn_tx, mut conn_rx) = tokio::sync::mpsc::unbounded_channel::<TcpStream>();
+        tasks.spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                if conn_tx.send(stream).is_err() {
+                    break;
+                }
+            }
+        });
+        // Connections run inside the same JoinSet so that kill() closes them all.
+        tasks.spawn(async move {
+            let mut connections = JoinSet::new();
+            while let Some(stream) = conn_rx.recv().await {
+                connections.spawn(serve_connection(stream, Arc::clone(&shared)));
+            }
+        });
+        self.tasks = Some(tasks);
+    }
+
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    pub fn requests(&self) -> usize {
+        self.shared.requests.load(Ordering::SeqCst)
+    }
+
+    pub fn set_sick(&self, sick: bool) {
+        self.shared.sick.store(sick, Ordering::SeqCst);
+    }
+
+    /// Holds every answer (but health checks) this long.
+    pub fn set_delay(&self, delay: Duration) {
+        self.shared
+            .delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Headers of the last request that was not a health check.
+    pub fn last_headers(&self) -> Vec<(String, String)> {
+        self.shared
+            .last_headers
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_default()
+    }
+
+    /// Closes the listener and every open connection.
+    pub fn kill(&mut self) {
+        if let Some(mut tasks) = self.tasks.take() {
+            tasks.abort_all();
+            block_on(async { while tasks.join_next().await.is_some() {} });
+        }
+    }
+
+    /// Listens again on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        let listener = block_on(TcpListener::bind(self.addr)).expect("rebind backend");
+        self.serve(listener);
+    }
+}
+
+impl Drop for TestBackend {
+    fn drop(&mut self) {
+        if let Some(tasks) = self.tasks.as_mut() {
+            tasks.abort_all();
+        }
+    }
+}
+
+struct Request {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+}
+
+impl Request {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+async fn read_head<R: AsyncRead + Unpin>(reader: &mut BufReader<R>) -> Option<Vec<String>> {
+    let mut lines = Vec::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).await.ok()? == 0 {
+            return None;
+        }
+        let line = line.trim_end_matches(['\r', '\n']).to_string();
+        if line.is_empty() {
+            return (!lines.is_empty()).then_some(lines);
+        }
+        lines.push(line);
+    }
+}
+
+fn parse_headers(lines: &[String]) -> Vec<(String, String)> {
+    lines
+        .iter()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+async fn serve_connection(stream: TcpStream, shared: Arc<BackendShared>) {
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    loop {
+        let Some(head) = read_head(&mut reader).await else {
+            return;
+        };
+        let mut parts = head[0].split_whitespace();
+        let request = Request {
+            method: parts.next().unwrap_or_default().to_string(),
+            path: parts.next().unwrap_or_default().to_string(),
+            headers: parse_headers(&head[1..]),
+        };
+        let length: u64 = request
+            .header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut received = 0u64;
+        let mut buf = vec![0u8; 64 * 1024];
+        while received < length {
+            let want = buf.len().min((length - received) as usize);
+            match reader.read(&mut buf[..want]).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => received += n as u64,
+            }
+        }
+        if request.path != "/healthz" {
+            shared.requests.fetch_add(1, Ordering::SeqCst);
+            if let Ok(mut last) = shared.last_headers.lock() {
+                *last = request.headers.clone();
+            }
+        }
+        let name = &shared.name;
+        let path = request.path.as_str();
+        let delay = shared.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 && path != "/healthz" {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        let result = if path == "/healthz" {
+            let sick = shared.sick.load(Ordering::SeqCst);
+            respond(&mut write, name, if sick { 503 } else { 200 }, b"ok\n").await
+        } else if let Some(ms) = path.strip_prefix("/slow/") {
+            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+            respond(&mut write, name, 200, name.as_bytes()).await
+        } else if let Some(bytes) = path.strip_prefix("/download/") {
+            download(&mut write, name, bytes.parse().unwrap_or(0)).await
+        } else if path == "/upload" {
+            respond(&mut write, name, 200, received.to_string().as_bytes()).await
+        } else if path == "/reset" {
+            return;
+        } else if path == "/ws" && request.header("upgrade") == Some("websocket") {
+            let head = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+            if write.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            let mut reader = reader;
+            let _ = tokio::io::copy(&mut reader, &mut write).await;
+            return;
+        } else {
+            respond(&mut write, name, 200, name.as_bytes()).await
+        };
+        if result.is_err() || request.method.is_empty() {
+            return;
+        }
+    }
+}
+
+async fn respond<W: AsyncWrite + Unpin>(
+    write: &mut W,
+    name: &str,
+    status: u16,
+    body: &[u8],
+) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nX-Backend: {name}\r\n\r\n",
+        body.len()
+    );
+    write.write_all(head.as_bytes()).await?;
+    write.write_all(body).await
+}
+
+async fn download<W: AsyncWrite + Unpin>(
+    write: &mut W,
+    name: &str,
+    bytes: u64,
+) -> std::io::Result<()> {
+    let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {bytes}\r\nX-Backend: {name}\r\n\r\n");
+    write.write_all(head.as_bytes()).await?;
+    let chunk = vec![b'x'; 256 * 1024];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        write.write_all(&chunk[..n]).await?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- client
+
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: HashMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One request on a fresh connection, optionally from a given local IP (127.0.0.x).
+pub async fn request_from(
+    from: Option<IpAddr>,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<Response> {
+    let socket = TcpSocket::new_v4()?;
+    if let Some(ip) = from {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    let mut stream = socket.connect(addr).await?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\n");
+    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
+        head.push_str(&format!("Host: {addr}\r\n"));
+    }
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("Connection: close\r\n\r\n");
+    stream.write_all(head.as_bytes()).await?;
+    read_response(&mut BufReader::new(stream)).await
+}
+
+pub async fn read_response<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
+) -> std::io::Result<Response> {
+    let head = read_head(reader).await.ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "connection closed before a response",
+        )
+    })?;
+    let status = head[0]
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {:?}", head[0])))?;
+    let headers: HashMap<String, String> = parse_headers(&head[1..])
+        .into_iter()
+        .map(|(n, v)| (n.to_ascii_lowercase(), v))
+        .collect();
+    let mut body = Vec::new();
+    if let Some(length) = headers
+        .get("content-length")
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        body.resize(length, 0);
+        reader.read_exact(&mut body).await?;
+    } else if headers
+        .get("transfer-encoding")
+        .is_some_and(|v| v.contains("chunked"))
+    {
+        loop {
+            let mut size = String::new();
+            reader.read_line(&mut size).await?;
+            let size = usize::from_str_radix(size.trim(), 16)
+                .map_err(|_| std::io::Error::other("bad chunk size"))?;
+            let mut chunk = vec![0u8; size + 2];
+            reader.read_exact(&mut chunk).await?;
+            body.extend_from_slice(&chunk[..size]);
+            if size == 0 {
+                break;
+            }
+        }
+    } else if status != 101 && status != 204 && status != 304 {
+        reader.read_to_end(&mut body).await?;
+    }
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
+}
+
+pub fn get(addr: SocketAddr, path: &str) -> Response {
+    block_on(request_from(None, addr, "GET", path, &[]))
+        .unwrap_or_else(|e| panic!("GET {path} via {addr}: {e}"))
+}
+
+// ---------------------------------------------------------------- switchyard
+
+/// Fills the `{listen}` and `{upgrade_socket}` placeholders of a test config.
+pub fn fill(yaml: &str, listen: SocketAddr) -> String {
+    yaml.replace("{listen}", &listen.to_string()).replace(
+        "{upgrade_socket}",
+        &temp_path("upgrade.sock").display().to_string(),
+    )
+}
+
+/// A running `switchyard run`, killed when dropped.
+pub struct Switchyard {
+    pub addr: SocketAddr,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Switchyard {
+    /// Starts switchyard with `yaml` (where `{listen}` is replaced by a free address) and waits
+    /// until the proxy accepts connections.
+    pub fn start(yaml: &str) -> Switchyard {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let config = temp_path("switchyard.yaml");
+        std::fs::write(&config, fill(yaml, addr)).expect("write config");
+        let log = config.with_file_name("switchyard.log");
+        let child = Command::new(BINARY)
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn switchyard");
+        let mut sy = Switchyard { addr, child, log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(addr).is_err() {
+            if let Ok(Some(status)) = sy.child.try_wait() {
+                panic!(
+                    "switchyard exited with {status} before listening:\n{}",
+                    sy.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "switchyard did not listen:\n{}",
+                sy.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        sy
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, at most `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "switchyard still running after {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Switchyard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the binary to completion with `args`; returns exit code, stdout and stderr.
+pub fn run_binary(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BINARY)
+        .args(args)
+        .env_remove("SWITCHYARD_CONFIG")
+        .output()
+        .expect("run switchyard");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// YAML for one upstream `pool` with `backends` (address, weight) behind a catch-all route.
+pub fn one_upstream(algorithm: &str, backends: &[(SocketAddr, u32)], extra: &str) -> String {
+    let list: String = backends
+        .iter()
+        .map(|(a, w)| format!("      - address: {a}\n        weight: {w}\n"))
+        .collect();
+    format!(
+        "server:\n  threads: 2\n  grace_period: 5s\n  upgrade_socket: {{upgrade_socket}}\nlisteners:\n  - address: {{listen}}\nupstreams:\n  pool:\n    algorithm: {algorithm}\n    backends:\n{list}{extra}routes:\n  - name: all\n    split:\n      pool: 1\n"
+    )
+}
