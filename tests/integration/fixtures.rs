@@ -126,10 +126,6 @@ impl TestBackend {
         self.tasks = Some(tasks);
     }
 
-    pub fn name(&self) -> &str {
-        &self.shared.name
-    }
-
     pub fn requests(&self) -> usize {
         self.shared.requests.load(Ordering::SeqCst)
     }

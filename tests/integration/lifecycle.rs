@@ -1,1 +1,128 @@
-//! placeholder
+//! Process life: graceful stop on SIGTERM and SIGINT, the grace period as an upper bound, and
+//! the demo as a new user would start it.
+
+use std::io::{BufRead, BufReader as StdBufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::fixtures::*;
+
+fn stop_with_request_in_flight(signal: &str) {
+    let a = TestBackend::start("a");
+    let mut sy = Switchyard::start(&one_upstream("round_robin", &[(a.addr, 1)], ""));
+    let addr = sy.addr;
+    let in_flight =
+        runtime().spawn(async move { request_from(None, addr, "GET", "/slow/1000", &[]).await });
+    wait_until(
+        "the slow request reaches the backend",
+        Duration::from_secs(5),
+        || a.requests() == 1,
+    );
+    let signalled = Instant::now();
+    sy.signal(signal);
+    wait_until("the listener to close", Duration::from_secs(5), || {
+        std::net::TcpStream::connect(addr).is_err()
+    });
+    let response = block_on(in_flight)
+        .expect("join")
+        .expect("in-flight request");
+    assert_eq!((response.status, response.text()), (200, "a".to_string()));
+    let status = sy.wait_exit(Duration::from_secs(4));
+    assert_eq!(status.code(), Some(0), "{}", sy.log_text());
+    // Exits when the request is done, not after the whole 5 s grace period.
+    assert!(
+        signalled.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        signalled.elapsed()
+    );
+}
+
+#[test]
+fn sigterm_stops_accepting_finishes_in_flight_requests_and_exits_0() {
+    stop_with_request_in_flight("TERM");
+}
+
+#[test]
+fn sigint_is_as_graceful_as_sigterm() {
+    stop_with_request_in_flight("INT");
+}
+
+#[test]
+fn the_grace_period_bounds_the_wait() {
+    let a = TestBackend::start("a");
+    let yaml = one_upstream("round_robin", &[(a.addr, 1)], "")
+        .replace("grace_period: 5s", "grace_period: 1s");
+    let mut sy = Switchyard::start(&yaml);
+    let addr = sy.addr;
+    let _stuck =
+        runtime().spawn(async move { request_from(None, addr, "GET", "/slow/30000", &[]).await });
+    wait_until(
+        "the stuck request reaches the backend",
+        Duration::from_secs(5),
+        || a.requests() == 1,
+    );
+    let signalled = Instant::now();
+    sy.signal("TERM");
+    let status = sy.wait_exit(Duration::from_secs(5));
+    assert_eq!(status.code(), Some(0));
+    let took = signalled.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert!(sy
+        .log_text()
+        .contains("grace period of 1s over with 1 requests in flight"));
+}
+
+#[test]
+fn the_demo_serves_blue_and_green_90_10_and_prints_how_to_try_it() {
+    let mut demo = Command::new(BINARY)
+        .arg("demo")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn demo");
+    let stdout = demo.stdout.take().expect("stdout");
+    let mut lines = StdBufReader::new(stdout).lines();
+    let mut printed = String::new();
+    for line in lines.by_ref().take(12).map_while(Result::ok) {
+        printed.push_str(&line);
+        printed.push('\n');
+    }
+    assert!(
+        printed.contains("curl -i http://127.0.0.1:8080/"),
+        "{printed}"
+    );
+    let lb = "127.0.0.1:8080".parse().expect("addr");
+    wait_until("the demo to listen", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(lb).is_ok()
+    });
+    let answers: Vec<String> = (0..20).map(|_| get(lb, "/").text()).collect();
+    let blue = answers
+        .iter()
+        .filter(|a| *a == "hello from blue (v1)\n")
+        .count();
+    let green = answers
+        .iter()
+        .filter(|a| *a == "hello from green (v2)\n")
+        .count();
+    assert_eq!((blue, green), (18, 2), "{answers:?}");
+    let r = get(lb, "/");
+    assert!(r.header("x-switchyard-upstream").is_some());
+    let _ = Command::new("kill")
+        .args(["-TERM", &demo.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Ok(Some(status)) = demo.try_wait() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = demo.kill();
+            panic!("demo did not stop on SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+}

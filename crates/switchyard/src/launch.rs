@@ -30,8 +30,9 @@ pub fn run(config: Config, upgrade: bool, prerequisites: Prerequisites) -> Resul
         // grace period is only the upper bound behind it.
         grace_period_seconds: Some(config.server.grace_period.as_secs() + 1),
         graceful_shutdown_timeout_seconds: Some(1),
-        // Connect failures are retried once, on another backend, by the proxy itself.
-        max_retries: 1,
+        // Pingora counts attempts, not retries: the first try plus one retry on another
+        // backend (the proxy decides which; see `fail_to_connect`).
+        max_retries: 2,
         ..ServerConf::default()
     };
     let opt = Opt {
