@@ -70,6 +70,7 @@ pub fn temp_path(name: &str) -> PathBuf {
 struct BackendShared {
     name: String,
     requests: AtomicUsize,
+    connections: AtomicUsize,
     sick: AtomicBool,
     delay_ms: AtomicU64,
     last_headers: Mutex<Vec<(String, String)>>,
@@ -89,6 +90,7 @@ impl TestBackend {
         let shared = Arc::new(BackendShared {
             name: name.to_string(),
             requests: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
             sick: AtomicBool::new(false),
             delay_ms: AtomicU64::new(0),
             last_headers: Mutex::new(Vec::new()),
@@ -120,6 +122,7 @@ impl TestBackend {
         tasks.spawn(async move {
             let mut connections = JoinSet::new();
             while let Some(stream) = conn_rx.recv().await {
+                shared.connections.fetch_add(1, Ordering::SeqCst);
                 connections.spawn(serve_connection(stream, Arc::clone(&shared)));
             }
         });
@@ -132,6 +135,11 @@ impl TestBackend {
 
     pub fn set_sick(&self, sick: bool) {
         self.shared.sick.store(sick, Ordering::SeqCst);
+    }
+
+    /// Connections accepted so far (health checks included).
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::SeqCst)
     }
 
     /// Holds every answer (but health checks) this long.

@@ -51,6 +51,12 @@ fn a_failing_backend_is_taken_out_and_brought_back() {
         assert_eq!((r.status, r.text()), (200, "a".to_string()));
     }
 
+    let marked_down = format!("backend {} is now unhealthy", b.addr);
+    assert_eq!(
+        sy.log_text().matches(&marked_down).count(),
+        1,
+        "logged once"
+    );
     b.restart();
     wait_until("b healthy again", Duration::from_secs(10), || {
         sy.log_text().contains(&format!(
@@ -83,7 +89,7 @@ fn an_unexpected_status_fails_the_check_and_all_down_is_503() {
 
 #[test]
 fn tcp_checks_work_and_unmatched_requests_get_404() {
-    let a = TestBackend::start("a");
+    let mut a = TestBackend::start("a");
     let tcp = "    health_check:\n      type: tcp\n      interval: 200ms\n      timeout: 100ms\n";
     let yaml = one_upstream("round_robin", &[(a.addr, 1)], tcp)
         .replace("  - name: all\n", "  - name: all\n    path_prefix: /app/\n");
@@ -92,6 +98,16 @@ fn tcp_checks_work_and_unmatched_requests_get_404() {
     let r = get(sy.addr, "/other");
     assert_eq!(r.status, 404);
     assert_eq!(r.text(), "404 Not Found: no route matches this request\n");
+    a.kill();
+    wait_until(
+        "a refused by the tcp check",
+        Duration::from_secs(10),
+        || {
+            sy.log_text()
+                .contains("is now unhealthy: 3 checks failed in a row")
+        },
+    );
+    assert_eq!(get(sy.addr, "/app/x").status, 503);
 }
 
 #[test]

@@ -51,6 +51,23 @@ fn forwarding_headers_are_added_and_host_is_kept() {
 }
 
 #[test]
+fn backend_connections_are_kept_alive_and_reused() {
+    let a = TestBackend::start("a");
+    let sy = Switchyard::start(&one_upstream("round_robin", &[(a.addr, 1)], ""));
+    for _ in 0..30 {
+        assert_eq!(get(sy.addr, "/").status, 200);
+    }
+    // 30 client connections, sequential: the proxy reuses its one idle backend connection
+    // (two worker threads may each open one).
+    assert_eq!(a.requests(), 30);
+    assert!(
+        a.connections() <= 2,
+        "{} backend connections",
+        a.connections()
+    );
+}
+
+#[test]
 fn a_refused_connect_is_retried_on_another_backend() {
     let a = TestBackend::start("a");
     let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
@@ -66,6 +83,35 @@ fn a_refused_connect_is_retried_on_another_backend() {
         "{}",
         sy.log_text()
     );
+}
+
+#[test]
+fn the_retry_happens_once_and_all_refused_is_502() {
+    let a = TestBackend::start("a");
+    let dead1: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let dead2: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let sy = Switchyard::start(&one_upstream(
+        "round_robin",
+        &[(dead1, 1), (dead2, 1), (a.addr, 1)],
+        "",
+    ));
+    let statuses: Vec<u16> = (0..30).map(|_| get(sy.addr, "/").status).collect();
+    // A request whose first pick and single retry both meet a dead backend fails: proof that
+    // there is one retry, not a walk over the whole pool.
+    assert!(
+        statuses.contains(&200) && statuses.contains(&502),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 502),
+        "{statuses:?}"
+    );
+
+    let sy = Switchyard::start(&one_upstream("round_robin", &[(dead1, 1), (dead2, 1)], ""));
+    let r = get(sy.addr, "/");
+    assert_eq!(r.status, 502);
+    assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
+    assert_eq!(r.text(), "502 Bad Gateway: the backend failed to answer\n");
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! The YAML file exactly as written: field names, optionality and types, nothing more.
 //! Defaults and cross-field checks belong to `validate`, so that every problem can be reported.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -16,7 +16,7 @@ pub struct File {
     pub admin: Option<Admin>,
     pub metrics: Option<Metrics>,
     pub state_file: Option<PathBuf>,
-    pub upstreams: Option<BTreeMap<String, Upstream>>,
+    pub upstreams: Option<UniqueMap<Upstream>>,
     pub routes: Option<Vec<Route>>,
 }
 
@@ -123,5 +123,39 @@ pub struct Route {
     pub name: Option<String>,
     pub host: Option<String>,
     pub path_prefix: Option<String>,
-    pub split: Option<BTreeMap<String, u32>>,
+    pub split: Option<UniqueMap<u32>>,
+}
+
+/// A YAML mapping whose keys must be unique. serde_yaml keeps the last of two equal keys in a
+/// `BTreeMap`, which would silently drop an upstream or a split entry.
+#[derive(Debug)]
+pub struct UniqueMap<V>(pub BTreeMap<String, V>);
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for UniqueMap<V> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor<V>(std::marker::PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for Visitor<V> {
+            type Value = UniqueMap<V>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a mapping of names")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut access: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut map = BTreeMap::new();
+                while let Some(key) = access.next_key::<String>()? {
+                    if map.contains_key(&key) {
+                        return Err(serde::de::Error::custom(format!(
+                            "{key:?} is defined twice"
+                        )));
+                    }
+                    let value = access.next_value()?;
+                    map.insert(key, value);
+                }
+                Ok(UniqueMap(map))
+            }
+        }
+        d.deserialize_map(Visitor(std::marker::PhantomData))
+    }
 }

@@ -223,3 +223,19 @@ fn hosts_must_be_bare() {
         vec!["routes[0].host: \"example.com:8080\" must be a bare host name, without port or path (the port is ignored when matching)"]
     );
 }
+
+#[test]
+fn names_defined_twice_are_errors() {
+    let twice = VALID.replace("  green:\n    algorithm", "  blue:\n    algorithm");
+    let lines = problems(&twice);
+    assert!(
+        lines[0].starts_with("upstreams: \"blue\" is defined twice"),
+        "{lines:?}"
+    );
+    let twice = VALID.replace("green: 10", "blue: 10");
+    let lines = problems(&twice);
+    assert!(
+        lines[0].starts_with("routes[0].split: \"blue\" is defined twice"),
+        "{lines:?}"
+    );
+}

@@ -89,7 +89,7 @@ pub fn validate(file: raw::File) -> Result<Config, Problems> {
         .and_then(|m| c.address("metrics.address", &m.address))
         .map(|address| Metrics { address });
     sockets_distinct(&mut c, &listeners, admin.as_ref(), metrics.as_ref());
-    let upstreams = upstreams(&mut c, file.upstreams.unwrap_or_default());
+    let upstreams = upstreams(&mut c, file.upstreams.map(|m| m.0).unwrap_or_default());
     let routes = routes(&mut c, file.routes.unwrap_or_default(), &upstreams);
     if c.problems.is_empty() {
         Ok(Config {
@@ -367,7 +367,7 @@ fn routes(c: &mut Checker, raw: Vec<raw::Route>, upstreams: &[Upstream]) -> Vec<
                 );
             }
         }
-        let split = split(c, &format!("{path}.split"), r.split, upstreams);
+        let split = split(c, &format!("{path}.split"), r.split.map(|m| m.0), upstreams);
         out.push(Route {
             name,
             host,

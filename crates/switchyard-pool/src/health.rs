@@ -59,11 +59,10 @@ impl BackgroundService for HealthChecks {
         let mut changes = self.pool.subscribe();
         let (first_done, mut first_results) = mpsc::unbounded_channel();
         let started = self.reconcile(&mut running, Some(&first_done));
-        for _ in 0..started {
-            if first_results.recv().await.is_none() {
-                break;
-            }
-        }
+        // Each watcher holds a sender until its first check is done; a watcher that ends
+        // early drops it, so the wait always ends.
+        drop(first_done);
+        while first_results.recv().await.is_some() {}
         info!("health checks: first round done for {started} backends");
         ready.notify_ready();
         loop {

@@ -186,13 +186,21 @@ impl Snapshot {
                     .backends
                     .iter()
                     .map(|b| {
-                        let live = old
+                        let reused = old
                             .and_then(|o| o.backends.iter().find(|ob| ob.live.address == b.address))
-                            .map(|ob| Arc::clone(&ob.live))
-                            // Unchecked backends are healthy; checked ones earn it.
-                            .unwrap_or_else(|| {
-                                BackendLive::new(b.address, u.health_check.is_none())
-                            });
+                            .map(|ob| Arc::clone(&ob.live));
+                        // Unchecked backends are healthy; checked ones earn it. A backend
+                        // whose check was removed has no watcher left to mark it healthy.
+                        let unchecked = u.health_check.is_none();
+                        let live = match reused {
+                            Some(live) => {
+                                if unchecked {
+                                    live.set_healthy(true);
+                                }
+                                live
+                            }
+                            None => BackendLive::new(b.address, unchecked),
+                        };
                         Backend {
                             live,
                             weight: b.weight,

@@ -290,3 +290,29 @@ fn live_state_and_cursors_survive_a_rebuild_from_config() {
     assert_eq!(picks(&next, 4), vec![9001, 9003, 9001, 9001]);
     drop(guard);
 }
+
+#[test]
+fn a_backend_added_to_a_checked_upstream_waits_for_its_first_check() {
+    let yaml = "listeners:\n  - address: 127.0.0.1:8080\nupstreams:\n  pool:\n    backends:\n      - address: 127.0.0.1:9001\n    health_check:\n      type: tcp\nroutes:\n  - name: all\n    split:\n      pool: 1\n";
+    let before = Config::from_yaml(yaml).unwrap();
+    let s = Snapshot::from_config(&before, None);
+    s.upstreams[0].backends[0].live.set_healthy(true);
+    let s = s.rebuilt();
+    let after = Config::from_yaml(&yaml.replace(
+        "      - address: 127.0.0.1:9001\n",
+        "      - address: 127.0.0.1:9001\n      - address: 127.0.0.1:9002\n",
+    ))
+    .unwrap();
+    let s = Snapshot::from_config(&after, Some(&s));
+    assert!(
+        s.upstreams[0].backends[0].live.is_healthy(),
+        "kept its health"
+    );
+    assert!(
+        picks(&s, 20).iter().all(|&p| p == 9001),
+        "new backend unchecked"
+    );
+    s.upstreams[0].backends[1].live.set_healthy(true);
+    let c = counts(&picks(&s.rebuilt(), 20));
+    assert_eq!((c[&9001], c[&9002]), (10, 10));
+}

@@ -8,7 +8,7 @@
 //! for it, and an [`InFlight`] guard so that least-connections and draining see it.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -24,14 +24,17 @@ pub struct Proxy {
     pool: Arc<Pool>,
     debug_headers: bool,
     active: Arc<AtomicUsize>,
+    closing: Arc<AtomicBool>,
 }
 
 impl Proxy {
-    pub fn new(pool: Arc<Pool>, debug_headers: bool) -> Proxy {
+    /// `closing` is raised as soon as a stop or upgrade signal arrives.
+    pub fn new(pool: Arc<Pool>, debug_headers: bool, closing: Arc<AtomicBool>) -> Proxy {
         Proxy {
             pool,
             debug_headers,
             active: Arc::default(),
+            closing,
         }
     }
 
@@ -217,9 +220,10 @@ impl ProxyHttp for Proxy {
                     .insert_header("X-Switchyard-Upstream", &*snapshot.upstreams[upstream].name)?;
             }
         }
-        // Once shutdown or upgrade has begun, tell keep-alive clients to reconnect (to the new
-        // process) instead of reusing a connection that is about to be closed.
-        if session.is_process_shutting_down() {
+        // Once a stop or upgrade signal has arrived, tell keep-alive clients to reconnect (to
+        // the new process) instead of reusing a connection that is about to be closed.
+        // Pingora's own flag is raised only when the listeners stop, 5 s into an upgrade.
+        if self.closing.load(Ordering::Relaxed) {
             session.set_keepalive(None);
         }
         Ok(())
@@ -245,6 +249,10 @@ impl ProxyHttp for Proxy {
                 ErrorSource::Downstream,
                 ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed,
             ) => (0, ""),
+            (ErrorSource::Downstream, ErrorType::ReadTimedout) => (
+                408,
+                "408 Request Timeout: the request was not received in time\n",
+            ),
             (ErrorSource::Downstream, _) => (400, "400 Bad Request\n"),
             _ => (500, "500 Internal Server Error\n"),
         };

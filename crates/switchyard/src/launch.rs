@@ -1,6 +1,7 @@
 //! Assembles the Pingora server from a validated config: pool, health checks, proxy
 //! listeners and the shutdown drain, and runs it until a signal ends it.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use log::info;
@@ -30,9 +31,10 @@ pub fn run(config: Config, upgrade: bool, prerequisites: Prerequisites) -> Resul
         // grace period is only the upper bound behind it.
         grace_period_seconds: Some(config.server.grace_period.as_secs() + 1),
         graceful_shutdown_timeout_seconds: Some(1),
-        // Pingora counts attempts, not retries: the first try plus one retry on another
-        // backend (the proxy decides which; see `fail_to_connect`).
-        max_retries: 2,
+        // Pingora counts attempts, not retries, and shares them between our connect retry
+        // (once, on another backend; see `fail_to_connect`) and its own retry of a request
+        // that failed on a reused, stale backend connection: first try plus one of each.
+        max_retries: 3,
         ..ServerConf::default()
     };
     let opt = Opt {
@@ -52,7 +54,12 @@ pub fn run(config: Config, upgrade: bool, prerequisites: Prerequisites) -> Resul
         health.add_dependency(prerequisite);
     }
 
-    let proxy = Proxy::new(Arc::clone(&pool), config.server.debug_headers);
+    let closing = Arc::new(AtomicBool::new(false));
+    let proxy = Proxy::new(
+        Arc::clone(&pool),
+        config.server.debug_headers,
+        Arc::clone(&closing),
+    );
     let active = proxy.active_requests();
     let mut proxy_service =
         pingora::proxy::http_proxy_service_with_name(&server.configuration, proxy, "proxy");
@@ -74,7 +81,7 @@ pub fn run(config: Config, upgrade: bool, prerequisites: Prerequisites) -> Resul
         );
     }
     server.run(RunArgs {
-        shutdown_signal: Box::new(Signals),
+        shutdown_signal: Box::new(Signals { closing }),
     });
     Ok(())
 }

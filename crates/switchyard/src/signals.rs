@@ -5,7 +5,7 @@
 //! as soon as they have (within `grace_period`), so we hand Pingora our own signal watch and
 //! run a drain that exits the process once nothing is in flight.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,12 +15,23 @@ use pingora::server::{ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::BackgroundService;
 use tokio::signal::unix::{signal, SignalKind};
 
-/// SIGTERM and SIGINT: graceful stop. SIGQUIT: hand the sockets over, then stop.
-pub struct Signals;
+/// SIGTERM and SIGINT: graceful stop. SIGQUIT: hand the sockets over, then stop. Raises
+/// `closing` first, so that responses stop offering keep-alive from that moment.
+pub struct Signals {
+    pub closing: Arc<AtomicBool>,
+}
 
 #[async_trait]
 impl ShutdownSignalWatch for Signals {
     async fn recv(&self) -> ShutdownSignal {
+        let signal = self.wait().await;
+        self.closing.store(true, Ordering::Relaxed);
+        signal
+    }
+}
+
+impl Signals {
+    async fn wait(&self) -> ShutdownSignal {
         let (Ok(mut term), Ok(mut int), Ok(mut quit), Ok(mut hup)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
