@@ -8,6 +8,11 @@ use switchyard_config::Config;
 use crate::{BackendState, InFlight, Snapshot};
 
 fn config(algorithm: &str, weights: &[u32]) -> Config {
+    config_with(algorithm, weights, "")
+}
+
+/// `extra` is YAML for the upstream, after its backends (e.g. a health check).
+fn config_with(algorithm: &str, weights: &[u32], extra: &str) -> Config {
     let backends: String = weights
         .iter()
         .enumerate()
@@ -19,7 +24,7 @@ fn config(algorithm: &str, weights: &[u32]) -> Config {
         })
         .collect();
     let yaml = format!(
-        "listeners:\n  - address: 127.0.0.1:8080\nupstreams:\n  pool:\n    algorithm: {algorithm}\n    backends:\n{backends}routes:\n  - name: all\n    split:\n      pool: 1\n"
+        "listeners:\n  - address: 127.0.0.1:8080\nupstreams:\n  pool:\n    algorithm: {algorithm}\n    backends:\n{backends}{extra}routes:\n  - name: all\n    split:\n      pool: 1\n"
     );
     Config::from_yaml(&yaml).expect("valid test config")
 }
@@ -274,8 +279,13 @@ fn routes_match_host_without_port_and_path_prefix_in_order() {
 
 #[test]
 fn live_state_and_cursors_survive_a_rebuild_from_config() {
-    let config = config("weighted_round_robin", &[5, 1, 1]);
+    let check = "    health_check:\n      type: tcp\n";
+    let config = config_with("weighted_round_robin", &[5, 1, 1], check);
     let s = Snapshot::from_config(&config, None);
+    for b in &s.upstreams[0].backends {
+        b.live.set_healthy(true);
+    }
+    let s = s.rebuilt();
     let first = picks(&s, 3);
     let guard = InFlight::new(&s.upstreams[0].backends[1].live);
     s.upstreams[0].backends[2].live.set_healthy(false);
