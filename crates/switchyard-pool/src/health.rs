@@ -149,6 +149,10 @@ impl Watcher {
                 return;
             }
         };
+        let [passed, failed] = self
+            .pool
+            .metrics()
+            .health_check_counters(&self.upstream, &self.live.address.to_string());
         let mut streak = Streak::default();
         let mut interval = tokio::time::interval(self.check.interval);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -160,6 +164,11 @@ impl Watcher {
                 Ok(Err(e)) => Err(describe(&e)),
                 Err(_) => Err(format!("no answer within {:?}", self.check.timeout)),
             };
+            if outcome.is_ok() {
+                passed.inc()
+            } else {
+                failed.inc()
+            }
             self.observe(&mut streak, outcome);
             if let Some(done) = first_done.take() {
                 // The receiver is gone once the first round is over; nothing to tell then.

@@ -2,40 +2,72 @@
 //!
 //! The request path reads one immutable [`Snapshot`] per request (an `ArcSwap` load, no lock)
 //! and picks a route, an upstream and a backend from structures precomputed when the snapshot
-//! was built. Anything that changes the state (health transitions now; admin changes and
-//! reloads later) builds the next snapshot off the request path and swaps it in. Per-backend
-//! live state (health, in-flight count) and per-route/upstream cursors sit in `Arc`s that the
-//! next snapshot reuses, so a swap loses none of them.
+//! was built. Everything that changes the state goes through [`Pool`]: an admin [`Change`], a
+//! config reload, or a health transition. Each takes the writer lock (never taken by requests),
+//! checks the change against config and runtime state, saves the state file when there is one,
+//! builds the next snapshot and swaps it in. Per-backend live state (health, in-flight count)
+//! and per-route/upstream cursors sit in `Arc`s that the next snapshot reuses, so a swap loses
+//! none of them.
 
 pub mod health;
 mod live;
+pub mod metrics;
 mod select;
 mod snapshot;
+mod state;
+mod state_file;
 
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use log::{info, warn};
 use switchyard_config::Config;
 use tokio::sync::watch;
 
 pub use live::{BackendLive, InFlight};
+pub use metrics::Metrics;
 pub use select::smooth_sequence;
-pub use snapshot::{strip_port, Backend, BackendState, Route, Snapshot, Upstream};
+pub use snapshot::{strip_port, Backend, BackendState, Route, RouteMetrics, Snapshot, Upstream};
+pub use state::{Change, Rejection, RuntimeState};
+pub use state_file::StateFile;
 
 /// The shared, swappable runtime state of one Switchyard process.
 pub struct Pool {
     current: ArcSwap<Snapshot>,
-    /// Serialises writers so that two changes never build from the same base.
-    writer: Mutex<()>,
+    /// The writer lock, and what the current snapshot was built from.
+    desired: Mutex<Desired>,
+    store: Option<StateFile>,
+    metrics: Arc<Metrics>,
     /// Bumped after every swap, for background work that follows the state (health checks).
     version: watch::Sender<u64>,
 }
 
+struct Desired {
+    config: Config,
+    state: RuntimeState,
+}
+
 impl Pool {
-    pub fn new(config: &Config) -> Pool {
+    /// Builds the pool from `config` and the state file it names, if any.
+    pub fn new(config: Config, metrics: Arc<Metrics>) -> Pool {
+        let store = config.state_file.clone().map(StateFile::new);
+        let saved = match &store {
+            Some(store) => store.load(),
+            None => {
+                info!("no state_file configured: admin changes live in memory only and a restart undoes them");
+                RuntimeState::default()
+            }
+        };
+        let (state, warnings) = saved.fit(&config);
+        for warning in warnings {
+            warn!("{warning}");
+        }
+        let snapshot = Snapshot::build(&config, &state, &metrics, None);
         Pool {
-            current: ArcSwap::from_pointee(Snapshot::from_config(config, None)),
-            writer: Mutex::new(()),
+            current: ArcSwap::from_pointee(snapshot),
+            desired: Mutex::new(Desired { config, state }),
+            store,
+            metrics,
             version: watch::Sender::new(0),
         }
     }
@@ -45,9 +77,62 @@ impl Pool {
         self.current.load_full()
     }
 
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The config file the pool runs now.
+    pub fn config(&self) -> Config {
+        self.lock().config.clone()
+    }
+
+    /// Checks and applies one change: saved to the state file first (when there is one), then
+    /// swapped in for the next request. On `Err` nothing changed.
+    pub fn apply(&self, change: &Change) -> Result<(), Rejection> {
+        let mut desired = self.lock();
+        let current = self.current.load_full();
+        let in_flight = |upstream: &str, address| {
+            current
+                .upstream(upstream)
+                .and_then(|u| u.backends.iter().find(|b| b.live.address == address))
+                .map_or(0, |b| b.live.in_flight())
+        };
+        let next = desired
+            .state
+            .with_change(&desired.config, change, in_flight)?;
+        if let Some(store) = &self.store {
+            store.save(&next).map_err(Rejection::Storage)?;
+        }
+        let built = Snapshot::build(&desired.config, &next, &self.metrics, Some(&current));
+        desired.state = next;
+        self.swap(built);
+        info!("applied {change:?}");
+        Ok(())
+    }
+
+    /// Runs a new config, keeping the runtime state that still fits it. Returns the warnings
+    /// about state that was dropped.
+    pub fn reload(&self, config: Config) -> Vec<String> {
+        let mut desired = self.lock();
+        let (state, warnings) = desired.state.fit(&config);
+        if state != desired.state {
+            if let Some(store) = &self.store {
+                if let Err(e) = store.save(&state) {
+                    warn!("{e}");
+                }
+            }
+        }
+        let built = Snapshot::build(&config, &state, &self.metrics, Some(&self.current.load()));
+        *desired = Desired { config, state };
+        self.swap(built);
+        warnings
+    }
+
     /// Rebuilds the selection structures from the live health of every backend.
     pub fn refresh(&self) {
-        self.update(|current| current.rebuilt());
+        let _desired = self.lock();
+        let built = self.current.load().rebuilt();
+        self.swap(built);
     }
 
     /// Follows swaps: the receiver sees a new value after each one.
@@ -55,13 +140,12 @@ impl Pool {
         self.version.subscribe()
     }
 
-    fn update(&self, next: impl FnOnce(&Snapshot) -> Snapshot) {
-        let _writer = self
-            .writer
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let built = next(&self.current.load());
-        self.current.store(Arc::new(built));
+    fn lock(&self) -> std::sync::MutexGuard<'_, Desired> {
+        self.desired.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn swap(&self, next: Snapshot) {
+        self.current.store(Arc::new(next));
         self.version.send_modify(|v| *v += 1);
     }
 }

@@ -5,13 +5,17 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use prometheus::Histogram;
 use switchyard_config::{Algorithm, Config, HealthCheck, Timeouts};
 
 use crate::live::BackendLive;
+use crate::metrics::{ErrorCounters, Metrics, StatusCounters};
 use crate::select::{smooth_sequence, Selector};
+use crate::state::RuntimeState;
 
 /// What the operator wants of a backend, apart from its health.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum BackendState {
     Active,
     /// No new requests; requests in flight finish.
@@ -30,11 +34,12 @@ impl BackendState {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Backend {
     pub live: Arc<BackendLive>,
     pub weight: u32,
     pub state: BackendState,
+    pub errors: ErrorCounters,
 }
 
 impl Backend {
@@ -117,6 +122,36 @@ pub struct Route {
     /// One smooth period over the upstreams that had an available backend at build time.
     sequence: Box<[usize]>,
     cursor: Arc<AtomicUsize>,
+    metrics: Arc<RouteMetrics>,
+}
+
+/// Metric handles of one route, by upstream index (and backend index); `None` for upstreams
+/// the route does not split to.
+pub struct RouteMetrics {
+    pub requests: Vec<Option<Vec<StatusCounters>>>,
+    pub duration: Vec<Option<Histogram>>,
+}
+
+impl RouteMetrics {
+    fn new(metrics: &Metrics, route: &str, split: &[(usize, u32)], upstreams: &[Upstream]) -> Self {
+        let mut requests: Vec<Option<Vec<StatusCounters>>> =
+            upstreams.iter().map(|_| None).collect();
+        let mut duration: Vec<Option<Histogram>> = upstreams.iter().map(|_| None).collect();
+        for &(u, _) in split {
+            let upstream = &upstreams[u];
+            requests[u] = Some(
+                upstream
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        metrics.status_counters(route, &upstream.name, &b.live.address.to_string())
+                    })
+                    .collect(),
+            );
+            duration[u] = Some(metrics.duration(route, &upstream.name));
+        }
+        RouteMetrics { requests, duration }
+    }
 }
 
 impl Route {
@@ -127,6 +162,7 @@ impl Route {
         split: Vec<(usize, u32)>,
         upstreams: &[Upstream],
         cursor: Arc<AtomicUsize>,
+        metrics: Arc<RouteMetrics>,
     ) -> Route {
         let available: Vec<(usize, u32)> = split
             .iter()
@@ -140,7 +176,12 @@ impl Route {
             path_prefix,
             split,
             cursor,
+            metrics,
         }
+    }
+
+    pub fn metrics(&self) -> &RouteMetrics {
+        &self.metrics
     }
 
     fn matches(&self, host: Option<&str>, path: &str) -> bool {
@@ -164,6 +205,7 @@ impl Route {
             self.split.clone(),
             upstreams,
             Arc::clone(&self.cursor),
+            Arc::clone(&self.metrics),
         )
     }
 }
@@ -171,40 +213,51 @@ impl Route {
 pub struct Snapshot {
     pub routes: Vec<Route>,
     pub upstreams: Vec<Upstream>,
+    pub debug_headers: bool,
 }
 
 impl Snapshot {
-    /// Builds the state a config describes, reusing live state and cursors from `previous`
-    /// for every backend, upstream and route that keeps its name (and address).
-    pub fn from_config(config: &Config, previous: Option<&Snapshot>) -> Snapshot {
+    /// Builds the state that config and runtime state describe together, reusing live state
+    /// and cursors from `previous` for every backend, upstream and route that keeps its name
+    /// (and address).
+    pub fn build(
+        config: &Config,
+        state: &RuntimeState,
+        metrics: &Metrics,
+        previous: Option<&Snapshot>,
+    ) -> Snapshot {
         let upstreams: Vec<Upstream> = config
             .upstreams
             .iter()
             .map(|u| {
                 let old = previous.and_then(|p| p.upstream(&u.name));
-                let backends = u
-                    .backends
-                    .iter()
+                // Unchecked backends are healthy; checked ones earn it. A backend whose check
+                // was removed has no watcher left to mark it healthy.
+                let unchecked = u.health_check.is_none();
+                let backends = state
+                    .backends(config, &u.name)
+                    .into_iter()
                     .map(|b| {
-                        let reused = old
-                            .and_then(|o| o.backends.iter().find(|ob| ob.live.address == b.address))
-                            .map(|ob| Arc::clone(&ob.live));
-                        // Unchecked backends are healthy; checked ones earn it. A backend
-                        // whose check was removed has no watcher left to mark it healthy.
-                        let unchecked = u.health_check.is_none();
-                        let live = match reused {
-                            Some(live) => {
+                        let reused = old.and_then(|o| {
+                            o.backends.iter().find(|ob| ob.live.address == b.address)
+                        });
+                        let (live, errors) = match reused {
+                            Some(ob) => {
                                 if unchecked {
-                                    live.set_healthy(true);
+                                    ob.live.set_healthy(true);
                                 }
-                                live
+                                (Arc::clone(&ob.live), ob.errors.clone())
                             }
-                            None => BackendLive::new(b.address, unchecked),
+                            None => (
+                                BackendLive::new(b.address, unchecked),
+                                metrics.error_counters(&u.name, &b.address.to_string()),
+                            ),
                         };
                         Backend {
                             live,
                             weight: b.weight,
-                            state: BackendState::Active,
+                            state: b.state,
+                            errors,
                         }
                     })
                     .collect();
@@ -222,18 +275,20 @@ impl Snapshot {
             .routes
             .iter()
             .map(|r| {
-                let split = r
-                    .split
-                    .iter()
-                    .filter_map(|s| {
-                        let index = upstreams.iter().position(|u| *u.name == *s.upstream)?;
-                        Some((index, s.weight))
+                let split: Vec<(usize, u32)> = state
+                    .split(config, &r.name)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|(name, weight)| {
+                        let index = upstreams.iter().position(|u| *u.name == *name)?;
+                        Some((index, weight))
                     })
                     .collect();
                 let cursor = previous
                     .and_then(|p| p.routes.iter().find(|old| *old.name == *r.name))
                     .map(|old| Arc::clone(&old.cursor))
                     .unwrap_or_default();
+                let metrics = Arc::new(RouteMetrics::new(metrics, &r.name, &split, &upstreams));
                 Route::new(
                     r.name.as_str().into(),
                     r.host.as_deref().map(Into::into),
@@ -241,17 +296,26 @@ impl Snapshot {
                     split,
                     &upstreams,
                     cursor,
+                    metrics,
                 )
             })
             .collect();
-        Snapshot { routes, upstreams }
+        Snapshot {
+            routes,
+            upstreams,
+            debug_headers: config.server.debug_headers,
+        }
     }
 
     /// The same state with selection recomputed from current health.
     pub fn rebuilt(&self) -> Snapshot {
         let upstreams: Vec<Upstream> = self.upstreams.iter().map(Upstream::rebuilt).collect();
         let routes = self.routes.iter().map(|r| r.rebuilt(&upstreams)).collect();
-        Snapshot { routes, upstreams }
+        Snapshot {
+            routes,
+            upstreams,
+            debug_headers: self.debug_headers,
+        }
     }
 
     pub fn upstream(&self, name: &str) -> Option<&Upstream> {

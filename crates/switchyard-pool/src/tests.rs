@@ -5,7 +5,11 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use switchyard_config::Config;
 
-use crate::{BackendState, InFlight, Snapshot};
+use crate::{BackendState, Change, InFlight, Metrics, Rejection, RuntimeState, Snapshot};
+
+fn build(config: &Config, previous: Option<&Snapshot>) -> Snapshot {
+    Snapshot::build(config, &RuntimeState::default(), &Metrics::new(), previous)
+}
 
 fn config(algorithm: &str, weights: &[u32]) -> Config {
     config_with(algorithm, weights, "")
@@ -63,7 +67,7 @@ fn with_backends(snapshot: &Snapshot, change: impl Fn(usize, &mut crate::Backend
 
 #[test]
 fn smooth_weighted_round_robin_is_exact_in_every_window_and_interleaved() {
-    let s = Snapshot::from_config(&config("weighted_round_robin", &[5, 1, 1]), None);
+    let s = build(&config("weighted_round_robin", &[5, 1, 1]), None);
     let seq = picks(&s, 700);
     assert_eq!(&seq[..7], &[9001, 9001, 9002, 9001, 9003, 9001, 9001]);
     for window in seq.windows(7) {
@@ -82,14 +86,14 @@ fn smooth_weighted_round_robin_is_exact_in_every_window_and_interleaved() {
 
 #[test]
 fn round_robin_ignores_weights() {
-    let s = Snapshot::from_config(&config("round_robin", &[5, 1, 1]), None);
+    let s = build(&config("round_robin", &[5, 1, 1]), None);
     let c = counts(&picks(&s, 300));
     assert_eq!((c[&9001], c[&9002], c[&9003]), (100, 100, 100));
 }
 
 #[test]
 fn least_connections_prefers_the_least_loaded_relative_to_weight() {
-    let s = Snapshot::from_config(&config("least_connections", &[1, 1, 2]), None);
+    let s = build(&config("least_connections", &[1, 1, 2]), None);
     let up = &s.upstreams[0];
     // A slow backend holds requests: it must get none while the others have fewer.
     let held: Vec<InFlight> = (0..3)
@@ -131,7 +135,7 @@ fn assignment(s: &Snapshot, clients: u32) -> Vec<SocketAddr> {
 
 #[test]
 fn ip_hash_moves_only_the_clients_of_a_backend_that_leaves() {
-    let s = Snapshot::from_config(&config("ip_hash", &[1, 1, 1, 1]), None);
+    let s = build(&config("ip_hash", &[1, 1, 1, 1]), None);
     let before = assignment(&s, 10_000);
     assert_eq!(before, assignment(&s, 10_000), "same client, same backend");
     let gone = s.upstreams[0].backends[2].live.address;
@@ -151,7 +155,7 @@ fn ip_hash_moves_only_the_clients_of_a_backend_that_leaves() {
 
 #[test]
 fn ip_hash_spreads_clients_in_proportion_to_weight() {
-    let s = Snapshot::from_config(&config("ip_hash", &[1, 2, 3, 4]), None);
+    let s = build(&config("ip_hash", &[1, 2, 3, 4]), None);
     let c = counts(
         &assignment(&s, 10_000)
             .iter()
@@ -173,7 +177,7 @@ fn unavailable_backends_get_no_new_requests() {
         "least_connections",
         "ip_hash",
     ] {
-        let s = Snapshot::from_config(&config(algorithm, &[1, 0, 1, 1, 1]), None);
+        let s = build(&config(algorithm, &[1, 0, 1, 1, 1]), None);
         let s = with_backends(&s, |i, b| match i {
             2 => b.state = BackendState::Draining,
             3 => b.state = BackendState::Disabled,
@@ -195,7 +199,7 @@ fn unavailable_backends_get_no_new_requests() {
 
 #[test]
 fn a_health_flip_is_honoured_before_the_rebuild() {
-    let s = Snapshot::from_config(&config("weighted_round_robin", &[3, 1]), None);
+    let s = build(&config("weighted_round_robin", &[3, 1]), None);
     s.upstreams[0].backends[0].live.set_healthy(false);
     assert!(picks(&s, 50).iter().all(|&p| p == 9002));
 }
@@ -208,7 +212,7 @@ fn retries_exclude_the_failed_backend() {
         "least_connections",
         "ip_hash",
     ] {
-        let s = Snapshot::from_config(&config(algorithm, &[1, 1, 1]), None);
+        let s = build(&config(algorithm, &[1, 1, 1]), None);
         for i in 0..100 {
             let first = s.upstreams[0].pick_backend(Some(ip(i)), None).unwrap();
             let second = s.upstreams[0]
@@ -243,7 +247,7 @@ routes:
 
 #[test]
 fn split_is_exact_over_every_ten_requests() {
-    let s = Snapshot::from_config(&Config::from_yaml(TWO_UPSTREAMS).unwrap(), None);
+    let s = build(&Config::from_yaml(TWO_UPSTREAMS).unwrap(), None);
     let web = s.match_route(Some("example.com"), "/").unwrap();
     let upstreams: Vec<usize> = (0..1000).map(|_| s.pick(web, None).unwrap().0).collect();
     for window in upstreams.windows(10) {
@@ -253,7 +257,7 @@ fn split_is_exact_over_every_ten_requests() {
 
 #[test]
 fn an_upstream_without_backends_gives_its_share_away_and_none_left_is_none() {
-    let s = Snapshot::from_config(&Config::from_yaml(TWO_UPSTREAMS).unwrap(), None);
+    let s = build(&Config::from_yaml(TWO_UPSTREAMS).unwrap(), None);
     let web = s.match_route(None, "/").unwrap();
     s.upstreams[0].backends[0].live.set_healthy(false);
     let s = s.rebuilt();
@@ -265,7 +269,7 @@ fn an_upstream_without_backends_gives_its_share_away_and_none_left_is_none() {
 
 #[test]
 fn routes_match_host_without_port_and_path_prefix_in_order() {
-    let s = Snapshot::from_config(&Config::from_yaml(TWO_UPSTREAMS).unwrap(), None);
+    let s = build(&Config::from_yaml(TWO_UPSTREAMS).unwrap(), None);
     let host = |h| Some(crate::strip_port(h));
     assert_eq!(
         s.match_route(host("API.example.com:8080"), "/v1/users"),
@@ -281,7 +285,7 @@ fn routes_match_host_without_port_and_path_prefix_in_order() {
 fn live_state_and_cursors_survive_a_rebuild_from_config() {
     let check = "    health_check:\n      type: tcp\n";
     let config = config_with("weighted_round_robin", &[5, 1, 1], check);
-    let s = Snapshot::from_config(&config, None);
+    let s = build(&config, None);
     for b in &s.upstreams[0].backends {
         b.live.set_healthy(true);
     }
@@ -289,7 +293,7 @@ fn live_state_and_cursors_survive_a_rebuild_from_config() {
     let first = picks(&s, 3);
     let guard = InFlight::new(&s.upstreams[0].backends[1].live);
     s.upstreams[0].backends[2].live.set_healthy(false);
-    let next = Snapshot::from_config(&config, Some(&s));
+    let next = build(&config, Some(&s));
     assert_eq!(next.upstreams[0].backends[1].live.in_flight(), 1);
     assert!(!next.upstreams[0].backends[2].live.is_healthy());
     let next = with_backends(&next, |_, _| {});
@@ -305,7 +309,7 @@ fn live_state_and_cursors_survive_a_rebuild_from_config() {
 fn a_backend_added_to_a_checked_upstream_waits_for_its_first_check() {
     let yaml = "listeners:\n  - address: 127.0.0.1:8080\nupstreams:\n  pool:\n    backends:\n      - address: 127.0.0.1:9001\n    health_check:\n      type: tcp\nroutes:\n  - name: all\n    split:\n      pool: 1\n";
     let before = Config::from_yaml(yaml).unwrap();
-    let s = Snapshot::from_config(&before, None);
+    let s = build(&before, None);
     s.upstreams[0].backends[0].live.set_healthy(true);
     let s = s.rebuilt();
     let after = Config::from_yaml(&yaml.replace(
@@ -313,7 +317,7 @@ fn a_backend_added_to_a_checked_upstream_waits_for_its_first_check() {
         "      - address: 127.0.0.1:9001\n      - address: 127.0.0.1:9002\n",
     ))
     .unwrap();
-    let s = Snapshot::from_config(&after, Some(&s));
+    let s = build(&after, Some(&s));
     assert!(
         s.upstreams[0].backends[0].live.is_healthy(),
         "kept its health"
@@ -325,4 +329,139 @@ fn a_backend_added_to_a_checked_upstream_waits_for_its_first_check() {
     s.upstreams[0].backends[1].live.set_healthy(true);
     let c = counts(&picks(&s.rebuilt(), 20));
     assert_eq!((c[&9001], c[&9002]), (10, 10));
+}
+
+fn blue_green() -> Config {
+    Config::from_yaml(TWO_UPSTREAMS).unwrap()
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+#[test]
+fn changes_are_checked_and_a_rejected_one_changes_nothing() {
+    let config = blue_green();
+    let state = RuntimeState::default();
+    let idle = |_: &str, _: SocketAddr| 0;
+    let split = |pairs: &[(&str, u32)]| Change::SetSplit {
+        route: "web".into(),
+        split: pairs.iter().map(|(u, w)| (u.to_string(), *w)).collect(),
+    };
+    let next = state
+        .with_change(&config, &split(&[("blue", 70), ("green", 30)]), idle)
+        .unwrap();
+    assert_eq!(
+        next.split(&config, "web").unwrap(),
+        vec![("blue", 70), ("green", 30)]
+    );
+    for (change, want) in [
+        (split(&[("purple", 1)]), Rejection::Invalid("split.purple: unknown upstream \"purple\"".into())),
+        (split(&[("blue", 0)]), Rejection::Invalid("split: weights must not all be 0".into())),
+        (split(&[("blue", 10001)]), Rejection::Invalid("split.blue: 10001 is out of range 0..=10000".into())),
+        (
+            Change::SetSplit { route: "nope".into(), split: [("blue".to_string(), 1)].into() },
+            Rejection::NotFound("no route named \"nope\"".into()),
+        ),
+        (
+            Change::UpdateBackend { upstream: "blue".into(), address: addr(1), weight: Some(1), state: None },
+            Rejection::NotFound("upstream \"blue\" has no backend 127.0.0.1:1".into()),
+        ),
+        (
+            Change::UpdateBackend { upstream: "blue".into(), address: addr(9001), weight: Some(1001), state: None },
+            Rejection::Invalid("weight: 1001 is out of range 0..=1000".into()),
+        ),
+        (
+            Change::RemoveBackend { upstream: "blue".into(), address: addr(9001) },
+            Rejection::Conflict("backend 127.0.0.1:9001 is active; set its state to \"draining\" or \"disabled\" first".into()),
+        ),
+        (
+            Change::AddBackend { upstream: "blue".into(), address: addr(9001), weight: 1 },
+            Rejection::Conflict("upstream \"blue\" already has backend 127.0.0.1:9001".into()),
+        ),
+    ] {
+        assert_eq!(next.with_change(&config, &change, idle), Err(want));
+    }
+}
+
+#[test]
+fn drain_then_remove_and_add_back() {
+    let config = blue_green();
+    let idle = |_: &str, _: SocketAddr| 0;
+    let busy = |_: &str, _: SocketAddr| 2;
+    let drain = Change::UpdateBackend {
+        upstream: "blue".into(),
+        address: addr(9001),
+        weight: None,
+        state: Some(BackendState::Draining),
+    };
+    let remove = Change::RemoveBackend {
+        upstream: "blue".into(),
+        address: addr(9001),
+    };
+    let s = RuntimeState::default()
+        .with_change(&config, &drain, idle)
+        .unwrap();
+    assert_eq!(
+        s.with_change(&config, &remove, busy),
+        Err(Rejection::Conflict(
+            "backend 127.0.0.1:9001 still has 2 requests in flight; retry when it has none".into()
+        ))
+    );
+    let s = s.with_change(&config, &remove, idle).unwrap();
+    assert!(s.backends(&config, "blue").is_empty());
+    let add = Change::AddBackend {
+        upstream: "blue".into(),
+        address: addr(9004),
+        weight: 3,
+    };
+    let s = s.with_change(&config, &add, idle).unwrap();
+    let backends = s.backends(&config, "blue");
+    assert_eq!(backends.len(), 1);
+    assert_eq!((backends[0].address, backends[0].weight), (addr(9004), 3));
+}
+
+#[test]
+fn state_that_no_longer_fits_the_config_is_dropped_with_warnings() {
+    let config = blue_green();
+    let idle = |_: &str, _: SocketAddr| 0;
+    let s = RuntimeState::default()
+        .with_change(
+            &config,
+            &Change::SetSplit {
+                route: "web".into(),
+                split: [("green".to_string(), 1)].into(),
+            },
+            idle,
+        )
+        .unwrap()
+        .with_change(
+            &config,
+            &Change::AddBackend {
+                upstream: "blue".into(),
+                address: addr(9004),
+                weight: 1,
+            },
+            idle,
+        )
+        .unwrap();
+    let smaller = Config::from_yaml(
+        &TWO_UPSTREAMS
+            .replace("  - name: api\n    host: api.example.com\n    path_prefix: /v1/\n    split:\n      green: 1\n", "")
+            .replace("  green:\n    backends:\n      - address: 127.0.0.1:9002\n", "")
+            .replace("      green: 10\n", ""),
+    )
+    .unwrap();
+    let (kept, warnings) = s.fit(&smaller);
+    assert_eq!(
+        warnings,
+        vec!["state: split of route \"web\" dropped: split.green: unknown upstream \"green\""]
+    );
+    assert_eq!(
+        kept.backends(&smaller, "blue").len(),
+        2,
+        "the added backend stays"
+    );
+    let json = serde_json::to_string(&kept).unwrap();
+    assert_eq!(serde_json::from_str::<RuntimeState>(&json).unwrap(), kept);
 }

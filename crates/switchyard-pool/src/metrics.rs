@@ -1,0 +1,309 @@
+//! Prometheus metrics. Counters on the request path are label handles resolved when a snapshot
+//! is built (or, for a status code, on its first use), so counting is an atomic add with no
+//! lock and no label lookup. Gauges that mirror state (health, in-flight, weights, splits) are
+//! filled from the current snapshot at scrape time, so they can never drift from it.
+
+use std::sync::{Mutex, OnceLock};
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+
+use crate::Snapshot;
+
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    upstream_errors: IntCounterVec,
+    health_checks: IntCounterVec,
+    healthy: IntGaugeVec,
+    in_flight: IntGaugeVec,
+    weight: IntGaugeVec,
+    split_weight: IntGaugeVec,
+    reloads: IntCounterVec,
+    last_reload: Gauge,
+    /// Serialises scrapes: gauges are reset and refilled for each.
+    scrape: Mutex<()>,
+}
+
+/// Why a request to a backend failed, as the `kind` label says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    Connect,
+    Timeout,
+    Reset,
+    Other,
+}
+
+impl ErrorKind {
+    const ALL: [ErrorKind; 4] = [
+        ErrorKind::Connect,
+        ErrorKind::Timeout,
+        ErrorKind::Reset,
+        ErrorKind::Other,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Connect => "connect",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Reset => "reset",
+            ErrorKind::Other => "other",
+        }
+    }
+}
+
+/// Per-backend error counters, one per kind.
+#[derive(Clone)]
+pub struct ErrorCounters([IntCounter; 4]);
+
+impl ErrorCounters {
+    pub fn count(&self, kind: ErrorKind) {
+        self.0[kind as usize].inc();
+    }
+}
+
+/// `switchyard_requests_total` for one route, upstream and backend: a handle per status code,
+/// resolved on first use.
+pub struct StatusCounters {
+    labels: [String; 3],
+    vec: IntCounterVec,
+    by_status: Box<[OnceLock<IntCounter>]>,
+}
+
+const FIRST_STATUS: u16 = 100;
+const LAST_STATUS: u16 = 599;
+
+impl StatusCounters {
+    pub fn count(&self, status: u16) {
+        match status
+            .checked_sub(FIRST_STATUS)
+            .and_then(|i| self.by_status.get(usize::from(i)))
+        {
+            Some(slot) => slot.get_or_init(|| self.handle(&status.to_string())).inc(),
+            None => self.handle(&status.to_string()).inc(),
+        }
+    }
+
+    fn handle(&self, status: &str) -> IntCounter {
+        let [route, upstream, backend] = &self.labels;
+        self.vec
+            .with_label_values(&[route.as_str(), upstream, backend, status])
+    }
+}
+
+fn must<T>(what: &str, r: prometheus::Result<T>) -> T {
+    // Metric definitions are constants of this module: a failure is a bug, caught by tests.
+    r.unwrap_or_else(|e| panic!("metric {what}: {e}"))
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let vec = must(name, IntCounterVec::new(Opts::new(name, help), labels));
+            must(name, registry.register(Box::new(vec.clone())));
+            vec
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let vec = must(name, IntGaugeVec::new(Opts::new(name, help), labels));
+            must(name, registry.register(Box::new(vec.clone())));
+            vec
+        };
+        let requests = counter(
+            "switchyard_requests_total",
+            "Requests answered, by route, upstream, backend and HTTP status.",
+            &["route", "upstream", "backend", "status"],
+        );
+        let upstream_errors = counter(
+            "switchyard_upstream_errors_total",
+            "Failed attempts to get an answer from a backend, by kind.",
+            &["upstream", "backend", "kind"],
+        );
+        let health_checks = counter(
+            "switchyard_health_checks_total",
+            "Active health checks run, by result.",
+            &["upstream", "backend", "result"],
+        );
+        let reloads = counter(
+            "switchyard_config_reloads_total",
+            "Config reloads (SIGHUP or POST /api/v1/reload), by result.",
+            &["result"],
+        );
+        let healthy = gauge(
+            "switchyard_backend_healthy",
+            "1 if the backend passes its health checks (or has none).",
+            &["upstream", "backend"],
+        );
+        let in_flight = gauge(
+            "switchyard_backend_in_flight",
+            "Requests of this process in flight to the backend.",
+            &["upstream", "backend"],
+        );
+        let weight = gauge(
+            "switchyard_backend_weight",
+            "The backend's weight (0 takes no new traffic).",
+            &["upstream", "backend"],
+        );
+        let split_weight = gauge(
+            "switchyard_route_split_weight",
+            "The route's split weight for the upstream.",
+            &["route", "upstream"],
+        );
+        let duration = must(
+            "switchyard_request_duration_seconds",
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "switchyard_request_duration_seconds",
+                    "Time from request start to the end of the response, by route and upstream.",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ]),
+                &["route", "upstream"],
+            ),
+        );
+        must("duration", registry.register(Box::new(duration.clone())));
+        let last_reload = must(
+            "switchyard_config_last_reload_timestamp_seconds",
+            Gauge::new(
+                "switchyard_config_last_reload_timestamp_seconds",
+                "Unix time of the last successful config load (start or reload).",
+            ),
+        );
+        must(
+            "last_reload",
+            registry.register(Box::new(last_reload.clone())),
+        );
+        let build_info = must(
+            "switchyard_build_info",
+            IntGaugeVec::new(
+                Opts::new("switchyard_build_info", "Always 1; the version is a label."),
+                &["version"],
+            ),
+        );
+        must(
+            "build_info",
+            registry.register(Box::new(build_info.clone())),
+        );
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let metrics = Metrics {
+            registry,
+            requests,
+            duration,
+            upstream_errors,
+            health_checks,
+            healthy,
+            in_flight,
+            weight,
+            split_weight,
+            reloads,
+            last_reload,
+            scrape: Mutex::new(()),
+        };
+        for result in ["success", "failure"] {
+            metrics.reloads.with_label_values(&[result]);
+        }
+        metrics.loaded();
+        metrics
+    }
+
+    pub fn status_counters(&self, route: &str, upstream: &str, backend: &str) -> StatusCounters {
+        StatusCounters {
+            labels: [route.to_string(), upstream.to_string(), backend.to_string()],
+            vec: self.requests.clone(),
+            by_status: (FIRST_STATUS..=LAST_STATUS)
+                .map(|_| OnceLock::new())
+                .collect(),
+        }
+    }
+
+    /// A request that got no further than its route (404, 503): counted on the slow path.
+    pub fn count_unrouted(&self, route: &str, status: u16) {
+        self.requests
+            .with_label_values(&[route, "", "", &status.to_string()])
+            .inc();
+    }
+
+    pub fn duration(&self, route: &str, upstream: &str) -> Histogram {
+        self.duration.with_label_values(&[route, upstream])
+    }
+
+    pub fn error_counters(&self, upstream: &str, backend: &str) -> ErrorCounters {
+        ErrorCounters(ErrorKind::ALL.map(|k| {
+            self.upstream_errors
+                .with_label_values(&[upstream, backend, k.as_str()])
+        }))
+    }
+
+    /// Success and failure counters of one backend's health checks.
+    pub fn health_check_counters(&self, upstream: &str, backend: &str) -> [IntCounter; 2] {
+        ["success", "failure"].map(|r| {
+            self.health_checks
+                .with_label_values(&[upstream, backend, r])
+        })
+    }
+
+    /// A config was loaded: at start or by a successful reload.
+    pub fn loaded(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or_default();
+        self.last_reload.set(now);
+    }
+
+    pub fn reload_succeeded(&self) {
+        self.reloads.with_label_values(&["success"]).inc();
+        self.loaded();
+    }
+
+    pub fn reload_failed(&self) {
+        self.reloads.with_label_values(&["failure"]).inc();
+    }
+
+    /// The text exposition of every metric, gauges taken from `snapshot`.
+    pub fn render(&self, snapshot: &Snapshot) -> Vec<u8> {
+        let _scrape = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        for gauge in [
+            &self.healthy,
+            &self.in_flight,
+            &self.weight,
+            &self.split_weight,
+        ] {
+            gauge.reset();
+        }
+        for upstream in &snapshot.upstreams {
+            for backend in &upstream.backends {
+                let address = backend.live.address.to_string();
+                let labels = [&*upstream.name, address.as_str()];
+                let set = |g: &IntGaugeVec, v: i64| g.with_label_values(&labels).set(v);
+                set(&self.healthy, i64::from(backend.live.is_healthy()));
+                set(&self.in_flight, backend.live.in_flight() as i64);
+                set(&self.weight, i64::from(backend.weight));
+            }
+        }
+        for route in &snapshot.routes {
+            for &(upstream, weight) in &route.split {
+                self.split_weight
+                    .with_label_values(&[&*route.name, &*snapshot.upstreams[upstream].name])
+                    .set(i64::from(weight));
+            }
+        }
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            log::error!("cannot encode metrics: {e}");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,387 @@
+//! Runtime state: what the admin API has changed on top of the config file (splits, backend
+//! weights and states, added and removed backends), and the one place where a [`Change`] is
+//! checked and turned into the next state.
+//!
+//! The state is kept as overrides, not as a copy of the config, so that a reload keeps an
+//! operator's canary split or drain, and an override that no longer fits the config is dropped
+//! with a warning rather than resurrecting what the file removed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use switchyard_config::{Config, MAX_BACKEND_WEIGHT, MAX_SPLIT_WEIGHT};
+
+use crate::snapshot::BackendState;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeState {
+    /// Route name -> replaced split.
+    #[serde(default)]
+    pub splits: BTreeMap<String, BTreeMap<String, u32>>,
+    /// Upstream name -> changes to its backends.
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamChanges>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamChanges {
+    /// Backends of the config file with a changed weight or state.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub changed: BTreeMap<SocketAddr, BackendChange>,
+    /// Backends added through the admin API, in the order they were added.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub added: Vec<AddedBackend>,
+    /// Backends of the config file removed through the admin API.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub removed: BTreeSet<SocketAddr>,
+}
+
+impl UpstreamChanges {
+    fn is_empty(&self) -> bool {
+        self.changed.is_empty() && self.added.is_empty() && self.removed.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendChange {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<BackendState>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddedBackend {
+    pub address: SocketAddr,
+    pub weight: u32,
+    pub state: BackendState,
+}
+
+/// One operator change, as the admin API (or anything else) asks for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    SetSplit {
+        route: String,
+        split: BTreeMap<String, u32>,
+    },
+    UpdateBackend {
+        upstream: String,
+        address: SocketAddr,
+        weight: Option<u32>,
+        state: Option<BackendState>,
+    },
+    AddBackend {
+        upstream: String,
+        address: SocketAddr,
+        weight: u32,
+    },
+    RemoveBackend {
+        upstream: String,
+        address: SocketAddr,
+    },
+}
+
+/// Why a change was refused; nothing was changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejection {
+    /// The request itself is wrong (a value out of range, an unknown upstream in a split).
+    Invalid(String),
+    /// The route, upstream or backend does not exist.
+    NotFound(String),
+    /// The change conflicts with the current state.
+    Conflict(String),
+    /// The state could not be saved.
+    Storage(String),
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rejection::Invalid(m)
+            | Rejection::NotFound(m)
+            | Rejection::Conflict(m)
+            | Rejection::Storage(m) => f.write_str(m),
+        }
+    }
+}
+
+/// A backend as config and state together make it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EffectiveBackend {
+    pub address: SocketAddr,
+    pub weight: u32,
+    pub state: BackendState,
+}
+
+impl RuntimeState {
+    /// The split a route has now.
+    pub fn split<'a>(&'a self, config: &'a Config, route: &str) -> Option<Vec<(&'a str, u32)>> {
+        if let Some(split) = self.splits.get(route) {
+            return Some(split.iter().map(|(u, w)| (u.as_str(), *w)).collect());
+        }
+        let route = config.routes.iter().find(|r| r.name == route)?;
+        Some(
+            route
+                .split
+                .iter()
+                .map(|s| (s.upstream.as_str(), s.weight))
+                .collect(),
+        )
+    }
+
+    /// The backends an upstream has now, config order first, then added ones.
+    pub fn backends(&self, config: &Config, upstream: &str) -> Vec<EffectiveBackend> {
+        let Some(up) = config.upstream(upstream) else {
+            return Vec::new();
+        };
+        let changes = self.upstreams.get(upstream);
+        let mut out: Vec<EffectiveBackend> = up
+            .backends
+            .iter()
+            .filter(|b| !changes.is_some_and(|c| c.removed.contains(&b.address)))
+            .map(|b| {
+                let change = changes
+                    .and_then(|c| c.changed.get(&b.address))
+                    .copied()
+                    .unwrap_or_default();
+                EffectiveBackend {
+                    address: b.address,
+                    weight: change.weight.unwrap_or(b.weight),
+                    state: change.state.unwrap_or(BackendState::Active),
+                }
+            })
+            .collect();
+        if let Some(changes) = changes {
+            out.extend(changes.added.iter().map(|a| EffectiveBackend {
+                address: a.address,
+                weight: a.weight,
+                state: a.state,
+            }));
+        }
+        out
+    }
+
+    /// The state with `change` applied, or why not. `in_flight` tells how many requests a
+    /// backend has in flight (for removal).
+    pub fn with_change(
+        &self,
+        config: &Config,
+        change: &Change,
+        in_flight: impl Fn(&str, SocketAddr) -> usize,
+    ) -> Result<RuntimeState, Rejection> {
+        let mut next = self.clone();
+        match change {
+            Change::SetSplit { route, split } => {
+                if !config.routes.iter().any(|r| r.name == *route) {
+                    return Err(Rejection::NotFound(format!("no route named {route:?}")));
+                }
+                check_split(config, split)?;
+                next.splits.insert(route.clone(), split.clone());
+            }
+            Change::UpdateBackend {
+                upstream,
+                address,
+                weight,
+                state,
+            } => {
+                self.backend(config, upstream, *address)?;
+                if weight.is_none() && state.is_none() {
+                    return Err(Rejection::Invalid(
+                        "give \"weight\" and/or \"state\" to change".into(),
+                    ));
+                }
+                check_weight(*weight)?;
+                let changes = next.upstreams.entry(upstream.clone()).or_default();
+                if let Some(added) = changes.added.iter_mut().find(|a| a.address == *address) {
+                    added.weight = weight.unwrap_or(added.weight);
+                    added.state = state.unwrap_or(added.state);
+                } else {
+                    let entry = changes.changed.entry(*address).or_default();
+                    entry.weight = weight.or(entry.weight);
+                    entry.state = state.or(entry.state);
+                }
+            }
+            Change::AddBackend {
+                upstream,
+                address,
+                weight,
+            } => {
+                self.upstream_exists(config, upstream)?;
+                check_weight(Some(*weight))?;
+                if self
+                    .backends(config, upstream)
+                    .iter()
+                    .any(|b| b.address == *address)
+                {
+                    return Err(Rejection::Conflict(format!(
+                        "upstream {upstream:?} already has backend {address}"
+                    )));
+                }
+                let changes = next.upstreams.entry(upstream.clone()).or_default();
+                let in_config = config
+                    .upstream(upstream)
+                    .is_some_and(|u| u.backends.iter().any(|b| b.address == *address));
+                if in_config {
+                    // Re-adding a backend of the file that was removed: bring it back as it is
+                    // there, with the weight asked for.
+                    changes.removed.remove(address);
+                    changes.changed.insert(
+                        *address,
+                        BackendChange {
+                            weight: Some(*weight),
+                            state: None,
+                        },
+                    );
+                } else {
+                    changes.added.push(AddedBackend {
+                        address: *address,
+                        weight: *weight,
+                        state: BackendState::Active,
+                    });
+                }
+            }
+            Change::RemoveBackend { upstream, address } => {
+                let current = self.backend(config, upstream, *address)?;
+                if current.state == BackendState::Active {
+                    return Err(Rejection::Conflict(format!(
+                        "backend {address} is active; set its state to \"draining\" or \"disabled\" first"
+                    )));
+                }
+                let busy = in_flight(upstream, *address);
+                if busy > 0 {
+                    return Err(Rejection::Conflict(format!(
+                        "backend {address} still has {busy} requests in flight; retry when it has none"
+                    )));
+                }
+                let changes = next.upstreams.entry(upstream.clone()).or_default();
+                if let Some(i) = changes.added.iter().position(|a| a.address == *address) {
+                    changes.added.remove(i);
+                } else {
+                    changes.changed.remove(address);
+                    changes.removed.insert(*address);
+                }
+            }
+        }
+        next.upstreams.retain(|_, c| !c.is_empty());
+        Ok(next)
+    }
+
+    /// Keeps what still fits `config`; returns the warnings for what was dropped.
+    pub fn fit(&self, config: &Config) -> (RuntimeState, Vec<String>) {
+        let mut warnings = Vec::new();
+        let mut next = RuntimeState::default();
+        for (route, split) in &self.splits {
+            if !config.routes.iter().any(|r| r.name == *route) {
+                warnings.push(format!(
+                    "state: split of route {route:?} dropped: the route is no longer in the config"
+                ));
+            } else if let Err(why) = check_split(config, split) {
+                warnings.push(format!("state: split of route {route:?} dropped: {why}"));
+            } else {
+                next.splits.insert(route.clone(), split.clone());
+            }
+        }
+        for (name, changes) in &self.upstreams {
+            let Some(upstream) = config.upstream(name) else {
+                warnings.push(format!(
+                    "state: changes to upstream {name:?} dropped: the upstream is no longer in the config"
+                ));
+                continue;
+            };
+            let in_config = |a: &SocketAddr| upstream.backends.iter().any(|b| b.address == *a);
+            let mut kept = UpstreamChanges::default();
+            for (address, change) in &changes.changed {
+                if in_config(address) {
+                    kept.changed.insert(*address, *change);
+                } else {
+                    warnings.push(format!(
+                        "state: change to backend {address} of {name:?} dropped: it is no longer in the config"
+                    ));
+                }
+            }
+            kept.removed = changes.removed.iter().copied().filter(in_config).collect();
+            for added in &changes.added {
+                if in_config(&added.address) {
+                    // The file has it now: what the operator set stays as a change on it.
+                    kept.changed.insert(
+                        added.address,
+                        BackendChange {
+                            weight: Some(added.weight),
+                            state: Some(added.state),
+                        },
+                    );
+                } else {
+                    kept.added.push(*added);
+                }
+            }
+            if !kept.is_empty() {
+                next.upstreams.insert(name.clone(), kept);
+            }
+        }
+        (next, warnings)
+    }
+
+    fn upstream_exists(&self, config: &Config, upstream: &str) -> Result<(), Rejection> {
+        match config.upstream(upstream) {
+            Some(_) => Ok(()),
+            None => Err(Rejection::NotFound(format!(
+                "no upstream named {upstream:?}"
+            ))),
+        }
+    }
+
+    fn backend(
+        &self,
+        config: &Config,
+        upstream: &str,
+        address: SocketAddr,
+    ) -> Result<EffectiveBackend, Rejection> {
+        self.upstream_exists(config, upstream)?;
+        self.backends(config, upstream)
+            .into_iter()
+            .find(|b| b.address == address)
+            .ok_or_else(|| {
+                Rejection::NotFound(format!("upstream {upstream:?} has no backend {address}"))
+            })
+    }
+}
+
+fn check_weight(weight: Option<u32>) -> Result<(), Rejection> {
+    match weight {
+        Some(w) if w > MAX_BACKEND_WEIGHT => Err(Rejection::Invalid(format!(
+            "weight: {w} is out of range 0..={MAX_BACKEND_WEIGHT}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn check_split(config: &Config, split: &BTreeMap<String, u32>) -> Result<(), Rejection> {
+    if split.is_empty() {
+        return Err(Rejection::Invalid(
+            "split: at least one upstream is required".into(),
+        ));
+    }
+    for (upstream, weight) in split {
+        if config.upstream(upstream).is_none() {
+            return Err(Rejection::Invalid(format!(
+                "split.{upstream}: unknown upstream {upstream:?}"
+            )));
+        }
+        if *weight > MAX_SPLIT_WEIGHT {
+            return Err(Rejection::Invalid(format!(
+                "split.{upstream}: {weight} is out of range 0..={MAX_SPLIT_WEIGHT}"
+            )));
+        }
+    }
+    if split.values().all(|w| *w == 0) {
+        return Err(Rejection::Invalid(
+            "split: weights must not all be 0".into(),
+        ));
+    }
+    Ok(())
+}
