@@ -10,6 +10,7 @@
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -17,22 +18,21 @@ use pingora_core::upstreams::peer::HttpPeer;
 use pingora_core::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use switchyard_pool::metrics::ErrorKind;
 use switchyard_pool::{strip_port, InFlight, Pool, Snapshot};
 
 /// Switchyard's `ProxyHttp`: all decisions come from the pool's current snapshot.
 pub struct Proxy {
     pool: Arc<Pool>,
-    debug_headers: bool,
     active: Arc<AtomicUsize>,
     closing: Arc<AtomicBool>,
 }
 
 impl Proxy {
     /// `closing` is raised as soon as a stop or upgrade signal arrives.
-    pub fn new(pool: Arc<Pool>, debug_headers: bool, closing: Arc<AtomicBool>) -> Proxy {
+    pub fn new(pool: Arc<Pool>, closing: Arc<AtomicBool>) -> Proxy {
         Proxy {
             pool,
-            debug_headers,
             active: Arc::default(),
             closing,
         }
@@ -47,7 +47,10 @@ impl Proxy {
 /// Per-request state.
 pub struct RequestCtx {
     _active: Active,
+    started: Instant,
     snapshot: Option<Arc<Snapshot>>,
+    /// Matched route (set with or without a picked backend), for metrics.
+    route: Option<usize>,
     client: Option<IpAddr>,
     upstream: usize,
     backend: usize,
@@ -79,7 +82,9 @@ impl ProxyHttp for Proxy {
         self.active.fetch_add(1, Ordering::AcqRel);
         RequestCtx {
             _active: Active(Arc::clone(&self.active)),
+            started: Instant::now(),
             snapshot: None,
+            route: None,
             client: None,
             upstream: 0,
             backend: 0,
@@ -111,6 +116,9 @@ impl ProxyHttp for Proxy {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
         let Some((upstream, backend)) = snapshot.pick(route, ctx.client) else {
+            self.pool
+                .metrics()
+                .count_unrouted(&snapshot.routes[route].name, 503);
             respond_plain(
                 session,
                 503,
@@ -124,6 +132,7 @@ impl ProxyHttp for Proxy {
         ));
         ctx.upstream = upstream;
         ctx.backend = backend;
+        ctx.route = Some(route);
         ctx.snapshot = Some(snapshot);
         Ok(false)
     }
@@ -154,14 +163,17 @@ impl ProxyHttp for Proxy {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        if ctx.retried {
-            return e;
-        }
-        ctx.retried = true;
-        let Some((snapshot, upstream)) = ctx.target() else {
+        // The error path may hold its own reference; the context changes below.
+        let Some(snapshot) = ctx.snapshot.clone() else {
             return e;
         };
-        let upstream = &snapshot.upstreams[upstream];
+        let upstream = &snapshot.upstreams[ctx.upstream];
+        upstream.backends[ctx.backend]
+            .errors
+            .count(error_kind(e.etype()));
+        if std::mem::replace(&mut ctx.retried, true) {
+            return e;
+        }
         match upstream.pick_backend(ctx.client, Some(ctx.backend)) {
             Some(next) => {
                 log::warn!(
@@ -214,8 +226,8 @@ impl ProxyHttp for Proxy {
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if self.debug_headers {
-            if let Some((snapshot, upstream)) = ctx.target() {
+        if let Some((snapshot, upstream)) = ctx.target() {
+            if snapshot.debug_headers {
                 response
                     .insert_header("X-Switchyard-Upstream", &*snapshot.upstreams[upstream].name)?;
             }
@@ -227,6 +239,30 @@ impl ProxyHttp for Proxy {
             session.set_keepalive(None);
         }
         Ok(())
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let (Some(snapshot), Some(route)) = (ctx.snapshot.as_deref(), ctx.route) else {
+            return;
+        };
+        let metrics = snapshot.routes[route].metrics();
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        if let Some(Some(backends)) = metrics.requests.get(ctx.upstream) {
+            if let Some(counters) = backends.get(ctx.backend) {
+                counters.count(status);
+            }
+        }
+        if let Some(Some(histogram)) = metrics.duration.get(ctx.upstream) {
+            histogram.observe(ctx.started.elapsed().as_secs_f64());
+        }
+        // Connect errors were counted per attempt in `fail_to_connect`.
+        if let Some(e) = e {
+            if e.esource() == &ErrorSource::Upstream && !is_connect_error(e.etype()) {
+                snapshot.upstreams[ctx.upstream].backends[ctx.backend]
+                    .errors
+                    .count(error_kind(e.etype()));
+            }
+        }
     }
 
     async fn fail_to_proxy(
@@ -265,6 +301,32 @@ impl ProxyHttp for Proxy {
             error_code: code,
             can_reuse_downstream: false,
         }
+    }
+}
+
+fn is_connect_error(etype: &ErrorType) -> bool {
+    matches!(
+        etype,
+        ErrorType::ConnectTimedout
+            | ErrorType::ConnectRefused
+            | ErrorType::ConnectNoRoute
+            | ErrorType::ConnectError
+            | ErrorType::BindError
+            | ErrorType::SocketError
+            | ErrorType::ConnectProxyFailure
+    )
+}
+
+fn error_kind(etype: &ErrorType) -> ErrorKind {
+    match etype {
+        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+            ErrorKind::Timeout
+        }
+        ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError => {
+            ErrorKind::Reset
+        }
+        t if is_connect_error(t) => ErrorKind::Connect,
+        _ => ErrorKind::Other,
     }
 }
 

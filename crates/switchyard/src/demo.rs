@@ -21,6 +21,10 @@ server:
   upgrade_socket: /tmp/switchyard-demo-upgrade.sock
 listeners:
   - address: 127.0.0.1:8080
+admin:
+  address: 127.0.0.1:9000
+metrics:
+  address: 127.0.0.1:9100
 upstreams:
   blue:
     algorithm: round_robin
@@ -68,7 +72,7 @@ pub fn run() -> Result<(), String> {
         backends.push(Box::new(service));
     }
     println!("{}", instructions(&config));
-    launch::run(config, false, backends)
+    launch::run(config, None, false, backends)
 }
 
 fn instructions(config: &Config) -> String {
@@ -76,6 +80,16 @@ fn instructions(config: &Config) -> String {
         .listeners
         .first()
         .map(|l| l.address.to_string())
+        .unwrap_or_default();
+    let admin = config
+        .admin
+        .as_ref()
+        .map(|a| a.address.to_string())
+        .unwrap_or_default();
+    let metrics = config
+        .metrics
+        .as_ref()
+        .map(|m| m.address.to_string())
         .unwrap_or_default();
     format!(
         "\
@@ -88,7 +102,14 @@ Try:
   curl -i http://{lb}/                      # X-Switchyard-Upstream says who answered
   for i in $(seq 20); do curl -s http://{lb}/; done | sort | uniq -c    # about 18 blue, 2 green
 
-Shifting the split, draining green and reading metrics will be available once the admin API lands.
+Shift the canary, drain, watch (admin API at http://{admin}/api/v1/, metrics at http://{metrics}/metrics):
+  curl -s http://{admin}/api/v1/routes
+  curl -s -X PUT http://{admin}/api/v1/routes/web/split -d '{{\"blue\": 50, \"green\": 50}}'
+  curl -s -X PATCH http://{admin}/api/v1/upstreams/green/backends/{GREEN} -d '{{\"state\": \"draining\"}}'
+  curl -s http://{admin}/api/v1/upstreams/green
+  curl -s -X PATCH http://{admin}/api/v1/upstreams/green/backends/{GREEN} -d '{{\"state\": \"active\"}}'
+  curl -s http://{metrics}/metrics | grep switchyard_requests_total
+
 Stop with Ctrl+C (in-flight requests finish first).
 "
     )

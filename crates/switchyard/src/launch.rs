@@ -1,6 +1,7 @@
 //! Assembles the Pingora server from a validated config: pool, health checks, proxy
 //! listeners and the shutdown drain, and runs it until a signal ends it.
 
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -8,10 +9,12 @@ use log::info;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
+use pingora::services::listening::Service;
 use pingora::services::ServiceWithDependents;
+use switchyard_admin::{AdminApi, Control, MetricsEndpoint};
 use switchyard_config::Config;
 use switchyard_pool::health::HealthChecks;
-use switchyard_pool::Pool;
+use switchyard_pool::{Metrics, Pool};
 use switchyard_proxy::Proxy;
 
 use crate::signals::{Drain, Signals};
@@ -19,11 +22,19 @@ use crate::signals::{Drain, Signals};
 /// Services that must be up before the first health checks run (the demo's backends).
 pub type Prerequisites = Vec<Box<dyn ServiceWithDependents>>;
 
-/// Runs the load balancer until SIGTERM, SIGINT or SIGQUIT has ended it.
-pub fn run(config: Config, upgrade: bool, prerequisites: Prerequisites) -> Result<(), String> {
+/// Runs the load balancer until SIGTERM, SIGINT or SIGQUIT has ended it. `config_path` is
+/// the file a reload re-reads (`None` for the embedded demo config).
+pub fn run(
+    config: Config,
+    config_path: Option<PathBuf>,
+    upgrade: bool,
+    prerequisites: Prerequisites,
+) -> Result<(), String> {
     if !upgrade {
-        ensure_listeners_free(&config)?;
+        ensure_sockets_free(&config)?;
     }
+    let admin_address = config.admin.as_ref().map(|a| a.address);
+    let metrics_address = config.metrics.as_ref().map(|m| m.address);
     let server_conf = ServerConf {
         threads: config.server.threads,
         upgrade_sock: config.server.upgrade_socket.display().to_string(),
@@ -44,8 +55,12 @@ pub fn run(config: Config, upgrade: bool, prerequisites: Prerequisites) -> Resul
     let mut server = Server::new_with_opt_and_conf(opt, server_conf);
     server.bootstrap();
 
+    let listeners = config.listeners.clone();
+    let grace_period = config.server.grace_period;
+    let pool = Arc::new(Pool::new(config, Arc::new(Metrics::new())));
+    let control = Arc::new(Control::new(Arc::clone(&pool), config_path)?);
+
     let prerequisites = server.add_services(prerequisites);
-    let pool = Arc::new(Pool::new(&config));
     let health = server.add_service(background_service(
         "health checks",
         HealthChecks::new(Arc::clone(&pool)),
@@ -55,41 +70,62 @@ pub fn run(config: Config, upgrade: bool, prerequisites: Prerequisites) -> Resul
     }
 
     let closing = Arc::new(AtomicBool::new(false));
-    let proxy = Proxy::new(
-        Arc::clone(&pool),
-        config.server.debug_headers,
-        Arc::clone(&closing),
-    );
+    let proxy = Proxy::new(Arc::clone(&pool), Arc::clone(&closing));
     let active = proxy.active_requests();
     let mut proxy_service =
         pingora::proxy::http_proxy_service_with_name(&server.configuration, proxy, "proxy");
-    for listener in &config.listeners {
+    for listener in &listeners {
         proxy_service.add_tcp(&listener.address.to_string());
     }
     let proxy = server.add_service(proxy_service);
     proxy.add_dependency(&health);
 
+    if let Some(address) = admin_address {
+        let mut admin = Service::new("admin API".into(), AdminApi::new(Arc::clone(&control)));
+        admin.add_tcp(&address.to_string());
+        server.add_service(admin);
+        info!("admin API on http://{address}/api/v1/");
+    }
+    if let Some(address) = metrics_address {
+        let mut metrics = Service::new("metrics".into(), MetricsEndpoint::new(Arc::clone(&pool)));
+        metrics.add_tcp(&address.to_string());
+        server.add_service(metrics);
+        info!("metrics on http://{address}/metrics");
+    }
     server.add_service(background_service(
         "drain",
-        Drain::new(active, config.server.grace_period),
+        Drain::new(active, grace_period),
     ));
 
-    for listener in &config.listeners {
+    for listener in &listeners {
         info!(
             "proxy listening on {} once health checks have run",
             listener.address
         );
     }
+    let reload = move || {
+        // The outcome is logged by the reload itself.
+        let _ = control.reload();
+    };
     server.run(RunArgs {
-        shutdown_signal: Box::new(Signals { closing }),
+        shutdown_signal: Box::new(Signals {
+            closing,
+            on_hangup: Box::new(reload),
+        }),
     });
     Ok(())
 }
 
 /// Pingora panics in a service thread when a bind fails; check first for a one-line error.
-fn ensure_listeners_free(config: &Config) -> Result<(), String> {
+fn ensure_sockets_free(config: &Config) -> Result<(), String> {
     for (i, listener) in config.listeners.iter().enumerate() {
         ensure_free(&format!("listeners[{i}].address"), listener.address)?;
+    }
+    if let Some(admin) = &config.admin {
+        ensure_free("admin.address", admin.address)?;
+    }
+    if let Some(metrics) = &config.metrics {
+        ensure_free("metrics.address", metrics.address)?;
     }
     Ok(())
 }

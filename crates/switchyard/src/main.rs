@@ -46,7 +46,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            exit_on_error(launch::run(loaded, upgrade, Vec::new()))
+            exit_on_error(launch::run(loaded, Some(config), upgrade, Vec::new()))
         }
         Command::Demo => {
             init_logging();

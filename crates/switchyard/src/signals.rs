@@ -3,7 +3,7 @@
 //! Pingora's defaults make SIGINT a fast exit and always sleep the whole grace period after
 //! SIGTERM. The contract wants both to stop accepting, let in-flight requests finish, and exit
 //! as soon as they have (within `grace_period`), so we hand Pingora our own signal watch and
-//! run a drain that exits the process once nothing is in flight.
+//! run a drain that exits the process once nothing is in flight. SIGHUP reloads the config.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -19,6 +19,8 @@ use tokio::signal::unix::{signal, SignalKind};
 /// `closing` first, so that responses stop offering keep-alive from that moment.
 pub struct Signals {
     pub closing: Arc<AtomicBool>,
+    /// SIGHUP: the same as `POST /api/v1/reload`.
+    pub on_hangup: Box<dyn Fn() + Send + Sync>,
 }
 
 #[async_trait]
@@ -56,7 +58,8 @@ impl Signals {
                     return ShutdownSignal::GracefulUpgrade;
                 }
                 _ = hup.recv() => {
-                    warn!("SIGHUP: config reload is not available in this version; ignored");
+                    info!("SIGHUP: reloading the config");
+                    (self.on_hangup)();
                 }
             }
         }

@@ -1,0 +1,531 @@
+//! The admin HTTP API: JSON in and out, errors as `{"error": ...}` naming the field, every
+//! change turned into one `Change` for the pool (which checks it, saves it, and swaps it in).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::{Method, Response, StatusCode};
+use log::info;
+use pingora_core::apps::http_app::ServeHttp;
+use pingora_core::protocols::http::ServerSession;
+use serde_json::{json, Map, Value};
+use switchyard_config::{MAX_BACKEND_WEIGHT, MAX_SPLIT_WEIGHT};
+use switchyard_pool::{Backend, BackendState, Change, Rejection, Snapshot, Upstream};
+
+use crate::control::Control;
+
+/// Larger bodies get 413; the largest real body (a split) is a few hundred bytes.
+pub const MAX_BODY: usize = 64 * 1024;
+
+pub struct AdminApi {
+    control: Arc<Control>,
+}
+
+impl AdminApi {
+    pub fn new(control: Arc<Control>) -> Self {
+        AdminApi { control }
+    }
+}
+
+/// A finished answer: status, JSON (or plain) body, and an `Allow` header for 405.
+struct Reply {
+    status: StatusCode,
+    body: Value,
+    allow: Option<&'static str>,
+}
+
+impl Reply {
+    fn ok(body: Value) -> Reply {
+        Reply::with(StatusCode::OK, body)
+    }
+
+    fn with(status: StatusCode, body: Value) -> Reply {
+        Reply {
+            status,
+            body,
+            allow: None,
+        }
+    }
+
+    fn error(status: StatusCode, message: impl Into<String>) -> Reply {
+        Reply::with(status, json!({ "error": message.into() }))
+    }
+
+    fn method_not_allowed(method: &Method, allow: &'static str) -> Reply {
+        Reply {
+            allow: Some(allow),
+            ..Reply::error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("method {method} is not allowed here; allowed: {allow}"),
+            )
+        }
+    }
+
+    fn rejected(rejection: Rejection) -> Reply {
+        let status = match &rejection {
+            Rejection::Invalid(_) => StatusCode::BAD_REQUEST,
+            Rejection::NotFound(_) => StatusCode::NOT_FOUND,
+            Rejection::Conflict(_) => StatusCode::CONFLICT,
+            Rejection::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Reply::error(status, rejection.to_string())
+    }
+}
+
+#[async_trait]
+impl ServeHttp for AdminApi {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let method = session.req_header().method.clone();
+        let path = session.req_header().uri.path().to_string();
+        let reply = self.handle(session, &method, &path).await;
+        info!("admin: {method} {path} -> {}", reply.status.as_u16());
+        let mut builder = Response::builder().status(reply.status);
+        if let Some(allow) = reply.allow {
+            builder = builder.header(http::header::ALLOW, allow);
+        }
+        let (content_type, body) = match reply.body {
+            Value::String(text) => (
+                "text/plain; charset=utf-8",
+                format!("{text}\n").into_bytes(),
+            ),
+            json => ("application/json", format!("{json:#}\n").into_bytes()),
+        };
+        builder
+            .header(http::header::CONTENT_TYPE, content_type)
+            .header(http::header::CONTENT_LENGTH, body.len())
+            .body(body)
+            .unwrap_or_default()
+    }
+}
+
+impl AdminApi {
+    async fn handle(&self, session: &mut ServerSession, method: &Method, path: &str) -> Reply {
+        if path == "/healthz" {
+            return match *method {
+                Method::GET | Method::HEAD => Reply::ok(Value::String("ok".into())),
+                _ => Reply::method_not_allowed(method, "GET, HEAD"),
+            };
+        }
+        let Some(rest) = path.strip_prefix("/api/v1/") else {
+            return Reply::error(StatusCode::NOT_FOUND, format!("no endpoint {path}"));
+        };
+        let authorization = session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        if !self.control.authorized(authorization) {
+            return Reply::error(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong token: send Authorization: Bearer <token>",
+            );
+        }
+        let body = match read_body(session).await {
+            Ok(body) => body,
+            Err(reply) => return reply,
+        };
+        let segments: Vec<String> = rest.split('/').map(percent_decode).collect();
+        let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+        let snapshot = self.control.pool().snapshot();
+        match segments.as_slice() {
+            ["routes"] => match *method {
+                Method::GET => Reply::ok(Value::Array(
+                    (0..snapshot.routes.len())
+                        .map(|r| route_view(&snapshot, r))
+                        .collect(),
+                )),
+                _ => Reply::method_not_allowed(method, "GET"),
+            },
+            ["routes", route] => match *method {
+                Method::GET => match snapshot.routes.iter().position(|r| *r.name == **route) {
+                    Some(r) => Reply::ok(route_view(&snapshot, r)),
+                    None => {
+                        Reply::error(StatusCode::NOT_FOUND, format!("no route named {route:?}"))
+                    }
+                },
+                _ => Reply::method_not_allowed(method, "GET"),
+            },
+            ["routes", route, "split"] => match *method {
+                Method::PUT => self.set_split(route, &body),
+                _ => Reply::method_not_allowed(method, "PUT"),
+            },
+            ["upstreams"] => match *method {
+                Method::GET => Reply::ok(Value::Array(
+                    snapshot.upstreams.iter().map(upstream_view).collect(),
+                )),
+                _ => Reply::method_not_allowed(method, "GET"),
+            },
+            ["upstreams", upstream] => match *method {
+                Method::GET => match snapshot.upstream(upstream) {
+                    Some(u) => Reply::ok(upstream_view(u)),
+                    None => Reply::error(
+                        StatusCode::NOT_FOUND,
+                        format!("no upstream named {upstream:?}"),
+                    ),
+                },
+                _ => Reply::method_not_allowed(method, "GET"),
+            },
+            ["upstreams", upstream, "backends"] => match *method {
+                Method::POST => self.add_backend(upstream, &body),
+                _ => Reply::method_not_allowed(method, "POST"),
+            },
+            ["upstreams", upstream, "backends", address] => match *method {
+                Method::PATCH => self.update_backend(upstream, address, &body),
+                Method::DELETE => self.remove_backend(upstream, address),
+                _ => Reply::method_not_allowed(method, "PATCH, DELETE"),
+            },
+            ["reload"] => match *method {
+                Method::POST => self.reload(),
+                _ => Reply::method_not_allowed(method, "POST"),
+            },
+            _ => Reply::error(StatusCode::NOT_FOUND, format!("no endpoint {path}")),
+        }
+    }
+
+    fn apply(&self, change: &Change) -> Result<Arc<Snapshot>, Reply> {
+        self.control.pool().apply(change).map_err(Reply::rejected)?;
+        Ok(self.control.pool().snapshot())
+    }
+
+    fn set_split(&self, route: &str, body: &[u8]) -> Reply {
+        let fields = match json_object(body) {
+            Ok(fields) => fields,
+            Err(reply) => return reply,
+        };
+        let mut split = BTreeMap::new();
+        for (upstream, weight) in &fields {
+            match integer(weight, MAX_SPLIT_WEIGHT) {
+                Some(w) => split.insert(upstream.clone(), w),
+                None => {
+                    return Reply::error(
+                        StatusCode::BAD_REQUEST,
+                        format!("split.{upstream}: must be an integer 0..={MAX_SPLIT_WEIGHT}"),
+                    )
+                }
+            };
+        }
+        let change = Change::SetSplit {
+            route: route.to_string(),
+            split,
+        };
+        match self.apply(&change) {
+            Ok(snapshot) => match snapshot.routes.iter().position(|r| *r.name == *route) {
+                Some(r) => Reply::ok(route_view(&snapshot, r)),
+                None => Reply::error(StatusCode::NOT_FOUND, format!("no route named {route:?}")),
+            },
+            Err(reply) => reply,
+        }
+    }
+
+    fn update_backend(&self, upstream: &str, address: &str, body: &[u8]) -> Reply {
+        let Some(address) = parse_address(address) else {
+            return Reply::error(
+                StatusCode::NOT_FOUND,
+                format!("upstream {upstream:?} has no backend {address:?} (addresses are IP:port)"),
+            );
+        };
+        let fields = match json_object(body) {
+            Ok(fields) => fields,
+            Err(reply) => return reply,
+        };
+        let mut weight = None;
+        let mut state = None;
+        for (field, value) in &fields {
+            match field.as_str() {
+                "weight" => match integer(value, MAX_BACKEND_WEIGHT) {
+                    Some(w) => weight = Some(w),
+                    None => {
+                        return Reply::error(
+                            StatusCode::BAD_REQUEST,
+                            format!("weight: must be an integer 0..={MAX_BACKEND_WEIGHT}"),
+                        )
+                    }
+                },
+                "state" => match value.as_str().and_then(parse_state) {
+                    Some(s) => state = Some(s),
+                    None => {
+                        return Reply::error(
+                            StatusCode::BAD_REQUEST,
+                            "state: must be \"active\", \"draining\" or \"disabled\"",
+                        )
+                    }
+                },
+                other => {
+                    return Reply::error(
+                        StatusCode::BAD_REQUEST,
+                        format!("{other}: unknown field; expected \"weight\" and/or \"state\""),
+                    )
+                }
+            }
+        }
+        let change = Change::UpdateBackend {
+            upstream: upstream.to_string(),
+            address,
+            weight,
+            state,
+        };
+        self.apply(&change).map_or_else(
+            |r| r,
+            |s| backend_reply(&s, upstream, address, StatusCode::OK),
+        )
+    }
+
+    fn add_backend(&self, upstream: &str, body: &[u8]) -> Reply {
+        let fields = match json_object(body) {
+            Ok(fields) => fields,
+            Err(reply) => return reply,
+        };
+        let mut address = None;
+        let mut weight = 1;
+        for (field, value) in &fields {
+            match field.as_str() {
+                "address" => match value.as_str().and_then(parse_address) {
+                    Some(a) => address = Some(a),
+                    None => {
+                        return Reply::error(
+                            StatusCode::BAD_REQUEST,
+                            format!(
+                            "address: {value} is not an IP:port address, e.g. \"127.0.0.1:9004\""
+                        ),
+                        )
+                    }
+                },
+                "weight" => match integer(value, MAX_BACKEND_WEIGHT) {
+                    Some(w) => weight = w,
+                    None => {
+                        return Reply::error(
+                            StatusCode::BAD_REQUEST,
+                            format!("weight: must be an integer 0..={MAX_BACKEND_WEIGHT}"),
+                        )
+                    }
+                },
+                other => {
+                    return Reply::error(
+                        StatusCode::BAD_REQUEST,
+                        format!("{other}: unknown field; expected \"address\" and \"weight\""),
+                    )
+                }
+            }
+        }
+        let Some(address) = address else {
+            return Reply::error(StatusCode::BAD_REQUEST, "address: is required");
+        };
+        let change = Change::AddBackend {
+            upstream: upstream.to_string(),
+            address,
+            weight,
+        };
+        self.apply(&change).map_or_else(
+            |r| r,
+            |s| backend_reply(&s, upstream, address, StatusCode::CREATED),
+        )
+    }
+
+    fn remove_backend(&self, upstream: &str, address: &str) -> Reply {
+        let Some(address) = parse_address(address) else {
+            return Reply::error(
+                StatusCode::NOT_FOUND,
+                format!("upstream {upstream:?} has no backend {address:?} (addresses are IP:port)"),
+            );
+        };
+        let change = Change::RemoveBackend {
+            upstream: upstream.to_string(),
+            address,
+        };
+        match self.apply(&change) {
+            Ok(_) => Reply::ok(
+                json!({ "upstream": upstream, "address": address.to_string(), "removed": true }),
+            ),
+            Err(reply) => reply,
+        }
+    }
+
+    fn reload(&self) -> Reply {
+        match self.control.reload() {
+            Ok(report) => Reply::ok(json!({
+                "reloaded": true,
+                "needs_restart": report.needs_restart,
+                "dropped_state": report.dropped_state,
+            })),
+            Err(problems) => Reply::with(
+                StatusCode::BAD_REQUEST,
+                json!({
+                    "error": format!("invalid config, nothing changed: {}", problems.join("; ")),
+                    "problems": problems,
+                }),
+            ),
+        }
+    }
+}
+
+async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, Reply> {
+    let too_large = || {
+        Reply::error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body is larger than {MAX_BODY} bytes"),
+        )
+    };
+    let declared = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY) {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > MAX_BODY {
+                    return Err(too_large());
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(e) => {
+                return Err(Reply::error(
+                    StatusCode::BAD_REQUEST,
+                    format!("cannot read the body: {e}"),
+                ))
+            }
+        }
+    }
+}
+
+fn json_object(body: &[u8]) -> Result<Map<String, Value>, Reply> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(fields)) => Ok(fields),
+        Ok(other) => Err(Reply::error(
+            StatusCode::BAD_REQUEST,
+            format!("body: expected a JSON object, got {other}"),
+        )),
+        Err(e) => Err(Reply::error(
+            StatusCode::BAD_REQUEST,
+            format!("body: invalid JSON: {e}"),
+        )),
+    }
+}
+
+fn integer(value: &Value, max: u32) -> Option<u32> {
+    value
+        .as_u64()
+        .filter(|v| *v <= u64::from(max))
+        .and_then(|v| u32::try_from(v).ok())
+}
+
+fn parse_state(text: &str) -> Option<BackendState> {
+    match text {
+        "active" => Some(BackendState::Active),
+        "draining" => Some(BackendState::Draining),
+        "disabled" => Some(BackendState::Disabled),
+        _ => None,
+    }
+}
+
+fn parse_address(text: &str) -> Option<SocketAddr> {
+    text.trim().parse().ok()
+}
+
+/// `%3A` -> `:`; anything that is not a valid escape stays as it is.
+fn percent_decode(segment: &str) -> String {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn route_view(snapshot: &Snapshot, index: usize) -> Value {
+    let route = &snapshot.routes[index];
+    let split: Map<String, Value> = route
+        .split
+        .iter()
+        .map(|&(u, w)| (snapshot.upstreams[u].name.to_string(), json!(w)))
+        .collect();
+    json!({
+        "name": &*route.name,
+        "host": route.host.as_deref(),
+        "path_prefix": route.path_prefix.as_deref(),
+        "split": split,
+    })
+}
+
+fn backend_view(backend: &Backend) -> Value {
+    json!({
+        "address": backend.live.address.to_string(),
+        "weight": backend.weight,
+        "healthy": backend.live.is_healthy(),
+        "state": backend.state.as_str(),
+        "in_flight": backend.live.in_flight(),
+    })
+}
+
+fn upstream_view(upstream: &Upstream) -> Value {
+    json!({
+        "name": &*upstream.name,
+        "algorithm": upstream.algorithm.as_str(),
+        "health_checked": upstream.health_check.is_some(),
+        "backends": upstream.backends.iter().map(backend_view).collect::<Vec<_>>(),
+    })
+}
+
+fn backend_reply(
+    snapshot: &Snapshot,
+    upstream: &str,
+    address: SocketAddr,
+    status: StatusCode,
+) -> Reply {
+    snapshot
+        .upstream(upstream)
+        .and_then(|u| u.backends.iter().find(|b| b.live.address == address))
+        .map_or_else(
+            || {
+                Reply::error(
+                    StatusCode::NOT_FOUND,
+                    format!("upstream {upstream:?} has no backend {address}"),
+                )
+            },
+            |b| Reply::with(status, backend_view(b)),
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_in_paths_are_percent_decoded() {
+        assert_eq!(percent_decode("127.0.0.1%3A9001"), "127.0.0.1:9001");
+        assert_eq!(percent_decode("127.0.0.1%3a9001"), "127.0.0.1:9001");
+        assert_eq!(percent_decode("127.0.0.1:9001"), "127.0.0.1:9001");
+        assert_eq!(percent_decode("bad%zz"), "bad%zz");
+    }
+
+    #[test]
+    fn weights_must_be_integers_in_range() {
+        assert_eq!(integer(&json!(5), 1000), Some(5));
+        for bad in [json!(1001), json!(-1), json!(1.5), json!("5"), json!(null)] {
+            assert_eq!(integer(&bad, 1000), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! What the admin API and SIGHUP share: config reload and the admin token.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use log::{info, warn};
+use switchyard_config::Config;
+use switchyard_pool::Pool;
+
+/// The admin bearer token, compared in constant time.
+pub struct Token(Vec<u8>);
+
+impl Token {
+    /// Reads a token file: surrounding whitespace is ignored; missing or empty is an error.
+    pub fn read(path: &Path) -> Result<Token, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("admin.token_file: cannot read {}: {e}", path.display()))?;
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(format!("admin.token_file: {} is empty", path.display()));
+        }
+        Ok(Token(token.as_bytes().to_vec()))
+    }
+
+    /// Whether `given` is this token; the time taken does not depend on where they differ.
+    fn matches(&self, given: &[u8]) -> bool {
+        let mut diff = self.0.len() ^ given.len();
+        for (i, want) in self.0.iter().enumerate() {
+            diff |= usize::from(want ^ given.get(i).copied().unwrap_or(0));
+        }
+        diff == 0
+    }
+}
+
+/// The outcome of a successful reload.
+#[derive(Debug, Default)]
+pub struct ReloadReport {
+    /// Settings that changed in the file but take a restart or upgrade to apply.
+    pub needs_restart: Vec<String>,
+    /// Runtime state dropped because it no longer fits the config.
+    pub dropped_state: Vec<String>,
+}
+
+pub struct Control {
+    pool: Arc<Pool>,
+    /// `None` for the demo, which has no file to re-read.
+    config_path: Option<PathBuf>,
+    token: ArcSwapOption<Token>,
+    /// The config at start: what sockets and threads were made from.
+    started: Config,
+}
+
+impl Control {
+    /// Reads the admin token the config names, if any.
+    pub fn new(pool: Arc<Pool>, config_path: Option<PathBuf>) -> Result<Control, String> {
+        let started = pool.config();
+        let token = read_token(&started)?;
+        Ok(Control {
+            pool,
+            config_path,
+            token: ArcSwapOption::new(token.map(Arc::new)),
+            started,
+        })
+    }
+
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    /// Whether an `Authorization` header value lets a request into `/api/`.
+    pub fn authorized(&self, authorization: Option<&[u8]>) -> bool {
+        let token = self.token.load();
+        let Some(token) = token.as_deref() else {
+            return true;
+        };
+        authorization
+            .and_then(|h| h.strip_prefix(b"Bearer "))
+            .is_some_and(|given| token.matches(given.trim_ascii()))
+    }
+
+    /// Re-reads the config file and runs it; on `Err` (one line per problem) nothing changed.
+    pub fn reload(&self) -> Result<ReloadReport, Vec<String>> {
+        let result = self.try_reload();
+        let metrics = self.pool.metrics();
+        match &result {
+            Ok(report) => {
+                metrics.reload_succeeded();
+                info!(
+                    "config reloaded{}",
+                    if report.needs_restart.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            "; needs restart or upgrade: {}",
+                            report.needs_restart.join(", ")
+                        )
+                    }
+                );
+            }
+            Err(problems) => {
+                metrics.reload_failed();
+                warn!(
+                    "config reload refused, the running config stays: {}",
+                    problems.join("; ")
+                );
+            }
+        }
+        result
+    }
+
+    fn try_reload(&self) -> Result<ReloadReport, Vec<String>> {
+        let Some(path) = &self.config_path else {
+            return Err(vec![
+                "this instance runs an embedded config (demo); there is no file to reload".into(),
+            ]);
+        };
+        let config = Config::load(path).map_err(|problems| {
+            problems
+                .0
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        })?;
+        let token = read_token(&config).map_err(|e| vec![e])?;
+        let needs_restart = needs_restart(&self.started, &config);
+        let dropped_state = self.pool.reload(config);
+        for warning in &dropped_state {
+            warn!("{warning}");
+        }
+        self.token.store(token.map(Arc::new));
+        Ok(ReloadReport {
+            needs_restart,
+            dropped_state,
+        })
+    }
+}
+
+fn read_token(config: &Config) -> Result<Option<Token>, String> {
+    config
+        .admin
+        .as_ref()
+        .and_then(|a| a.token_file.as_deref())
+        .map(Token::read)
+        .transpose()
+}
+
+/// Settings bound to sockets or threads at start: a reload reports them instead of pretending.
+fn needs_restart(running: &Config, next: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut differs = |field: &str, changed: bool| {
+        if changed {
+            out.push(format!(
+                "{field}: changed in the file; needs restart or upgrade"
+            ));
+        }
+    };
+    differs("listeners", running.listeners != next.listeners);
+    differs(
+        "admin.address",
+        running.admin.as_ref().map(|a| a.address) != next.admin.as_ref().map(|a| a.address),
+    );
+    differs("metrics", running.metrics != next.metrics);
+    differs(
+        "server.threads",
+        running.server.threads != next.server.threads,
+    );
+    differs(
+        "server.upgrade_socket",
+        running.server.upgrade_socket != next.server.upgrade_socket,
+    );
+    differs(
+        "server.grace_period",
+        running.server.grace_period != next.server.grace_period,
+    );
+    differs("state_file", running.state_file != next.state_file);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_match_exactly() {
+        let token = Token(b"s3cret".to_vec());
+        assert!(token.matches(b"s3cret"));
+        for wrong in [&b"s3cre"[..], b"s3cret!", b"S3cret", b""] {
+            assert!(!token.matches(wrong));
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! The operator's side of Switchyard: the admin HTTP API (JSON; changes go to the pool as
+//! typed `Change`s), config reload (shared by `POST /api/v1/reload` and SIGHUP), the admin
+//! token, and the Prometheus endpoint. Both endpoints are Pingora HTTP services, so their
+//! sockets are handed over in a binary upgrade like the proxy's.
+
+mod api;
+mod control;
+mod metrics_endpoint;
+
+pub use api::{AdminApi, MAX_BODY};
+pub use control::{Control, ReloadReport, Token};
+pub use metrics_endpoint::MetricsEndpoint;
