@@ -87,6 +87,11 @@ pub struct TestBackend {
 
 impl TestBackend {
     pub fn start(name: &str) -> TestBackend {
+        TestBackend::start_on(name, SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// A backend on a given address (port 0: any free port).
+    pub fn start_on(name: &str, address: SocketAddr) -> TestBackend {
         let shared = Arc::new(BackendShared {
             name: name.to_string(),
             requests: AtomicUsize::new(0),
@@ -95,7 +100,7 @@ impl TestBackend {
             delay_ms: AtomicU64::new(0),
             last_headers: Mutex::new(Vec::new()),
         });
-        let listener = block_on(TcpListener::bind("127.0.0.1:0")).expect("bind backend");
+        let listener = block_on(TcpListener::bind(address)).expect("bind backend");
         let addr = listener.local_addr().expect("backend addr");
         let mut backend = TestBackend {
             addr,
@@ -347,6 +352,28 @@ pub async fn request_from(
     path: &str,
     headers: &[(&str, &str)],
 ) -> std::io::Result<Response> {
+    exchange(from, addr, method, path, headers, None).await
+}
+
+/// One request with a body on a fresh connection.
+pub async fn send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> std::io::Result<Response> {
+    exchange(None, addr, method, path, headers, body).await
+}
+
+async fn exchange(
+    from: Option<IpAddr>,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> std::io::Result<Response> {
     let socket = TcpSocket::new_v4()?;
     if let Some(ip) = from {
         socket.bind(SocketAddr::new(ip, 0))?;
@@ -359,8 +386,14 @@ pub async fn request_from(
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
+    if let Some(body) = body {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
     head.push_str("Connection: close\r\n\r\n");
     stream.write_all(head.as_bytes()).await?;
+    if let Some(body) = body {
+        stream.write_all(body).await?;
+    }
     read_response(&mut BufReader::new(stream)).await
 }
 
@@ -430,46 +463,91 @@ pub fn fill(yaml: &str, listen: SocketAddr) -> String {
     )
 }
 
-/// A running `switchyard run`, killed when dropped.
+/// A running `switchyard run`, killed when dropped. Its config may use the placeholders
+/// `{listen}`, `{admin}`, `{metrics}` (free ports) and `{dir}` (its own temp directory).
 pub struct Switchyard {
     pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub metrics: SocketAddr,
+    pub dir: PathBuf,
+    pub config: PathBuf,
     pub child: Child,
     pub log: PathBuf,
 }
 
+fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
 impl Switchyard {
-    /// Starts switchyard with `yaml` (where `{listen}` is replaced by a free address) and waits
-    /// until the proxy accepts connections.
+    /// Starts switchyard with `yaml` and waits until the proxy accepts connections.
     pub fn start(yaml: &str) -> Switchyard {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let config = temp_path("switchyard.yaml");
-        std::fs::write(&config, fill(yaml, addr)).expect("write config");
-        let log = config.with_file_name("switchyard.log");
-        let child = Command::new(BINARY)
+        let dir = config.parent().expect("temp dir").to_path_buf();
+        let log = dir.join("switchyard.log");
+        let mut sy = Switchyard {
+            addr: free_addr(),
+            admin: free_addr(),
+            metrics: free_addr(),
+            dir,
+            config,
+            child: Command::new("true").spawn().expect("placeholder process"),
+            log,
+        };
+        let _ = sy.child.wait();
+        sy.write_config(yaml);
+        sy.spawn();
+        sy
+    }
+
+    /// Replaces the config file (placeholders filled), e.g. before a reload.
+    pub fn write_config(&self, yaml: &str) {
+        let socket = self.dir.join("upgrade.sock");
+        let yaml = yaml.replace("{upgrade_socket}", &socket.display().to_string());
+        let text = fill(&yaml, self.addr)
+            .replace("{admin}", &self.admin.to_string())
+            .replace("{metrics}", &self.metrics.to_string())
+            .replace("{dir}", &self.dir.display().to_string());
+        std::fs::write(&self.config, text).expect("write config");
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        self.child = Command::new(BINARY)
             .args(["run", "--config"])
-            .arg(&config)
+            .arg(&self.config)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
+            .stderr(log)
             .spawn()
             .expect("spawn switchyard");
-        let mut sy = Switchyard { addr, child, log };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(addr).is_err() {
-            if let Ok(Some(status)) = sy.child.try_wait() {
+        while std::net::TcpStream::connect(self.addr).is_err() {
+            if let Ok(Some(status)) = self.child.try_wait() {
                 panic!(
                     "switchyard exited with {status} before listening:\n{}",
-                    sy.log_text()
+                    self.log_text()
                 );
             }
             assert!(
                 Instant::now() < deadline,
                 "switchyard did not listen:\n{}",
-                sy.log_text()
+                self.log_text()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        sy
+    }
+
+    /// Stops with SIGTERM and starts again with the same config file and ports.
+    pub fn restart(&mut self) {
+        self.signal("TERM");
+        let status = self.wait_exit(Duration::from_secs(10));
+        assert_eq!(status.code(), Some(0));
+        self.spawn();
     }
 
     pub fn log_text(&self) -> String {
@@ -498,6 +576,45 @@ impl Switchyard {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+
+    /// An admin API call; `body` is sent as is.
+    pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> Response {
+        self.api_with(method, path, body, &[])
+    }
+
+    pub fn api_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Response {
+        block_on(send(
+            self.admin,
+            method,
+            path,
+            headers,
+            body.map(str::as_bytes),
+        ))
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// The metrics text.
+    pub fn scrape(&self) -> String {
+        get(self.metrics, "/metrics").text()
+    }
+}
+
+/// The value of one sample line of the metrics text, e.g.
+/// `switchyard_requests_total{backend="…",route="web",status="200",upstream="blue"}`.
+pub fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 impl Drop for Switchyard {
@@ -529,5 +646,21 @@ pub fn one_upstream(algorithm: &str, backends: &[(SocketAddr, u32)], extra: &str
         .collect();
     format!(
         "server:\n  threads: 2\n  grace_period: 5s\n  upgrade_socket: {{upgrade_socket}}\nlisteners:\n  - address: {{listen}}\nupstreams:\n  pool:\n    algorithm: {algorithm}\n    backends:\n{list}{extra}routes:\n  - name: all\n    split:\n      pool: 1\n"
+    )
+}
+
+/// Blue and green upstreams (one backend each, optional `check` YAML for both) behind route
+/// `web` split `split_blue`/`split_green`, with admin, metrics and a state file. `extra` goes
+/// at the top level.
+pub fn blue_green(
+    blue: SocketAddr,
+    green: SocketAddr,
+    split: (u32, u32),
+    check: &str,
+    extra: &str,
+) -> String {
+    format!(
+        "server:\n  threads: 2\n  grace_period: 5s\n  upgrade_socket: {{upgrade_socket}}\nlisteners:\n  - address: {{listen}}\nadmin:\n  address: {{admin}}\nmetrics:\n  address: {{metrics}}\n{extra}upstreams:\n  blue:\n    backends:\n      - address: {blue}\n{check}  green:\n    backends:\n      - address: {green}\n{check}routes:\n  - name: web\n    split:\n      blue: {}\n      green: {}\n",
+        split.0, split.1
     )
 }

@@ -3,6 +3,7 @@
 
 mod fixtures;
 
+mod admin;
 mod balancing;
 mod check;
 mod health;

@@ -1,0 +1,467 @@
+//! The admin API against the real binary: every endpoint, its errors, auth, and changes taking
+//! effect on live traffic.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::fixtures::*;
+
+fn json_of(r: &Response) -> Value {
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/json"),
+        "{}",
+        r.text()
+    );
+    serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("{e}: {}", r.text()))
+}
+
+/// Status and the `error` message of a refused call.
+fn refused(r: &Response) -> (u16, String) {
+    let body = json_of(r);
+    (
+        r.status,
+        body["error"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+#[test]
+fn every_endpoint_answers_and_a_refused_call_changes_nothing() {
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let sy = Switchyard::start(&blue_green(blue.addr, green.addr, (90, 10), "", ""));
+    let (b, g) = (blue.addr.to_string(), green.addr.to_string());
+
+    let r = sy.api("GET", "/healthz", None);
+    assert_eq!((r.status, r.text()), (200, "ok\n".to_string()));
+
+    let routes = json_of(&sy.api("GET", "/api/v1/routes", None));
+    assert_eq!(routes[0]["name"], "web");
+    assert_eq!(routes[0]["split"], json!({"blue": 90, "green": 10}));
+    let r = sy.api("GET", "/api/v1/routes/web", None);
+    assert_eq!(json_of(&r)["split"], json!({"blue": 90, "green": 10}));
+    assert_eq!(
+        refused(&sy.api("GET", "/api/v1/routes/nope", None)),
+        (404, "no route named \"nope\"".into())
+    );
+
+    let r = sy.api(
+        "PUT",
+        "/api/v1/routes/web/split",
+        Some(r#"{"blue": 80, "green": 20}"#),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(json_of(&r)["split"], json!({"blue": 80, "green": 20}));
+    for (body, want) in [
+        (
+            r#"{"blue": 80, "purple": 20}"#,
+            "split.purple: unknown upstream \"purple\"",
+        ),
+        (
+            r#"{"blue": 0, "green": 0}"#,
+            "split: weights must not all be 0",
+        ),
+        (
+            r#"{"blue": 1.5}"#,
+            "split.blue: must be an integer 0..=10000",
+        ),
+        (
+            r#"{"blue": 10001}"#,
+            "split.blue: must be an integer 0..=10000",
+        ),
+        (r#"{}"#, "split: at least one upstream is required"),
+        (r#"[1, 2]"#, "body: expected a JSON object, got [1,2]"),
+    ] {
+        let r = sy.api("PUT", "/api/v1/routes/web/split", Some(body));
+        assert_eq!(refused(&r), (400, want.to_string()), "{body}");
+    }
+    let r = sy.api("PUT", "/api/v1/routes/web/split", Some("{not json"));
+    let (status, error) = refused(&r);
+    assert_eq!(status, 400);
+    assert!(error.starts_with("body: invalid JSON: "), "{error}");
+    assert_eq!(
+        refused(&sy.api("PUT", "/api/v1/routes/nope/split", Some(r#"{"blue": 1}"#))),
+        (404, "no route named \"nope\"".into())
+    );
+    let r = sy.api("GET", "/api/v1/routes/web", None);
+    assert_eq!(
+        json_of(&r)["split"],
+        json!({"blue": 80, "green": 20}),
+        "refusals changed nothing"
+    );
+
+    let ups = json_of(&sy.api("GET", "/api/v1/upstreams", None));
+    assert_eq!(ups.as_array().map(Vec::len), Some(2));
+    let blue_view = json_of(&sy.api("GET", "/api/v1/upstreams/blue", None));
+    assert_eq!(blue_view["algorithm"], "round_robin");
+    assert_eq!(
+        blue_view["backends"],
+        json!([{"address": b, "weight": 1, "healthy": true, "state": "active", "in_flight": 0}])
+    );
+    assert_eq!(
+        refused(&sy.api("GET", "/api/v1/upstreams/nope", None)),
+        (404, "no upstream named \"nope\"".into())
+    );
+
+    let encoded = b.replace(':', "%3A");
+    let r = sy.api(
+        "PATCH",
+        &format!("/api/v1/upstreams/blue/backends/{encoded}"),
+        Some(r#"{"weight": 5}"#),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(json_of(&r)["weight"], 5);
+    let r = sy.api(
+        "PATCH",
+        &format!("/api/v1/upstreams/blue/backends/{b}"),
+        Some(r#"{"state": "disabled"}"#),
+    );
+    assert_eq!(
+        (json_of(&r)["state"].clone(), json_of(&r)["weight"].clone()),
+        (json!("disabled"), json!(5))
+    );
+    for (body, want) in [
+        (
+            r#"{"state": "sleeping"}"#,
+            "state: must be \"active\", \"draining\" or \"disabled\"",
+        ),
+        (r#"{"weight": 1001}"#, "weight: must be an integer 0..=1000"),
+        (
+            r#"{"colour": "red"}"#,
+            "colour: unknown field; expected \"weight\" and/or \"state\"",
+        ),
+        (r#"{}"#, "give \"weight\" and/or \"state\" to change"),
+    ] {
+        let r = sy.api(
+            "PATCH",
+            &format!("/api/v1/upstreams/blue/backends/{b}"),
+            Some(body),
+        );
+        assert_eq!(refused(&r), (400, want.to_string()), "{body}");
+    }
+    let r = sy.api(
+        "PATCH",
+        "/api/v1/upstreams/blue/backends/127.0.0.1:1",
+        Some(r#"{"weight": 1}"#),
+    );
+    assert_eq!(
+        refused(&r),
+        (404, "upstream \"blue\" has no backend 127.0.0.1:1".into())
+    );
+
+    let r = sy.api(
+        "POST",
+        "/api/v1/upstreams/green/backends",
+        Some(r#"{"address": "127.0.0.1:9", "weight": 2}"#),
+    );
+    assert_eq!(r.status, 201);
+    assert_eq!(json_of(&r)["weight"], 2);
+    let r = sy.api(
+        "POST",
+        "/api/v1/upstreams/green/backends",
+        Some(&format!(r#"{{"address": "{g}"}}"#)),
+    );
+    assert_eq!(
+        refused(&r),
+        (409, format!("upstream \"green\" already has backend {g}"))
+    );
+    let r = sy.api(
+        "POST",
+        "/api/v1/upstreams/green/backends",
+        Some(r#"{"address": "nowhere"}"#),
+    );
+    assert_eq!(
+        refused(&r),
+        (
+            400,
+            "address: \"nowhere\" is not an IP:port address, e.g. \"127.0.0.1:9004\"".into()
+        )
+    );
+    let r = sy.api(
+        "POST",
+        "/api/v1/upstreams/green/backends",
+        Some(r#"{"weight": 1}"#),
+    );
+    assert_eq!(refused(&r), (400, "address: is required".into()));
+
+    let r = sy.api(
+        "DELETE",
+        &format!("/api/v1/upstreams/green/backends/{g}"),
+        None,
+    );
+    assert_eq!(
+        refused(&r),
+        (
+            409,
+            format!("backend {g} is active; set its state to \"draining\" or \"disabled\" first")
+        )
+    );
+    let r = sy.api(
+        "DELETE",
+        &format!("/api/v1/upstreams/blue/backends/{b}"),
+        None,
+    );
+    assert_eq!(
+        r.status,
+        200,
+        "disabled with nothing in flight: {}",
+        r.text()
+    );
+    assert_eq!(
+        json_of(&sy.api("GET", "/api/v1/upstreams/blue", None))["backends"],
+        json!([])
+    );
+
+    let r = sy.api("POST", "/api/v1/routes", None);
+    assert_eq!((r.status, r.header("allow")), (405, Some("GET")));
+    let r = sy.api("GET", "/api/v1/upstreams/blue/backends/1.2.3.4:5", None);
+    assert_eq!((r.status, r.header("allow")), (405, Some("PATCH, DELETE")));
+    assert_eq!(sy.api("GET", "/api/v1/nothing", None).status, 404);
+    let big = format!(r#"{{"blue": 1, "pad": "{}"}}"#, "x".repeat(70 * 1024));
+    let r = sy.api("PUT", "/api/v1/routes/web/split", Some(&big));
+    assert_eq!(refused(&r), (413, "body is larger than 65536 bytes".into()));
+}
+
+#[test]
+fn a_token_guards_the_api_but_not_healthz_and_never_reaches_the_log() {
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let token_file = temp_path("admin.token");
+    std::fs::write(&token_file, "s3cret-token\n").expect("token");
+    let yaml = blue_green(blue.addr, green.addr, (1, 1), "", "").replace(
+        "  address: {admin}\n",
+        &format!(
+            "  address: {{admin}}\n  token_file: {}\n",
+            token_file.display()
+        ),
+    );
+    let sy = Switchyard::start(&yaml);
+    assert_eq!(sy.api("GET", "/healthz", None).status, 200);
+    let r = sy.api("GET", "/api/v1/routes", None);
+    assert_eq!(
+        refused(&r),
+        (
+            401,
+            "missing or wrong token: send Authorization: Bearer <token>".into()
+        )
+    );
+    let r = sy.api_with(
+        "GET",
+        "/api/v1/routes",
+        None,
+        &[("Authorization", "Bearer wrong")],
+    );
+    assert_eq!(r.status, 401);
+    let r = sy.api_with(
+        "GET",
+        "/api/v1/routes",
+        None,
+        &[("Authorization", "Bearer s3cret-token")],
+    );
+    assert_eq!(r.status, 200);
+    assert!(!sy.log_text().contains("s3cret"));
+}
+
+#[test]
+fn a_missing_or_empty_token_file_stops_the_start() {
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let token_file = temp_path("empty.token");
+    std::fs::write(&token_file, "  \n").expect("token");
+    for (file, want) in [
+        (
+            token_file.clone(),
+            format!("admin.token_file: {} is empty", token_file.display()),
+        ),
+        (
+            temp_path("missing.token"),
+            "admin.token_file: cannot read".to_string(),
+        ),
+    ] {
+        let yaml = blue_green(blue.addr, green.addr, (1, 1), "", "")
+            .replace(
+                "  address: {admin}\n",
+                &format!(
+                    "  address: 127.0.0.1:{}\n  token_file: {}\n",
+                    free_port(),
+                    file.display()
+                ),
+            )
+            .replace("{metrics}", &format!("127.0.0.1:{}", free_port()))
+            .replace("{listen}", &format!("127.0.0.1:{}", free_port()))
+            .replace(
+                "{upgrade_socket}",
+                &temp_path("u.sock").display().to_string(),
+            );
+        let path = temp_path("config.yaml");
+        std::fs::write(&path, yaml).expect("config");
+        let (code, _, stderr) = run_binary(&["run", "--config", &path.display().to_string()]);
+        assert_eq!(code, 1);
+        assert!(stderr.contains(&want), "{stderr}");
+    }
+}
+
+/// Runs `clients` concurrent clients, `per_client` requests each, new connection per request;
+/// returns the bodies of the answers, "ERR <what>" for failures.
+fn load(
+    addr: std::net::SocketAddr,
+    clients: usize,
+    per_client: usize,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    runtime().spawn(async move {
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..clients {
+            tasks.spawn(async move {
+                let mut out = Vec::with_capacity(per_client);
+                for _ in 0..per_client {
+                    out.push(match request_from(None, addr, "GET", "/", &[]).await {
+                        Ok(r) if r.status == 200 => r.text(),
+                        Ok(r) => format!("ERR {}", r.status),
+                        Err(e) => format!("ERR {e}"),
+                    });
+                }
+                out
+            });
+        }
+        let mut all = Vec::new();
+        while let Some(part) = tasks.join_next().await {
+            all.extend(part.unwrap_or_default());
+        }
+        all
+    })
+}
+
+#[test]
+fn a_split_change_under_load_applies_to_the_next_request_and_fails_nothing() {
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let sy = Switchyard::start(&blue_green(blue.addr, green.addr, (100, 0), "", ""));
+    let traffic = load(sy.addr, 4, 150);
+    wait_until("traffic on blue", Duration::from_secs(10), || {
+        blue.requests() >= 50
+    });
+    let r = sy.api(
+        "PUT",
+        "/api/v1/routes/web/split",
+        Some(r#"{"blue": 0, "green": 100}"#),
+    );
+    assert_eq!(r.status, 200);
+    let green_before = green.requests();
+    // The very next request, on any worker thread, goes to green.
+    assert_eq!(get(sy.addr, "/").text(), "green");
+    assert!(green.requests() > green_before);
+    let answers = block_on(traffic).expect("load");
+    let failures: Vec<&String> = answers.iter().filter(|a| a.starts_with("ERR")).collect();
+    assert_eq!(answers.len(), 600);
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(
+        answers.iter().any(|a| a == "green"),
+        "the shift happened under load"
+    );
+}
+
+#[test]
+fn drain_lets_in_flight_finish_then_delete_succeeds() {
+    let a = TestBackend::start("a");
+    let b = TestBackend::start("b");
+    let green = TestBackend::start("green");
+    let yaml = blue_green(a.addr, green.addr, (1, 0), "", "").replace(
+        &format!("      - address: {}\n", a.addr),
+        &format!("      - address: {}\n      - address: {}\n", a.addr, b.addr),
+    );
+    let sy = Switchyard::start(&yaml);
+    let (a_addr, b_addr) = (a.addr.to_string(), b.addr.to_string());
+    let patch = |addr: &str, body: &str| {
+        sy.api(
+            "PATCH",
+            &format!("/api/v1/upstreams/blue/backends/{addr}"),
+            Some(body),
+        )
+        .status
+    };
+    assert_eq!(patch(&a_addr, r#"{"state": "draining"}"#), 200);
+    let proxy = sy.addr;
+    let slow =
+        runtime().spawn(async move { request_from(None, proxy, "GET", "/slow/1500", &[]).await });
+    wait_until("the slow request on b", Duration::from_secs(5), || {
+        b.requests() == 1
+    });
+    assert_eq!(patch(&a_addr, r#"{"state": "active"}"#), 200);
+    assert_eq!(patch(&b_addr, r#"{"state": "draining"}"#), 200);
+    for _ in 0..10 {
+        assert_eq!(
+            get(sy.addr, "/").text(),
+            "a",
+            "a draining backend gets no new request"
+        );
+    }
+    let r = sy.api(
+        "DELETE",
+        &format!("/api/v1/upstreams/blue/backends/{b_addr}"),
+        None,
+    );
+    assert_eq!(
+        refused(&r),
+        (
+            409,
+            format!("backend {b_addr} still has 1 requests in flight; retry when it has none")
+        )
+    );
+    let done = block_on(slow).expect("join").expect("slow request");
+    assert_eq!(
+        (done.status, done.text()),
+        (200, "b".to_string()),
+        "in flight finished normally"
+    );
+    wait_until("b idle", Duration::from_secs(5), || {
+        json_of(&sy.api("GET", "/api/v1/upstreams/blue", None))["backends"][1]["in_flight"] == 0
+    });
+    let r = sy.api(
+        "DELETE",
+        &format!("/api/v1/upstreams/blue/backends/{b_addr}"),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let backends = json_of(&sy.api("GET", "/api/v1/upstreams/blue", None))["backends"].clone();
+    assert_eq!(backends.as_array().map(Vec::len), Some(1));
+}
+
+#[test]
+fn an_added_backend_that_is_down_gets_traffic_only_once_it_passes_its_check() {
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let check = "    health_check:\n      type: http\n      path: /healthz\n      interval: 200ms\n      timeout: 100ms\n      rise: 1\n      fall: 1\n";
+    let sy = Switchyard::start(&blue_green(blue.addr, green.addr, (1, 0), check, ""));
+    let later = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let r = sy.api(
+        "POST",
+        "/api/v1/upstreams/blue/backends",
+        Some(&format!(r#"{{"address": "{later}"}}"#)),
+    );
+    assert_eq!(r.status, 201);
+    assert_eq!(
+        json_of(&r)["healthy"],
+        false,
+        "unchecked backends start out of rotation"
+    );
+    for _ in 0..20 {
+        assert_eq!(get(sy.addr, "/").text(), "blue");
+    }
+    let newcomer = TestBackend::start_on("newcomer", later);
+    wait_until(
+        "the newcomer passes its check",
+        Duration::from_secs(10),
+        || {
+            sy.log_text()
+                .contains(&format!("backend {later} is now healthy"))
+        },
+    );
+    let answers: Vec<String> = (0..10).map(|_| get(sy.addr, "/").text()).collect();
+    assert_eq!(
+        answers.iter().filter(|a| *a == "newcomer").count(),
+        5,
+        "{answers:?}"
+    );
+    assert!(newcomer.requests() >= 5);
+}
