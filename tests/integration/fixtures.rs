@@ -550,6 +550,11 @@ impl Switchyard {
         self.spawn();
     }
 
+    /// Starts again after the process was stopped (files may have been changed meanwhile).
+    pub fn restart_stopped(&mut self) {
+        self.spawn();
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

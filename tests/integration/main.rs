@@ -8,4 +8,6 @@ mod balancing;
 mod check;
 mod health;
 mod lifecycle;
+mod metrics;
 mod proxying;
+mod state;

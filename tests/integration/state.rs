@@ -1,0 +1,178 @@
+//! Runtime state across restarts and reloads: the state file, a corrupt one, and reload with
+//! good and bad files (POST and SIGHUP).
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::fixtures::*;
+
+fn json_body(r: &Response) -> Value {
+    serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("{e}: {}", r.text()))
+}
+
+fn split_of(sy: &Switchyard) -> Value {
+    json_body(&sy.api("GET", "/api/v1/routes/web", None))["split"].clone()
+}
+
+const STATE: &str = "state_file: {dir}/state.json\n";
+
+#[test]
+fn a_restart_keeps_the_canary_split_and_the_drain() {
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let mut sy = Switchyard::start(&blue_green(blue.addr, green.addr, (100, 0), "", STATE));
+    let r = sy.api(
+        "PUT",
+        "/api/v1/routes/web/split",
+        Some(r#"{"blue": 70, "green": 30}"#),
+    );
+    assert_eq!(r.status, 200);
+    let r = sy.api(
+        "PATCH",
+        &format!("/api/v1/upstreams/green/backends/{}", green.addr),
+        Some(r#"{"state": "draining"}"#),
+    );
+    assert_eq!(r.status, 200);
+    let saved = std::fs::read_to_string(sy.dir.join("state.json")).expect("state file written");
+    assert!(saved.contains("\"draining\""), "{saved}");
+
+    sy.restart();
+    assert_eq!(split_of(&sy), json!({"blue": 70, "green": 30}));
+    let green_view = json_body(&sy.api("GET", "/api/v1/upstreams/green", None));
+    assert_eq!(green_view["backends"][0]["state"], "draining");
+    // Green is draining, so the 30% goes to blue.
+    for _ in 0..10 {
+        assert_eq!(get(sy.addr, "/").text(), "blue");
+    }
+}
+
+#[test]
+fn a_corrupt_state_file_is_kept_aside_and_the_start_goes_on() {
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let mut sy = Switchyard::start(&blue_green(blue.addr, green.addr, (90, 10), "", STATE));
+    sy.signal("TERM");
+    sy.wait_exit(Duration::from_secs(10));
+    std::fs::write(sy.dir.join("state.json"), "{ this is not json").expect("corrupt");
+    sy.restart_stopped();
+    assert_eq!(split_of(&sy), json!({"blue": 90, "green": 10}));
+    let kept: Vec<String> = std::fs::read_dir(&sy.dir)
+        .expect("dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("state.json.corrupt-"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let aside = std::fs::read_to_string(sy.dir.join(&kept[0])).expect("kept");
+    assert_eq!(aside, "{ this is not json");
+    assert!(sy.log_text().contains("is corrupt"), "{}", sy.log_text());
+}
+
+#[test]
+fn reload_refuses_a_bad_file_and_applies_a_good_one_keeping_state() {
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let original = blue_green(blue.addr, green.addr, (90, 10), "", STATE);
+    let sy = Switchyard::start(&original);
+    let r = sy.api(
+        "PATCH",
+        &format!("/api/v1/upstreams/green/backends/{}", green.addr),
+        Some(r#"{"weight": 7}"#),
+    );
+    assert_eq!(r.status, 200);
+
+    sy.write_config(&original.replace("green: 10", "purple: 10"));
+    let r = sy.api("POST", "/api/v1/reload", None);
+    assert_eq!(r.status, 400);
+    let body = json_body(&r);
+    assert_eq!(
+        body["problems"],
+        json!(["routes[0].split.purple: unknown upstream \"purple\""])
+    );
+    assert!(body["error"]
+        .as_str()
+        .unwrap_or_default()
+        .starts_with("invalid config, nothing changed"));
+    assert_eq!(
+        split_of(&sy),
+        json!({"blue": 90, "green": 10}),
+        "the running config stays"
+    );
+    assert_eq!(get(sy.addr, "/").status, 200);
+
+    let changed = original
+        .replace("blue: 90", "blue: 50")
+        .replace("green: 10", "green: 50")
+        .replace("threads: 2", "threads: 1");
+    sy.write_config(&changed);
+    let r = sy.api("POST", "/api/v1/reload", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let body = json_body(&r);
+    assert_eq!(
+        body["needs_restart"],
+        json!(["server.threads: changed in the file; needs restart or upgrade"])
+    );
+    assert_eq!(split_of(&sy), json!({"blue": 50, "green": 50}));
+    let green_view = json_body(&sy.api("GET", "/api/v1/upstreams/green", None));
+    assert_eq!(
+        green_view["backends"][0]["weight"], 7,
+        "runtime state survives a reload"
+    );
+
+    sy.write_config(
+        &changed
+            .replace("blue: 50", "blue: 20")
+            .replace("green: 50", "green: 80"),
+    );
+    sy.signal("HUP");
+    wait_until("SIGHUP reload", Duration::from_secs(10), || {
+        split_of(&sy) == json!({"blue": 20, "green": 80})
+    });
+    let metrics = sy.scrape();
+    assert_eq!(
+        sample(
+            &metrics,
+            "switchyard_config_reloads_total{result=\"success\"}"
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "switchyard_config_reloads_total{result=\"failure\"}"
+        ),
+        Some(1.0)
+    );
+}
+
+#[test]
+fn a_state_entry_that_no_longer_fits_is_dropped_with_a_warning() {
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let original = blue_green(blue.addr, green.addr, (90, 10), "", STATE);
+    let sy = Switchyard::start(&original);
+    let r = sy.api(
+        "PUT",
+        "/api/v1/routes/web/split",
+        Some(r#"{"blue": 70, "green": 30}"#),
+    );
+    assert_eq!(r.status, 200);
+    let without_green = original
+        .replace(
+            &format!("  green:\n    backends:\n      - address: {}\n", green.addr),
+            "",
+        )
+        .replace("      green: 10\n", "");
+    sy.write_config(&without_green);
+    let r = sy.api("POST", "/api/v1/reload", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        json_body(&r)["dropped_state"],
+        json!(["state: split of route \"web\" dropped: split.green: unknown upstream \"green\""])
+    );
+    assert_eq!(split_of(&sy), json!({"blue": 90}));
+    assert!(sy
+        .log_text()
+        .contains("state: split of route \"web\" dropped"));
+}
