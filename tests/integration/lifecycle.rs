@@ -86,9 +86,12 @@ fn the_demo_serves_blue_and_green_90_10_and_prints_how_to_try_it() {
     let stdout = demo.stdout.take().expect("stdout");
     let mut lines = StdBufReader::new(stdout).lines();
     let mut printed = String::new();
-    for line in lines.by_ref().take(12).map_while(Result::ok) {
+    for line in lines.by_ref().take(40).map_while(Result::ok) {
         printed.push_str(&line);
         printed.push('\n');
+        if line.starts_with("Stop with") {
+            break;
+        }
     }
     assert!(
         printed.contains("curl -i http://127.0.0.1:8080/"),
@@ -110,6 +113,23 @@ fn the_demo_serves_blue_and_green_90_10_and_prints_how_to_try_it() {
     assert_eq!((blue, green), (18, 2), "{answers:?}");
     let r = get(lb, "/");
     assert!(r.header("x-switchyard-upstream").is_some());
+    assert!(
+        printed.contains("curl -s -X PUT http://127.0.0.1:9000/api/v1/routes/web/split"),
+        "{printed}"
+    );
+    let admin = "127.0.0.1:9000".parse().expect("addr");
+    let r = block_on(send(
+        admin,
+        "PUT",
+        "/api/v1/routes/web/split",
+        &[],
+        Some(br#"{"blue": 0, "green": 1}"#),
+    ))
+    .expect("admin");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(get(lb, "/").text(), "hello from green (v2)\n");
+    let metrics = get("127.0.0.1:9100".parse().expect("addr"), "/metrics").text();
+    assert!(metrics.contains("switchyard_requests_total{backend=\"127.0.0.1:9001\",route=\"web\",status=\"200\",upstream=\"blue\"} 19"), "{metrics}");
     let _ = Command::new("kill")
         .args(["-TERM", &demo.id().to_string()])
         .status();

@@ -176,3 +176,41 @@ fn a_state_entry_that_no_longer_fits_is_dropped_with_a_warning() {
         .log_text()
         .contains("state: split of route \"web\" dropped"));
 }
+
+#[test]
+fn a_state_file_that_cannot_be_written_refuses_the_change_with_500() {
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let unwritable = "state_file: {dir}/no-such-dir/state.json\n";
+    let sy = Switchyard::start(&blue_green(blue.addr, green.addr, (90, 10), "", unwritable));
+    let r = sy.api(
+        "PUT",
+        "/api/v1/routes/web/split",
+        Some(r#"{"blue": 1, "green": 1}"#),
+    );
+    assert_eq!(r.status, 500);
+    let error = json_body(&r)["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(error.starts_with("cannot save state file "), "{error}");
+    assert_eq!(
+        split_of(&sy),
+        json!({"blue": 90, "green": 10}),
+        "not applied"
+    );
+}
+
+#[test]
+fn without_a_state_file_changes_live_in_memory_and_the_log_says_so_once() {
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let sy = Switchyard::start(&blue_green(blue.addr, green.addr, (90, 10), "", ""));
+    let r = sy.api(
+        "PUT",
+        "/api/v1/routes/web/split",
+        Some(r#"{"blue": 1, "green": 1}"#),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(sy.log_text().matches("no state_file configured").count(), 1);
+}
