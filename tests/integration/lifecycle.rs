@@ -77,12 +77,15 @@ fn the_grace_period_bounds_the_wait() {
 
 #[test]
 fn the_demo_serves_blue_and_green_90_10_and_prints_how_to_try_it() {
-    let mut demo = Command::new(BINARY)
-        .arg("demo")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn demo");
+    let mut demo = KillOnDrop(
+        Command::new(BINARY)
+            .arg("demo")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn demo"),
+    );
+    let demo = &mut demo.0;
     let stdout = demo.stdout.take().expect("stdout");
     let mut lines = StdBufReader::new(stdout).lines();
     let mut printed = String::new();
@@ -145,4 +148,14 @@ fn the_demo_serves_blue_and_green_90_10_and_prints_how_to_try_it() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(status.code(), Some(0));
+}
+
+/// Kills the child if a failed assertion unwinds past it.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
