@@ -550,6 +550,49 @@ impl Switchyard {
         self.spawn();
     }
 
+    /// A graceful binary upgrade, as an operator does it: start `run --upgrade`, wait until it
+    /// waits for the sockets, send SIGQUIT to the running process, wait for it to exit.
+    pub fn upgrade(&mut self) {
+        let socket = self.dir.join("upgrade.sock");
+        let _ = std::fs::remove_file(&socket);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let next = Command::new(BINARY)
+            .args(["run", "--upgrade", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn upgrade");
+        wait_until(
+            "the new process to wait for sockets",
+            Duration::from_secs(10),
+            || socket.exists(),
+        );
+        let mut old = std::mem::replace(&mut self.child, next);
+        let status = Command::new("kill")
+            .args(["-QUIT", &old.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = old.try_wait() {
+                assert_eq!(status.code(), Some(0), "old process after upgrade");
+                break;
+            }
+            assert!(Instant::now() < deadline, "old process still running");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("new process exited with {status}:\n{}", self.log_text());
+        }
+    }
+
     /// Starts again after the process was stopped (files may have been changed meanwhile).
     pub fn restart_stopped(&mut self) {
         self.spawn();

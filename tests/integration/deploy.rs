@@ -1,0 +1,259 @@
+//! The deploy suite: every operation of a deploy under continuous load from 16 clients (half
+//! keep-alive, half a connection per request), counting failed requests. The target is zero.
+//! Scenarios run one at a time (they load both cores).
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::fixtures::*;
+use crate::load::{Load, Report};
+
+const CLIENTS: usize = 16;
+const PHASE: usize = 600;
+const LIMIT: Duration = Duration::from_secs(30);
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static SUITE: Mutex<()> = Mutex::new(());
+    SUITE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn json(r: &Response) -> Value {
+    serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("{e}: {}", r.text()))
+}
+
+fn put_split(sy: &Switchyard, blue: u32, green: u32) {
+    let body = format!(r#"{{"blue": {blue}, "green": {green}}}"#);
+    let r = sy.api("PUT", "/api/v1/routes/web/split", Some(&body));
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+fn assert_no_failures(name: &str, report: &Report) {
+    let failures = report.failures();
+    eprintln!(
+        "{name}: {} requests, {} failed",
+        report.total(),
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{name}: {} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(10)]
+    );
+}
+
+#[test]
+fn blue_green_switch_and_rollback() {
+    let _one = one_at_a_time();
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let sy = Switchyard::start(&blue_green(blue.addr, green.addr, (100, 0), "", ""));
+    let load = Load::start(sy.addr, CLIENTS);
+    load.run_for(PHASE, LIMIT);
+    put_split(&sy, 0, 100);
+    let switched = Instant::now();
+    load.run_for(PHASE, LIMIT);
+    put_split(&sy, 100, 0);
+    let rolled_back = Instant::now();
+    let end = load.run_for(PHASE, LIMIT);
+    let report = load.stop();
+    assert_no_failures("blue-green", &report);
+    // Requests that were already routed when the PUT answered may still finish on blue.
+    let settle = Duration::from_millis(100);
+    assert_eq!(report.share("green", switched + settle, rolled_back).0, 1.0);
+    assert_eq!(report.share("blue", rolled_back + settle, end).0, 1.0);
+}
+
+#[test]
+fn canary_steps_hold_their_share() {
+    let _one = one_at_a_time();
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let sy = Switchyard::start(&blue_green(blue.addr, green.addr, (100, 0), "", ""));
+    let load = Load::start(sy.addr, CLIENTS);
+    let mut phases = Vec::new();
+    for (b, g) in [(100, 0), (99, 1), (90, 10), (50, 50), (0, 100)] {
+        put_split(&sy, b, g);
+        let from = Instant::now() + Duration::from_millis(100);
+        let to = load.run_for(2 * PHASE, LIMIT);
+        phases.push((g, from, to));
+    }
+    let report = load.stop();
+    assert_no_failures("canary", &report);
+    for (g, from, to) in phases {
+        let (share, n) = report.share("green", from, to);
+        let want = f64::from(g) / 100.0;
+        eprintln!("canary {g}%: green share {:.3} of {n}", share);
+        assert!(
+            (share - want).abs() <= 0.02,
+            "step {g}%: green share {share:.3} of {n}"
+        );
+    }
+}
+
+#[test]
+fn rolling_replacement_of_every_backend() {
+    let _one = one_at_a_time();
+    let old_a = TestBackend::start("v1");
+    let old_b = TestBackend::start("v1");
+    let other = TestBackend::start("other");
+    let check = "    health_check:\n      type: http\n      path: /healthz\n      interval: 200ms\n      timeout: 100ms\n      rise: 1\n      fall: 1\n";
+    let yaml = blue_green(old_a.addr, other.addr, (1, 0), check, "").replacen(
+        &format!("      - address: {}\n", old_a.addr),
+        &format!(
+            "      - address: {}\n      - address: {}\n",
+            old_a.addr, old_b.addr
+        ),
+        1,
+    );
+    let sy = Switchyard::start(&yaml);
+    let load = Load::start(sy.addr, CLIENTS);
+    load.run_for(PHASE, LIMIT);
+    let mut replacements = Vec::new();
+    for old in [&old_a, &old_b] {
+        let new = TestBackend::start("v2");
+        let r = sy.api(
+            "POST",
+            "/api/v1/upstreams/blue/backends",
+            Some(&format!(r#"{{"address": "{}"}}"#, new.addr)),
+        );
+        assert_eq!(r.status, 201, "{}", r.text());
+        let backend = |addr: std::net::SocketAddr| {
+            let view = json(&sy.api("GET", "/api/v1/upstreams/blue", None));
+            view["backends"]
+                .as_array()
+                .and_then(|b| b.iter().find(|b| b["address"] == addr.to_string()).cloned())
+                .unwrap_or(Value::Null)
+        };
+        wait_until("the new backend healthy", LIMIT, || {
+            backend(new.addr)["healthy"] == true
+        });
+        let path = format!("/api/v1/upstreams/blue/backends/{}", old.addr);
+        assert_eq!(
+            sy.api("PATCH", &path, Some(r#"{"state": "draining"}"#))
+                .status,
+            200
+        );
+        wait_until("the old backend idle", LIMIT, || {
+            backend(old.addr)["in_flight"] == 0
+        });
+        let r = sy.api("DELETE", &path, None);
+        assert_eq!(r.status, 200, "{}", r.text());
+        load.run_for(PHASE, LIMIT);
+        replacements.push(new);
+    }
+    let done = Instant::now();
+    let end = load.run_for(PHASE, LIMIT);
+    let report = load.stop();
+    assert_no_failures("rolling", &report);
+    assert_eq!(
+        report.share("v2", done, end).0,
+        1.0,
+        "only the new version after the roll"
+    );
+}
+
+#[test]
+fn reloads_with_changing_splits() {
+    let _one = one_at_a_time();
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let base = blue_green(blue.addr, green.addr, (1, 1), "", "");
+    let sy = Switchyard::start(&base);
+    let load = Load::start(sy.addr, CLIENTS);
+    for i in 1..=20u32 {
+        let (b, g) = (i, 21 - i);
+        sy.write_config(
+            &base
+                .replace("blue: 1\n", &format!("blue: {b}\n"))
+                .replace("green: 1\n", &format!("green: {g}\n")),
+        );
+        if i % 2 == 0 {
+            sy.signal("HUP");
+        } else {
+            assert_eq!(sy.api("POST", "/api/v1/reload", None).status, 200);
+        }
+        wait_until("the reload applied", LIMIT, || {
+            json(&sy.api("GET", "/api/v1/routes/web", None))["split"]["blue"] == b
+        });
+        load.run_for(PHASE / 4, LIMIT);
+    }
+    let report = load.stop();
+    assert_no_failures("20 reloads", &report);
+}
+
+#[test]
+fn five_binary_upgrades_in_a_row_keep_state_and_fail_nothing() {
+    let _one = one_at_a_time();
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let mut sy = Switchyard::start(&blue_green(
+        blue.addr,
+        green.addr,
+        (100, 0),
+        "",
+        "state_file: {dir}/state.json\n",
+    ));
+    put_split(&sy, 70, 30);
+    let load = Load::start(sy.addr, CLIENTS);
+    load.run_for(PHASE, LIMIT);
+    for _ in 0..5 {
+        let before = sy.child.id();
+        sy.upgrade();
+        assert_ne!(sy.child.id(), before);
+        load.run_for(PHASE, LIMIT);
+        let split = json(&sy.api("GET", "/api/v1/routes/web", None))["split"].clone();
+        assert_eq!(
+            split,
+            serde_json::json!({"blue": 70, "green": 30}),
+            "state carried over"
+        );
+    }
+    let report = load.stop();
+    assert_no_failures("5 upgrades", &report);
+}
+
+#[test]
+fn a_backend_killed_mid_load_only_fails_what_it_had_in_flight() {
+    let _one = one_at_a_time();
+    let a = TestBackend::start("a");
+    let mut b = TestBackend::start("b");
+    let green = TestBackend::start("green");
+    let check = "    health_check:\n      type: http\n      path: /healthz\n      interval: 200ms\n      timeout: 100ms\n      rise: 1\n      fall: 1\n";
+    let yaml = blue_green(a.addr, green.addr, (1, 0), check, "").replacen(
+        &format!("      - address: {}\n", a.addr),
+        &format!("      - address: {}\n      - address: {}\n", a.addr, b.addr),
+        1,
+    );
+    let sy = Switchyard::start(&yaml);
+    let load = Load::start(sy.addr, CLIENTS);
+    load.run_for(PHASE, LIMIT);
+    b.kill();
+    let killed = Instant::now();
+    wait_until("b marked down", LIMIT, || {
+        sy.log_text()
+            .contains(&format!("backend {} is now unhealthy", b.addr))
+    });
+    let marked = Instant::now();
+    let end = load.run_for(PHASE, LIMIT);
+    let report = load.stop();
+    let failed = report.failures().len();
+    eprintln!(
+        "kill: {} requests, {failed} failed (killed backend had at most {CLIENTS} in flight)",
+        report.total()
+    );
+    assert!(
+        failed <= CLIENTS,
+        "{failed} failed: {:?}",
+        report.failures()
+    );
+    assert_eq!(report.share("a", marked, end).0, 1.0);
+    assert!(
+        report
+            .share("b", killed + Duration::from_millis(100), end)
+            .1
+            > 0
+    );
+}
