@@ -159,3 +159,40 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+#[test]
+fn once_handing_over_responses_close_connections_and_admin_changes_wait() {
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let mut sy = Switchyard::start(&blue_green(blue.addr, green.addr, (1, 0), "", ""));
+    let keep_alive_get = |addr| {
+        block_on(async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await?;
+            tokio::io::AsyncWriteExt::write_all(&mut stream, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await?;
+            read_response(&mut tokio::io::BufReader::new(stream)).await
+        })
+    };
+    let r = keep_alive_get(sy.addr).expect("request");
+    assert_ne!(r.header("connection"), Some("close"), "keep-alive before");
+    // SIGQUIT with no new process waiting: Pingora keeps accepting for 5 s, then stops.
+    sy.signal("QUIT");
+    wait_until("the handover mode", Duration::from_secs(5), || {
+        let r = block_on(send(
+            sy.addr,
+            "GET",
+            "/",
+            &[("Connection", "keep-alive")],
+            None,
+        ));
+        r.is_ok_and(|r| r.header("connection") == Some("close"))
+    });
+    let r = sy.api(
+        "PUT",
+        "/api/v1/routes/web/split",
+        Some(r#"{"blue": 1, "green": 1}"#),
+    );
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(sy.api("GET", "/api/v1/routes/web", None).status, 200);
+    assert_eq!(sy.wait_exit(Duration::from_secs(15)).code(), Some(0));
+}

@@ -180,13 +180,4 @@ impl Report {
         let hits = window.iter().filter(|b| b.as_str() == who).count();
         (hits as f64 / window.len().max(1) as f64, window.len())
     }
-
-    /// Whether every successful answer after `from` is from `who`.
-    pub fn only_after(&self, who: &str, from: Instant) -> bool {
-        self.samples
-            .iter()
-            .filter(|s| s.at >= from)
-            .filter_map(|s| s.outcome.as_ref().ok())
-            .all(|b| b == who)
-    }
 }

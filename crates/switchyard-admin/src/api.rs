@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -21,11 +22,14 @@ pub const MAX_BODY: usize = 64 * 1024;
 
 pub struct AdminApi {
     control: Arc<Control>,
+    /// Raised when this process hands over to a new one (upgrade) or stops: from then on a
+    /// change made here would not reach the process that takes over, so changes are refused.
+    closing: Arc<AtomicBool>,
 }
 
 impl AdminApi {
-    pub fn new(control: Arc<Control>) -> Self {
-        AdminApi { control }
+    pub fn new(control: Arc<Control>, closing: Arc<AtomicBool>) -> Self {
+        AdminApi { control, closing }
     }
 }
 
@@ -124,8 +128,18 @@ impl AdminApi {
         }
         let body = match read_body(session).await {
             Ok(body) => body,
-            Err(reply) => return reply,
+            Err(reply) => {
+                // Do not read the rest of an oversized body just to keep the connection.
+                session.set_keepalive(None);
+                return reply;
+            }
         };
+        if *method != Method::GET && self.closing.load(Ordering::Relaxed) {
+            return Reply::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this process is handing over to a new one (upgrade or shutdown); send the change again in a moment",
+            );
+        }
         let segments: Vec<String> = rest.split('/').map(percent_decode).collect();
         let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
         let snapshot = self.control.pool().snapshot();

@@ -74,9 +74,10 @@ impl Control {
         let Some(token) = token.as_deref() else {
             return true;
         };
+        // The scheme is case-insensitive (RFC 9110 11.1); the token is not.
         authorization
-            .and_then(|h| h.strip_prefix(b"Bearer "))
-            .is_some_and(|given| token.matches(given.trim_ascii()))
+            .filter(|h| h.len() > 7 && h[..7].eq_ignore_ascii_case(b"bearer "))
+            .is_some_and(|h| token.matches(h[7..].trim_ascii()))
     }
 
     /// Re-reads the config file and runs it; on `Err` (one line per problem) nothing changed.

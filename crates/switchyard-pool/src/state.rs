@@ -19,7 +19,7 @@ use crate::snapshot::BackendState;
 pub struct RuntimeState {
     /// Route name -> replaced split.
     #[serde(default)]
-    pub splits: BTreeMap<String, BTreeMap<String, u32>>,
+    pub splits: BTreeMap<String, SplitOverride>,
     /// Upstream name -> changes to its backends.
     #[serde(default)]
     pub upstreams: BTreeMap<String, UpstreamChanges>,
@@ -45,11 +45,24 @@ impl UpstreamChanges {
     }
 }
 
+/// A split set through the API, with the file's split it replaced: when the file's split
+/// changes later, the operator edited the file on purpose and the file wins.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplitOverride {
+    pub split: BTreeMap<String, u32>,
+    #[serde(default)]
+    pub file: BTreeMap<String, u32>,
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendChange {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<u32>,
+    /// The file's weight when `weight` was set; a different one in the file later wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_weight: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<BackendState>,
 }
@@ -121,8 +134,8 @@ pub struct EffectiveBackend {
 impl RuntimeState {
     /// The split a route has now.
     pub fn split<'a>(&'a self, config: &'a Config, route: &str) -> Option<Vec<(&'a str, u32)>> {
-        if let Some(split) = self.splits.get(route) {
-            return Some(split.iter().map(|(u, w)| (u.as_str(), *w)).collect());
+        if let Some(o) = self.splits.get(route) {
+            return Some(o.split.iter().map(|(u, w)| (u.as_str(), *w)).collect());
         }
         let route = config.routes.iter().find(|r| r.name == route)?;
         Some(
@@ -181,7 +194,13 @@ impl RuntimeState {
                     return Err(Rejection::NotFound(format!("no route named {route:?}")));
                 }
                 check_split(config, split)?;
-                next.splits.insert(route.clone(), split.clone());
+                next.splits.insert(
+                    route.clone(),
+                    SplitOverride {
+                        split: split.clone(),
+                        file: file_split(config, route),
+                    },
+                );
             }
             Change::UpdateBackend {
                 upstream,
@@ -201,8 +220,15 @@ impl RuntimeState {
                     added.weight = weight.unwrap_or(added.weight);
                     added.state = state.unwrap_or(added.state);
                 } else {
+                    let file_weight = config
+                        .upstream(upstream)
+                        .and_then(|u| u.backends.iter().find(|b| b.address == *address))
+                        .map(|b| b.weight);
                     let entry = changes.changed.entry(*address).or_default();
-                    entry.weight = weight.or(entry.weight);
+                    if weight.is_some() {
+                        entry.weight = *weight;
+                        entry.file_weight = file_weight;
+                    }
                     entry.state = state.or(entry.state);
                 }
             }
@@ -230,10 +256,15 @@ impl RuntimeState {
                     // Re-adding a backend of the file that was removed: bring it back as it is
                     // there, with the weight asked for.
                     changes.removed.remove(address);
+                    let file_weight = config
+                        .upstream(upstream)
+                        .and_then(|u| u.backends.iter().find(|b| b.address == *address))
+                        .map(|b| b.weight);
                     changes.changed.insert(
                         *address,
                         BackendChange {
                             weight: Some(*weight),
+                            file_weight,
                             state: None,
                         },
                     );
@@ -271,19 +302,24 @@ impl RuntimeState {
         Ok(next)
     }
 
-    /// Keeps what still fits `config`; returns the warnings for what was dropped.
+    /// Keeps what still fits `config`; returns the warnings for what was dropped. Also used
+    /// on a state file read from disk, so every value is checked again.
     pub fn fit(&self, config: &Config) -> (RuntimeState, Vec<String>) {
         let mut warnings = Vec::new();
         let mut next = RuntimeState::default();
-        for (route, split) in &self.splits {
+        for (route, o) in &self.splits {
             if !config.routes.iter().any(|r| r.name == *route) {
                 warnings.push(format!(
                     "state: split of route {route:?} dropped: the route is no longer in the config"
                 ));
-            } else if let Err(why) = check_split(config, split) {
+            } else if let Err(why) = check_split(config, &o.split) {
                 warnings.push(format!("state: split of route {route:?} dropped: {why}"));
+            } else if file_split(config, route) != o.file {
+                warnings.push(format!(
+                    "state: split of route {route:?} dropped: the config file changed that split since it was set through the API, and the file wins"
+                ));
             } else {
-                next.splits.insert(route.clone(), split.clone());
+                next.splits.insert(route.clone(), o.clone());
             }
         }
         for (name, changes) in &self.upstreams {
@@ -293,28 +329,70 @@ impl RuntimeState {
                 ));
                 continue;
             };
-            let in_config = |a: &SocketAddr| upstream.backends.iter().any(|b| b.address == *a);
+            let file_weight = |a: &SocketAddr| {
+                upstream
+                    .backends
+                    .iter()
+                    .find(|b| b.address == *a)
+                    .map(|b| b.weight)
+            };
             let mut kept = UpstreamChanges::default();
             for (address, change) in &changes.changed {
-                if in_config(address) {
-                    kept.changed.insert(*address, *change);
-                } else {
+                let Some(in_file) = file_weight(address) else {
                     warnings.push(format!(
                         "state: change to backend {address} of {name:?} dropped: it is no longer in the config"
                     ));
+                    continue;
+                };
+                let mut change = *change;
+                if change.weight.is_some_and(|w| w > MAX_BACKEND_WEIGHT) {
+                    warnings.push(format!(
+                        "state: weight of backend {address} of {name:?} dropped: out of range 0..={MAX_BACKEND_WEIGHT}"
+                    ));
+                    change.weight = None;
+                } else if change.weight.is_some() && change.file_weight != Some(in_file) {
+                    warnings.push(format!(
+                        "state: weight of backend {address} of {name:?} dropped: the config file changed it since it was set through the API, and the file wins"
+                    ));
+                    change.weight = None;
+                }
+                if change.weight.is_none() {
+                    change.file_weight = None;
+                }
+                if change.weight.is_some() || change.state.is_some() {
+                    kept.changed.insert(*address, change);
                 }
             }
-            kept.removed = changes.removed.iter().copied().filter(in_config).collect();
+            for address in &changes.removed {
+                if file_weight(address).is_some() {
+                    kept.removed.insert(*address);
+                } else {
+                    warnings.push(format!(
+                        "state: removal of backend {address} from {name:?} dropped: the config no longer has it"
+                    ));
+                }
+            }
             for added in &changes.added {
-                if in_config(&added.address) {
+                if added.weight > MAX_BACKEND_WEIGHT {
+                    warnings.push(format!(
+                        "state: added backend {} of {name:?} dropped: weight out of range 0..={MAX_BACKEND_WEIGHT}",
+                        added.address
+                    ));
+                } else if let Some(in_file) = file_weight(&added.address) {
                     // The file has it now: what the operator set stays as a change on it.
                     kept.changed.insert(
                         added.address,
                         BackendChange {
                             weight: Some(added.weight),
+                            file_weight: Some(in_file),
                             state: Some(added.state),
                         },
                     );
+                } else if kept.added.iter().any(|a| a.address == added.address) {
+                    warnings.push(format!(
+                        "state: backend {} of {name:?} was added twice; the first one is kept",
+                        added.address
+                    ));
                 } else {
                     kept.added.push(*added);
                 }
@@ -349,6 +427,21 @@ impl RuntimeState {
                 Rejection::NotFound(format!("upstream {upstream:?} has no backend {address}"))
             })
     }
+}
+
+/// A route's split as the config file has it.
+fn file_split(config: &Config, route: &str) -> BTreeMap<String, u32> {
+    config
+        .routes
+        .iter()
+        .find(|r| r.name == route)
+        .map(|r| {
+            r.split
+                .iter()
+                .map(|s| (s.upstream.clone(), s.weight))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn check_weight(weight: Option<u32>) -> Result<(), Rejection> {

@@ -87,17 +87,23 @@ impl StateFile {
         temp.push(format!(".tmp-{}", std::process::id()));
         let temp = PathBuf::from(temp);
         let body = serde_json::to_vec_pretty(state).map_err(|e| e.to_string())?;
-        let mut file = File::create(&temp).map_err(|e| fail("create temp file", e))?;
-        file.write_all(&body)
-            .and_then(|()| file.write_all(b"\n"))
-            .and_then(|()| file.sync_all())
-            .map_err(|e| fail("write temp file", e))?;
-        fs::rename(&temp, &self.path).map_err(|e| {
+        let written = File::create(&temp)
+            .and_then(|mut file| {
+                file.write_all(&body)?;
+                file.write_all(b"\n")?;
+                file.sync_all()
+            })
+            .map_err(|e| fail("write temp file", e))
+            .and_then(|()| fs::rename(&temp, &self.path).map_err(|e| fail("rename", e)));
+        if written.is_err() {
             let _ = fs::remove_file(&temp);
-            fail("rename", e)
-        })?;
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| fail("sync directory", e))
+            return written;
+        }
+        // The new file is in place; failing to sync the directory only weakens durability
+        // across a power cut, so the change stands and the failure is logged.
+        if let Err(e) = File::open(&dir).and_then(|d| d.sync_all()) {
+            log::warn!("{}", fail("sync directory", e));
+        }
+        Ok(())
     }
 }

@@ -465,3 +465,58 @@ fn state_that_no_longer_fits_the_config_is_dropped_with_warnings() {
     let json = serde_json::to_string(&kept).unwrap();
     assert_eq!(serde_json::from_str::<RuntimeState>(&json).unwrap(), kept);
 }
+
+#[test]
+fn an_edit_of_the_file_wins_over_an_older_api_override() {
+    let config = blue_green();
+    let idle = |_: &str, _: SocketAddr| 0;
+    let s = RuntimeState::default()
+        .with_change(
+            &config,
+            &Change::SetSplit {
+                route: "web".into(),
+                split: [("blue".to_string(), 70), ("green".to_string(), 30)].into(),
+            },
+            idle,
+        )
+        .unwrap()
+        .with_change(
+            &config,
+            &Change::UpdateBackend {
+                upstream: "blue".into(),
+                address: addr(9001),
+                weight: Some(5),
+                state: Some(BackendState::Draining),
+            },
+            idle,
+        )
+        .unwrap();
+    let (same, warnings) = s.fit(&config);
+    assert_eq!(
+        (same, warnings.len()),
+        (s.clone(), 0),
+        "an unchanged file keeps everything"
+    );
+    let edited = Config::from_yaml(
+        &TWO_UPSTREAMS
+            .replace("blue: 90", "blue: 80")
+            .replace("green: 10", "green: 20")
+            .replace(
+                "      - address: 127.0.0.1:9001\n",
+                "      - address: 127.0.0.1:9001\n        weight: 3\n",
+            ),
+    )
+    .unwrap();
+    let (kept, warnings) = s.fit(&edited);
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert_eq!(
+        kept.split(&edited, "web").unwrap(),
+        vec![("blue", 80), ("green", 20)]
+    );
+    let blue = kept.backends(&edited, "blue");
+    assert_eq!(
+        (blue[0].weight, blue[0].state),
+        (3, BackendState::Draining),
+        "the drain stays"
+    );
+}

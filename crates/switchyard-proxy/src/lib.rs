@@ -246,7 +246,10 @@ impl ProxyHttp for Proxy {
             return;
         };
         let metrics = snapshot.routes[route].metrics();
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        // No response at all: the client went away first; nginx's 499 says so.
+        let status = session
+            .response_written()
+            .map_or(CLIENT_CLOSED, |r| r.status.as_u16());
         if let Some(Some(backends)) = metrics.requests.get(ctx.upstream) {
             if let Some(counters) = backends.get(ctx.backend) {
                 counters.count(status);
@@ -303,6 +306,9 @@ impl ProxyHttp for Proxy {
         }
     }
 }
+
+/// Status recorded for a request that got no response because the client left.
+const CLIENT_CLOSED: u16 = 499;
 
 fn is_connect_error(etype: &ErrorType) -> bool {
     matches!(

@@ -60,6 +60,7 @@ pub fn run(
     let pool = Arc::new(Pool::new(config, Arc::new(Metrics::new())));
     let control = Arc::new(Control::new(Arc::clone(&pool), config_path)?);
 
+    let closing = Arc::new(AtomicBool::new(false));
     let prerequisites = server.add_services(prerequisites);
     let health = server.add_service(background_service(
         "health checks",
@@ -69,7 +70,6 @@ pub fn run(
         health.add_dependency(prerequisite);
     }
 
-    let closing = Arc::new(AtomicBool::new(false));
     let proxy = Proxy::new(Arc::clone(&pool), Arc::clone(&closing));
     let active = proxy.active_requests();
     let mut proxy_service =
@@ -81,7 +81,10 @@ pub fn run(
     proxy.add_dependency(&health);
 
     if let Some(address) = admin_address {
-        let mut admin = Service::new("admin API".into(), AdminApi::new(Arc::clone(&control)));
+        let mut admin = Service::new(
+            "admin API".into(),
+            AdminApi::new(Arc::clone(&control), Arc::clone(&closing)),
+        );
         admin.add_tcp(&address.to_string());
         server.add_service(admin);
         info!("admin API on http://{address}/api/v1/");
