@@ -7,6 +7,10 @@
 //! context holds the snapshot the request started with, so a swap mid-request changes nothing
 //! for it, and an [`InFlight`] guard so that least-connections and draining see it.
 
+mod handover;
+
+pub use handover::HandoverGate;
+
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;

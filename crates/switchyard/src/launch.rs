@@ -6,6 +6,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use log::info;
+use pingora::proxy::HttpProxy;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
@@ -15,7 +16,7 @@ use switchyard_admin::{AdminApi, Control, MetricsEndpoint};
 use switchyard_config::Config;
 use switchyard_pool::health::HealthChecks;
 use switchyard_pool::{Metrics, Pool};
-use switchyard_proxy::Proxy;
+use switchyard_proxy::{HandoverGate, Proxy};
 
 use crate::signals::{Drain, Signals};
 
@@ -72,8 +73,10 @@ pub fn run(
 
     let proxy = Proxy::new(Arc::clone(&pool), Arc::clone(&closing));
     let active = proxy.active_requests();
-    let mut proxy_service =
-        pingora::proxy::http_proxy_service_with_name(&server.configuration, proxy, "proxy");
+    let mut http = HttpProxy::new(proxy, Arc::clone(&server.configuration));
+    http.handle_init_modules();
+    let gate = HandoverGate::new(http, Arc::clone(&closing), Arc::clone(&active));
+    let mut proxy_service = Service::new("proxy".into(), gate);
     for listener in &listeners {
         proxy_service.add_tcp(&listener.address.to_string());
     }
