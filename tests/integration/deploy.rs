@@ -257,3 +257,42 @@ fn a_backend_killed_mid_load_only_fails_what_it_had_in_flight() {
             > 0
     );
 }
+
+#[test]
+fn sigterm_lets_every_slow_request_in_flight_complete() {
+    let _one = one_at_a_time();
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let mut sy = Switchyard::start(&blue_green(blue.addr, green.addr, (1, 0), "", ""));
+    let addr = sy.addr;
+    let in_flight = runtime().spawn(async move {
+        let mut clients = tokio::task::JoinSet::new();
+        for _ in 0..CLIENTS {
+            clients.spawn(async move { request_from(None, addr, "GET", "/slow/800", &[]).await });
+        }
+        let mut answers = Vec::new();
+        while let Some(answer) = clients.join_next().await {
+            answers.push(match answer {
+                Ok(Ok(r)) => (r.status, r.text()),
+                Ok(Err(e)) => (0, e.to_string()),
+                Err(e) => (0, e.to_string()),
+            });
+        }
+        answers
+    });
+    wait_until("every slow request at the backend", LIMIT, || {
+        blue.requests() == CLIENTS
+    });
+    sy.signal("TERM");
+    let answers = block_on(in_flight).expect("join");
+    eprintln!(
+        "sigterm: {} slow requests in flight, {} completed",
+        CLIENTS,
+        answers.iter().filter(|a| a.0 == 200).count()
+    );
+    assert!(
+        answers.iter().all(|a| *a == (200, "blue".to_string())),
+        "{answers:?}"
+    );
+    assert_eq!(sy.wait_exit(LIMIT).code(), Some(0));
+}
