@@ -232,9 +232,11 @@ fn a_backend_killed_mid_load_only_fails_what_it_had_in_flight() {
     load.run_for(PHASE, LIMIT);
     b.kill();
     let killed = Instant::now();
+    // Whichever comes first: passive detection (refused connects) or the active check.
     wait_until("b marked down", LIMIT, || {
-        sy.log_text()
-            .contains(&format!("backend {} is now unhealthy", b.addr))
+        let log = sy.log_text();
+        log.contains(&format!("backend {} is now unhealthy", b.addr))
+            || log.contains(&format!("backend {} taken out", b.addr))
     });
     let marked = Instant::now();
     let end = load.run_for(PHASE, LIMIT);

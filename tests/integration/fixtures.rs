@@ -72,6 +72,7 @@ struct BackendShared {
     requests: AtomicUsize,
     connections: AtomicUsize,
     sick: AtomicBool,
+    close_silently: AtomicBool,
     delay_ms: AtomicU64,
     last_headers: Mutex<Vec<(String, String)>>,
 }
@@ -97,6 +98,7 @@ impl TestBackend {
             requests: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
             sick: AtomicBool::new(false),
+            close_silently: AtomicBool::new(false),
             delay_ms: AtomicU64::new(0),
             last_headers: Mutex::new(Vec::new()),
         });
@@ -147,6 +149,12 @@ impl TestBackend {
         self.shared.connections.load(Ordering::SeqCst)
     }
 
+    /// Answers only the first request of each connection and closes the connection when the
+    /// next one arrives, as a backend whose keep-alive timeout fires just then.
+    pub fn set_close_silently(&self, close: bool) {
+        self.shared.close_silently.store(close, Ordering::SeqCst);
+    }
+
     /// Holds every answer (but health checks) this long.
     pub fn set_delay(&self, delay: Duration) {
         self.shared
@@ -188,7 +196,6 @@ impl Drop for TestBackend {
 }
 
 struct Request {
-    method: String,
     path: String,
     headers: Vec<(String, String)>,
 }
@@ -228,14 +235,18 @@ fn parse_headers(lines: &[String]) -> Vec<(String, String)> {
 async fn serve_connection(stream: TcpStream, shared: Arc<BackendShared>) {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
+    let mut served = 0;
     loop {
         let Some(head) = read_head(&mut reader).await else {
             return;
         };
+        served += 1;
+        if served > 1 && shared.close_silently.load(Ordering::SeqCst) {
+            return;
+        }
         let mut parts = head[0].split_whitespace();
         let request = Request {
-            method: parts.next().unwrap_or_default().to_string(),
-            path: parts.next().unwrap_or_default().to_string(),
+            path: parts.nth(1).unwrap_or_default().to_string(),
             headers: parse_headers(&head[1..]),
         };
         let length: u64 = request
@@ -286,7 +297,7 @@ async fn serve_connection(stream: TcpStream, shared: Arc<BackendShared>) {
         } else {
             respond(&mut write, name, 200, name.as_bytes()).await
         };
-        if result.is_err() || request.method.is_empty() {
+        if result.is_err() {
             return;
         }
     }

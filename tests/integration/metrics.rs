@@ -11,7 +11,15 @@ fn known_traffic_is_counted_exactly_and_promtool_accepts_the_output() {
     let blue = TestBackend::start("blue");
     let dead = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let check = "    health_check:\n      type: tcp\n      interval: 200ms\n      timeout: 100ms\n";
-    let yaml = blue_green(blue.addr, dead, (100, 0), "", "").replace(
+    // Passive detection off: every request to the dead backend must meet it.
+    let yaml = blue_green(
+        blue.addr,
+        dead,
+        (100, 0),
+        "    max_connect_failures: 0\n",
+        "",
+    )
+    .replace(
         &format!("      - address: {}\n", blue.addr),
         &format!("      - address: {}\n{check}", blue.addr),
     );

@@ -86,6 +86,60 @@ fn a_refused_connect_is_retried_on_another_backend() {
 }
 
 #[test]
+fn a_backend_that_keeps_refusing_is_taken_out_passively_and_tried_again_later() {
+    let a = TestBackend::start("a");
+    let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let passive = "    max_connect_failures: 2\n    failure_cooldown: 1s\n";
+    let sy = Switchyard::start(&one_upstream(
+        "round_robin",
+        &[(dead, 1), (a.addr, 1)],
+        passive,
+    ));
+    for _ in 0..20 {
+        assert_eq!(get(sy.addr, "/").status, 200);
+    }
+    let log = sy.log_text();
+    assert!(
+        log.contains(&format!(
+            "backend {dead} taken out after 2 failed connects in a row (passive check), for 1s"
+        )),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches(&format!("connect to {dead}")).count(),
+        2,
+        "no attempt once out"
+    );
+    wait_until("the cooldown to end", Duration::from_secs(5), || {
+        sy.log_text()
+            .contains(&format!("backend {dead} back in after its cooldown"))
+    });
+    for _ in 0..4 {
+        assert_eq!(get(sy.addr, "/").status, 200);
+    }
+    assert!(
+        sy.log_text().matches(&format!("connect to {dead}")).count() > 2,
+        "tried again"
+    );
+}
+
+#[test]
+fn a_post_without_body_is_retried_when_a_reused_connection_was_closed() {
+    // The backend closes every connection after its answer without saying so, which makes
+    // the proxy's next reuse of it fail before any response byte: the keep-alive race.
+    let a = TestBackend::start("a");
+    a.set_close_silently(true);
+    let sy = Switchyard::start(&one_upstream("round_robin", &[(a.addr, 1)], ""));
+    for method in ["GET", "POST", "DELETE", "POST", "GET", "POST"] {
+        let r = block_on(send(sy.addr, method, "/", &[], None)).expect("request");
+        assert_eq!(r.status, 200, "{method}: {}", r.text());
+    }
+    // A body may have been consumed: not sent twice.
+    let r = block_on(send(sy.addr, "POST", "/upload", &[], Some(b"payload"))).expect("request");
+    assert_eq!(r.status, 502);
+}
+
+#[test]
 fn the_retry_happens_once_and_all_refused_is_502() {
     let a = TestBackend::start("a");
     let dead1: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");

@@ -62,6 +62,18 @@ pub struct Upstream {
     pub backends: Vec<Backend>,
     pub health_check: Option<HealthCheck>,
     pub timeouts: Timeouts,
+    pub passive: PassiveCheck,
+}
+
+/// Passive failure detection: taking out a backend that keeps refusing connections between
+/// two active checks (or when there are none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PassiveCheck {
+    /// Consecutive failed connects that take a backend out; 0 turns passive detection off.
+    pub max_connect_failures: u32,
+    /// Without an active health check: how long a backend stays out before it is tried again.
+    /// With one, the check brings it back.
+    pub cooldown: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -78,6 +78,8 @@ pub struct Upstream {
     pub health_check: Option<HealthCheck>,
     #[serde(default)]
     pub timeouts: Timeouts,
+    pub max_connect_failures: Option<u32>,
+    pub failure_cooldown: Option<YamlDuration>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use crate::raw::{self, HealthCheckType};
 use crate::{
-    format_duration, Admin, Backend, Config, HealthCheck, Listener, Metrics, Probe, Problem,
-    Problems, Route, Server, SplitWeight, Timeouts, Upstream, MAX_BACKEND_WEIGHT, MAX_SPLIT_WEIGHT,
+    format_duration, Admin, Backend, Config, HealthCheck, Listener, Metrics, PassiveCheck, Probe,
+    Problem, Problems, Route, Server, SplitWeight, Timeouts, Upstream, MAX_BACKEND_WEIGHT,
+    MAX_SPLIT_WEIGHT,
 };
 
 const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
@@ -17,6 +18,8 @@ const DEFAULT_UPGRADE_SOCKET: &str = "/tmp/switchyard-upgrade.sock";
 const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 const DEFAULT_RISE: u32 = 2;
+const DEFAULT_MAX_CONNECT_FAILURES: u32 = 3;
+const DEFAULT_FAILURE_COOLDOWN: Duration = Duration::from_secs(10);
 const DEFAULT_FALL: u32 = 3;
 const DEFAULT_TIMEOUTS: Timeouts = Timeouts {
     connect: Duration::from_secs(5),
@@ -211,12 +214,24 @@ fn upstream(c: &mut Checker, name: String, raw: raw::Upstream) -> Upstream {
             t.idle.map(|d| d.0).unwrap_or(DEFAULT_TIMEOUTS.idle),
         ),
     };
+    let passive = PassiveCheck {
+        max_connect_failures: raw
+            .max_connect_failures
+            .unwrap_or(DEFAULT_MAX_CONNECT_FAILURES),
+        cooldown: c.nonzero(
+            &format!("{path}.failure_cooldown"),
+            raw.failure_cooldown
+                .map(|d| d.0)
+                .unwrap_or(DEFAULT_FAILURE_COOLDOWN),
+        ),
+    };
     Upstream {
         name,
         algorithm: raw.algorithm,
         backends,
         health_check,
         timeouts,
+        passive,
     }
 }
 

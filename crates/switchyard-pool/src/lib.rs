@@ -135,6 +135,48 @@ impl Pool {
         self.swap(built);
     }
 
+    /// Passive failure detection: counts a failed connect to `backend` of `upstream` and takes
+    /// the backend out once the upstream's `max_connect_failures` are reached in a row. An
+    /// active health check brings it back; without one it is tried again after the cooldown.
+    pub fn connect_failed(self: &Arc<Self>, upstream: &Upstream, backend: &Arc<BackendLive>) {
+        let limit = upstream.passive.max_connect_failures;
+        if limit == 0 || backend.connect_failed() != limit {
+            return;
+        }
+        if !backend.set_healthy(false) {
+            return;
+        }
+        let back = if upstream.health_check.is_some() {
+            "until its health check passes".to_string()
+        } else {
+            format!("for {:?}", upstream.passive.cooldown)
+        };
+        warn!(
+            "upstream {} backend {} taken out after {limit} failed connects in a row (passive check), {back}",
+            upstream.name, backend.address
+        );
+        self.refresh();
+        if upstream.health_check.is_none() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let pool = Arc::clone(self);
+                let backend = Arc::clone(backend);
+                let cooldown = upstream.passive.cooldown;
+                let name = Arc::clone(&upstream.name);
+                runtime.spawn(async move {
+                    tokio::time::sleep(cooldown).await;
+                    backend.connect_succeeded();
+                    if backend.set_healthy(true) {
+                        info!(
+                            "upstream {name} backend {} back in after its cooldown",
+                            backend.address
+                        );
+                        pool.refresh();
+                    }
+                });
+            }
+        }
+    }
+
     /// Follows swaps: the receiver sees a new value after each one.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.version.subscribe()

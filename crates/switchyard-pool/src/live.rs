@@ -2,7 +2,7 @@
 //! rebuilt for a backend that stays keeps pointing at the same `BackendLive`.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 #[derive(Debug)]
@@ -11,6 +11,8 @@ pub struct BackendLive {
     /// Requests of this process (all worker threads) currently sent to this backend.
     in_flight: AtomicUsize,
     healthy: AtomicBool,
+    /// Failed connects in a row, for passive failure detection.
+    connect_failures: AtomicU32,
 }
 
 impl BackendLive {
@@ -19,6 +21,7 @@ impl BackendLive {
             address,
             in_flight: AtomicUsize::new(0),
             healthy: AtomicBool::new(healthy),
+            connect_failures: AtomicU32::new(0),
         })
     }
 
@@ -28,6 +31,19 @@ impl BackendLive {
 
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Counts a failed connect; returns how many failed in a row.
+    pub fn connect_failed(&self) -> u32 {
+        self.connect_failures.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// A connect succeeded: the run of failures is over. Reads first so that the common case
+    /// does not write a shared cache line.
+    pub fn connect_succeeded(&self) {
+        if self.connect_failures.load(Ordering::Relaxed) != 0 {
+            self.connect_failures.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Returns whether the value changed.

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use prometheus::Histogram;
-use switchyard_config::{Algorithm, Config, HealthCheck, Timeouts};
+use switchyard_config::{Algorithm, Config, HealthCheck, PassiveCheck, Timeouts};
 
 use crate::live::BackendLive;
 use crate::metrics::{ErrorCounters, Metrics, StatusCounters};
@@ -59,6 +59,7 @@ pub struct Upstream {
     pub backends: Vec<Backend>,
     pub health_check: Option<HealthCheck>,
     pub timeouts: Timeouts,
+    pub passive: PassiveCheck,
     selector: Selector,
     /// Selection position, shared by all threads and kept across snapshots.
     cursor: Arc<AtomicUsize>,
@@ -71,6 +72,7 @@ impl Upstream {
         backends: Vec<Backend>,
         health_check: Option<HealthCheck>,
         timeouts: Timeouts,
+        passive: PassiveCheck,
         cursor: Arc<AtomicUsize>,
     ) -> Upstream {
         let available = (0..backends.len())
@@ -83,6 +85,7 @@ impl Upstream {
             backends,
             health_check,
             timeouts,
+            passive,
             cursor,
         }
     }
@@ -107,6 +110,7 @@ impl Upstream {
             self.backends.clone(),
             self.health_check.clone(),
             self.timeouts,
+            self.passive,
             Arc::clone(&self.cursor),
         )
     }
@@ -267,6 +271,7 @@ impl Snapshot {
                     backends,
                     u.health_check.clone(),
                     u.timeouts,
+                    u.passive,
                     old.map(|o| Arc::clone(&o.cursor)).unwrap_or_default(),
                 )
             })

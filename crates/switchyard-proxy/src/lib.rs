@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use pingora_core::protocols::Digest;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_core::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -172,9 +173,9 @@ impl ProxyHttp for Proxy {
             return e;
         };
         let upstream = &snapshot.upstreams[ctx.upstream];
-        upstream.backends[ctx.backend]
-            .errors
-            .count(error_kind(e.etype()));
+        let failed = &upstream.backends[ctx.backend];
+        failed.errors.count(error_kind(e.etype()));
+        self.pool.connect_failed(upstream, &failed.live);
         if std::mem::replace(&mut ctx.retried, true) {
             return e;
         }
@@ -191,6 +192,51 @@ impl ProxyHttp for Proxy {
                 e.set_retry(true);
             }
             None => e.set_retry(false),
+        }
+        e
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        _fd: std::os::unix::io::RawFd,
+        _digest: Option<&Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if !reused {
+            if let Some(b) = ctx.in_flight.as_ref() {
+                b.backend().connect_succeeded();
+            }
+        }
+        Ok(())
+    }
+
+    /// Pingora retries a request that failed on a reused backend connection (the keep-alive
+    /// race: the backend closed it just as we sent) only when the method is idempotent. A
+    /// request without a body is as safe to send again, whatever its method: nothing of it can
+    /// have been half-consumed. A request whose body no longer fits the retry buffer is not.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        _ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        let req = session.req_header();
+        let bodyless = !req.headers.contains_key(http::header::TRANSFER_ENCODING)
+            && req
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .is_none_or(|v| v.as_bytes() == b"0");
+        let repeatable = req.method.is_idempotent() || bodyless;
+        if repeatable && !session.as_ref().retry_buffer_truncated() {
+            e.retry.decide_reuse(client_reused);
+        } else {
+            e.set_retry(false);
         }
         e
     }
