@@ -97,7 +97,7 @@ fn every_endpoint_answers_and_a_refused_call_changes_nothing() {
     assert_eq!(blue_view["algorithm"], "round_robin");
     assert_eq!(
         blue_view["backends"],
-        json!([{"address": b, "weight": 1, "healthy": true, "state": "active", "in_flight": 0}])
+        json!([{"address": b, "weight": 1, "effective_weight": 1, "healthy": true, "state": "active", "in_flight": 0}])
     );
     assert_eq!(
         refused(&sy.api("GET", "/api/v1/upstreams/nope", None)),

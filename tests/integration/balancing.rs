@@ -190,3 +190,53 @@ routes:
     .expect("request");
     assert_ne!(r.text(), "api");
 }
+
+#[test]
+fn slow_start_ramps_an_added_backend_up_instead_of_flooding_it() {
+    let a = TestBackend::start("a");
+    let b = TestBackend::start("b");
+    let c = TestBackend::start("c");
+    let yaml = blue_green(a.addr, b.addr, (1, 0), "", "")
+        .replace(
+            &format!("      - address: {}\n", a.addr),
+            &format!("      - address: {}\n        weight: 10\n    algorithm: weighted_round_robin\n    slow_start: 3s\n", a.addr),
+        );
+    let sy = Switchyard::start(&yaml);
+    let effective = |addr: std::net::SocketAddr| {
+        let view: serde_json::Value =
+            serde_json::from_slice(&sy.api("GET", "/api/v1/upstreams/blue", None).body)
+                .unwrap_or_default();
+        view["backends"]
+            .as_array()
+            .and_then(|b| b.iter().find(|b| b["address"] == addr.to_string()))
+            .and_then(|b| b["effective_weight"].as_u64())
+    };
+    // Every backend ramps at start too; wait until `a` is at full weight.
+    wait_until("a at full weight", Duration::from_secs(10), || {
+        effective(a.addr) == Some(10)
+    });
+    let r = sy.api(
+        "POST",
+        "/api/v1/upstreams/blue/backends",
+        Some(&format!(r#"{{"address": "{}", "weight": 10}}"#, c.addr)),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert!(
+        effective(c.addr).is_some_and(|w| w < 10),
+        "{:?}",
+        effective(c.addr)
+    );
+    let early: Vec<String> = (0..40).map(|_| get(sy.addr, "/").text()).collect();
+    let early_c = early.iter().filter(|n| *n == "c").count();
+    assert!(
+        early_c <= 8,
+        "c got {early_c} of 40 right after it was added: {early:?}"
+    );
+    wait_until("c at full weight", Duration::from_secs(10), || {
+        effective(c.addr) == Some(10)
+    });
+    wait_until("c's full share", Duration::from_secs(10), || {
+        let window: Vec<String> = (0..20).map(|_| get(sy.addr, "/").text()).collect();
+        window.iter().filter(|n| *n == "c").count() == 10
+    });
+}

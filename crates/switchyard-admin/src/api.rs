@@ -13,7 +13,7 @@ use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 use serde_json::{json, Map, Value};
 use switchyard_config::{MAX_BACKEND_WEIGHT, MAX_SPLIT_WEIGHT};
-use switchyard_pool::{Backend, BackendState, Change, Rejection, Snapshot, Upstream};
+use switchyard_pool::{BackendState, Change, Rejection, Snapshot, Upstream};
 
 use crate::control::Control;
 
@@ -484,10 +484,12 @@ fn route_view(snapshot: &Snapshot, index: usize) -> Value {
     })
 }
 
-fn backend_view(backend: &Backend) -> Value {
+fn backend_view(upstream: &Upstream, i: usize) -> Value {
+    let backend = &upstream.backends[i];
     json!({
         "address": backend.live.address.to_string(),
         "weight": backend.weight,
+        "effective_weight": upstream.effective_weight(i),
         "healthy": backend.live.is_healthy(),
         "state": backend.state.as_str(),
         "in_flight": backend.live.in_flight(),
@@ -499,7 +501,9 @@ fn upstream_view(upstream: &Upstream) -> Value {
         "name": &*upstream.name,
         "algorithm": upstream.algorithm.as_str(),
         "health_checked": upstream.health_check.is_some(),
-        "backends": upstream.backends.iter().map(backend_view).collect::<Vec<_>>(),
+        "backends": (0..upstream.backends.len())
+            .map(|i| backend_view(upstream, i))
+            .collect::<Vec<_>>(),
     })
 }
 
@@ -511,7 +515,10 @@ fn backend_reply(
 ) -> Reply {
     snapshot
         .upstream(upstream)
-        .and_then(|u| u.backends.iter().find(|b| b.live.address == address))
+        .and_then(|u| {
+            let i = u.backends.iter().position(|b| b.live.address == address)?;
+            Some(backend_view(u, i))
+        })
         .map_or_else(
             || {
                 Reply::error(
@@ -519,7 +526,7 @@ fn backend_reply(
                     format!("upstream {upstream:?} has no backend {address}"),
                 )
             },
-            |b| Reply::with(status, backend_view(b)),
+            |view| Reply::with(status, view),
         )
 }
 

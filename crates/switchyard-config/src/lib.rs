@@ -63,6 +63,9 @@ pub struct Upstream {
     pub health_check: Option<HealthCheck>,
     pub timeouts: Timeouts,
     pub passive: PassiveCheck,
+    /// A backend that becomes healthy or is added ramps its weight from ~0 to full over this
+    /// time (weighted algorithms only). `None`: full weight at once.
+    pub slow_start: Option<Duration>,
 }
 
 /// Passive failure detection: taking out a backend that keeps refusing connections between

@@ -80,6 +80,7 @@ pub struct Upstream {
     pub timeouts: Timeouts,
     pub max_connect_failures: Option<u32>,
     pub failure_cooldown: Option<YamlDuration>,
+    pub slow_start: Option<YamlDuration>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -239,3 +239,24 @@ fn names_defined_twice_are_errors() {
         "{lines:?}"
     );
 }
+
+#[test]
+fn slow_start_needs_a_weighted_algorithm() {
+    let yaml = VALID.replace(
+        "    algorithm: least_connections\n",
+        "    algorithm: ip_hash\n    slow_start: 30s\n",
+    );
+    assert_eq!(
+        problems(&yaml),
+        vec!["upstreams.green.slow_start: only applies to weighted_round_robin and least_connections, not ip_hash"]
+    );
+    let yaml = VALID.replace(
+        "    algorithm: least_connections\n",
+        "    algorithm: least_connections\n    slow_start: 30s\n",
+    );
+    let config = Config::from_yaml(&yaml).expect("valid");
+    assert_eq!(
+        config.upstream("green").unwrap().slow_start,
+        Some(Duration::from_secs(30))
+    );
+}

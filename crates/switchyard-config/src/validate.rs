@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::raw::{self, HealthCheckType};
+use crate::raw::{self, Algorithm, HealthCheckType};
 use crate::{
     format_duration, Admin, Backend, Config, HealthCheck, Listener, Metrics, PassiveCheck, Probe,
     Problem, Problems, Route, Server, SplitWeight, Timeouts, Upstream, MAX_BACKEND_WEIGHT,
@@ -225,6 +225,16 @@ fn upstream(c: &mut Checker, name: String, raw: raw::Upstream) -> Upstream {
                 .unwrap_or(DEFAULT_FAILURE_COOLDOWN),
         ),
     };
+    let slow_start = raw.slow_start.map(|d| d.0).filter(|d| !d.is_zero());
+    if slow_start.is_some() && matches!(raw.algorithm, Algorithm::RoundRobin | Algorithm::IpHash) {
+        c.problem(
+            format!("{path}.slow_start"),
+            format!(
+                "only applies to weighted_round_robin and least_connections, not {}",
+                raw.algorithm.as_str()
+            ),
+        );
+    }
     Upstream {
         name,
         algorithm: raw.algorithm,
@@ -232,6 +242,7 @@ fn upstream(c: &mut Checker, name: String, raw: raw::Upstream) -> Upstream {
         health_check,
         timeouts,
         passive,
+        slow_start,
     }
 }
 

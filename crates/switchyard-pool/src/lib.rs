@@ -12,6 +12,7 @@
 pub mod health;
 mod live;
 pub mod metrics;
+pub mod ramp;
 mod select;
 mod snapshot;
 mod state;

@@ -2,8 +2,9 @@
 //! rebuilt for a backend that stays keeps pointing at the same `BackendLive`.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 #[derive(Debug)]
 pub struct BackendLive {
@@ -13,6 +14,15 @@ pub struct BackendLive {
     healthy: AtomicBool,
     /// Failed connects in a row, for passive failure detection.
     connect_failures: AtomicU32,
+    /// When the backend last came into service, in ms since [`epoch`] (+1; 0: never), for
+    /// slow start.
+    in_service_since: AtomicU64,
+}
+
+/// A fixed point in time to store instants in atomics.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
 }
 
 impl BackendLive {
@@ -22,6 +32,7 @@ impl BackendLive {
             in_flight: AtomicUsize::new(0),
             healthy: AtomicBool::new(healthy),
             connect_failures: AtomicU32::new(0),
+            in_service_since: AtomicU64::new(if healthy { now_mark() } else { 0 }),
         })
     }
 
@@ -46,10 +57,30 @@ impl BackendLive {
         }
     }
 
-    /// Returns whether the value changed.
+    /// Returns whether the value changed. Becoming healthy starts the slow-start ramp.
     pub fn set_healthy(&self, healthy: bool) -> bool {
-        self.healthy.swap(healthy, Ordering::Relaxed) != healthy
+        let changed = self.healthy.swap(healthy, Ordering::Relaxed) != healthy;
+        if changed && healthy {
+            self.in_service_since.store(now_mark(), Ordering::Relaxed);
+        }
+        changed
     }
+
+    /// How long the backend has been in service, if it ever was.
+    pub fn in_service_for(&self) -> Option<Duration> {
+        match self.in_service_since.load(Ordering::Relaxed) {
+            0 => None,
+            mark => Some(
+                epoch()
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(mark - 1)),
+            ),
+        }
+    }
+}
+
+fn now_mark() -> u64 {
+    epoch().elapsed().as_millis() as u64 + 1
 }
 
 /// Counts one request against a backend for as long as it lives, so errors, retries and

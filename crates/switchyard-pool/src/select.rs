@@ -25,24 +25,33 @@ pub(crate) enum Selector {
     RoundRobin(Box<[usize]>),
     /// One period of nginx's smooth weighted round robin.
     Smooth(Box<[usize]>),
-    /// Available backends; the least loaded relative to weight wins.
-    LeastConnections(Box<[usize]>),
+    /// Available backends with their (possibly ramping) weight; the least loaded relative to
+    /// weight wins.
+    LeastConnections(Box<[(usize, u32)]>),
     /// Ketama ring over available backends' addresses, weighted.
     Ketama(Continuum),
 }
 
 impl Selector {
-    /// `available` are indices of backends that may take traffic (active, weight > 0, healthy).
-    pub(crate) fn build(algorithm: Algorithm, backends: &[Backend], available: Vec<usize>) -> Self {
+    /// `available` are indices of backends that may take traffic (active, weight > 0, healthy);
+    /// `weights` are every backend's weight now (lower than configured while slow-starting).
+    pub(crate) fn build(
+        algorithm: Algorithm,
+        backends: &[Backend],
+        weights: &[u32],
+        available: Vec<usize>,
+    ) -> Self {
         if available.is_empty() {
             return Selector::Empty;
         }
         match algorithm {
             Algorithm::RoundRobin => Selector::RoundRobin(available.into()),
-            Algorithm::LeastConnections => Selector::LeastConnections(available.into()),
+            Algorithm::LeastConnections => {
+                Selector::LeastConnections(available.iter().map(|&i| (i, weights[i])).collect())
+            }
             Algorithm::WeightedRoundRobin => {
                 let weighted: Vec<(usize, u32)> =
-                    available.iter().map(|&i| (i, backends[i].weight)).collect();
+                    available.iter().map(|&i| (i, weights[i])).collect();
                 Selector::Smooth(smooth_sequence(&weighted).into())
             }
             Algorithm::IpHash => {
@@ -81,12 +90,11 @@ impl Selector {
                 let start = cursor.fetch_add(1, Ordering::Relaxed);
                 let mut best: Option<(usize, usize, u32)> = None;
                 for k in 0..order.len() {
-                    let i = order[(start + k) % order.len()];
+                    let (i, weight) = order[(start + k) % order.len()];
                     if !usable(i) {
                         continue;
                     }
                     let load = backends[i].live.in_flight();
-                    let weight = backends[i].weight;
                     // load/weight < best_load/best_weight, without division.
                     let better = match best {
                         None => true,

@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use prometheus::Histogram;
 use switchyard_config::{Algorithm, Config, HealthCheck, PassiveCheck, Timeouts};
@@ -53,6 +54,19 @@ impl Backend {
     }
 }
 
+/// A backend's weight now: during slow start, the configured weight times the share of
+/// `slow_start` the backend has been in service, at least 1.
+fn ramped_weight(backend: &Backend, slow_start: Option<Duration>) -> u32 {
+    let (Some(ramp), Some(in_service)) = (slow_start, backend.live.in_service_for()) else {
+        return backend.weight;
+    };
+    if in_service >= ramp || backend.weight == 0 {
+        return backend.weight;
+    }
+    let share = in_service.as_secs_f64() / ramp.as_secs_f64();
+    ((f64::from(backend.weight) * share).ceil() as u32).clamp(1, backend.weight)
+}
+
 pub struct Upstream {
     pub name: Arc<str>,
     pub algorithm: Algorithm,
@@ -60,12 +74,20 @@ pub struct Upstream {
     pub health_check: Option<HealthCheck>,
     pub timeouts: Timeouts,
     pub passive: PassiveCheck,
+    pub slow_start: Option<Duration>,
+    /// Every backend's weight when this snapshot was built (lower during slow start).
+    weights: Vec<u32>,
+    /// Whether a backend was still ramping up when this snapshot was built.
+    ramping: bool,
     selector: Selector,
     /// Selection position, shared by all threads and kept across snapshots.
     cursor: Arc<AtomicUsize>,
 }
 
 impl Upstream {
+    // One argument per configured field of the upstream, plus its live state: grouping them
+    // into a struct would only rename the same list.
+    #[allow(clippy::too_many_arguments)]
     fn new(
         name: Arc<str>,
         algorithm: Algorithm,
@@ -73,13 +95,22 @@ impl Upstream {
         health_check: Option<HealthCheck>,
         timeouts: Timeouts,
         passive: PassiveCheck,
+        slow_start: Option<Duration>,
         cursor: Arc<AtomicUsize>,
     ) -> Upstream {
-        let available = (0..backends.len())
+        let available: Vec<usize> = (0..backends.len())
             .filter(|&i| backends[i].available())
             .collect();
+        let weights: Vec<u32> = backends
+            .iter()
+            .map(|b| ramped_weight(b, slow_start))
+            .collect();
+        let ramping = available.iter().any(|&i| weights[i] < backends[i].weight);
         Upstream {
-            selector: Selector::build(algorithm, &backends, available),
+            selector: Selector::build(algorithm, &backends, &weights, available),
+            slow_start,
+            weights,
+            ramping,
             name,
             algorithm,
             backends,
@@ -88,6 +119,17 @@ impl Upstream {
             passive,
             cursor,
         }
+    }
+
+    /// Whether a backend's weight was still ramping up (slow start) at build time: then the
+    /// selection needs rebuilding as time passes.
+    pub fn is_ramping(&self) -> bool {
+        self.ramping
+    }
+
+    /// The weight backend `i` is picked with now (its weight, or less during slow start).
+    pub fn effective_weight(&self, i: usize) -> u32 {
+        self.weights.get(i).copied().unwrap_or_default()
     }
 
     /// Whether any backend could take a request when this snapshot was built.
@@ -111,6 +153,7 @@ impl Upstream {
             self.health_check.clone(),
             self.timeouts,
             self.passive,
+            self.slow_start,
             Arc::clone(&self.cursor),
         )
     }
@@ -272,6 +315,7 @@ impl Snapshot {
                     u.health_check.clone(),
                     u.timeouts,
                     u.passive,
+                    u.slow_start,
                     old.map(|o| Arc::clone(&o.cursor)).unwrap_or_default(),
                 )
             })

@@ -15,6 +15,7 @@ use pingora::services::ServiceWithDependents;
 use switchyard_admin::{AdminApi, Control, MetricsEndpoint};
 use switchyard_config::Config;
 use switchyard_pool::health::HealthChecks;
+use switchyard_pool::ramp::SlowStart;
 use switchyard_pool::{Metrics, Pool};
 use switchyard_proxy::{HandoverGate, Proxy};
 
@@ -101,6 +102,10 @@ pub fn run(
     server.add_service(background_service(
         "drain",
         Drain::new(active, grace_period),
+    ));
+    server.add_service(background_service(
+        "slow start",
+        SlowStart::new(Arc::clone(&pool)),
     ));
 
     for listener in &listeners {
