@@ -2,6 +2,7 @@
 //! keep-alive, half a connection per request), counting failed requests. The target is zero.
 //! Scenarios run one at a time (they load both cores).
 
+use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -297,4 +298,51 @@ fn sigterm_lets_every_slow_request_in_flight_complete() {
         "{answers:?}"
     );
     assert_eq!(sy.wait_exit(LIMIT).code(), Some(0));
+}
+
+#[test]
+fn the_upgrade_script_hands_over_under_load() {
+    let _one = one_at_a_time();
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let mut sy = Switchyard::start(&blue_green(
+        blue.addr,
+        green.addr,
+        (1, 0),
+        "",
+        "state_file: {dir}/state.json\n",
+    ));
+    let load = Load::start(sy.addr, CLIENTS);
+    load.run_for(PHASE, LIMIT);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/upgrade.sh");
+    let out = Command::new("bash")
+        .arg(script)
+        .arg(&sy.config)
+        .arg(sy.child.id().to_string())
+        .arg(BINARY)
+        .output()
+        .expect("run upgrade.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new_pid: u32 = stdout
+        .trim()
+        .strip_prefix("new pid ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{stdout}"));
+    load.run_for(PHASE, LIMIT);
+    let report = load.stop();
+    let old = sy.child.try_wait().expect("old status");
+    assert_eq!(
+        old.and_then(|s| s.code()),
+        Some(0),
+        "the old process exited cleanly"
+    );
+    let served = get(sy.addr, "/").status;
+    let _ = Command::new("kill").arg(new_pid.to_string()).status();
+    assert_eq!(served, 200);
+    assert_no_failures("upgrade.sh", &report);
 }

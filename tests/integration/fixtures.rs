@@ -484,6 +484,8 @@ pub struct Switchyard {
     pub config: PathBuf,
     pub child: Child,
     pub log: PathBuf,
+    /// Extra environment for the process (and its restarts).
+    env: Vec<(String, String)>,
 }
 
 fn free_addr() -> SocketAddr {
@@ -493,6 +495,10 @@ fn free_addr() -> SocketAddr {
 impl Switchyard {
     /// Starts switchyard with `yaml` and waits until the proxy accepts connections.
     pub fn start(yaml: &str) -> Switchyard {
+        Switchyard::start_with_env(yaml, &[])
+    }
+
+    pub fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> Switchyard {
         let config = temp_path("switchyard.yaml");
         let dir = config.parent().expect("temp dir").to_path_buf();
         let log = dir.join("switchyard.log");
@@ -504,6 +510,10 @@ impl Switchyard {
             config,
             child: Command::new("true").spawn().expect("placeholder process"),
             log,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         let _ = sy.child.wait();
         sy.write_config(yaml);
@@ -532,6 +542,7 @@ impl Switchyard {
             .args(["run", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -196,3 +196,24 @@ fn once_handing_over_responses_close_connections_and_admin_changes_wait() {
     assert_eq!(sy.api("GET", "/api/v1/routes/web", None).status, 200);
     assert_eq!(sy.wait_exit(Duration::from_secs(15)).code(), Some(0));
 }
+
+#[test]
+fn systemd_is_told_when_the_proxy_serves_and_which_pid_is_main() {
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let socket_path = temp_path("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("notify socket");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let sy = Switchyard::start_with_env(
+        &blue_green(blue.addr, green.addr, (1, 0), "", ""),
+        &[("NOTIFY_SOCKET", &socket_path.display().to_string())],
+    );
+    let mut message = [0u8; 256];
+    let n = socket.recv(&mut message).expect("a notification");
+    assert_eq!(
+        String::from_utf8_lossy(&message[..n]),
+        format!("READY=1\nMAINPID={}\n", sy.child.id())
+    );
+}

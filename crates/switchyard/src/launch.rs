@@ -20,6 +20,7 @@ use switchyard_pool::{Metrics, Pool};
 use switchyard_proxy::{HandoverGate, Proxy};
 
 use crate::signals::{Drain, Signals};
+use crate::systemd::Notify;
 
 /// Services that must be up before the first health checks run (the demo's backends).
 pub type Prerequisites = Vec<Box<dyn ServiceWithDependents>>;
@@ -83,6 +84,8 @@ pub fn run(
     }
     let proxy = server.add_service(proxy_service);
     proxy.add_dependency(&health);
+    let ready = server.add_service(background_service("systemd notify", Notify));
+    ready.add_dependency(&proxy);
 
     if let Some(address) = admin_address {
         let mut admin = Service::new(

@@ -4,6 +4,7 @@ mod cli;
 mod demo;
 mod launch;
 mod signals;
+mod systemd;
 
 use std::process::ExitCode;
 

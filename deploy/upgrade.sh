@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Zero-downtime binary upgrade of a running switchyard, for machines without systemd
+# (systemd users: `systemctl reload switchyard` runs this same script).
+#
+#   deploy/upgrade.sh CONFIG OLD_PID [BINARY]
+#
+# 1. starts BINARY (default: switchyard on PATH) with `run --config CONFIG --upgrade`;
+# 2. waits until it listens on server.upgrade_socket for the sockets;
+# 3. sends SIGQUIT to OLD_PID, which hands over proxy, admin and metrics sockets, answers
+#    with `Connection: close` from then on, and exits once its requests are done;
+# 4. waits for OLD_PID to exit and prints the new PID.
+# Runtime state (splits, drains, added backends) carries over through `state_file`.
+set -euo pipefail
+
+config=${1:?usage: upgrade.sh CONFIG OLD_PID [BINARY]}
+old_pid=${2:?usage: upgrade.sh CONFIG OLD_PID [BINARY]}
+binary=${3:-switchyard}
+log=${SWITCHYARD_UPGRADE_LOG:-/dev/null}
+
+# Running and not a zombie (a parent that has not reaped it yet).
+alive() {
+    local state
+    state=$(sed -n 's/^.*) \(.\).*$/\1/p' "/proc/$1/stat" 2>/dev/null || true)
+    [ -n "$state" ] && [ "$state" != Z ]
+}
+
+"$binary" check --config "$config" >/dev/null
+socket=$(sed -n 's/^[[:space:]]*upgrade_socket:[[:space:]]*//p' "$config" | head -n 1 | sed 's/[[:space:]]*#.*$//' | tr -d "\"'")
+socket=${socket:-/tmp/switchyard-upgrade.sock}
+alive "$old_pid" || { echo "upgrade: no running process $old_pid" >&2; exit 1; }
+
+rm -f "$socket"
+nohup "$binary" run --config "$config" --upgrade >>"$log" 2>&1 &
+new_pid=$!
+
+# The new process waits about 5 s for the sockets; it creates the socket file when ready.
+for _ in $(seq 100); do
+    [ -S "$socket" ] && break
+    alive "$new_pid" || { echo "upgrade: new process $new_pid exited" >&2; exit 1; }
+    sleep 0.05
+done
+[ -S "$socket" ] || { echo "upgrade: $socket never appeared" >&2; kill "$new_pid"; exit 1; }
+
+kill -QUIT "$old_pid"
+# The old process keeps serving 5 s after the handover, then drains (at most grace_period).
+for _ in $(seq 1200); do
+    alive "$old_pid" || break
+    sleep 0.1
+done
+if alive "$old_pid"; then
+    echo "upgrade: old process $old_pid still running after 120 s" >&2
+    exit 1
+fi
+alive "$new_pid" || { echo "upgrade: new process $new_pid died" >&2; exit 1; }
+echo "new pid $new_pid"
