@@ -333,6 +333,7 @@ fn the_upgrade_script_hands_over_under_load() {
         .strip_prefix("new pid ")
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("{stdout}"));
+    let _new = StopOnDrop(new_pid);
     load.run_for(PHASE, LIMIT);
     let report = load.stop();
     let old = sy.child.try_wait().expect("old status");
@@ -341,8 +342,15 @@ fn the_upgrade_script_hands_over_under_load() {
         Some(0),
         "the old process exited cleanly"
     );
-    let served = get(sy.addr, "/").status;
-    let _ = Command::new("kill").arg(new_pid.to_string()).status();
-    assert_eq!(served, 200);
+    assert_eq!(get(sy.addr, "/").status, 200);
     assert_no_failures("upgrade.sh", &report);
+}
+
+/// Stops (SIGTERM) a process this test started indirectly, however the test ends.
+struct StopOnDrop(u32);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.0.to_string()).status();
+    }
 }
