@@ -4,7 +4,7 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test deps test-deps build fmt lint
+.PHONY: run test deps test-deps build fmt lint deploy-demo
 
 deps:
 	@command -v cmake >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq cmake; }
@@ -29,3 +29,9 @@ lint: deps
 
 test: test-deps fmt lint
 	$(CARGO) test --all-targets
+
+# The canary scenario against the demo, plotted to docs/canary.png (needs python3; installs
+# matplotlib from PyPI when missing).
+deploy-demo: build
+	@python3 -c "import matplotlib" 2>/dev/null || python3 -m pip install --quiet matplotlib
+	python3 deploy/canary_demo.py --binary target/release/switchyard --out docs/canary.png

@@ -217,3 +217,49 @@ fn systemd_is_told_when_the_proxy_serves_and_which_pid_is_main() {
         format!("READY=1\nMAINPID={}\n", sy.child.id())
     );
 }
+
+#[test]
+fn an_open_websocket_keeps_working_through_sigterm_until_it_closes() {
+    let a = TestBackend::start("a");
+    let mut sy = Switchyard::start(&one_upstream("round_robin", &[(a.addr, 1)], ""));
+    let addr = sy.addr;
+    let mut ws = block_on(async move {
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut reader = tokio::io::BufReader::new(stream);
+        let head = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+        tokio::io::AsyncWriteExt::write_all(reader.get_mut(), head.as_bytes())
+            .await
+            .expect("send");
+        assert_eq!(read_response(&mut reader).await.expect("101").status, 101);
+        reader
+    });
+    let echo = |ws: &mut tokio::io::BufReader<tokio::net::TcpStream>, text: &str| {
+        block_on(async {
+            tokio::io::AsyncWriteExt::write_all(ws.get_mut(), text.as_bytes()).await?;
+            let mut buf = vec![0u8; text.len()];
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::io::AsyncReadExt::read_exact(ws, &mut buf),
+            )
+            .await
+            .map_err(std::io::Error::other)??;
+            Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf).into_owned())
+        })
+    };
+    assert_eq!(echo(&mut ws, "before").expect("echo"), "before");
+    sy.signal("TERM");
+    wait_until("the listener to close", Duration::from_secs(5), || {
+        std::net::TcpStream::connect(addr).is_err()
+    });
+    assert_eq!(
+        echo(&mut ws, "during").expect("echo during the drain"),
+        "during"
+    );
+    let closed = Instant::now();
+    drop(ws);
+    assert_eq!(sy.wait_exit(Duration::from_secs(5)).code(), Some(0));
+    assert!(
+        closed.elapsed() < Duration::from_secs(3),
+        "exits when the socket closes, not at the grace period"
+    );
+}
