@@ -214,3 +214,33 @@ fn without_a_state_file_changes_live_in_memory_and_the_log_says_so_once() {
     assert_eq!(r.status, 200);
     assert_eq!(sy.log_text().matches("no state_file configured").count(), 1);
 }
+
+#[test]
+fn without_a_state_file_an_upgrade_still_keeps_the_runtime_state() {
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let mut sy = Switchyard::start(&blue_green(blue.addr, green.addr, (90, 10), "", ""));
+    let r = sy.api(
+        "PUT",
+        "/api/v1/routes/web/split",
+        Some(r#"{"blue": 70, "green": 30}"#),
+    );
+    assert_eq!(r.status, 200);
+    let r = sy.api(
+        "PATCH",
+        &format!("/api/v1/upstreams/green/backends/{}", green.addr),
+        Some(r#"{"state": "draining"}"#),
+    );
+    assert_eq!(r.status, 200);
+    sy.upgrade();
+    assert_eq!(split_of(&sy), json!({"blue": 70, "green": 30}));
+    let green_view = json_body(&sy.api("GET", "/api/v1/upstreams/green", None));
+    assert_eq!(green_view["backends"][0]["state"], "draining");
+    assert!(
+        !sy.dir.join("upgrade.sock.state.json").exists(),
+        "the handed-over state is taken once"
+    );
+    assert!(sy
+        .log_text()
+        .contains("runtime state taken over from the previous process"));
+}

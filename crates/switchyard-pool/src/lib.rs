@@ -18,6 +18,7 @@ mod snapshot;
 mod state;
 mod state_file;
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -49,12 +50,22 @@ struct Desired {
 }
 
 impl Pool {
-    /// Builds the pool from `config` and the state file it names, if any.
-    pub fn new(config: Config, metrics: Arc<Metrics>) -> Pool {
+    /// Builds the pool from `config` and the state file it names. Without a state file, the
+    /// state a previous process handed over at `handover` (see [`Pool::hand_over`]) is taken
+    /// once, so a binary upgrade keeps runtime changes even then.
+    pub fn new(config: Config, metrics: Arc<Metrics>, handover: Option<&Path>) -> Pool {
         let store = config.state_file.clone().map(StateFile::new);
-        let saved = match &store {
-            Some(store) => store.load(),
-            None => {
+        let saved = match (&store, handover.filter(|p| p.exists())) {
+            (Some(store), _) => store.load(),
+            (None, Some(path)) => {
+                let state = StateFile::new(path.to_path_buf()).load();
+                if let Err(e) = std::fs::remove_file(path) {
+                    warn!("cannot remove handed-over state {}: {e}", path.display());
+                }
+                info!("runtime state taken over from the previous process; without a state_file it lives in memory only");
+                state
+            }
+            (None, None) => {
                 info!("no state_file configured: admin changes live in memory only and a restart undoes them");
                 RuntimeState::default()
             }
@@ -127,6 +138,16 @@ impl Pool {
         *desired = Desired { config, state };
         self.swap(built);
         warnings
+    }
+
+    /// Before a binary upgrade: without a state file, writes the runtime state to `path` for
+    /// the new process (with one, the file is already current).
+    pub fn hand_over(&self, path: &Path) -> Result<(), String> {
+        if self.store.is_some() {
+            return Ok(());
+        }
+        let desired = self.lock();
+        StateFile::new(path.to_path_buf()).save(&desired.state)
     }
 
     /// Rebuilds the selection structures from the live health of every backend.

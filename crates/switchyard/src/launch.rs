@@ -60,7 +60,16 @@ pub fn run(
 
     let listeners = config.listeners.clone();
     let grace_period = config.server.grace_period;
-    let pool = Arc::new(Pool::new(config, Arc::new(Metrics::new())));
+    // Where the runtime state goes for the next process when there is no state file.
+    let handover = PathBuf::from(format!(
+        "{}.state.json",
+        config.server.upgrade_socket.display()
+    ));
+    let pool = Arc::new(Pool::new(
+        config,
+        Arc::new(Metrics::new()),
+        upgrade.then_some(handover.as_path()),
+    ));
     let control = Arc::new(Control::new(Arc::clone(&pool), config_path)?);
 
     let closing = Arc::new(AtomicBool::new(false));
@@ -121,10 +130,16 @@ pub fn run(
         // The outcome is logged by the reload itself.
         let _ = control.reload();
     };
+    let hand_over = move || {
+        if let Err(e) = pool.hand_over(&handover) {
+            log::error!("runtime state not handed over: {e}");
+        }
+    };
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals {
             closing,
             on_hangup: Box::new(reload),
+            on_upgrade: Box::new(hand_over),
         }),
     });
     Ok(())

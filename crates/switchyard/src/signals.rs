@@ -21,6 +21,8 @@ pub struct Signals {
     pub closing: Arc<AtomicBool>,
     /// SIGHUP: the same as `POST /api/v1/reload`.
     pub on_hangup: Box<dyn Fn() + Send + Sync>,
+    /// SIGQUIT, before the sockets go: leave the runtime state for the new process.
+    pub on_upgrade: Box<dyn Fn() + Send + Sync>,
 }
 
 #[async_trait]
@@ -28,6 +30,10 @@ impl ShutdownSignalWatch for Signals {
     async fn recv(&self) -> ShutdownSignal {
         let signal = self.wait().await;
         self.closing.store(true, Ordering::Relaxed);
+        if matches!(signal, ShutdownSignal::GracefulUpgrade) {
+            // The admin API refuses changes from here on, so the state written is final.
+            (self.on_upgrade)();
+        }
         signal
     }
 }
