@@ -2,6 +2,7 @@
 //! keep-alive, half a connection per request), counting failed requests. The target is zero.
 //! Scenarios run one at a time (they load both cores).
 
+use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -28,6 +29,17 @@ fn put_split(sy: &Switchyard, blue: u32, green: u32) {
     let body = format!(r#"{{"blue": {blue}, "green": {green}}}"#);
     let r = sy.api("PUT", "/api/v1/routes/web/split", Some(&body));
     assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// Blue with backends `a` and `b`, green with `other`, all health-checked every 200 ms
+/// (rise and fall 1); all traffic to blue.
+fn blue_pair(a: SocketAddr, b: SocketAddr, other: SocketAddr) -> String {
+    let check = "    health_check:\n      type: http\n      path: /healthz\n      interval: 200ms\n      timeout: 100ms\n      rise: 1\n      fall: 1\n";
+    blue_green(a, other, (1, 0), check, "").replacen(
+        &format!("      - address: {a}\n"),
+        &format!("      - address: {a}\n      - address: {b}\n"),
+        1,
+    )
 }
 
 fn assert_no_failures(name: &str, report: &Report) {
@@ -100,16 +112,7 @@ fn rolling_replacement_of_every_backend() {
     let old_a = TestBackend::start("v1");
     let old_b = TestBackend::start("v1");
     let other = TestBackend::start("other");
-    let check = "    health_check:\n      type: http\n      path: /healthz\n      interval: 200ms\n      timeout: 100ms\n      rise: 1\n      fall: 1\n";
-    let yaml = blue_green(old_a.addr, other.addr, (1, 0), check, "").replacen(
-        &format!("      - address: {}\n", old_a.addr),
-        &format!(
-            "      - address: {}\n      - address: {}\n",
-            old_a.addr, old_b.addr
-        ),
-        1,
-    );
-    let sy = Switchyard::start(&yaml);
+    let sy = Switchyard::start(&blue_pair(old_a.addr, old_b.addr, other.addr));
     let load = Load::start(sy.addr, CLIENTS);
     load.run_for(PHASE, LIMIT);
     let mut replacements = Vec::new();
@@ -121,7 +124,7 @@ fn rolling_replacement_of_every_backend() {
             Some(&format!(r#"{{"address": "{}"}}"#, new.addr)),
         );
         assert_eq!(r.status, 201, "{}", r.text());
-        let backend = |addr: std::net::SocketAddr| {
+        let backend = |addr: SocketAddr| {
             let view = json(&sy.api("GET", "/api/v1/upstreams/blue", None));
             view["backends"]
                 .as_array()
@@ -222,13 +225,7 @@ fn a_backend_killed_mid_load_only_fails_what_it_had_in_flight() {
     let a = TestBackend::start("a");
     let mut b = TestBackend::start("b");
     let green = TestBackend::start("green");
-    let check = "    health_check:\n      type: http\n      path: /healthz\n      interval: 200ms\n      timeout: 100ms\n      rise: 1\n      fall: 1\n";
-    let yaml = blue_green(a.addr, green.addr, (1, 0), check, "").replacen(
-        &format!("      - address: {}\n", a.addr),
-        &format!("      - address: {}\n      - address: {}\n", a.addr, b.addr),
-        1,
-    );
-    let sy = Switchyard::start(&yaml);
+    let sy = Switchyard::start(&blue_pair(a.addr, b.addr, green.addr));
     let load = Load::start(sy.addr, CLIENTS);
     load.run_for(PHASE, LIMIT);
     b.kill();
