@@ -17,23 +17,26 @@ fn split_of(sy: &Switchyard) -> Value {
 
 const STATE: &str = "state_file: {dir}/state.json\n";
 
-#[test]
-fn a_restart_keeps_the_canary_split_and_the_drain() {
-    let blue = TestBackend::start("blue");
-    let green = TestBackend::start("green");
-    let mut sy = Switchyard::start(&blue_green(blue.addr, green.addr, (100, 0), "", STATE));
+/// The runtime state the restart and upgrade tests expect to survive: a 70/30 canary split
+/// and green draining.
+fn canary_and_drain(sy: &Switchyard, green: &TestBackend) {
     let r = sy.api(
         "PUT",
         "/api/v1/routes/web/split",
         Some(r#"{"blue": 70, "green": 30}"#),
     );
     assert_eq!(r.status, 200);
-    let r = sy.api(
-        "PATCH",
-        &format!("/api/v1/upstreams/green/backends/{}", green.addr),
-        Some(r#"{"state": "draining"}"#),
-    );
+    let path = format!("/api/v1/upstreams/green/backends/{}", green.addr);
+    let r = sy.api("PATCH", &path, Some(r#"{"state": "draining"}"#));
     assert_eq!(r.status, 200);
+}
+
+#[test]
+fn a_restart_keeps_the_canary_split_and_the_drain() {
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let mut sy = Switchyard::start(&blue_green(blue.addr, green.addr, (100, 0), "", STATE));
+    canary_and_drain(&sy, &green);
     let saved = std::fs::read_to_string(sy.dir.join("state.json")).expect("state file written");
     assert!(saved.contains("\"draining\""), "{saved}");
 
@@ -220,18 +223,7 @@ fn without_a_state_file_an_upgrade_still_keeps_the_runtime_state() {
     let blue = TestBackend::start("blue");
     let green = TestBackend::start("green");
     let mut sy = Switchyard::start(&blue_green(blue.addr, green.addr, (90, 10), "", ""));
-    let r = sy.api(
-        "PUT",
-        "/api/v1/routes/web/split",
-        Some(r#"{"blue": 70, "green": 30}"#),
-    );
-    assert_eq!(r.status, 200);
-    let r = sy.api(
-        "PATCH",
-        &format!("/api/v1/upstreams/green/backends/{}", green.addr),
-        Some(r#"{"state": "draining"}"#),
-    );
-    assert_eq!(r.status, 200);
+    canary_and_drain(&sy, &green);
     sy.upgrade();
     assert_eq!(split_of(&sy), json!({"blue": 70, "green": 30}));
     let green_view = json_body(&sy.api("GET", "/api/v1/upstreams/green", None));
