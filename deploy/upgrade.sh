@@ -15,7 +15,9 @@ set -euo pipefail
 config=${1:?usage: upgrade.sh CONFIG OLD_PID [BINARY]}
 old_pid=${2:?usage: upgrade.sh CONFIG OLD_PID [BINARY]}
 binary=${3:-switchyard}
-log=${SWITCHYARD_UPGRADE_LOG:-/dev/null}
+# The new process logs where this script's stderr goes (the journal under systemd), or to
+# SWITCHYARD_UPGRADE_LOG when set.
+log=${SWITCHYARD_UPGRADE_LOG:-}
 
 # Running and not a zombie (a parent that has not reaped it yet).
 alive() {
@@ -30,7 +32,11 @@ socket=${socket:-/tmp/switchyard-upgrade.sock}
 alive "$old_pid" || { echo "upgrade: no running process $old_pid" >&2; exit 1; }
 
 rm -f "$socket"
-nohup "$binary" run --config "$config" --upgrade >>"$log" 2>&1 &
+if [ -n "$log" ]; then
+    nohup "$binary" run --config "$config" --upgrade >>"$log" 2>&1 &
+else
+    nohup "$binary" run --config "$config" --upgrade </dev/null &
+fi
 new_pid=$!
 
 # The new process waits about 5 s for the sockets; it creates the socket file when ready.

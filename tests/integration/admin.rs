@@ -253,6 +253,15 @@ fn a_token_guards_the_api_but_not_healthz_and_never_reaches_the_log() {
         &[("Authorization", "Bearer wrong")],
     );
     assert_eq!(r.status, 401);
+    // Every path under /api/ needs the token, even one that does not exist.
+    assert_eq!(sy.api("GET", "/api/v2/anything", None).status, 401);
+    let r = sy.api_with(
+        "GET",
+        "/api/v1/routes",
+        None,
+        &[("Authorization", "bearer s3cret-token")],
+    );
+    assert_eq!(r.status, 200, "the scheme is case-insensitive");
     let r = sy.api_with(
         "GET",
         "/api/v1/routes",
@@ -298,6 +307,9 @@ fn a_missing_or_empty_token_file_stops_the_start() {
         std::fs::write(&path, yaml).expect("config");
         let (code, _, stderr) = run_binary(&["run", "--config", &path.display().to_string()]);
         assert_eq!(code, 1);
+        assert!(stderr.contains(&want), "{stderr}");
+        let (code, _, stderr) = run_binary(&["check", "--config", &path.display().to_string()]);
+        assert_eq!(code, 1, "check reads the token file too");
         assert!(stderr.contains(&want), "{stderr}");
     }
 }

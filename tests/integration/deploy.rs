@@ -100,7 +100,7 @@ fn canary_steps_hold_their_share() {
         let want = f64::from(g) / 100.0;
         eprintln!("canary {g}%: green share {:.3} of {n}", share);
         assert!(
-            (share - want).abs() <= 0.02,
+            (share - want).abs() <= 0.02 && (g == 0) == (share == 0.0),
             "step {g}%: green share {share:.3} of {n}"
         );
     }
@@ -226,6 +226,7 @@ fn a_backend_killed_mid_load_only_fails_what_it_had_in_flight() {
     let mut b = TestBackend::start("b");
     let green = TestBackend::start("green");
     let sy = Switchyard::start(&blue_pair(a.addr, b.addr, green.addr));
+    let started = Instant::now();
     let load = Load::start(sy.addr, CLIENTS);
     load.run_for(PHASE, LIMIT);
     b.kill();
@@ -251,10 +252,8 @@ fn a_backend_killed_mid_load_only_fails_what_it_had_in_flight() {
     );
     assert_eq!(report.share("a", marked, end).0, 1.0);
     assert!(
-        report
-            .share("b", killed + Duration::from_millis(100), end)
-            .1
-            > 0
+        report.share("b", started, killed).0 > 0.3,
+        "b served before the kill"
     );
 }
 
@@ -317,6 +316,9 @@ fn the_upgrade_script_hands_over_under_load() {
         .arg(&sy.config)
         .arg(sy.child.id().to_string())
         .arg(BINARY)
+        // Without it the new process would inherit this test's stdout pipe and `output()`
+        // would wait for it to end.
+        .env("SWITCHYARD_UPGRADE_LOG", &sy.log)
         .output()
         .expect("run upgrade.sh");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -18,6 +18,8 @@ const PACE: Duration = Duration::from_millis(5);
 /// Upper bounds, whatever the scenario does.
 const MAX_PER_CLIENT: usize = 20_000;
 const MAX_TIME: Duration = Duration::from_secs(120);
+/// A request without an answer this long counts as failed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What one request got: the backend's answer, or what went wrong.
 #[derive(Debug, Clone)]
@@ -67,7 +69,7 @@ impl Load {
         let mut samples = runtime().block_on(async {
             let mut all = Vec::new();
             while let Some(part) = self.clients.join_next().await {
-                all.extend(part.unwrap_or_default());
+                all.extend(part.expect("a load client panicked"));
             }
             all
         });
@@ -89,13 +91,22 @@ async fn client(
         && samples.len() < MAX_PER_CLIENT
         && started.elapsed() < MAX_TIME
     {
-        let outcome = if keep_alive {
-            keep_alive_request(addr, &mut connection).await
-        } else {
-            match request_from(None, addr, "GET", "/", &[]).await {
-                Ok(r) if (200..300).contains(&r.status) => Ok(r.text()),
-                Ok(r) => Err(format!("status {}: {}", r.status, r.text())),
-                Err(e) => Err(format!("new connection: {e}")),
+        let attempt = async {
+            if keep_alive {
+                keep_alive_request(addr, &mut connection).await
+            } else {
+                match request_from(None, addr, "GET", "/", &[]).await {
+                    Ok(r) if (200..300).contains(&r.status) => Ok(r.text()),
+                    Ok(r) => Err(format!("status {}: {}", r.status, r.text())),
+                    Err(e) => Err(format!("new connection: {e}")),
+                }
+            }
+        };
+        let outcome = match tokio::time::timeout(REQUEST_TIMEOUT, attempt).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                connection = None;
+                Err(format!("no answer within {REQUEST_TIMEOUT:?}"))
             }
         };
         samples.push(Sample {

@@ -112,20 +112,22 @@ impl AdminApi {
                 _ => Reply::method_not_allowed(method, "GET, HEAD"),
             };
         }
+        if path.starts_with("/api/") {
+            let authorization = session
+                .req_header()
+                .headers
+                .get(http::header::AUTHORIZATION)
+                .map(|v| v.as_bytes());
+            if !self.control.authorized(authorization) {
+                return Reply::error(
+                    StatusCode::UNAUTHORIZED,
+                    "missing or wrong token: send Authorization: Bearer <token>",
+                );
+            }
+        }
         let Some(rest) = path.strip_prefix("/api/v1/") else {
             return Reply::error(StatusCode::NOT_FOUND, format!("no endpoint {path}"));
         };
-        let authorization = session
-            .req_header()
-            .headers
-            .get(http::header::AUTHORIZATION)
-            .map(|v| v.as_bytes());
-        if !self.control.authorized(authorization) {
-            return Reply::error(
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong token: send Authorization: Bearer <token>",
-            );
-        }
         let body = match read_body(session).await {
             Ok(body) => body,
             Err(reply) => {

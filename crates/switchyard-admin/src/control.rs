@@ -124,6 +124,14 @@ impl Control {
                 .collect::<Vec<_>>()
         })?;
         let token = read_token(&config).map_err(|e| vec![e])?;
+        if let Some(admin) = self.started.admin.as_ref() {
+            if token.is_none() && !admin.address.ip().is_loopback() {
+                return Err(vec![format!(
+                    "admin.token_file: the admin API listens on {} (beyond loopback) until a restart; a reload cannot remove its token",
+                    admin.address
+                )]);
+            }
+        }
         let needs_restart = needs_restart(&self.started, &config);
         let dropped_state = self.pool.reload(config);
         for warning in &dropped_state {

@@ -162,7 +162,7 @@ impl Pool {
     /// active health check brings it back; without one it is tried again after the cooldown.
     pub fn connect_failed(self: &Arc<Self>, upstream: &Upstream, backend: &Arc<BackendLive>) {
         let limit = upstream.passive.max_connect_failures;
-        if limit == 0 || backend.connect_failed() != limit {
+        if limit == 0 || backend.connect_failed() < limit {
             return;
         }
         if !backend.set_healthy(false) {

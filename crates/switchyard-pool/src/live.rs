@@ -62,6 +62,7 @@ impl BackendLive {
         let changed = self.healthy.swap(healthy, Ordering::Relaxed) != healthy;
         if changed && healthy {
             self.in_service_since.store(now_mark(), Ordering::Relaxed);
+            self.connect_failures.store(0, Ordering::Relaxed);
         }
         changed
     }

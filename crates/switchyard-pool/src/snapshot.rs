@@ -54,17 +54,39 @@ impl Backend {
     }
 }
 
-/// A backend's weight now: during slow start, the configured weight times the share of
-/// `slow_start` the backend has been in service, at least 1.
-fn ramped_weight(backend: &Backend, slow_start: Option<Duration>) -> u32 {
-    let (Some(ramp), Some(in_service)) = (slow_start, backend.live.in_service_for()) else {
-        return backend.weight;
-    };
-    if in_service >= ramp || backend.weight == 0 {
-        return backend.weight;
+/// While a backend ramps, every weight of the upstream is multiplied by this, so that even a
+/// weight of 1 can ramp in fine steps.
+const RAMP_SCALE: u32 = 100;
+
+/// The share of its weight a backend has now: below 1 while it slow-starts.
+fn ramp_share(backend: &Backend, slow_start: Option<Duration>) -> Option<f64> {
+    let ramp = slow_start?;
+    let in_service = backend.live.in_service_for()?;
+    (in_service < ramp && backend.weight > 0).then(|| in_service.as_secs_f64() / ramp.as_secs_f64())
+}
+
+/// Every backend's weight now. During a ramp the weights are scaled by [`RAMP_SCALE`] and a
+/// ramping backend gets its share of that (at least 1); otherwise they are as configured.
+fn current_weights(backends: &[Backend], slow_start: Option<Duration>) -> (Vec<u32>, bool) {
+    let shares: Vec<Option<f64>> = backends
+        .iter()
+        .map(|b| ramp_share(b, slow_start).filter(|_| b.available()))
+        .collect();
+    if shares.iter().all(Option::is_none) {
+        return (backends.iter().map(|b| b.weight).collect(), false);
     }
-    let share = in_service.as_secs_f64() / ramp.as_secs_f64();
-    ((f64::from(backend.weight) * share).ceil() as u32).clamp(1, backend.weight)
+    let weights = backends
+        .iter()
+        .zip(&shares)
+        .map(|(b, share)| {
+            let full = b.weight.saturating_mul(RAMP_SCALE);
+            match share {
+                Some(share) => ((f64::from(full) * share).ceil() as u32).clamp(1, full),
+                None => full,
+            }
+        })
+        .collect();
+    (weights, true)
 }
 
 pub struct Upstream {
@@ -101,11 +123,7 @@ impl Upstream {
         let available: Vec<usize> = (0..backends.len())
             .filter(|&i| backends[i].available())
             .collect();
-        let weights: Vec<u32> = backends
-            .iter()
-            .map(|b| ramped_weight(b, slow_start))
-            .collect();
-        let ramping = available.iter().any(|&i| weights[i] < backends[i].weight);
+        let (weights, ramping) = current_weights(&backends, slow_start);
         Upstream {
             selector: Selector::build(algorithm, &backends, &weights, available),
             slow_start,
@@ -127,9 +145,15 @@ impl Upstream {
         self.ramping
     }
 
-    /// The weight backend `i` is picked with now (its weight, or less during slow start).
+    /// The weight backend `i` is picked with now, on its configured scale (less during slow
+    /// start, at least 1 then).
     pub fn effective_weight(&self, i: usize) -> u32 {
-        self.weights.get(i).copied().unwrap_or_default()
+        let weight = self.weights.get(i).copied().unwrap_or_default();
+        if self.ramping {
+            weight.div_ceil(RAMP_SCALE)
+        } else {
+            weight
+        }
     }
 
     /// Whether any backend could take a request when this snapshot was built.
@@ -290,7 +314,9 @@ impl Snapshot {
                         });
                         let (live, errors) = match reused {
                             Some(ob) => {
-                                if unchecked {
+                                // Only when the check was just removed: a backend that passive
+                                // detection took out stays out until its cooldown ends.
+                                if unchecked && old.is_some_and(|o| o.health_check.is_some()) {
                                     ob.live.set_healthy(true);
                                 }
                                 (Arc::clone(&ob.live), ob.errors.clone())

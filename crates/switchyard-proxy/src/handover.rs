@@ -44,16 +44,20 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HandoverGate<A> {
         mut stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        if self.closing.load(Ordering::Relaxed) {
-            self.active.fetch_add(1, Ordering::AcqRel);
-            let mut first = [0u8; 1];
-            let arrived = tokio::time::timeout(FIRST_BYTE_LIMIT, stream.try_peek(&mut first)).await;
-            self.active.fetch_sub(1, Ordering::AcqRel);
-            if !matches!(arrived, Ok(Ok(true))) {
-                return None;
-            }
+        if !self.closing.load(Ordering::Relaxed) {
+            return self.inner.process_new(stream, shutdown).await;
         }
-        self.inner.process_new(stream, shutdown).await
+        // Counted until the request is done, not only until its first byte: between the two,
+        // the proxy has not created its own count yet and the drain must not exit.
+        self.active.fetch_add(1, Ordering::AcqRel);
+        let mut first = [0u8; 1];
+        let arrived = tokio::time::timeout(FIRST_BYTE_LIMIT, stream.try_peek(&mut first)).await;
+        let reused = match arrived {
+            Ok(Ok(true)) => self.inner.process_new(stream, shutdown).await,
+            _ => None,
+        };
+        self.active.fetch_sub(1, Ordering::AcqRel);
+        reused
     }
 
     async fn cleanup(&self) {

@@ -57,6 +57,9 @@ pub fn run(
     };
     let mut server = Server::new_with_opt_and_conf(opt, server_conf);
     server.bootstrap();
+    if upgrade {
+        crate::systemd::tell(&format!("MAINPID={}\n", std::process::id()));
+    }
 
     let listeners = config.listeners.clone();
     let grace_period = config.server.grace_period;
@@ -65,6 +68,10 @@ pub fn run(
         "{}.state.json",
         config.server.upgrade_socket.display()
     ));
+    if !upgrade {
+        // Left by a SIGQUIT that had no successor: stale for a process that did not take over.
+        let _ = std::fs::remove_file(&handover);
+    }
     let pool = Arc::new(Pool::new(
         config,
         Arc::new(Metrics::new()),

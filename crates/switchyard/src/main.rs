@@ -9,6 +9,7 @@ mod systemd;
 use std::process::ExitCode;
 
 use cli::Command;
+use switchyard_admin::Token;
 use switchyard_config::Config;
 
 fn main() -> ExitCode {
@@ -29,7 +30,12 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Check { config } => match Config::load(&config) {
-            Ok(_) => {
+            Ok(loaded) => {
+                let token = loaded.admin.as_ref().and_then(|a| a.token_file.as_deref());
+                if let Some(Err(problem)) = token.map(Token::read) {
+                    eprintln!("{problem}");
+                    return ExitCode::from(1);
+                }
                 println!("{}: ok", config.display());
                 ExitCode::SUCCESS
             }

@@ -9,19 +9,26 @@ use log::{info, warn};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
+/// Sends `READY=1` (and `MAINPID`) once the proxy serves.
 pub struct Notify;
 
 #[async_trait]
 impl BackgroundService for Notify {
     async fn start(&self, _shutdown: ShutdownWatch) {
-        let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-            return;
-        };
-        let message = format!("READY=1\nMAINPID={}\n", std::process::id());
-        match send(&path.to_string_lossy(), message.as_bytes()) {
-            Ok(_) => info!("told systemd we are ready (MAINPID={})", std::process::id()),
-            Err(e) => warn!("cannot notify systemd at {}: {e}", path.to_string_lossy()),
-        }
+        tell(&format!("READY=1\nMAINPID={}\n", std::process::id()));
+    }
+}
+
+/// Sends one notification when systemd asked for them (`NOTIFY_SOCKET`). Called with
+/// `MAINPID=` as soon as an upgrading process holds the sockets: the old process may exit
+/// before the new one is ready, and systemd must follow the new one by then.
+pub fn tell(message: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    match send(&path.to_string_lossy(), message.as_bytes()) {
+        Ok(_) => info!("told systemd: {}", message.trim().replace('\n', " ")),
+        Err(e) => warn!("cannot notify systemd at {}: {e}", path.to_string_lossy()),
     }
 }
 
