@@ -239,4 +239,21 @@ fn slow_start_ramps_an_added_backend_up_instead_of_flooding_it() {
         let window: Vec<String> = (0..20).map(|_| get(sy.addr, "/").text()).collect();
         window.iter().filter(|n| *n == "c").count() == 10
     });
+    // A backend set active again after a drain ramps again too.
+    let path = format!("/api/v1/upstreams/blue/backends/{}", c.addr);
+    assert_eq!(
+        sy.api("PATCH", &path, Some(r#"{"state": "draining"}"#))
+            .status,
+        200
+    );
+    assert_eq!(
+        sy.api("PATCH", &path, Some(r#"{"state": "active"}"#))
+            .status,
+        200
+    );
+    assert!(
+        effective(c.addr).is_some_and(|w| w < 10),
+        "{:?}",
+        effective(c.addr)
+    );
 }

@@ -586,24 +586,27 @@ impl Switchyard {
             .args(["run", "--upgrade", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("spawn upgrade");
+        // From here on both processes are owned: the new one by `self` (killed on drop), the
+        // old one by the guard, so a failed assertion leaves neither running.
+        let mut old = ChildGuard(std::mem::replace(&mut self.child, next));
         wait_until(
             "the new process to wait for sockets",
             Duration::from_secs(10),
             || socket.exists(),
         );
-        let mut old = std::mem::replace(&mut self.child, next);
         let status = Command::new("kill")
-            .args(["-QUIT", &old.id().to_string()])
+            .args(["-QUIT", &old.0.id().to_string()])
             .status()
             .expect("kill");
         assert!(status.success());
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(Some(status)) = old.try_wait() {
+            if let Ok(Some(status)) = old.0.try_wait() {
                 assert_eq!(status.code(), Some(0), "old process after upgrade");
                 break;
             }
@@ -685,6 +688,16 @@ pub fn sample(metrics: &str, series: &str) -> Option<f64> {
             .parse()
             .ok()
     })
+}
+
+/// Kills and reaps a child process when dropped.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 impl Drop for Switchyard {

@@ -294,7 +294,7 @@ impl AdminApi {
             Err(reply) => return reply,
         };
         let mut address = None;
-        let mut weight = 1;
+        let mut weight = None;
         for (field, value) in &fields {
             match field.as_str() {
                 "address" => match value.as_str().and_then(parse_address) {
@@ -309,7 +309,7 @@ impl AdminApi {
                     }
                 },
                 "weight" => match integer(value, MAX_BACKEND_WEIGHT) {
-                    Some(w) => weight = w,
+                    Some(w) => weight = Some(w),
                     None => {
                         return Reply::error(
                             StatusCode::BAD_REQUEST,

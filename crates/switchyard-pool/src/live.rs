@@ -67,6 +67,14 @@ impl BackendLive {
         changed
     }
 
+    /// The operator let the backend take traffic again (active after a drain, weight after
+    /// 0): for slow start that is coming into service, like a health recovery.
+    pub fn back_in_service(&self) {
+        if self.is_healthy() {
+            self.in_service_since.store(now_mark(), Ordering::Relaxed);
+        }
+    }
+
     /// How long the backend has been in service, if it ever was.
     pub fn in_service_for(&self) -> Option<Duration> {
         match self.in_service_since.load(Ordering::Relaxed) {

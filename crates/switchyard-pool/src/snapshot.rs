@@ -319,6 +319,10 @@ impl Snapshot {
                                 if unchecked && old.is_some_and(|o| o.health_check.is_some()) {
                                     ob.live.set_healthy(true);
                                 }
+                                let takes = b.state == BackendState::Active && b.weight > 0;
+                                if takes && !ob.takes_traffic() {
+                                    ob.live.back_in_service();
+                                }
                                 (Arc::clone(&ob.live), ob.errors.clone())
                             }
                             None => (

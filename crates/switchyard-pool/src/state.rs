@@ -91,7 +91,8 @@ pub enum Change {
     AddBackend {
         upstream: String,
         address: SocketAddr,
-        weight: u32,
+        /// `None`: the config file's weight for a backend it lists, else 1.
+        weight: Option<u32>,
     },
     RemoveBackend {
         upstream: String,
@@ -238,7 +239,7 @@ impl RuntimeState {
                 weight,
             } => {
                 self.upstream_exists(config, upstream)?;
-                check_weight(Some(*weight))?;
+                check_weight(*weight)?;
                 if self
                     .backends(config, upstream)
                     .iter()
@@ -254,24 +255,26 @@ impl RuntimeState {
                     .is_some_and(|u| u.backends.iter().any(|b| b.address == *address));
                 if in_config {
                     // Re-adding a backend of the file that was removed: bring it back as it is
-                    // there, with the weight asked for.
+                    // there, with the weight asked for (or the file's).
                     changes.removed.remove(address);
-                    let file_weight = config
-                        .upstream(upstream)
-                        .and_then(|u| u.backends.iter().find(|b| b.address == *address))
-                        .map(|b| b.weight);
-                    changes.changed.insert(
-                        *address,
-                        BackendChange {
-                            weight: Some(*weight),
-                            file_weight,
-                            state: None,
-                        },
-                    );
+                    if weight.is_some() {
+                        let file_weight = config
+                            .upstream(upstream)
+                            .and_then(|u| u.backends.iter().find(|b| b.address == *address))
+                            .map(|b| b.weight);
+                        changes.changed.insert(
+                            *address,
+                            BackendChange {
+                                weight: *weight,
+                                file_weight,
+                                state: None,
+                            },
+                        );
+                    }
                 } else {
                     changes.added.push(AddedBackend {
                         address: *address,
-                        weight: *weight,
+                        weight: weight.unwrap_or(1),
                         state: BackendState::Active,
                     });
                 }

@@ -376,7 +376,7 @@ fn changes_are_checked_and_a_rejected_one_changes_nothing() {
             Rejection::Conflict("backend 127.0.0.1:9001 is active; set its state to \"draining\" or \"disabled\" first".into()),
         ),
         (
-            Change::AddBackend { upstream: "blue".into(), address: addr(9001), weight: 1 },
+            Change::AddBackend { upstream: "blue".into(), address: addr(9001), weight: Some(1) },
             Rejection::Conflict("upstream \"blue\" already has backend 127.0.0.1:9001".into()),
         ),
     ] {
@@ -413,7 +413,7 @@ fn drain_then_remove_and_add_back() {
     let add = Change::AddBackend {
         upstream: "blue".into(),
         address: addr(9004),
-        weight: 3,
+        weight: Some(3),
     };
     let s = s.with_change(&config, &add, idle).unwrap();
     let backends = s.backends(&config, "blue");
@@ -440,7 +440,7 @@ fn state_that_no_longer_fits_the_config_is_dropped_with_warnings() {
             &Change::AddBackend {
                 upstream: "blue".into(),
                 address: addr(9004),
-                weight: 1,
+                weight: Some(1),
             },
             idle,
         )
@@ -519,4 +519,47 @@ fn an_edit_of_the_file_wins_over_an_older_api_override() {
         (3, BackendState::Draining),
         "the drain stays"
     );
+}
+
+#[test]
+fn a_removed_file_backend_comes_back_with_the_files_weight() {
+    let config = Config::from_yaml(&TWO_UPSTREAMS.replace(
+        "      - address: 127.0.0.1:9001\n",
+        "      - address: 127.0.0.1:9001\n        weight: 4\n",
+    ))
+    .unwrap();
+    let idle = |_: &str, _: SocketAddr| 0;
+    let s = RuntimeState::default()
+        .with_change(
+            &config,
+            &Change::UpdateBackend {
+                upstream: "blue".into(),
+                address: addr(9001),
+                weight: None,
+                state: Some(BackendState::Disabled),
+            },
+            idle,
+        )
+        .unwrap()
+        .with_change(
+            &config,
+            &Change::RemoveBackend {
+                upstream: "blue".into(),
+                address: addr(9001),
+            },
+            idle,
+        )
+        .unwrap()
+        .with_change(
+            &config,
+            &Change::AddBackend {
+                upstream: "blue".into(),
+                address: addr(9001),
+                weight: None,
+            },
+            idle,
+        )
+        .unwrap();
+    let blue = s.backends(&config, "blue");
+    assert_eq!((blue[0].weight, blue[0].state), (4, BackendState::Active));
 }
