@@ -533,20 +533,7 @@ impl Switchyard {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log file");
-        self.child = Command::new(BINARY)
-            .args(["run", "--config"])
-            .arg(&self.config)
-            .env("RUST_LOG", "info")
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn switchyard");
+        self.child = self.launch(&[]);
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(self.addr).is_err() {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -564,6 +551,25 @@ impl Switchyard {
         }
     }
 
+    /// `switchyard run --config <ours> <extra>`, logging to our log file.
+    fn launch(&self, extra: &[&str]) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        Command::new(BINARY)
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn switchyard")
+    }
+
     /// Stops with SIGTERM and starts again with the same config file and ports.
     pub fn restart(&mut self) {
         self.signal("TERM");
@@ -577,20 +583,7 @@ impl Switchyard {
     pub fn upgrade(&mut self) {
         let socket = self.dir.join("upgrade.sock");
         let _ = std::fs::remove_file(&socket);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log file");
-        let next = Command::new(BINARY)
-            .args(["run", "--upgrade", "--config"])
-            .arg(&self.config)
-            .env("RUST_LOG", "info")
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn upgrade");
+        let next = self.launch(&["--upgrade"]);
         // From here on both processes are owned: the new one by `self` (killed on drop), the
         // old one by the guard, so a failed assertion leaves neither running.
         let mut old = ChildGuard(std::mem::replace(&mut self.child, next));

@@ -236,11 +236,9 @@ impl AdminApi {
     }
 
     fn update_backend(&self, upstream: &str, address: &str, body: &[u8]) -> Reply {
-        let Some(address) = parse_address(address) else {
-            return Reply::error(
-                StatusCode::NOT_FOUND,
-                format!("upstream {upstream:?} has no backend {address:?} (addresses are IP:port)"),
-            );
+        let address = match backend_in_path(upstream, address) {
+            Ok(address) => address,
+            Err(reply) => return reply,
         };
         let fields = match json_object(body) {
             Ok(fields) => fields,
@@ -250,14 +248,9 @@ impl AdminApi {
         let mut state = None;
         for (field, value) in &fields {
             match field.as_str() {
-                "weight" => match integer(value, MAX_BACKEND_WEIGHT) {
-                    Some(w) => weight = Some(w),
-                    None => {
-                        return Reply::error(
-                            StatusCode::BAD_REQUEST,
-                            format!("weight: must be an integer 0..={MAX_BACKEND_WEIGHT}"),
-                        )
-                    }
+                "weight" => match backend_weight(value) {
+                    Ok(w) => weight = Some(w),
+                    Err(reply) => return reply,
                 },
                 "state" => match value.as_str().and_then(parse_state) {
                     Some(s) => state = Some(s),
@@ -308,14 +301,9 @@ impl AdminApi {
                         )
                     }
                 },
-                "weight" => match integer(value, MAX_BACKEND_WEIGHT) {
-                    Some(w) => weight = Some(w),
-                    None => {
-                        return Reply::error(
-                            StatusCode::BAD_REQUEST,
-                            format!("weight: must be an integer 0..={MAX_BACKEND_WEIGHT}"),
-                        )
-                    }
+                "weight" => match backend_weight(value) {
+                    Ok(w) => weight = Some(w),
+                    Err(reply) => return reply,
                 },
                 other => {
                     return Reply::error(
@@ -340,11 +328,9 @@ impl AdminApi {
     }
 
     fn remove_backend(&self, upstream: &str, address: &str) -> Reply {
-        let Some(address) = parse_address(address) else {
-            return Reply::error(
-                StatusCode::NOT_FOUND,
-                format!("upstream {upstream:?} has no backend {address:?} (addresses are IP:port)"),
-            );
+        let address = match backend_in_path(upstream, address) {
+            Ok(address) => address,
+            Err(reply) => return reply,
         };
         let change = Change::RemoveBackend {
             upstream: upstream.to_string(),
@@ -431,6 +417,26 @@ fn integer(value: &Value, max: u32) -> Option<u32> {
         .as_u64()
         .filter(|v| *v <= u64::from(max))
         .and_then(|v| u32::try_from(v).ok())
+}
+
+/// The `{address}` segment of a backend path; one that is not IP:port names no backend.
+fn backend_in_path(upstream: &str, text: &str) -> Result<SocketAddr, Reply> {
+    parse_address(text).ok_or_else(|| {
+        Reply::error(
+            StatusCode::NOT_FOUND,
+            format!("upstream {upstream:?} has no backend {text:?} (addresses are IP:port)"),
+        )
+    })
+}
+
+/// A `weight` field of a backend body.
+fn backend_weight(value: &Value) -> Result<u32, Reply> {
+    integer(value, MAX_BACKEND_WEIGHT).ok_or_else(|| {
+        Reply::error(
+            StatusCode::BAD_REQUEST,
+            format!("weight: must be an integer 0..={MAX_BACKEND_WEIGHT}"),
+        )
+    })
 }
 
 fn parse_state(text: &str) -> Option<BackendState> {
