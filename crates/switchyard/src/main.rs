@@ -1,5 +1,6 @@
 //! The `switchyard` binary: command line, and the Pingora server assembled from a config.
 
+mod alloc;
 mod cli;
 mod demo;
 mod launch;

@@ -103,16 +103,21 @@ impl BackgroundService for Drain {
             let active = self.active.load(Ordering::Acquire);
             if active == 0 {
                 info!("no request in flight; exiting");
-                std::process::exit(0);
+                exit()
             }
             if Instant::now() >= deadline {
                 warn!(
                     "grace period of {:?} over with {active} requests in flight; exiting",
                     self.grace_period
                 );
-                std::process::exit(0);
+                exit()
             }
             tokio::time::sleep(DRAIN_POLL).await;
         }
     }
+}
+
+fn exit() -> ! {
+    crate::alloc::report();
+    std::process::exit(0)
 }
