@@ -28,8 +28,9 @@ pub(crate) enum Selector {
     /// Available backends with their (possibly ramping) weight; the least loaded relative to
     /// weight wins.
     LeastConnections(Box<[(usize, u32)]>),
-    /// Ketama ring over available backends' addresses, weighted.
-    Ketama(Continuum),
+    /// Ketama ring over available backends' addresses, weighted, and the index of each
+    /// address, sorted by address: the ring gives addresses.
+    Ketama(Continuum, Box<[(SocketAddr, usize)]>),
 }
 
 impl Selector {
@@ -59,7 +60,13 @@ impl Selector {
                     .iter()
                     .map(|&i| Bucket::new(backends[i].live.address, backends[i].weight))
                     .collect();
-                Selector::Ketama(Continuum::new(&buckets))
+                let mut index: Vec<(SocketAddr, usize)> = backends
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| (b.live.address, i))
+                    .collect();
+                index.sort_unstable();
+                Selector::Ketama(Continuum::new(&buckets), index.into())
             }
         }
     }
@@ -87,10 +94,10 @@ impl Selector {
             }
             Selector::LeastConnections(order) => {
                 // Rotating the scan start breaks ties round robin.
-                let start = cursor.fetch_add(1, Ordering::Relaxed);
+                let start = cursor.fetch_add(1, Ordering::Relaxed) % order.len();
+                let (before, after) = order.split_at(start);
                 let mut best: Option<(usize, usize, u32)> = None;
-                for k in 0..order.len() {
-                    let (i, weight) = order[(start + k) % order.len()];
+                for &(i, weight) in after.iter().chain(before) {
                     if !usable(i) {
                         continue;
                     }
@@ -99,8 +106,8 @@ impl Selector {
                     let better = match best {
                         None => true,
                         Some((_, best_load, best_weight)) => {
-                            (load as u128) * (best_weight as u128)
-                                < (best_load as u128) * (weight as u128)
+                            (load as u64) * u64::from(best_weight)
+                                < (best_load as u64) * u64::from(weight)
                         }
                     };
                     if better {
@@ -109,14 +116,14 @@ impl Selector {
                 }
                 best.map(|(i, _, _)| i)
             }
-            Selector::Ketama(ring) => {
+            Selector::Ketama(ring, index) => {
                 let key = client_key(client);
                 // Walking the ring finds the next backend clockwise, which keeps other
                 // clients in place; the walk is bounded because a heavy backend owns long runs
                 // of points, and past the bound any available backend will do.
                 ring.node_iter(key.as_bytes())
                     .take(RING_WALK_LIMIT)
-                    .filter_map(|addr| index_of(backends, addr))
+                    .filter_map(|addr| index_of(index, addr))
                     .find(|&i| usable(i))
                     .or_else(|| {
                         (0..backends.len()).find(|&i| backends[i].takes_traffic() && usable(i))
@@ -126,8 +133,11 @@ impl Selector {
     }
 }
 
-fn index_of(backends: &[Backend], addr: &SocketAddr) -> Option<usize> {
-    backends.iter().position(|b| b.live.address == *addr)
+fn index_of(index: &[(SocketAddr, usize)], addr: &SocketAddr) -> Option<usize> {
+    index
+        .binary_search_by(|(a, _)| a.cmp(addr))
+        .ok()
+        .map(|at| index[at].1)
 }
 
 /// Bytes of the client IP for hashing; requests without one share a key.

@@ -1,0 +1,178 @@
+//! What Switchyard adds to every request before Pingora connects: route match, split pick and
+//! backend pick, per algorithm, as backends grow from 2 to 1 000 and routes from 1 to 100.
+//! Also counts heap allocations on that path, which must be zero.
+//!
+//! `cargo bench -p switchyard-pool` measures (release profile). Run as a test (`cargo test
+//! --all-targets`) it does a few iterations of each case and fails if any allocates.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::fmt::Write;
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use switchyard_config::Config;
+use switchyard_pool::{Metrics, Pool, Snapshot};
+
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: forwards every call to the system allocator; only a counter is added.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// One upstream `app` of `backends` backends (weights 1..=4), and `routes` path-prefix routes
+/// of which only the last matches the benchmark's path.
+fn config(algorithm: &str, backends: usize, routes: usize) -> String {
+    let mut yaml = String::from("listeners:\n  - address: 127.0.0.1:8080\nupstreams:\n");
+    writeln!(yaml, "  app:\n    algorithm: {algorithm}\n    backends:").unwrap();
+    for i in 0..backends {
+        let weight = if algorithm == "round_robin" {
+            1
+        } else {
+            1 + i % 4
+        };
+        let (hi, lo) = (i / 250, i % 250);
+        writeln!(
+            yaml,
+            "      - address: 127.0.{hi}.{}:8000\n        weight: {weight}",
+            lo + 1
+        )
+        .unwrap();
+    }
+    yaml.push_str("  canary:\n    backends:\n      - address: 127.0.9.1:8000\nroutes:\n");
+    for r in 0..routes {
+        let prefix = if r + 1 == routes { "/app/" } else { "/other/" };
+        writeln!(
+            yaml,
+            "  - name: r{r}\n    path_prefix: {prefix}{r}\n    split:\n      app: 90\n      canary: 10"
+        )
+        .unwrap();
+    }
+    yaml
+}
+
+fn snapshot(yaml: &str) -> Arc<Snapshot> {
+    let config = Config::from_yaml(yaml).expect("benchmark config is valid");
+    Pool::new(config, Arc::new(Metrics::new()), None).snapshot()
+}
+
+/// One request's worth of decisions; returns something so that none is optimised away.
+fn decide(snapshot: &Snapshot, path: &str, client: IpAddr) -> usize {
+    let route = snapshot
+        .match_route(Some("example.com"), path)
+        .expect("a route matches");
+    let (upstream, backend) = snapshot.pick(route, Some(client)).expect("a backend");
+    upstream + backend
+}
+
+struct Case {
+    name: String,
+    snapshot: Arc<Snapshot>,
+    path: String,
+}
+
+fn cases() -> Vec<Case> {
+    let mut cases = Vec::new();
+    for algorithm in [
+        "round_robin",
+        "weighted_round_robin",
+        "least_connections",
+        "ip_hash",
+    ] {
+        for backends in [2, 10, 100, 1000] {
+            cases.push(Case {
+                name: format!("{algorithm}, {backends} backends, 1 route"),
+                snapshot: snapshot(&config(algorithm, backends, 1)),
+                path: "/app/0/x".into(),
+            });
+        }
+    }
+    for routes in [10, 100] {
+        cases.push(Case {
+            name: format!("round_robin, 2 backends, {routes} routes (last matches)"),
+            snapshot: snapshot(&config("round_robin", 2, routes)),
+            path: format!("/app/{}/x", routes - 1),
+        });
+    }
+    cases
+}
+
+/// Distinct client addresses, so that ip_hash does not hit one ring point.
+fn clients() -> Vec<IpAddr> {
+    (0..1024u32)
+        .map(|i| IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i * 7919)))
+        .collect()
+}
+
+/// Runs `iterations` decisions; returns the time taken and the allocations made.
+fn run(case: &Case, clients: &[IpAddr], iterations: usize) -> (Duration, u64) {
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let start = Instant::now();
+    let mut sink = 0;
+    for i in 0..iterations {
+        sink += decide(
+            &case.snapshot,
+            black_box(&case.path),
+            clients[i % clients.len()],
+        );
+    }
+    black_box(sink);
+    (
+        start.elapsed(),
+        ALLOCATIONS.load(Ordering::Relaxed) - before,
+    )
+}
+
+fn main() {
+    let measuring = std::env::args().any(|a| a == "--bench");
+    let clients = clients();
+    let cases = cases();
+    if !measuring {
+        let before = ALLOCATIONS.load(Ordering::Relaxed);
+        black_box(vec![0u8; 16]);
+        assert!(
+            ALLOCATIONS.load(Ordering::Relaxed) > before,
+            "the counter counts"
+        );
+        for case in &cases {
+            let (_, allocations) = run(case, &clients, 1000);
+            assert_eq!(allocations, 0, "{}: the request path allocated", case.name);
+        }
+        println!("{} selection cases run, none allocated", cases.len());
+        return;
+    }
+    println!("{:<58} {:>10} {:>12}", "case", "ns/request", "allocations");
+    for case in &cases {
+        run(case, &clients, 100_000);
+        // Best of five rounds of 1M: the least disturbed by the rest of the machine.
+        let mut best = Duration::MAX;
+        let mut allocations = 0;
+        for _ in 0..5 {
+            let (took, allocated) = run(case, &clients, 1_000_000);
+            best = best.min(took);
+            allocations += allocated;
+        }
+        let ns = best.as_nanos() as f64 / 1e6;
+        println!("{:<58} {ns:>10.1} {allocations:>12}", case.name);
+    }
+}
