@@ -6,6 +6,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use log::info;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::proxy::HttpProxy;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server};
@@ -96,7 +97,12 @@ pub fn run(
     let gate = HandoverGate::new(http, Arc::clone(&closing), Arc::clone(&active));
     let mut proxy_service = Service::new("proxy".into(), gate);
     for listener in &listeners {
-        proxy_service.add_tcp(&listener.address.to_string());
+        // No user-space read buffer under plain HTTP/1: Pingora's 64 KiB default is kept
+        // (and touched) for every idle keep-alive connection, and every request is copied
+        // out of it into the HTTP parser's own buffer.
+        let config = ListenerConfig::tcp(listener.address.to_string())
+            .l4_buffer(L4BufferSettings::default().read(0));
+        proxy_service.add_listener(config);
     }
     let proxy = server.add_service(proxy_service);
     proxy.add_dependency(&health);
