@@ -138,3 +138,36 @@ fn the_metrics_endpoint_serves_only_get_metrics() {
     let r = block_on(send(sy.metrics, "POST", "/metrics", &[], Some(b""))).expect("post");
     assert_eq!((r.status, r.header("allow")), (405, Some("GET")));
 }
+
+#[test]
+fn a_client_that_leaves_before_the_answer_is_counted_499_without_an_error_line() {
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    blue.set_delay(Duration::from_millis(300));
+    let sy = Switchyard::start(&blue_green(blue.addr, green.addr, (1, 0), "", ""));
+    block_on(async {
+        use tokio::io::AsyncWriteExt;
+        let mut client = tokio::net::TcpStream::connect(sy.addr)
+            .await
+            .expect("connect");
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n")
+            .await
+            .expect("send");
+        // Gone while the backend is still working on it.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    });
+    let series = format!(
+        "switchyard_requests_total{{backend=\"{}\",route=\"web\",status=\"499\",upstream=\"blue\"}}",
+        blue.addr
+    );
+    wait_until("the 499 counted", Duration::from_secs(5), || {
+        sample(&sy.scrape(), &series) == Some(1.0)
+    });
+    assert_eq!(get(sy.addr, "/").status, 200);
+    let log = sy.log_text();
+    assert!(
+        !log.contains("ERROR"),
+        "an ERROR line for a client that left:\n{log}"
+    );
+}

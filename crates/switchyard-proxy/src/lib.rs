@@ -313,6 +313,12 @@ impl ProxyHttp for Proxy {
         }
     }
 
+    /// A client that goes away mid-request is an everyday event (nginx logs it at info, as
+    /// 499); it is counted as 499 in the metrics instead of an ERROR line each time.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
+        client_went_away(e)
+    }
+
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
@@ -329,10 +335,7 @@ impl ProxyHttp for Proxy {
                 "504 Gateway Timeout: the backend did not answer in time\n",
             ),
             (ErrorSource::Upstream, _) => (502, "502 Bad Gateway: the backend failed to answer\n"),
-            (
-                ErrorSource::Downstream,
-                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed,
-            ) => (0, ""),
+            _ if client_went_away(e) => (0, ""),
             (ErrorSource::Downstream, ErrorType::ReadTimedout) => (
                 408,
                 "408 Request Timeout: the request was not received in time\n",
@@ -381,6 +384,14 @@ fn forwarded_for(headers: &HeaderMap, client: IpAddr) -> Result<HeaderValue> {
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+fn client_went_away(e: &Error) -> bool {
+    e.esource() == &ErrorSource::Downstream
+        && matches!(
+            e.etype(),
+            ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed
+        )
+}
 
 /// Status recorded for a request that got no response because the client left.
 const CLIENT_CLOSED: u16 = 499;
