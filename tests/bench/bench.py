@@ -72,6 +72,8 @@ SCENARIOS = [
              algorithm="least_conn"),
     Scenario("h", "ip-hash", "ip hash over 4 backends, 1 thread", backends=4,
              algorithm="ip_hash"),
+    Scenario("k", "shared-pool-2t", "2 threads, 100 backends, a new client connection per request "
+             "(nothing pinned)", threads=2, backends=100, close=True),
     Scenario("i", "idle-1000", "resident memory per idle client connection (1 000 connections)",
              kind="idle"),
     Scenario("j", "allocs", "heap allocations per proxied request (Switchyard only)",

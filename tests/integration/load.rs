@@ -24,6 +24,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// What one request got: the backend's answer, or what went wrong.
 #[derive(Debug, Clone)]
 pub struct Sample {
+    /// When the request was sent: routing is decided then, however long the answer takes.
     pub at: Instant,
     pub outcome: Result<String, String>,
 }
@@ -91,6 +92,7 @@ async fn client(
         && samples.len() < MAX_PER_CLIENT
         && started.elapsed() < MAX_TIME
     {
+        let sent = Instant::now();
         let attempt = async {
             if keep_alive {
                 keep_alive_request(addr, &mut connection).await
@@ -109,10 +111,7 @@ async fn client(
                 Err(format!("no answer within {REQUEST_TIMEOUT:?}"))
             }
         };
-        samples.push(Sample {
-            at: Instant::now(),
-            outcome,
-        });
+        samples.push(Sample { at: sent, outcome });
         done.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(PACE).await;
     }
@@ -180,7 +179,8 @@ impl Report {
             .collect()
     }
 
-    /// Answers from `who` among the successful answers between `from` and `to`, as a share.
+    /// Answers from `who` among the successful answers to requests sent between `from` and
+    /// `to`, as a share.
     pub fn share(&self, who: &str, from: Instant, to: Instant) -> (f64, usize) {
         let window: Vec<&String> = self
             .samples

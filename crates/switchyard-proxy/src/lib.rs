@@ -20,6 +20,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
+use pingora_core::modules::http::HttpModules;
 use pingora_core::protocols::Digest;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_core::{Error, ErrorSource, ErrorType, OrErr, Result};
@@ -84,6 +85,10 @@ impl RequestCtx {
 #[async_trait]
 impl ProxyHttp for Proxy {
     type CTX = RequestCtx;
+
+    /// No downstream modules: Pingora's default is a compression module switched off, which
+    /// still costs every request a module context and a call per header and body chunk.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     fn new_ctx(&self) -> RequestCtx {
         self.active.fetch_add(1, Ordering::AcqRel);
