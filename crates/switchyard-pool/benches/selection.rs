@@ -1,5 +1,6 @@
-//! What Switchyard adds to every request before Pingora connects: route match, split pick and
-//! backend pick, per algorithm, as backends grow from 2 to 1 000 and routes from 1 to 100.
+//! What Switchyard adds to every request before Pingora connects: route match, split pick,
+//! backend pick and counting the request in flight (up and down), per algorithm, as backends
+//! grow from 2 to 1 000 and routes from 1 to 100.
 //! Also counts heap allocations on that path, which must be zero.
 //!
 //! `cargo bench -p switchyard-pool` measures (release profile). Run as a test (`cargo test
@@ -82,6 +83,9 @@ fn decide(snapshot: &Snapshot, path: &str, client: IpAddr) -> usize {
         .match_route(Some("example.com"), path)
         .expect("a route matches");
     let (upstream, backend) = snapshot.pick(route, Some(client)).expect("a backend");
+    // The request's in-flight count, up now and down when it ends, as the proxy does.
+    let request = snapshot.upstreams[upstream].hold(backend);
+    black_box(&request);
     upstream + backend
 }
 

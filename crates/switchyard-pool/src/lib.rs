@@ -10,6 +10,7 @@
 //! none of them.
 
 pub mod health;
+mod least;
 mod live;
 pub mod metrics;
 pub mod ramp;

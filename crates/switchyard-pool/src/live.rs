@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::least::Report;
+
 #[derive(Debug)]
 pub struct BackendLive {
     pub address: SocketAddr,
@@ -93,23 +95,35 @@ fn now_mark() -> u64 {
 }
 
 /// Counts one request against a backend for as long as it lives, so errors, retries and
-/// cancelled requests all give the count back.
-#[derive(Debug)]
-pub struct InFlight(Arc<BackendLive>);
+/// cancelled requests all give the count back. Made by [`crate::Upstream::hold`].
+pub struct InFlight {
+    backend: Arc<BackendLive>,
+    /// Where least-connections learns of the change, when it keeps a tree.
+    report: Option<Report>,
+}
 
 impl InFlight {
-    pub fn new(backend: &Arc<BackendLive>) -> Self {
+    pub(crate) fn new(backend: &Arc<BackendLive>, report: Option<Report>) -> Self {
         backend.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(Arc::clone(backend))
+        if let Some(report) = &report {
+            report.changed(backend);
+        }
+        InFlight {
+            backend: Arc::clone(backend),
+            report,
+        }
     }
 
     pub fn backend(&self) -> &BackendLive {
-        &self.0
+        &self.backend
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(report) = &self.report {
+            report.changed(&self.backend);
+        }
     }
 }

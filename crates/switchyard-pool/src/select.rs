@@ -2,19 +2,30 @@
 //! pick is an atomic increment and an index, and every worker thread shares one position.
 //!
 //! Pingora's own weighted selection repeats a backend `weight` times in a row (a a a b), and it
-//! has no least-connections; we build nginx's smooth sequence once per snapshot instead and
-//! reuse Pingora's Ketama ring for `ip_hash`.
+//! has no least-connections; we build nginx's smooth sequence once per snapshot instead, keep
+//! a tournament tree for least-connections ([`crate::least`]) and reuse Pingora's Ketama ring
+//! for `ip_hash`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use pingora_ketama::{Bucket, Continuum};
 use switchyard_config::Algorithm;
 
+use crate::least::{Current, LoadTree, Report};
 use crate::snapshot::Backend;
 
 /// Ring points visited before giving up on clockwise order.
 const RING_WALK_LIMIT: usize = 4096;
+
+/// Selection state of one upstream that outlives snapshots, shared by all threads.
+#[derive(Default)]
+pub(crate) struct Shared {
+    /// Position in the selection order; also the pick sequence of least-connections.
+    cursor: AtomicUsize,
+    least: Arc<Current>,
+}
 
 /// Backend indices (into the upstream's `backends`) that may take new requests, arranged for
 /// the upstream's algorithm.
@@ -27,7 +38,7 @@ pub(crate) enum Selector {
     Smooth(Box<[usize]>),
     /// Available backends with their (possibly ramping) weight; the least loaded relative to
     /// weight wins.
-    LeastConnections(Box<[(usize, u32)]>),
+    LeastConnections(Arc<LoadTree>),
     /// Ketama ring over available backends' addresses, weighted, and the index of each
     /// address, sorted by address: the ring gives addresses.
     Ketama(Continuum, Box<[(SocketAddr, usize)]>),
@@ -47,9 +58,12 @@ impl Selector {
         }
         match algorithm {
             Algorithm::RoundRobin => Selector::RoundRobin(available.into()),
-            Algorithm::LeastConnections => {
-                Selector::LeastConnections(available.iter().map(|&i| (i, weights[i])).collect())
-            }
+            Algorithm::LeastConnections => Selector::LeastConnections(Arc::new(LoadTree::new(
+                backends.len(),
+                available
+                    .iter()
+                    .map(|&i| (i, weights[i], Arc::clone(&backends[i].live))),
+            ))),
             Algorithm::WeightedRoundRobin => {
                 let weighted: Vec<(usize, u32)> =
                     available.iter().map(|&i| (i, weights[i])).collect();
@@ -75,46 +89,34 @@ impl Selector {
         matches!(self, Selector::Empty)
     }
 
+    /// Where a request on backend `i` reports its start and end, if the algorithm needs it.
+    pub(crate) fn report(&self, shared: &Shared, i: usize) -> Option<Report> {
+        match self {
+            Selector::LeastConnections(tree) => tree.report(&shared.least, i),
+            _ => None,
+        }
+    }
+
     /// Picks a backend for which `usable` holds, trying further candidates in the algorithm's
     /// own order when the first is not usable (a health flip not yet rebuilt, a retry).
     pub(crate) fn pick(
         &self,
         backends: &[Backend],
-        cursor: &AtomicUsize,
+        shared: &Shared,
         client: Option<IpAddr>,
         usable: impl Fn(usize) -> bool,
     ) -> Option<usize> {
         match self {
             Selector::Empty => None,
             Selector::RoundRobin(order) | Selector::Smooth(order) => {
-                let start = cursor.fetch_add(1, Ordering::Relaxed);
+                let start = shared.cursor.fetch_add(1, Ordering::Relaxed);
                 (0..order.len())
                     .map(|k| order[(start + k) % order.len()])
                     .find(|&i| usable(i))
             }
-            Selector::LeastConnections(order) => {
-                // Rotating the scan start breaks ties round robin.
-                let start = cursor.fetch_add(1, Ordering::Relaxed) % order.len();
-                let (before, after) = order.split_at(start);
-                let mut best: Option<(usize, usize, u32)> = None;
-                for &(i, weight) in after.iter().chain(before) {
-                    if !usable(i) {
-                        continue;
-                    }
-                    let load = backends[i].live.in_flight();
-                    // load/weight < best_load/best_weight, without division.
-                    let better = match best {
-                        None => true,
-                        Some((_, best_load, best_weight)) => {
-                            (load as u64) * u64::from(best_weight)
-                                < (best_load as u64) * u64::from(weight)
-                        }
-                    };
-                    if better {
-                        best = Some((i, load, weight));
-                    }
-                }
-                best.map(|(i, _, _)| i)
+            Selector::LeastConnections(tree) => {
+                let sequence = shared.cursor.fetch_add(1, Ordering::Relaxed);
+                tree.pick(&shared.least, sequence as u64, usable)
             }
             Selector::Ketama(ring, index) => {
                 let key = client_key(client);

@@ -9,9 +9,9 @@ use std::time::Duration;
 use prometheus::Histogram;
 use switchyard_config::{Algorithm, Config, HealthCheck, PassiveCheck, Timeouts};
 
-use crate::live::BackendLive;
+use crate::live::{BackendLive, InFlight};
 use crate::metrics::{ErrorCounters, Metrics, StatusCounters};
-use crate::select::{smooth_sequence, Selector};
+use crate::select::{smooth_sequence, Selector, Shared};
 use crate::state::RuntimeState;
 
 /// What the operator wants of a backend, apart from its health.
@@ -102,8 +102,8 @@ pub struct Upstream {
     /// Whether a backend was still ramping up when this snapshot was built.
     ramping: bool,
     selector: Selector,
-    /// Selection position, shared by all threads and kept across snapshots.
-    cursor: Arc<AtomicUsize>,
+    /// Selection state shared by all threads and kept across snapshots.
+    selection: Arc<Shared>,
 }
 
 impl Upstream {
@@ -118,7 +118,7 @@ impl Upstream {
         timeouts: Timeouts,
         passive: PassiveCheck,
         slow_start: Option<Duration>,
-        cursor: Arc<AtomicUsize>,
+        selection: Arc<Shared>,
     ) -> Upstream {
         let available: Vec<usize> = (0..backends.len())
             .filter(|&i| backends[i].available())
@@ -135,7 +135,7 @@ impl Upstream {
             health_check,
             timeouts,
             passive,
-            cursor,
+            selection,
         }
     }
 
@@ -164,9 +164,17 @@ impl Upstream {
     /// Picks a backend for a new request; `exclude` is a backend that just failed.
     pub fn pick_backend(&self, client: Option<IpAddr>, exclude: Option<usize>) -> Option<usize> {
         self.selector
-            .pick(&self.backends, &self.cursor, client, |i| {
+            .pick(&self.backends, &self.selection, client, |i| {
                 Some(i) != exclude && self.backends[i].live.is_healthy()
             })
+    }
+
+    /// Counts a request against backend `i` until the guard drops.
+    pub fn hold(&self, i: usize) -> InFlight {
+        InFlight::new(
+            &self.backends[i].live,
+            self.selector.report(&self.selection, i),
+        )
     }
 
     fn rebuilt(&self) -> Upstream {
@@ -178,7 +186,7 @@ impl Upstream {
             self.timeouts,
             self.passive,
             self.slow_start,
-            Arc::clone(&self.cursor),
+            Arc::clone(&self.selection),
         )
     }
 }
@@ -346,7 +354,7 @@ impl Snapshot {
                     u.timeouts,
                     u.passive,
                     u.slow_start,
-                    old.map(|o| Arc::clone(&o.cursor)).unwrap_or_default(),
+                    old.map(|o| Arc::clone(&o.selection)).unwrap_or_default(),
                 )
             })
             .collect();

@@ -96,13 +96,11 @@ fn least_connections_prefers_the_least_loaded_relative_to_weight() {
     let s = build(&config("least_connections", &[1, 1, 2]), None);
     let up = &s.upstreams[0];
     // A slow backend holds requests: it must get none while the others have fewer.
-    let held: Vec<InFlight> = (0..3)
-        .map(|_| InFlight::new(&up.backends[0].live))
-        .collect();
+    let held: Vec<InFlight> = (0..3).map(|_| up.hold(0)).collect();
     let mut guards = Vec::new();
     for _ in 0..6 {
         let b = up.pick_backend(None, None).unwrap();
-        guards.push(InFlight::new(&up.backends[b].live));
+        guards.push(up.hold(b));
     }
     let c = counts(
         &guards
@@ -118,6 +116,118 @@ fn least_connections_prefers_the_least_loaded_relative_to_weight() {
     // All idle: ties are broken round robin, not always the first backend.
     let c = counts(&picks(&s, 300));
     assert_eq!((c[&9001], c[&9002], c[&9003]), (100, 100, 100));
+}
+
+/// Small deterministic generator for randomised sequences of requests.
+struct XorShift(u64);
+
+impl XorShift {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}
+
+/// Whether backend `b` has the fewest in-flight requests relative to weight of all.
+fn is_least_loaded(s: &Snapshot, b: usize) -> bool {
+    let up = &s.upstreams[0];
+    let key = |i: usize| {
+        (
+            up.backends[i].live.in_flight() as u64,
+            u64::from(up.backends[i].weight),
+        )
+    };
+    let (load, weight) = key(b);
+    (0..up.backends.len()).all(|i| {
+        let (other, other_weight) = key(i);
+        load * other_weight <= other * weight
+    })
+}
+
+#[test]
+fn least_connections_is_exact_over_any_sequence_of_starts_and_ends() {
+    // Small upstreams scan, large ones keep a tree.
+    for backends in [5, 37] {
+        let weights: Vec<u32> = (0..backends).map(|i| 1 + (i * 7) % 5).collect();
+        let s = build(&config("least_connections", &weights), None);
+        let up = &s.upstreams[0];
+        let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+        let mut held: Vec<InFlight> = Vec::new();
+        for step in 0..5000 {
+            if held.is_empty() || rng.below(3) > 0 {
+                let b = up.pick_backend(None, None).unwrap();
+                assert!(
+                    is_least_loaded(&s, b),
+                    "{backends}, step {step}: picked {b}"
+                );
+                held.push(up.hold(b));
+            } else {
+                let gone = rng.below(held.len());
+                held.swap_remove(gone);
+            }
+        }
+    }
+}
+
+#[test]
+fn least_connections_follows_requests_that_end_after_a_rebuild() {
+    let s = build(&config("least_connections", &[1; 40]), None);
+    let first = s.upstreams[0].pick_backend(None, None).unwrap();
+    assert_eq!(first, 0);
+    // One request on every backend but 0, five on backend 0.
+    let mut old: Vec<InFlight> = (1..40).map(|b| s.upstreams[0].hold(b)).collect();
+    old.extend((0..5).map(|_| s.upstreams[0].hold(0)));
+
+    // Requests of the old snapshot end before the new one picks for the first time.
+    let next = s.rebuilt();
+    old.truncate(39);
+    assert_eq!(next.upstreams[0].pick_backend(None, None), Some(0));
+
+    // And after the new one took over.
+    let held: Vec<InFlight> = (0..4).map(|_| next.upstreams[0].hold(0)).collect();
+    let last = next.rebuilt();
+    let up = &last.upstreams[0];
+    let busy: Vec<InFlight> = (0..2)
+        .map(|_| up.hold(up.pick_backend(None, None).unwrap()))
+        .collect();
+    assert!(busy.iter().all(|g| g.backend().address.port() != 9001));
+    drop(held);
+    assert_eq!(up.pick_backend(None, None), Some(0));
+}
+
+#[test]
+fn least_connections_stays_exact_after_threads_race_on_it() {
+    let weights: Vec<u32> = (0..64).map(|i| 1 + i % 3).collect();
+    let s = build(&config("least_connections", &weights), None);
+    std::thread::scope(|scope| {
+        for t in 0..4u64 {
+            let up = &s.upstreams[0];
+            scope.spawn(move || {
+                let mut rng = XorShift(0x2545_f491_4f6c_dd1d + t);
+                let mut held: Vec<InFlight> = Vec::new();
+                for _ in 0..20_000 {
+                    if held.len() < 40 && rng.below(2) == 0 {
+                        held.push(up.hold(up.pick_backend(None, None).unwrap()));
+                    } else if !held.is_empty() {
+                        let gone = rng.below(held.len());
+                        held.swap_remove(gone);
+                    }
+                }
+            });
+        }
+    });
+    let up = &s.upstreams[0];
+    let mut held = Vec::new();
+    for step in 0..500 {
+        let b = up.pick_backend(None, None).unwrap();
+        assert!(
+            is_least_loaded(&s, b),
+            "step {step} after the race: picked {b}"
+        );
+        held.push(up.hold(b));
+    }
 }
 
 fn ip(i: u32) -> IpAddr {
@@ -291,7 +401,7 @@ fn live_state_and_cursors_survive_a_rebuild_from_config() {
     }
     let s = s.rebuilt();
     let first = picks(&s, 3);
-    let guard = InFlight::new(&s.upstreams[0].backends[1].live);
+    let guard = s.upstreams[0].hold(1);
     s.upstreams[0].backends[2].live.set_healthy(false);
     let next = build(&config, Some(&s));
     assert_eq!(next.upstreams[0].backends[1].live.in_flight(), 1);

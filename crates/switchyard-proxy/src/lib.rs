@@ -139,9 +139,7 @@ impl ProxyHttp for Proxy {
             .await?;
             return Ok(true);
         };
-        ctx.in_flight = Some(InFlight::new(
-            &snapshot.upstreams[upstream].backends[backend].live,
-        ));
+        ctx.in_flight = Some(snapshot.upstreams[upstream].hold(backend));
         ctx.upstream = upstream;
         ctx.backend = backend;
         ctx.route = Some(route);
@@ -194,7 +192,7 @@ impl ProxyHttp for Proxy {
                     e.etype().as_str(),
                     upstream.backends[next].live.address
                 );
-                ctx.in_flight = Some(InFlight::new(&upstream.backends[next].live));
+                ctx.in_flight = Some(upstream.hold(next));
                 ctx.backend = next;
                 e.set_retry(true);
             }
