@@ -3,17 +3,22 @@
 //! relative to weight, then least recently picked). A pick reads the root; a request starting
 //! or ending replays the matches on its backend's path to the root.
 //!
-//! The in-flight counts stay in [`BackendLive`] (draining and the admin API read them there);
-//! the tree stores only which leaf won, so a match always compares counts as they are now. Two
-//! threads replaying overlapping paths can leave a node one update behind; the next request
-//! that starts or ends below it corrects it, and a node can only lag behind a backend that
-//! still has requests in flight, whose ends correct it.
+//! Counts and pick times stay in [`BackendLive`], which outlives snapshots (draining and the
+//! admin API read the counts there); the tree stores only which leaf won, so a match always
+//! compares values as they are now. Requests report to the tree of the newest snapshot that
+//! picked (the upstream's [`Current`]), whichever snapshot they were picked from. Older trees,
+//! still used by retries of requests that began before a swap, scan instead.
 //!
-//! Ties go to the leaf picked least recently (by the upstream's pick sequence), which is round
-//! robin among equally loaded backends, as the contract asks.
+//! Two threads replaying through the same node can leave it one update behind, and a request
+//! begun under another algorithm does not report. So that neither lasts, every pick also
+//! replays one more node, bottom up in turn: the whole tree is recomputed once per round of
+//! (about as many picks as backends), which corrects any stale node.
+//!
+//! Ties go to the backend picked least recently (by the upstream's pick sequence), which is
+//! round robin among equally loaded backends, as the contract asks, across snapshots too.
 //!
 //! Up to [`SCAN_LIMIT`] backends a scan of all of them is cheaper than keeping the tree up to
-//! date (it needs no reports), so small upstreams scan.
+//! date, so small upstreams scan.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -26,65 +31,99 @@ use crate::live::BackendLive;
 const NONE: u32 = u32::MAX;
 
 /// Backends up to which picks scan instead of keeping the tree. Measured per request (pick,
-/// in-flight up and down) with `cargo bench -p switchyard-pool`: scan 37 / 50 / 75 / 147 ns at
-/// 2 / 16 / 32 / 100 backends, tree 57 / 67 / 71 / 87 ns, and 116 ns at 1 000.
-const SCAN_LIMIT: usize = 32;
+/// in-flight up and down) with `cargo bench -p switchyard-pool`: scan 39 / 53 / 78 / 157 ns at
+/// 2 / 16 / 32 / 100 backends, tree 50 / 61 / 65 / 73 ns, and 156 ns at 1 000.
+pub(crate) const SCAN_LIMIT: usize = 24;
 
-/// Gives every tree an identity that outlives it, so that "is this still the current tree" is
-/// one integer compare.
+/// Numbers trees in the order they are built, so the newest is the largest.
 static TREES: AtomicU64 = AtomicU64::new(1);
 
-/// The tree of an upstream that requests report to: the one of the newest snapshot that
-/// picked. Kept across snapshots.
-#[derive(Default)]
+/// The tree of an upstream that requests report to: the newest that picked. Kept across
+/// snapshots; every backend of the upstream holds it.
+#[derive(Debug, Default)]
 pub(crate) struct Current {
+    /// The tree's id, readable without touching its reference count.
     id: AtomicU64,
     tree: ArcSwapOption<LoadTree>,
 }
 
 impl Current {
-    /// Makes `tree` the one requests report to, if it is not yet. A snapshot built but never
-    /// used (a rejected change) never picks, so it never takes over.
-    fn take_over(&self, tree: &Arc<LoadTree>) {
-        if self.id.load(Ordering::Acquire) == tree.id {
-            return;
+    /// Makes `tree` the one requests report to unless a newer tree already is; returns whether
+    /// `tree` is current. A snapshot built but never used (a rejected change) never picks, so
+    /// its tree never takes over.
+    fn take_over(&self, tree: &Arc<LoadTree>) -> bool {
+        let id = self.id.load(Ordering::SeqCst);
+        if id >= tree.id {
+            return id == tree.id;
         }
-        self.tree.store(Some(Arc::clone(tree)));
-        self.id.store(tree.id, Ordering::Release);
-        // Requests that reported to the previous tree while this one was built.
+        loop {
+            let current = self.tree.load();
+            if current.as_ref().is_some_and(|t| t.id > tree.id) {
+                return false;
+            }
+            let previous = self.tree.compare_and_swap(&current, Some(Arc::clone(tree)));
+            if same(&previous, &current) {
+                break;
+            }
+        }
+        // SeqCst against the requests' count updates: a request that read the old id and
+        // reported to the old tree changed its count before this replay reads it.
+        self.id.fetch_max(tree.id, Ordering::SeqCst);
         tree.replay_all();
+        true
+    }
+
+    /// Lets go of the tree: it holds the upstream's backends, and they hold this.
+    pub(crate) fn release(&self) {
+        self.tree.store(None);
     }
 }
 
-/// What a request in flight on a tracked least-connections backend reports through when it
-/// starts and ends.
+fn same(a: &Option<Arc<LoadTree>>, b: &Option<Arc<LoadTree>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+/// How a request in flight on a least-connections backend reports its start and end: to the
+/// tree that picked it while that is current, otherwise to the current one.
+#[derive(Debug)]
 pub(crate) struct Report {
-    current: Arc<Current>,
-    tree: Arc<LoadTree>,
-    /// The backend's leaf in `tree`.
+    /// The id of the tree that picked.
+    id: u64,
+    /// That tree, when it is tracked (a small one has nothing to replay).
+    tree: Option<Arc<LoadTree>>,
+    /// The backend's leaf in it.
     leaf: u32,
 }
 
 impl Report {
     pub(crate) fn changed(&self, live: &BackendLive) {
-        if self.current.id.load(Ordering::Acquire) == self.tree.id {
-            self.tree.replay(self.leaf as usize);
-        } else if let Some(tree) = self.current.tree.load().as_ref() {
-            // A newer snapshot's tree took over while this request was on its way.
+        let current = &live.least;
+        if current.id.load(Ordering::SeqCst) == self.id {
+            if let Some(tree) = &self.tree {
+                tree.replay(self.leaf as usize);
+            }
+        } else if let Some(tree) = current.tree.load().as_ref() {
             tree.changed(live);
         }
     }
 }
 
+#[derive(Debug)]
 struct Leaf {
     /// Index into the upstream's backends.
     backend: usize,
     weight: u32,
     live: Arc<BackendLive>,
-    /// Pick sequence number of this leaf's last pick (0: not picked by this tree).
-    last_pick: AtomicU64,
 }
 
+// Aligned so that the reference count that requests change sits on another cache line than
+// the fields every pick reads.
+#[derive(Debug)]
+#[repr(align(128))]
 pub(crate) struct LoadTree {
     id: u64,
     leaves: Box<[Leaf]>,
@@ -110,7 +149,6 @@ impl LoadTree {
                 backend,
                 weight,
                 live,
-                last_pick: AtomicU64::new(0),
             })
             .collect();
         let width = leaves.len().next_power_of_two();
@@ -147,17 +185,17 @@ impl LoadTree {
     }
 
     /// The backend with the fewest requests relative to weight that is `usable`: the root's
-    /// winner, or by a full scan when the tree is not tracked or its winner is not usable (a
-    /// backend just excluded, or a health flip that the next snapshot will reflect).
-    /// `sequence` orders picks, for ties.
+    /// winner, or by a full scan when the tree is small or not current or its winner is not
+    /// usable (a backend just excluded, or a health flip that the next snapshot will
+    /// reflect). `sequence` orders picks, for ties.
     pub(crate) fn pick(
         self: &Arc<Self>,
         current: &Current,
         sequence: u64,
         usable: impl Fn(usize) -> bool,
     ) -> Option<usize> {
-        let root = if self.tracked() {
-            current.take_over(self);
+        let tracked = current.take_over(self) && self.tracked();
+        let root = if tracked {
             self.winners[1].load(Ordering::Relaxed)
         } else {
             NONE
@@ -166,43 +204,45 @@ impl LoadTree {
             Some(leaf) if usable(leaf.backend) => root as usize,
             _ => self.scan(&usable)?,
         };
-        // The pick alone moves the leaf behind its equals, even before its request counts.
+        // The pick alone moves the backend behind its equals, even before its request counts.
         self.leaves[leaf]
+            .live
             .last_pick
             .store(sequence + 1, Ordering::Relaxed);
-        if self.tracked() {
+        if tracked {
             self.replay(leaf);
+            self.rematch(self.width - 1 - sequence as usize % (self.width - 1));
         }
         Some(self.leaves[leaf].backend)
     }
 
-    /// Where a request on `backend` reports, if this tree is tracked.
-    pub(crate) fn report(
-        self: &Arc<Self>,
-        current: &Arc<Current>,
-        backend: usize,
-    ) -> Option<Report> {
+    /// How a request on `backend`, picked from this tree, reports.
+    pub(crate) fn report(self: &Arc<Self>, backend: usize) -> Option<Report> {
         let leaf = *self.leaf_of.get(backend).filter(|&&l| l != NONE)?;
-        self.tracked().then(|| Report {
-            current: Arc::clone(current),
-            tree: Arc::clone(self),
+        Some(Report {
+            id: self.id,
+            tree: self.tracked().then(|| Arc::clone(self)),
             leaf,
         })
     }
 
     /// A request on `live` started or ended.
     fn changed(&self, live: &BackendLive) {
+        if !self.tracked() {
+            return;
+        }
         let key = live as *const BackendLive as usize;
         if let Ok(at) = self.by_live.binary_search_by_key(&key, |&(k, _)| k) {
             self.replay(self.by_live[at].1 as usize);
         }
     }
 
-    /// Every node again, bottom up: for a tree that takes over from another, whose requests
-    /// reported there.
+    /// Every node again, bottom up.
     fn replay_all(&self) {
-        for node in (1..self.width).rev() {
-            self.rematch(node);
+        if self.tracked() {
+            for node in (1..self.width).rev() {
+                self.rematch(node);
+            }
         }
     }
 
@@ -217,7 +257,11 @@ impl LoadTree {
     fn rematch(&self, node: usize) {
         let left = self.winners[2 * node].load(Ordering::Relaxed);
         let right = self.winners[2 * node + 1].load(Ordering::Relaxed);
-        self.winners[node].store(self.better(left, right), Ordering::Relaxed);
+        let winner = self.better(left, right);
+        // Nodes near the root share cache lines that every replay passes: write only changes.
+        if self.winners[node].load(Ordering::Relaxed) != winner {
+            self.winners[node].store(winner, Ordering::Relaxed);
+        }
     }
 
     /// The winner of two leaves (either may be [`NONE`]); the left one on a full tie.
@@ -226,9 +270,14 @@ impl LoadTree {
         else {
             return if a == NONE { b } else { a };
         };
-        if lighter(la, lb).unwrap_or_else(|| {
-            la.last_pick.load(Ordering::Relaxed) <= lb.last_pick.load(Ordering::Relaxed)
-        }) {
+        let (load_a, load_b) = (key(la), key(lb));
+        // load_a / weight_a against load_b / weight_b, without division.
+        let left_wins = match (load_a.0 * load_b.1).cmp(&(load_b.0 * load_a.1)) {
+            std::cmp::Ordering::Less => true,
+            std::cmp::Ordering::Greater => false,
+            std::cmp::Ordering::Equal => la.live.last_picked() <= lb.live.last_picked(),
+        };
+        if left_wins {
             a
         } else {
             b
@@ -237,38 +286,33 @@ impl LoadTree {
 
     /// The best usable leaf by looking at all of them, each count read once.
     fn scan(&self, usable: impl Fn(usize) -> bool) -> Option<usize> {
-        let mut best: Option<(usize, u64, u64)> = None;
+        let mut best: Option<(usize, (u64, u64))> = None;
         for (i, leaf) in self.leaves.iter().enumerate() {
             if !usable(leaf.backend) {
                 continue;
             }
-            let (load, weight) = (leaf.live.in_flight() as u64, u64::from(leaf.weight));
+            let (load, weight) = key(leaf);
             let wins = match best {
                 None => true,
-                // load / weight against best_load / best_weight, without division.
-                Some((b, best_load, best_weight)) => {
+                Some((b, (best_load, best_weight))) => {
                     match (load * best_weight).cmp(&(best_load * weight)) {
                         std::cmp::Ordering::Less => true,
                         std::cmp::Ordering::Greater => false,
                         std::cmp::Ordering::Equal => {
-                            leaf.last_pick.load(Ordering::Relaxed)
-                                < self.leaves[b].last_pick.load(Ordering::Relaxed)
+                            leaf.live.last_picked() < self.leaves[b].live.last_picked()
                         }
                     }
                 }
             };
             if wins {
-                best = Some((i, load, weight));
+                best = Some((i, (load, weight)));
             }
         }
-        best.map(|(i, _, _)| i)
+        best.map(|(i, _)| i)
     }
 }
 
-/// Whether `a` carries less load relative to weight than `b` (`None`: equal).
-fn lighter(a: &Leaf, b: &Leaf) -> Option<bool> {
-    // load_a / weight_a against load_b / weight_b, without division.
-    let load_a = a.live.in_flight() as u64 * u64::from(b.weight);
-    let load_b = b.live.in_flight() as u64 * u64::from(a.weight);
-    (load_a != load_b).then_some(load_a < load_b)
+/// In-flight requests and weight of a leaf.
+fn key(leaf: &Leaf) -> (u64, u64) {
+    (leaf.live.in_flight() as u64, u64::from(leaf.weight))
 }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::least::Report;
+use crate::least::{Current, Report};
 
 #[derive(Debug)]
 pub struct BackendLive {
@@ -19,6 +19,11 @@ pub struct BackendLive {
     /// When the backend last came into service, in ms since [`epoch`] (+1; 0: never), for
     /// slow start.
     in_service_since: AtomicU64,
+    /// The upstream's pick sequence number of this backend's last pick (0: never), for
+    /// least-connections' ties.
+    pub(crate) last_pick: AtomicU64,
+    /// The upstream's least-connections tree, which learns of every request's start and end.
+    pub(crate) least: Arc<Current>,
 }
 
 /// A fixed point in time to store instants in atomics.
@@ -28,18 +33,24 @@ fn epoch() -> Instant {
 }
 
 impl BackendLive {
-    pub fn new(address: SocketAddr, healthy: bool) -> Arc<Self> {
+    pub(crate) fn new(address: SocketAddr, healthy: bool, least: Arc<Current>) -> Arc<Self> {
         Arc::new(BackendLive {
             address,
             in_flight: AtomicUsize::new(0),
             healthy: AtomicBool::new(healthy),
             connect_failures: AtomicU32::new(0),
             in_service_since: AtomicU64::new(if healthy { now_mark() } else { 0 }),
+            last_pick: AtomicU64::new(0),
+            least,
         })
     }
 
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn last_picked(&self) -> u64 {
+        self.last_pick.load(Ordering::Relaxed)
     }
 
     pub fn is_healthy(&self) -> bool {
@@ -96,15 +107,18 @@ fn now_mark() -> u64 {
 
 /// Counts one request against a backend for as long as it lives, so errors, retries and
 /// cancelled requests all give the count back. Made by [`crate::Upstream::hold`].
+#[derive(Debug)]
 pub struct InFlight {
     backend: Arc<BackendLive>,
-    /// Where least-connections learns of the change, when it keeps a tree.
+    /// For least-connections: where the count's changes go.
     report: Option<Report>,
 }
 
 impl InFlight {
     pub(crate) fn new(backend: &Arc<BackendLive>, report: Option<Report>) -> Self {
-        backend.in_flight.fetch_add(1, Ordering::Relaxed);
+        // SeqCst: a least-connections tree taking over reads the counts after its swap; this
+        // count either reaches it through the report below or is read there.
+        backend.in_flight.fetch_add(1, Ordering::SeqCst);
         if let Some(report) = &report {
             report.changed(backend);
         }
@@ -121,7 +135,7 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.backend.in_flight.fetch_sub(1, Ordering::SeqCst);
         if let Some(report) = &self.report {
             report.changed(&self.backend);
         }

@@ -24,7 +24,16 @@ const RING_WALK_LIMIT: usize = 4096;
 pub(crate) struct Shared {
     /// Position in the selection order; also the pick sequence of least-connections.
     cursor: AtomicUsize,
-    least: Arc<Current>,
+    /// Also held by every backend of the upstream, which report to it.
+    pub(crate) least: Arc<Current>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // The upstream is gone from every snapshot: end the cycle between its backends and
+        // the least-connections tree.
+        self.least.release();
+    }
 }
 
 /// Backend indices (into the upstream's `backends`) that may take new requests, arranged for
@@ -89,10 +98,10 @@ impl Selector {
         matches!(self, Selector::Empty)
     }
 
-    /// Where a request on backend `i` reports its start and end, if the algorithm needs it.
-    pub(crate) fn report(&self, shared: &Shared, i: usize) -> Option<Report> {
+    /// How a request on backend `i` reports its start and end, if the algorithm needs it.
+    pub(crate) fn report(&self, i: usize) -> Option<Report> {
         match self {
-            Selector::LeastConnections(tree) => tree.report(&shared.least, i),
+            Selector::LeastConnections(tree) => tree.report(i),
             _ => None,
         }
     }

@@ -171,10 +171,7 @@ impl Upstream {
 
     /// Counts a request against backend `i` until the guard drops.
     pub fn hold(&self, i: usize) -> InFlight {
-        InFlight::new(
-            &self.backends[i].live,
-            self.selector.report(&self.selection, i),
-        )
+        InFlight::new(&self.backends[i].live, self.selector.report(i))
     }
 
     fn rebuilt(&self) -> Upstream {
@@ -310,6 +307,8 @@ impl Snapshot {
             .iter()
             .map(|u| {
                 let old = previous.and_then(|p| p.upstream(&u.name));
+                let selection: Arc<Shared> =
+                    old.map(|o| Arc::clone(&o.selection)).unwrap_or_default();
                 // Unchecked backends are healthy; checked ones earn it. A backend whose check
                 // was removed has no watcher left to mark it healthy.
                 let unchecked = u.health_check.is_none();
@@ -334,7 +333,11 @@ impl Snapshot {
                                 (Arc::clone(&ob.live), ob.errors.clone())
                             }
                             None => (
-                                BackendLive::new(b.address, unchecked),
+                                BackendLive::new(
+                                    b.address,
+                                    unchecked,
+                                    Arc::clone(&selection.least),
+                                ),
                                 metrics.error_counters(&u.name, &b.address.to_string()),
                             ),
                         };
@@ -354,7 +357,7 @@ impl Snapshot {
                     u.timeouts,
                     u.passive,
                     u.slow_start,
-                    old.map(|o| Arc::clone(&o.selection)).unwrap_or_default(),
+                    selection,
                 )
             })
             .collect();

@@ -2,9 +2,11 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 
 use switchyard_config::Config;
 
+use crate::least::SCAN_LIMIT;
 use crate::{BackendState, Change, InFlight, Metrics, Rejection, RuntimeState, Snapshot};
 
 fn build(config: &Config, previous: Option<&Snapshot>) -> Snapshot {
@@ -132,6 +134,12 @@ impl XorShift {
 
 /// Whether backend `b` has the fewest in-flight requests relative to weight of all.
 fn is_least_loaded(s: &Snapshot, b: usize) -> bool {
+    is_least_loaded_but(s, b, None)
+}
+
+/// Whether backend `b` has the fewest in-flight requests relative to weight of all but
+/// `excluded`.
+fn is_least_loaded_but(s: &Snapshot, b: usize, excluded: Option<usize>) -> bool {
     let up = &s.upstreams[0];
     let key = |i: usize| {
         (
@@ -140,17 +148,19 @@ fn is_least_loaded(s: &Snapshot, b: usize) -> bool {
         )
     };
     let (load, weight) = key(b);
-    (0..up.backends.len()).all(|i| {
-        let (other, other_weight) = key(i);
-        load * other_weight <= other * weight
-    })
+    (0..up.backends.len())
+        .filter(|&i| Some(i) != excluded)
+        .all(|i| {
+            let (other, other_weight) = key(i);
+            load * other_weight <= other * weight
+        })
 }
 
 #[test]
 fn least_connections_is_exact_over_any_sequence_of_starts_and_ends() {
     // Small upstreams scan, large ones keep a tree.
-    for backends in [5, 37] {
-        let weights: Vec<u32> = (0..backends).map(|i| 1 + (i * 7) % 5).collect();
+    for backends in [5, SCAN_LIMIT + 13] {
+        let weights: Vec<u32> = (0..backends).map(|i| 1 + (i as u32 * 7) % 5).collect();
         let s = build(&config("least_connections", &weights), None);
         let up = &s.upstreams[0];
         let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
@@ -201,33 +211,145 @@ fn least_connections_follows_requests_that_end_after_a_rebuild() {
 fn least_connections_stays_exact_after_threads_race_on_it() {
     let weights: Vec<u32> = (0..64).map(|i| 1 + i % 3).collect();
     let s = build(&config("least_connections", &weights), None);
-    std::thread::scope(|scope| {
-        for t in 0..4u64 {
-            let up = &s.upstreams[0];
-            scope.spawn(move || {
-                let mut rng = XorShift(0x2545_f491_4f6c_dd1d + t);
-                let mut held: Vec<InFlight> = Vec::new();
-                for _ in 0..20_000 {
-                    if held.len() < 40 && rng.below(2) == 0 {
-                        held.push(up.hold(up.pick_backend(None, None).unwrap()));
-                    } else if !held.is_empty() {
-                        let gone = rng.below(held.len());
-                        held.swap_remove(gone);
-                    }
-                }
-            });
-        }
-    });
     let up = &s.upstreams[0];
-    let mut held = Vec::new();
-    for step in 0..500 {
+    // Each thread leaves its last requests in flight, so the loads stay uneven.
+    let mut held: Vec<InFlight> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                scope.spawn(move || {
+                    let mut rng = XorShift(0x2545_f491_4f6c_dd1d + t);
+                    let mut held: Vec<InFlight> = Vec::new();
+                    for _ in 0..20_000 {
+                        if held.len() < 40 && rng.below(2) == 0 {
+                            held.push(up.hold(up.pick_backend(None, None).unwrap()));
+                        } else if !held.is_empty() {
+                            let gone = rng.below(held.len());
+                            held.swap_remove(gone);
+                        }
+                    }
+                    held
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect()
+    });
+    // A node left behind by the race is corrected within one round of picks.
+    for _ in 0..weights.len() {
+        drop(up.hold(up.pick_backend(None, None).unwrap()));
+    }
+    let mut rng = XorShift(7);
+    for step in 0..2000 {
         let b = up.pick_backend(None, None).unwrap();
         assert!(
             is_least_loaded(&s, b),
             "step {step} after the race: picked {b}"
         );
         held.push(up.hold(b));
+        let gone = rng.below(held.len());
+        held.swap_remove(gone);
     }
+}
+
+#[test]
+fn least_connections_ties_stay_round_robin_across_rebuilds() {
+    for backends in [5, 40] {
+        let mut s = build(&config("least_connections", &vec![1; backends]), None);
+        let mut tally = vec![0usize; backends];
+        for _ in 0..200 {
+            s = s.rebuilt();
+            let b = s.upstreams[0].pick_backend(None, None).unwrap();
+            drop(s.upstreams[0].hold(b));
+            tally[b] += 1;
+        }
+        let even = 200 / backends;
+        assert!(
+            tally.iter().all(|&n| n.abs_diff(even) <= 1),
+            "{backends} backends: {tally:?}"
+        );
+    }
+}
+
+#[test]
+fn least_connections_counts_requests_of_a_smaller_snapshot_in_the_tree() {
+    // Two backends down: as many available as still scan.
+    let n = SCAN_LIMIT + 2;
+    let s = build(&config("least_connections", &vec![1; n]), None);
+    let (spare_a, spare_b) = (n - 2, n - 1);
+    s.upstreams[0].backends[spare_a].live.set_healthy(false);
+    s.upstreams[0].backends[spare_b].live.set_healthy(false);
+    let s = s.rebuilt();
+    let mut held: Vec<InFlight> = (0..2 * SCAN_LIMIT)
+        .map(|_| s.upstreams[0].hold(s.upstreams[0].pick_backend(None, None).unwrap()))
+        .collect();
+    // Back up: a tree.
+    s.upstreams[0].backends[spare_a].live.set_healthy(true);
+    s.upstreams[0].backends[spare_b].live.set_healthy(true);
+    let next = s.rebuilt();
+    let up = &next.upstreams[0];
+    held.extend((0..2).flat_map(|_| [up.hold(spare_a), up.hold(spare_b)]));
+    drop(up.hold(up.pick_backend(None, None).unwrap()));
+    // Requests picked from the smaller snapshot end now: backend 5 alone is idle.
+    held.retain(|g| g.backend().address.port() != 9006);
+    for step in 0..200 {
+        let b = up.pick_backend(None, None).unwrap();
+        assert!(is_least_loaded(&next, b), "step {step}: picked {b}");
+        drop(up.hold(b));
+    }
+}
+
+#[test]
+fn least_connections_retries_from_an_old_snapshot_leave_the_new_one_exact() {
+    let s = build(&config("least_connections", &[1; 40]), None);
+    let mut held: Vec<InFlight> = (0..60)
+        .map(|_| s.upstreams[0].hold(s.upstreams[0].pick_backend(None, None).unwrap()))
+        .collect();
+    let next = s.rebuilt();
+    let mut rng = XorShift(11);
+    for step in 0..500 {
+        let b = next.upstreams[0].pick_backend(None, None).unwrap();
+        assert!(is_least_loaded(&next, b), "step {step}: picked {b}");
+        held.push(next.upstreams[0].hold(b));
+        // A retry of a request that began before the swap picks from the old snapshot.
+        let retry = s.upstreams[0].pick_backend(None, Some(b)).unwrap();
+        assert!(
+            is_least_loaded_but(&s, retry, Some(b)),
+            "step {step}: retried on {retry}"
+        );
+        held.push(s.upstreams[0].hold(retry));
+        for _ in 0..2 {
+            let gone = rng.below(held.len());
+            held.swap_remove(gone);
+        }
+    }
+}
+
+#[test]
+fn least_connections_falls_back_to_the_least_loaded_usable_backend() {
+    let s = build(&config("least_connections", &[1; 40]), None);
+    let up = &s.upstreams[0];
+    let _held: Vec<InFlight> = (1..40).map(|b| up.hold(b)).collect();
+    assert_eq!(up.pick_backend(None, None), Some(0));
+    // Excluded (a retry) or down before the rebuild: the next least loaded, not any.
+    let _more: Vec<InFlight> = (2..40).map(|b| up.hold(b)).collect();
+    assert_eq!(up.pick_backend(None, Some(0)), Some(1));
+    up.backends[0].live.set_healthy(false);
+    assert_eq!(up.pick_backend(None, None), Some(1));
+}
+
+#[test]
+fn least_connections_lets_go_of_backends_when_the_upstream_goes() {
+    let s = build(&config("least_connections", &[1; SCAN_LIMIT + 8]), None);
+    let b = s.upstreams[0].pick_backend(None, None).unwrap();
+    drop(s.upstreams[0].hold(b));
+    let backend = Arc::downgrade(&s.upstreams[0].backends[b].live);
+    drop(s);
+    assert!(
+        backend.upgrade().is_none(),
+        "the backend outlived its upstream"
+    );
 }
 
 fn ip(i: u32) -> IpAddr {
