@@ -11,8 +11,9 @@
 //!
 //! Two threads replaying through the same node can leave it one update behind, and a request
 //! begun under another algorithm does not report. So that neither lasts, every pick also
-//! replays one more node, bottom up in turn: the whole tree is recomputed once per round of
-//! (about as many picks as backends), which corrects any stale node.
+//! re-matches one more node, bottom up in turn, and its ancestors while that changes their
+//! winner: a stale node is corrected within one round (one pick per node of the tree, fewer
+//! than twice the backends).
 //!
 //! Ties go to the backend picked least recently (by the upstream's pick sequence), which is
 //! round robin among equally loaded backends, as the contract asks, across snapshots too.
@@ -20,7 +21,7 @@
 //! Up to [`SCAN_LIMIT`] backends a scan of all of them is cheaper than keeping the tree up to
 //! date, so small upstreams scan.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
@@ -34,6 +35,8 @@ const NONE: u32 = u32::MAX;
 /// in-flight up and down) with `cargo bench -p switchyard-pool`: scan 39 / 53 / 78 / 157 ns at
 /// 2 / 16 / 32 / 100 backends, tree 50 / 61 / 65 / 73 ns, and 156 ns at 1 000.
 pub(crate) const SCAN_LIMIT: usize = 24;
+// The bottom-up sweep needs a tree of more than one node.
+const _: () = assert!(SCAN_LIMIT >= 2);
 
 /// Numbers trees in the order they are built, so the newest is the largest.
 static TREES: AtomicU64 = AtomicU64::new(1);
@@ -69,13 +72,16 @@ impl Current {
         // SeqCst against the requests' count updates: a request that read the old id and
         // reported to the old tree changed its count before this replay reads it.
         self.id.fetch_max(tree.id, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
         tree.replay_all();
         true
     }
 
-    /// Lets go of the tree: it holds the upstream's backends, and they hold this.
+    /// Lets go of the tree: it holds the upstream's backends, and they hold this. Any tree
+    /// that picks afterwards takes over again.
     pub(crate) fn release(&self) {
         self.tree.store(None);
+        self.id.store(0, Ordering::SeqCst);
     }
 }
 
@@ -211,7 +217,10 @@ impl LoadTree {
             .store(sequence + 1, Ordering::Relaxed);
         if tracked {
             self.replay(leaf);
-            self.rematch(self.width - 1 - sequence as usize % (self.width - 1));
+            let mut node = self.width - 1 - sequence as usize % (self.width - 1);
+            while node >= 1 && self.rematch(node) {
+                node /= 2;
+            }
         }
         Some(self.leaves[leaf].backend)
     }
@@ -254,14 +263,17 @@ impl LoadTree {
         }
     }
 
-    fn rematch(&self, node: usize) {
+    /// Plays `node`'s match again; returns whether its winner changed.
+    fn rematch(&self, node: usize) -> bool {
         let left = self.winners[2 * node].load(Ordering::Relaxed);
         let right = self.winners[2 * node + 1].load(Ordering::Relaxed);
         let winner = self.better(left, right);
         // Nodes near the root share cache lines that every replay passes: write only changes.
-        if self.winners[node].load(Ordering::Relaxed) != winner {
+        let changed = self.winners[node].load(Ordering::Relaxed) != winner;
+        if changed {
             self.winners[node].store(winner, Ordering::Relaxed);
         }
+        changed
     }
 
     /// The winner of two leaves (either may be [`NONE`]); the left one on a full tie.

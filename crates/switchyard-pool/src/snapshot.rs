@@ -124,6 +124,12 @@ impl Upstream {
             .filter(|&i| backends[i].available())
             .collect();
         let (weights, ramping) = current_weights(&backends, slow_start);
+        if !matches!(algorithm, Algorithm::LeastConnections) {
+            // Nothing picks from the last least-connections tree any more; it would keep its
+            // backends, removed ones too. (Should this snapshot never go live, the live one's
+            // tree takes over again at its next pick.)
+            selection.least.release();
+        }
         Upstream {
             selector: Selector::build(algorithm, &backends, &weights, available),
             slow_start,

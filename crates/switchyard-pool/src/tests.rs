@@ -237,7 +237,7 @@ fn least_connections_stays_exact_after_threads_race_on_it() {
             .collect()
     });
     // A node left behind by the race is corrected within one round of picks.
-    for _ in 0..weights.len() {
+    for _ in 0..2 * weights.len() {
         drop(up.hold(up.pick_backend(None, None).unwrap()));
     }
     let mut rng = XorShift(7);
@@ -350,6 +350,44 @@ fn least_connections_lets_go_of_backends_when_the_upstream_goes() {
         backend.upgrade().is_none(),
         "the backend outlived its upstream"
     );
+}
+
+#[test]
+fn least_connections_corrects_requests_that_never_reported_within_a_round() {
+    let n = SCAN_LIMIT + 8;
+    let rr = build(&config("round_robin", &vec![1; n]), None);
+    // Requests that began under round robin do not report.
+    let mut silent: Vec<InFlight> = (0..n).map(|b| rr.upstreams[0].hold(b)).collect();
+    silent.extend((0..n).map(|b| rr.upstreams[0].hold(b)));
+    let lc = build(&config("least_connections", &vec![1; n]), Some(&rr));
+    let up = &lc.upstreams[0];
+    let mut held: Vec<InFlight> = (0..n)
+        .map(|_| up.hold(up.pick_backend(None, None).unwrap()))
+        .collect();
+    // Two backends go idle without a word to the tree.
+    silent.retain(|g| ![9003, 9020].contains(&g.backend().address.port()));
+    for _ in 0..2 * n {
+        held.push(up.hold(up.pick_backend(None, None).unwrap()));
+        held.swap_remove(0);
+    }
+    for step in 0..200 {
+        let b = up.pick_backend(None, None).unwrap();
+        assert!(is_least_loaded(&lc, b), "step {step}: picked {b}");
+        held.push(up.hold(b));
+        held.swap_remove(0);
+    }
+}
+
+#[test]
+fn least_connections_lets_go_of_removed_backends_after_a_switch_to_round_robin() {
+    let n = SCAN_LIMIT + 8;
+    let lc = build(&config("least_connections", &vec![1; n]), None);
+    drop(lc.upstreams[0].hold(lc.upstreams[0].pick_backend(None, None).unwrap()));
+    let last = Arc::downgrade(&lc.upstreams[0].backends[n - 1].live);
+    let rr = build(&config("round_robin", &vec![1; n - 1]), Some(&lc));
+    drop(lc);
+    assert!(last.upgrade().is_none(), "a removed backend is kept");
+    drop(rr);
 }
 
 fn ip(i: u32) -> IpAddr {
