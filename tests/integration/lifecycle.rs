@@ -1,7 +1,7 @@
 //! Process life: graceful stop on SIGTERM and SIGINT, the grace period as an upper bound, and
 //! the demo as a new user would start it.
 
-use std::io::{BufRead, BufReader as StdBufReader};
+use std::io::{BufRead, BufReader as StdBufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -194,6 +194,51 @@ fn once_handing_over_responses_close_connections_and_admin_changes_wait() {
     );
     assert_eq!(r.status, 503, "{}", r.text());
     assert_eq!(sy.api("GET", "/api/v1/routes/web", None).status, 200);
+    assert_eq!(sy.wait_exit(Duration::from_secs(15)).code(), Some(0));
+}
+
+#[test]
+fn a_request_head_still_arriving_when_the_listener_stops_is_answered() {
+    let a = TestBackend::start("a");
+    let mut sy = Switchyard::start(&one_upstream("round_robin", &[(a.addr, 1)], ""));
+    // SIGQUIT with no new process waiting: Pingora tries to hand the sockets over for 5 s,
+    // keeps accepting for 5 s more, then stops its listener and drops every connection whose
+    // request head it has not read in full.
+    sy.signal("QUIT");
+    let mut halves: Vec<(Instant, std::net::TcpStream)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(25);
+    while !sy.log_text().contains("Broadcasting graceful shutdown") {
+        assert!(Instant::now() < deadline, "{}", sy.log_text());
+        let mut half = std::net::TcpStream::connect(sy.addr).expect("connect");
+        half.write_all(b"GET / HTTP/1.1\r\n").expect("first half");
+        halves.push((Instant::now(), half));
+        // Pacing of the probe: a new half-sent request every 50 ms until the listener stops.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Connections opened well before the stop (so surely accepted) but within the time a
+    // closing process gives a head to arrive.
+    let stopped = Instant::now();
+    let mut late: Vec<std::net::TcpStream> = halves
+        .into_iter()
+        .filter(|(opened, _)| {
+            let age = stopped - *opened;
+            age > Duration::from_millis(300) && age < Duration::from_millis(1200)
+        })
+        .map(|(_, s)| s)
+        .collect();
+    assert!(!late.is_empty(), "no connection in the window");
+    for stream in &mut late {
+        stream.write_all(b"Host: x\r\n\r\n").expect("second half");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut answer = String::new();
+        let _ = std::io::Read::read_to_string(stream, &mut answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with('a'),
+            "answer: {answer:?}"
+        );
+    }
     assert_eq!(sy.wait_exit(Duration::from_secs(15)).code(), Some(0));
 }
 

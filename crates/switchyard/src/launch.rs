@@ -99,9 +99,9 @@ pub fn run(
     for listener in &listeners {
         // A 4 KiB user-space read buffer instead of Pingora's 64 KiB, which every idle
         // keep-alive connection keeps (90 KiB resident per idle connection, 29 KiB with this).
-        // Not none at all: with no buffer, the handover gate's first-byte peek and Pingora's
-        // request read raced at upgrades (1 request lost in 2 of 7 runs of the five-upgrade
-        // test; 0 in 8 with 4 KiB, as with 64 KiB).
+        // Not none at all (27 KiB): without it, the five-upgrade test lost a request at an
+        // upgrade in 3 of 29 runs (1 of 6 under the full parallel suite), for reasons not yet
+        // understood; with 4 KiB, as with 64 KiB, in none.
         let config = ListenerConfig::tcp(listener.address.to_string())
             .l4_buffer(L4BufferSettings::default().read(4096));
         proxy_service.add_listener(config);
