@@ -282,17 +282,10 @@ impl LoadTree {
         else {
             return if a == NONE { b } else { a };
         };
-        let (load_a, load_b) = (key(la), key(lb));
-        // load_a / weight_a against load_b / weight_b, without division.
-        let left_wins = match (load_a.0 * load_b.1).cmp(&(load_b.0 * load_a.1)) {
-            std::cmp::Ordering::Less => true,
-            std::cmp::Ordering::Greater => false,
-            std::cmp::Ordering::Equal => la.live.last_picked() <= lb.live.last_picked(),
-        };
-        if left_wins {
-            a
-        } else {
+        if rank((la, key(la)), (lb, key(lb))).is_gt() {
             b
+        } else {
+            a
         }
     }
 
@@ -303,21 +296,12 @@ impl LoadTree {
             if !usable(leaf.backend) {
                 continue;
             }
-            let (load, weight) = key(leaf);
-            let wins = match best {
-                None => true,
-                Some((b, (best_load, best_weight))) => {
-                    match (load * best_weight).cmp(&(best_load * weight)) {
-                        std::cmp::Ordering::Less => true,
-                        std::cmp::Ordering::Greater => false,
-                        std::cmp::Ordering::Equal => {
-                            leaf.live.last_picked() < self.leaves[b].live.last_picked()
-                        }
-                    }
-                }
-            };
+            let load = key(leaf);
+            let wins = best.is_none_or(|(b, best_load)| {
+                rank((leaf, load), (&self.leaves[b], best_load)).is_lt()
+            });
             if wins {
-                best = Some((i, (load, weight)));
+                best = Some((i, load));
             }
         }
         best.map(|(i, _)| i)
@@ -327,4 +311,13 @@ impl LoadTree {
 /// In-flight requests and weight of a leaf.
 fn key(leaf: &Leaf) -> (u64, u64) {
     (leaf.live.in_flight() as u64, u64::from(leaf.weight))
+}
+
+/// Least-connections' order of two leaves with their [`key`]s: load relative to weight
+/// (compared without division), then the one picked less recently first.
+fn rank(a: (&Leaf, (u64, u64)), b: (&Leaf, (u64, u64))) -> std::cmp::Ordering {
+    let ((leaf_a, (load_a, weight_a)), (leaf_b, (load_b, weight_b))) = (a, b);
+    (load_a * weight_b)
+        .cmp(&(load_b * weight_a))
+        .then_with(|| leaf_a.live.last_picked().cmp(&leaf_b.live.last_picked()))
 }
