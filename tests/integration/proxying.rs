@@ -129,11 +129,25 @@ fn a_post_without_body_is_retried_when_a_reused_connection_was_closed() {
     // the proxy's next reuse of it fail before any response byte: the keep-alive race.
     let a = TestBackend::start("a");
     a.set_close_silently(true);
-    let sy = Switchyard::start(&one_upstream("round_robin", &[(a.addr, 1)], ""));
-    for method in ["GET", "POST", "DELETE", "POST", "GET", "POST"] {
+    let sy = Switchyard::start(&one_upstream(
+        "round_robin",
+        &[(a.addr, 1)],
+        "metrics:\n  address: {metrics}\n",
+    ));
+    let methods = ["GET", "POST", "DELETE", "POST", "GET", "POST"];
+    for method in methods {
         let r = block_on(send(sy.addr, method, "/", &[], None)).expect("request");
         assert_eq!(r.status, 200, "{method}: {}", r.text());
     }
+    // Pingora pools the backend connection after the answer has gone out and before the
+    // request is counted: once counted, the next request is sure to reuse it.
+    let series = format!(
+        "switchyard_requests_total{{backend=\"{}\",route=\"all\",status=\"200\",upstream=\"pool\"}}",
+        a.addr
+    );
+    wait_until("the last answer counted", Duration::from_secs(5), || {
+        sample(&sy.scrape(), &series) == Some(methods.len() as f64)
+    });
     // A body may have been consumed: not sent twice.
     let r = block_on(send(sy.addr, "POST", "/upload", &[], Some(b"payload"))).expect("request");
     assert_eq!(r.status, 502);
