@@ -4,7 +4,7 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test deps test-deps build fmt lint deploy-demo bench bench-deps
+.PHONY: run test deps test-deps build fmt lint deploy-demo upgrade-stress nginx-dep bench bench-deps
 
 deps:
 	@command -v cmake >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq cmake; }
@@ -36,11 +36,18 @@ deploy-demo: build
 	@python3 -c "import matplotlib" 2>/dev/null || python3 -m pip install --quiet matplotlib
 	python3 deploy/canary_demo.py --binary target/release/switchyard --out docs/canary.png
 
+# 40 binary upgrades in a row under load, with two busy loops on the CPUs, nginx as the
+# backend (deploy/upgrade_stress.py): lists every failed request, exits 1 if there is one.
+upgrade-stress: build nginx-dep
+	PATH="$$PATH:/usr/sbin:/sbin" python3 deploy/upgrade_stress.py --binary target/release/switchyard
+
 # Switchyard against nginx and HAProxy on this machine (tests/bench/bench.py): results between
 # the markers of docs/benchmarks.md and in docs/benchmarks.png. BENCH_DURATION (seconds per
 # run, default 5) and BENCH_ROUNDS (default 3) tune it. perf is optional (syscall counts).
-bench-deps:
+nginx-dep:
 	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { $(SUDO) apt-get update -qq && { $(SUDO) apt-get install -y -qq nginx-light || $(SUDO) apt-get install -y -qq nginx; }; }
+
+bench-deps: nginx-dep
 	@command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq haproxy; }
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk; }
 	@command -v perf >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq linux-perf; } || echo "perf not available: syscall counts will be skipped"

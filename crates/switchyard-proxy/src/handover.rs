@@ -1,15 +1,19 @@
 //! Keeps the last connections of a process that hands over (upgrade) or stops.
 //!
-//! When Pingora stops a listener it also drops every connection whose request head it has not
-//! read in full (`handle_new_request` selects on shutdown). A client that connected a few
-//! microseconds before the listener closed has sent its request, but the bytes are not read
-//! yet, or not all of them: it sees its connection closed with no answer. Once the process is
-//! closing, this gate reads a new connection's request head itself, counted as in flight so
-//! the drain waits too, puts the bytes back and only then hands the connection to the proxy,
-//! which finds the whole head already read and serves it. Before closing, connections go
-//! straight through, at no cost.
+//! Two of Pingora's ways of stopping lose a request that has already reached the process:
+//!
+//! - When it stops a listener it also drops every connection whose request head it has not
+//!   read in full (`handle_new_request` selects on shutdown). A client that connected a few
+//!   microseconds before the listener closed has sent its request, but the bytes are not read
+//!   yet, or not all of them. Once the process is closing, [`HandoverGate`] reads a new
+//!   connection's request head itself, puts the bytes back and only then hands the connection
+//!   to the proxy, which finds the whole head already read and serves it. Before closing,
+//!   connections go straight through, at no cost.
+//! - A connection accepted just before the listener stopped gets a task that has not run yet:
+//!   no count of requests sees it, and a drain that exits when the count is zero kills it.
+//!   [`Connections`] knows instead when the last connection task has ended (see there).
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +21,8 @@ use async_trait::async_trait;
 use pingora_core::apps::ServerApp;
 use pingora_core::protocols::l4::stream::Stream as TcpStream;
 use pingora_core::protocols::Stream;
-use pingora_core::server::ShutdownWatch;
+use pingora_core::server::{ListenFds, RuntimeOpts, ShutdownWatch};
+use pingora_core::services::{ServiceReadyNotifier, ServiceWithDependents};
 use tokio::io::AsyncReadExt;
 
 /// How long a connection may take to send its request head once the process is closing.
@@ -26,20 +31,98 @@ const HEAD_TIME_LIMIT: Duration = Duration::from_secs(2);
 /// The most the gate reads looking for the end of a head; Pingora answers a longer one itself.
 const HEAD_SIZE_LIMIT: usize = 64 * 1024;
 
+/// Whether the proxy may still take or answer a connection, for the drain at shutdown.
+///
+/// Pingora moves the listening app (the gate) into an `Arc` when the service starts, and gives
+/// every accepted connection a task holding a clone of it from the moment the task is spawned,
+/// before it first runs, to its end; its own clones go when the accept loops have ended. So
+/// the gate is dropped exactly when no connection can arrive any more and none is being served.
+#[derive(Default)]
+pub struct Connections {
+    started: AtomicBool,
+    ended: AtomicBool,
+}
+
+impl Connections {
+    /// True when the proxy never started, or has stopped and every connection it accepted has
+    /// been served or closed.
+    pub fn settled(&self) -> bool {
+        !self.started.load(Ordering::Acquire) || self.ended.load(Ordering::Acquire)
+    }
+}
+
+/// The proxy's listening service, which marks its [`Connections`] started before it can
+/// accept anything.
+pub struct Watched<S> {
+    service: S,
+    connections: Arc<Connections>,
+}
+
+impl<S> Watched<S> {
+    pub fn new(service: S, connections: Arc<Connections>) -> Self {
+        Watched {
+            service,
+            connections,
+        }
+    }
+}
+
+#[async_trait]
+impl<S: ServiceWithDependents> ServiceWithDependents for Watched<S> {
+    async fn start_service(
+        &mut self,
+        fds: Option<ListenFds>,
+        shutdown: ShutdownWatch,
+        listeners_per_fd: usize,
+        ready_notifier: ServiceReadyNotifier,
+    ) {
+        self.connections.started.store(true, Ordering::Release);
+        self.service
+            .start_service(fds, shutdown, listeners_per_fd, ready_notifier)
+            .await;
+    }
+
+    fn name(&self) -> &str {
+        self.service.name()
+    }
+
+    fn threads(&self) -> Option<usize> {
+        self.service.threads()
+    }
+
+    fn runtime_opts_override(&self, global: &RuntimeOpts) -> Option<RuntimeOpts> {
+        self.service.runtime_opts_override(global)
+    }
+
+    fn on_startup_delay(&self, time_waited: Duration) {
+        self.service.on_startup_delay(time_waited);
+    }
+
+    fn listen_addresses(&self) -> Option<Vec<String>> {
+        self.service.listen_addresses()
+    }
+}
+
 pub struct HandoverGate<A> {
     inner: Arc<A>,
     closing: Arc<AtomicBool>,
-    active: Arc<AtomicUsize>,
+    connections: Arc<Connections>,
 }
 
 impl<A> HandoverGate<A> {
-    /// `active` is the proxy's count of requests in flight (see `Proxy::active_requests`).
-    pub fn new(inner: A, closing: Arc<AtomicBool>, active: Arc<AtomicUsize>) -> Self {
+    /// `connections` learns when the gate, and with it the last connection task, is gone.
+    pub fn new(inner: A, closing: Arc<AtomicBool>, connections: Arc<Connections>) -> Self {
         HandoverGate {
             inner: Arc::new(inner),
             closing,
-            active,
+            connections,
         }
+    }
+}
+
+impl<A> Drop for HandoverGate<A> {
+    fn drop(&mut self) {
+        self.connections.ended.store(true, Ordering::Release);
     }
 }
 
@@ -53,15 +136,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HandoverGate<A> {
         if !self.closing.load(Ordering::Relaxed) {
             return self.inner.process_new(stream, shutdown).await;
         }
-        // Counted until the request is done, not only until its head is in: between the two,
-        // the proxy has not created its own count yet and the drain must not exit.
-        self.active.fetch_add(1, Ordering::AcqRel);
-        let reused = match tokio::time::timeout(HEAD_TIME_LIMIT, read_head(stream)).await {
+        match tokio::time::timeout(HEAD_TIME_LIMIT, read_head(stream)).await {
             Ok(Some(stream)) => self.inner.process_new(stream, shutdown).await,
             _ => None,
-        };
-        self.active.fetch_sub(1, Ordering::AcqRel);
-        reused
+        }
     }
 
     async fn cleanup(&self) {

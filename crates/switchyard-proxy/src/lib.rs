@@ -9,7 +9,7 @@
 
 mod handover;
 
-pub use handover::HandoverGate;
+pub use handover::{Connections, HandoverGate, Watched};
 
 use std::io::Write;
 use std::net::IpAddr;

@@ -18,7 +18,7 @@ use switchyard_config::Config;
 use switchyard_pool::health::HealthChecks;
 use switchyard_pool::ramp::SlowStart;
 use switchyard_pool::{Metrics, Pool};
-use switchyard_proxy::{HandoverGate, Proxy};
+use switchyard_proxy::{Connections, HandoverGate, Proxy, Watched};
 
 use crate::signals::{Drain, Signals};
 use crate::systemd::Notify;
@@ -94,7 +94,8 @@ pub fn run(
     let active = proxy.active_requests();
     let mut http = HttpProxy::new(proxy, Arc::clone(&server.configuration));
     http.handle_init_modules();
-    let gate = HandoverGate::new(http, Arc::clone(&closing), Arc::clone(&active));
+    let connections = Arc::new(Connections::default());
+    let gate = HandoverGate::new(http, Arc::clone(&closing), Arc::clone(&connections));
     let mut proxy_service = Service::new("proxy".into(), gate);
     for listener in &listeners {
         // A 4 KiB user-space read buffer instead of Pingora's 64 KiB, which every idle
@@ -106,7 +107,7 @@ pub fn run(
             .l4_buffer(L4BufferSettings::default().read(4096));
         proxy_service.add_listener(config);
     }
-    let proxy = server.add_service(proxy_service);
+    let proxy = server.add_service(Watched::new(proxy_service, Arc::clone(&connections)));
     proxy.add_dependency(&health);
     let ready = server.add_service(background_service("systemd notify", Notify));
     ready.add_dependency(&proxy);
@@ -128,7 +129,7 @@ pub fn run(
     }
     server.add_service(background_service(
         "drain",
-        Drain::new(active, grace_period),
+        Drain::new(active, connections, grace_period),
     ));
     server.add_service(background_service(
         "slow start",

@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use log::{info, warn};
 use pingora::server::{ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::BackgroundService;
+use switchyard_proxy::Connections;
 use tokio::signal::unix::{signal, SignalKind};
 
 /// SIGTERM and SIGINT: graceful stop. SIGQUIT: hand the sockets over, then stop. Raises
@@ -72,16 +73,24 @@ impl Signals {
     }
 }
 
-/// Once shutdown has begun, waits for the requests in flight and ends the process.
+/// Once shutdown has begun, waits until the proxy has served or closed every connection it
+/// accepted, and ends the process.
 pub struct Drain {
+    /// Requests in flight, for the log when the grace period runs out.
     active: Arc<AtomicUsize>,
+    connections: Arc<Connections>,
     grace_period: Duration,
 }
 
 impl Drain {
-    pub fn new(active: Arc<AtomicUsize>, grace_period: Duration) -> Self {
+    pub fn new(
+        active: Arc<AtomicUsize>,
+        connections: Arc<Connections>,
+        grace_period: Duration,
+    ) -> Self {
         Drain {
             active,
+            connections,
             grace_period,
         }
     }
@@ -100,12 +109,12 @@ impl BackgroundService for Drain {
         }
         let deadline = Instant::now() + self.grace_period;
         loop {
-            let active = self.active.load(Ordering::Acquire);
-            if active == 0 {
+            if self.connections.settled() {
                 info!("no request in flight; exiting");
                 exit()
             }
             if Instant::now() >= deadline {
+                let active = self.active.load(Ordering::Acquire);
                 warn!(
                     "grace period of {:?} over with {active} requests in flight; exiting",
                     self.grace_period
