@@ -29,6 +29,18 @@ alive() {
 "$binary" check --config "$config" >/dev/null
 socket=$(sed -n 's/^[[:space:]]*upgrade_socket:[[:space:]]*//p' "$config" | head -n 1 | sed 's/[[:space:]]*#.*$//' | tr -d "\"'")
 socket=${socket:-/tmp/switchyard-upgrade.sock}
+# The old process accepts for 5 s after SIGQUIT, then drains for at most grace_period (the
+# config passed `check`, so the value is one of <n>ms, <n>s, <n>m, <n>h).
+grace=$(sed -n 's/^[[:space:]]*grace_period:[[:space:]]*//p' "$config" | head -n 1 | sed 's/[[:space:]]*#.*$//' | tr -d "\"'")
+grace=${grace:-30s}
+case $grace in
+    *ms) grace_s=$(( (${grace%ms} + 999) / 1000 )) ;;
+    *s) grace_s=${grace%s} ;;
+    *m) grace_s=$(( ${grace%m} * 60 )) ;;
+    *h) grace_s=$(( ${grace%h} * 3600 )) ;;
+    *) grace_s=30 ;;
+esac
+wait_s=$(( 5 + grace_s + 10 ))
 alive "$old_pid" || { echo "upgrade: no running process $old_pid" >&2; exit 1; }
 
 rm -f "$socket"
@@ -48,13 +60,12 @@ done
 [ -S "$socket" ] || { echo "upgrade: $socket never appeared" >&2; kill "$new_pid"; exit 1; }
 
 kill -QUIT "$old_pid"
-# The old process keeps serving 5 s after the handover, then drains (at most grace_period).
-for _ in $(seq 1200); do
+for _ in $(seq $(( wait_s * 10 ))); do
     alive "$old_pid" || break
     sleep 0.1
 done
 if alive "$old_pid"; then
-    echo "upgrade: old process $old_pid still running after 120 s" >&2
+    echo "upgrade: old process $old_pid still running after $wait_s s (grace_period $grace)" >&2
     exit 1
 fi
 alive "$new_pid" || { echo "upgrade: new process $new_pid died" >&2; exit 1; }
