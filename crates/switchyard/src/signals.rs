@@ -110,7 +110,7 @@ impl BackgroundService for Drain {
         let deadline = Instant::now() + self.grace_period;
         loop {
             if self.connections.settled() {
-                info!("no request in flight; exiting");
+                info!("every connection served or closed; exiting");
                 exit()
             }
             if Instant::now() >= deadline {
