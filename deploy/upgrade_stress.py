@@ -24,10 +24,15 @@ import time
 REQUEST = b"GET / HTTP/1.1\r\nHost: stress\r\n\r\n"
 
 
-def free_port():
-    with socket.socket() as s:
+def free_ports(count):
+    """Distinct free ports: all are held until each has been chosen."""
+    held = [socket.socket() for _ in range(count)]
+    for s in held:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    ports = [s.getsockname()[1] for s in held]
+    for s in held:
+        s.close()
+    return ports
 
 
 def write(path, text):
@@ -137,8 +142,9 @@ def main():
     args = parser.parse_args()
 
     work = tempfile.mkdtemp(prefix="switchyard-stress-")
-    backend = ("127.0.0.1", free_port())
-    proxy = ("127.0.0.1", free_port())
+    backend_port, proxy_port = free_ports(2)
+    backend = ("127.0.0.1", backend_port)
+    proxy = ("127.0.0.1", proxy_port)
     socket_path = os.path.join(work, "upgrade.sock")
     nginx_conf = write(
         os.path.join(work, "nginx.conf"),
