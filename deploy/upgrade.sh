@@ -27,11 +27,15 @@ alive() {
 }
 
 "$binary" check --config "$config" >/dev/null
-socket=$(sed -n 's/^[[:space:]]*upgrade_socket:[[:space:]]*//p' "$config" | head -n 1 | sed 's/[[:space:]]*#.*$//' | tr -d "\"'")
+# The first `KEY: value` of the config, without comment or quotes (the config passed `check`).
+config_value() {
+    sed -n "s/^[[:space:]]*$1:[[:space:]]*//p" "$config" | head -n 1 | sed 's/[[:space:]]*#.*$//' | tr -d "\"'"
+}
+socket=$(config_value upgrade_socket)
 socket=${socket:-/tmp/switchyard-upgrade.sock}
 # The old process accepts for 5 s after SIGQUIT, then drains for at most grace_period (the
 # config passed `check`, so the value is one of <n>ms, <n>s, <n>m, <n>h).
-grace=$(sed -n 's/^[[:space:]]*grace_period:[[:space:]]*//p' "$config" | head -n 1 | sed 's/[[:space:]]*#.*$//' | tr -d "\"'")
+grace=$(config_value grace_period)
 grace=${grace:-30s}
 case $grace in
     *ms) grace_s=$(( (${grace%ms} + 999) / 1000 )) ;;
