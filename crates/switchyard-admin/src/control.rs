@@ -182,6 +182,29 @@ fn needs_restart(running: &Config, next: &Config) -> Vec<String> {
         "server.grace_period",
         running.server.grace_period != next.server.grace_period,
     );
+    let (was, now) = (&running.server.clients, &next.server.clients);
+    differs(
+        "server.keepalive_timeout",
+        was.keepalive_timeout != now.keepalive_timeout,
+    );
+    differs(
+        "server.header_timeout",
+        was.header_timeout != now.header_timeout,
+    );
+    differs(
+        "server.max_request_header_bytes",
+        was.max_request_header_bytes != now.max_request_header_bytes,
+    );
+    differs(
+        "server.max_connections",
+        was.max_connections != now.max_connections,
+    );
+    differs("server.body_timeout", was.body_timeout != now.body_timeout);
+    differs("server.send_timeout", was.send_timeout != now.send_timeout);
+    differs(
+        "server.max_request_body_bytes",
+        was.max_request_body_bytes != now.max_request_body_bytes,
+    );
     differs("state_file", running.state_file != next.state_file);
     out
 }

@@ -37,7 +37,51 @@ pub struct Server {
     pub grace_period: Duration,
     pub upgrade_socket: PathBuf,
     pub debug_headers: bool,
+    pub clients: ClientLimits,
 }
+
+/// What one client connection may hold and for how long (the contract's "Client connection
+/// limits"): the bounds that keep slow, idle and oversized clients from holding the process's
+/// memory and file descriptors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// An idle keep-alive connection is closed after this, before and between requests.
+    pub keepalive_timeout: Duration,
+    /// A request head must be complete this long after its first byte (a new connection: after
+    /// it was accepted).
+    pub header_timeout: Duration,
+    /// A bigger request head is answered `431` (`414` when the request line alone is over it).
+    pub max_request_header_bytes: usize,
+    /// Client connections open at once, over all proxy listeners of the process.
+    pub max_connections: usize,
+    /// A request body that sends nothing for this long: `408` and close.
+    pub body_timeout: Duration,
+    /// A client that takes nothing of the response for this long is closed.
+    pub send_timeout: Duration,
+    /// Bigger request bodies are answered `413`; `None`: no limit.
+    pub max_request_body_bytes: Option<u64>,
+}
+
+impl ClientLimits {
+    /// The contract's defaults.
+    pub const DEFAULT: ClientLimits = ClientLimits {
+        keepalive_timeout: Duration::from_secs(60),
+        header_timeout: Duration::from_secs(10),
+        max_request_header_bytes: 65_536,
+        max_connections: 10_000,
+        body_timeout: Duration::from_secs(60),
+        send_timeout: Duration::from_secs(60),
+        max_request_body_bytes: None,
+    };
+}
+
+/// Smallest `max_request_header_bytes`: a request line and a few ordinary headers.
+pub const MIN_REQUEST_HEADER_BYTES: usize = 1024;
+/// Largest `max_request_header_bytes`: Pingora's own fixed limit on a request head.
+pub const MAX_REQUEST_HEADER_BYTES: usize = 1024 * 1024;
+/// Largest `max_connections` of one process (two descriptors each, and the kernel's usual
+/// `nr_open` ceiling of 1 048 576 descriptors).
+pub const MAX_CLIENT_CONNECTIONS: usize = 500_000;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Listener {

@@ -27,6 +27,13 @@ pub struct Server {
     pub grace_period: Option<YamlDuration>,
     pub upgrade_socket: Option<PathBuf>,
     pub debug_headers: Option<bool>,
+    pub keepalive_timeout: Option<YamlDuration>,
+    pub header_timeout: Option<YamlDuration>,
+    pub max_request_header_bytes: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub body_timeout: Option<YamlDuration>,
+    pub send_timeout: Option<YamlDuration>,
+    pub max_request_body_bytes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use crate::raw::{self, Algorithm, HealthCheckType};
 use crate::{
-    format_duration, Admin, Backend, Config, HealthCheck, Listener, Metrics, PassiveCheck, Probe,
-    Problem, Problems, Route, Server, SplitWeight, Timeouts, Upstream, MAX_BACKEND_WEIGHT,
-    MAX_SPLIT_WEIGHT,
+    format_duration, Admin, Backend, ClientLimits, Config, HealthCheck, Listener, Metrics,
+    PassiveCheck, Probe, Problem, Problems, Route, Server, SplitWeight, Timeouts, Upstream,
+    MAX_BACKEND_WEIGHT, MAX_CLIENT_CONNECTIONS, MAX_REQUEST_HEADER_BYTES, MAX_SPLIT_WEIGHT,
+    MIN_REQUEST_HEADER_BYTES,
 };
 
 const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
@@ -118,6 +119,7 @@ fn server(c: &mut Checker, raw: raw::Server) -> Server {
     if threads == 0 {
         c.problem("server.threads", "must be at least 1");
     }
+    let clients = client_limits(c, &raw);
     Server {
         threads,
         grace_period: raw
@@ -128,6 +130,51 @@ fn server(c: &mut Checker, raw: raw::Server) -> Server {
             .upgrade_socket
             .unwrap_or_else(|| PathBuf::from(DEFAULT_UPGRADE_SOCKET)),
         debug_headers: raw.debug_headers.unwrap_or(false),
+        clients,
+    }
+}
+
+fn client_limits(c: &mut Checker, raw: &raw::Server) -> ClientLimits {
+    let d = ClientLimits::DEFAULT;
+    let mut duration = |field: &str, value: Option<&crate::duration::YamlDuration>, default| {
+        value.map_or(default, |v| c.nonzero(&format!("server.{field}"), v.0))
+    };
+    let keepalive_timeout = duration(
+        "keepalive_timeout",
+        raw.keepalive_timeout.as_ref(),
+        d.keepalive_timeout,
+    );
+    let header_timeout = duration(
+        "header_timeout",
+        raw.header_timeout.as_ref(),
+        d.header_timeout,
+    );
+    let body_timeout = duration("body_timeout", raw.body_timeout.as_ref(), d.body_timeout);
+    let send_timeout = duration("send_timeout", raw.send_timeout.as_ref(), d.send_timeout);
+    let max_request_header_bytes = raw
+        .max_request_header_bytes
+        .unwrap_or(d.max_request_header_bytes);
+    if !(MIN_REQUEST_HEADER_BYTES..=MAX_REQUEST_HEADER_BYTES).contains(&max_request_header_bytes) {
+        c.problem(
+            "server.max_request_header_bytes",
+            format!("{max_request_header_bytes} is out of range: must be {MIN_REQUEST_HEADER_BYTES}..={MAX_REQUEST_HEADER_BYTES}"),
+        );
+    }
+    let max_connections = raw.max_connections.unwrap_or(d.max_connections);
+    if !(1..=MAX_CLIENT_CONNECTIONS).contains(&max_connections) {
+        c.problem(
+            "server.max_connections",
+            format!("{max_connections} is out of range: must be 1..={MAX_CLIENT_CONNECTIONS}"),
+        );
+    }
+    ClientLimits {
+        keepalive_timeout,
+        header_timeout,
+        max_request_header_bytes,
+        max_connections,
+        body_timeout,
+        send_timeout,
+        max_request_body_bytes: raw.max_request_body_bytes.filter(|&n| n > 0),
     }
 }
 
