@@ -160,16 +160,33 @@ impl Watcher {
             interval.tick().await;
             let outcome = match tokio::time::timeout(self.check.timeout, probe.check(&target)).await
             {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(describe(&e)),
-                Err(_) => Err(format!("no answer within {:?}", self.check.timeout)),
+                Ok(Ok(())) => Some(Ok(())),
+                Ok(Err(e)) => {
+                    if let Some(kind) = crate::local_failure(&e) {
+                        // The probe never reached the backend: no verdict on it either way.
+                        self.pool.local_errors().record(kind, || {
+                            format!(
+                                "health check of upstream {} backend {} could not run: {}",
+                                self.upstream,
+                                self.live.address,
+                                describe(&e)
+                            )
+                        });
+                        None
+                    } else {
+                        Some(Err(describe(&e)))
+                    }
+                }
+                Err(_) => Some(Err(format!("no answer within {:?}", self.check.timeout))),
             };
-            if outcome.is_ok() {
-                passed.inc()
-            } else {
-                failed.inc()
+            if let Some(outcome) = outcome {
+                if outcome.is_ok() {
+                    passed.inc()
+                } else {
+                    failed.inc()
+                }
+                self.observe(&mut streak, outcome);
             }
-            self.observe(&mut streak, outcome);
             if let Some(done) = first_done.take() {
                 // The receiver is gone once the first round is over; nothing to tell then.
                 let _ = done.send(());

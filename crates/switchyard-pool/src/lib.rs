@@ -12,6 +12,7 @@
 pub mod health;
 mod least;
 mod live;
+pub mod local;
 pub mod metrics;
 pub mod ramp;
 mod select;
@@ -28,6 +29,7 @@ use switchyard_config::Config;
 use tokio::sync::watch;
 
 pub use live::{BackendLive, InFlight};
+pub use local::{local_failure, LocalErrors, LocalFailure};
 pub use metrics::Metrics;
 pub use select::smooth_sequence;
 pub use snapshot::{strip_port, Backend, BackendState, Route, RouteMetrics, Snapshot, Upstream};
@@ -41,6 +43,7 @@ pub struct Pool {
     desired: Mutex<Desired>,
     store: Option<StateFile>,
     metrics: Arc<Metrics>,
+    local_errors: LocalErrors,
     /// Bumped after every swap, for background work that follows the state (health checks).
     version: watch::Sender<u64>,
 }
@@ -80,6 +83,7 @@ impl Pool {
             current: ArcSwap::from_pointee(snapshot),
             desired: Mutex::new(Desired { config, state }),
             store,
+            local_errors: LocalErrors::new(&metrics),
             metrics,
             version: watch::Sender::new(0),
         }
@@ -92,6 +96,11 @@ impl Pool {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Failures of the balancer's own, kept apart from the backends'.
+    pub fn local_errors(&self) -> &LocalErrors {
+        &self.local_errors
     }
 
     /// The config file the pool runs now.

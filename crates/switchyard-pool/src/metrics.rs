@@ -212,6 +212,11 @@ impl Metrics {
         metrics
     }
 
+    /// Adds metrics owned elsewhere (the proxy's connection counters) to the same scrape.
+    pub fn register(&self, name: &str, collector: Box<dyn prometheus::core::Collector>) {
+        must(name, self.registry.register(collector));
+    }
+
     pub fn status_counters(&self, route: &str, upstream: &str, backend: &str) -> StatusCounters {
         StatusCounters {
             labels: [route.to_string(), upstream.to_string(), backend.to_string()],
