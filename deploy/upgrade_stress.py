@@ -155,7 +155,7 @@ def main():
     )
     config = write(
         os.path.join(work, "switchyard.yaml"),
-        f"server:\n  threads: 2\n  upgrade_socket: {socket_path}\n"
+        f"server:\n  threads: 2\n  max_connections: 4096\n  upgrade_socket: {socket_path}\n"
         f"listeners:\n  - address: {proxy[0]}:{proxy[1]}\n"
         f"upstreams:\n  app:\n    backends:\n      - address: {backend[0]}:{backend[1]}\n"
         "routes:\n  - name: all\n    split:\n      app: 1\n",

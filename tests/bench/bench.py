@@ -407,6 +407,9 @@ def switchyard_conf(work, sc, layout):
         "server:",
         f"  threads: {sc.threads}",
         "  grace_period: 5s",
+        # Fits a hard open-file limit of 20 000 (this kind of machine); the default 10 000
+        # connections would need 20 256 descriptors.
+        "  max_connections: 4096",
         f"  upgrade_socket: {work}/sy.sock",
         "listeners:",
         f"  - address: 127.0.0.1:{layout.lb_port['switchyard']}",

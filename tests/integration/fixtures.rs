@@ -491,6 +491,25 @@ pub fn fill(yaml: &str, listen: SocketAddr) -> String {
     )
 }
 
+/// Test machines may have a hard open-file limit below what the default `max_connections`
+/// (10 000) needs, which `run` then refuses; a test that does not set it gets 1 000. Text that
+/// is not a YAML mapping (a test of a broken config) is left as it is.
+fn with_test_limits(text: &str) -> String {
+    let Ok(serde_yaml::Value::Mapping(mut config)) = serde_yaml::from_str(text) else {
+        return text.to_string();
+    };
+    let server = config
+        .entry("server".into())
+        .or_insert_with(|| serde_yaml::Value::Mapping(Default::default()));
+    match server {
+        serde_yaml::Value::Mapping(server) if !server.contains_key("max_connections") => {
+            server.insert("max_connections".into(), 1000.into());
+        }
+        _ => return text.to_string(),
+    }
+    serde_yaml::to_string(&config).unwrap_or_else(|_| text.to_string())
+}
+
 /// A running `switchyard run`, killed when dropped. Its config may use the placeholders
 /// `{listen}`, `{admin}`, `{metrics}` (free ports) and `{dir}` (its own temp directory).
 pub struct Switchyard {
@@ -503,6 +522,8 @@ pub struct Switchyard {
     pub log: PathBuf,
     /// Extra environment for the process (and its restarts).
     env: Vec<(String, String)>,
+    /// An open-file limit (soft and hard) set in the child before it runs, when given.
+    open_files: Option<u64>,
 }
 
 fn free_addr() -> SocketAddr {
@@ -516,6 +537,15 @@ impl Switchyard {
     }
 
     pub fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> Switchyard {
+        Switchyard::start_with(yaml, env, None)
+    }
+
+    /// Starts switchyard with at most `open_files` descriptors (soft and hard limit).
+    pub fn start_with_open_files(yaml: &str, open_files: u64) -> Switchyard {
+        Switchyard::start_with(yaml, &[], Some(open_files))
+    }
+
+    fn start_with(yaml: &str, env: &[(&str, &str)], open_files: Option<u64>) -> Switchyard {
         let config = temp_path("switchyard.yaml");
         let dir = config.parent().expect("temp dir").to_path_buf();
         let log = dir.join("switchyard.log");
@@ -531,6 +561,7 @@ impl Switchyard {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            open_files,
         };
         let _ = sy.child.wait();
         sy.write_config(yaml);
@@ -546,7 +577,7 @@ impl Switchyard {
             .replace("{admin}", &self.admin.to_string())
             .replace("{metrics}", &self.metrics.to_string())
             .replace("{dir}", &self.dir.display().to_string());
-        std::fs::write(&self.config, text).expect("write config");
+        std::fs::write(&self.config, with_test_limits(&text)).expect("write config");
     }
 
     fn spawn(&mut self) {
@@ -587,16 +618,33 @@ impl Switchyard {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        Command::new(BINARY)
+        let mut command = Command::new(BINARY);
+        command
             .args(["run", "--config"])
             .arg(&self.config)
             .args(extra)
             .env("RUST_LOG", "info")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn switchyard")
+            .stderr(log);
+        if let Some(limit) = self.open_files {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            // SAFETY: setrlimit is async-signal-safe and touches only the child's own limits.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        command.spawn().expect("spawn switchyard")
     }
 
     /// Stops with SIGTERM and starts again with the same config file and ports.

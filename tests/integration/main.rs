@@ -6,6 +6,7 @@ mod fixtures;
 mod admin;
 mod balancing;
 mod check;
+mod clients;
 mod deploy;
 mod health;
 mod lifecycle;

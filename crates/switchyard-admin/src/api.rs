@@ -84,7 +84,16 @@ impl ServeHttp for AdminApi {
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
         let reply = self.handle(session, &method, &path).await;
-        info!("admin: {method} {path} -> {}", reply.status.as_u16());
+        // Our API's paths are short; a long one is a client's junk, not for the log.
+        if path.len() <= 200 {
+            info!("admin: {method} {path} -> {}", reply.status.as_u16());
+        } else {
+            info!(
+                "admin: {method} <{}-byte path> -> {}",
+                path.len(),
+                reply.status.as_u16()
+            );
+        }
         let mut builder = Response::builder().status(reply.status);
         if let Some(allow) = reply.allow {
             builder = builder.header(http::header::ALLOW, allow);

@@ -7,9 +7,14 @@
 //! context holds the snapshot the request started with, so a swap mid-request changes nothing
 //! for it, and an [`InFlight`] guard so that least-connections and draining see it.
 
+mod client_stream;
+mod connection;
 mod handover;
+mod host;
 
-pub use handover::{Connections, HandoverGate, Watched};
+pub use client_stream::ClientStream;
+pub use connection::{ClientApp, ClientCounters, Rejection};
+pub use handover::{Connections, Watched};
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -26,23 +31,34 @@ use pingora_core::upstreams::peer::HttpPeer;
 use pingora_core::{Error, ErrorSource, ErrorType, OrErr, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use switchyard_config::ClientLimits;
 use switchyard_pool::metrics::ErrorKind;
-use switchyard_pool::{strip_port, InFlight, Pool, Snapshot};
+use switchyard_pool::{local_failure, InFlight, LocalFailure, Pool, Snapshot};
 
 /// Switchyard's `ProxyHttp`: all decisions come from the pool's current snapshot.
 pub struct Proxy {
     pool: Arc<Pool>,
     active: Arc<AtomicUsize>,
     closing: Arc<AtomicBool>,
+    limits: ClientLimits,
+    counters: Arc<ClientCounters>,
 }
 
 impl Proxy {
-    /// `closing` is raised as soon as a stop or upgrade signal arrives.
-    pub fn new(pool: Arc<Pool>, closing: Arc<AtomicBool>) -> Proxy {
+    /// `closing` is raised as soon as a stop or upgrade signal arrives; `counters` are the
+    /// connection app's, which this counts body and send refusals in.
+    pub fn new(
+        pool: Arc<Pool>,
+        closing: Arc<AtomicBool>,
+        limits: ClientLimits,
+        counters: Arc<ClientCounters>,
+    ) -> Proxy {
         Proxy {
             pool,
             active: Arc::default(),
             closing,
+            limits,
+            counters,
         }
     }
 
@@ -64,6 +80,10 @@ pub struct RequestCtx {
     backend: usize,
     in_flight: Option<InFlight>,
     retried: bool,
+    /// Set when connecting failed on our side (out of descriptors, ...), not the backend's.
+    local_failure: Option<LocalFailure>,
+    /// Request body bytes seen, against `max_request_body_bytes`.
+    body_bytes: u64,
 }
 
 /// Counts a request as active from its first byte to the end of its logging phase.
@@ -102,18 +122,46 @@ impl ProxyHttp for Proxy {
             backend: 0,
             in_flight: None,
             retried: false,
+            local_failure: None,
+            body_bytes: 0,
         }
+    }
+
+    /// Pingora has the request head: the client stream stops holding bytes back, and the
+    /// body and the answer get their own timeouts, per read and per write.
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let downstream = session.as_downstream_mut();
+        if let Some(client) = downstream.stream().and_then(ClientStream::of) {
+            client.head_complete();
+        }
+        downstream.set_read_timeout(Some(self.limits.body_timeout));
+        downstream.set_write_timeout(Some(self.limits.send_timeout));
+        // Pipelined requests are answered in order instead of closing after the first.
+        downstream.set_pipelining_enabled(true);
+        Ok(())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let snapshot = self.pool.snapshot();
         let req = session.req_header();
-        let host = req
-            .headers
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri.host())
-            .map(strip_port);
+        let host = match host::route_host(req) {
+            Ok(host) => host,
+            Err(e) => {
+                respond_plain(session, 400, e.answer()).await?;
+                return Ok(true);
+            }
+        };
+        if let Some(limit) = self.limits.max_request_body_bytes {
+            if declared_length(req).is_some_and(|length| length > limit) {
+                self.counters.reject(Rejection::BodyTooLarge);
+                respond_plain(session, 413, BODY_TOO_LARGE).await?;
+                return Ok(true);
+            }
+        }
         let Some(route) = snapshot.match_route(host, req.uri.path()) else {
             respond_plain(
                 session,
@@ -179,6 +227,16 @@ impl ProxyHttp for Proxy {
         };
         let upstream = &snapshot.upstreams[ctx.upstream];
         let failed = &upstream.backends[ctx.backend];
+        if let Some(kind) = local_failure(&e) {
+            // The backend never saw this attempt: its health and error counts stay as they
+            // are, and another backend would fail the same way.
+            ctx.local_failure = Some(kind);
+            self.pool.local_errors().record(kind, || {
+                format!("upstream {}: cannot connect to {peer}: {e}", upstream.name)
+            });
+            e.set_retry(false);
+            return e;
+        }
         failed.errors.count(error_kind(e.etype()));
         self.pool.connect_failed(upstream, &failed.live);
         if std::mem::replace(&mut ctx.retried, true) {
@@ -257,13 +315,64 @@ impl ProxyHttp for Proxy {
             upstream_request.insert_header("X-Forwarded-For", value)?;
         }
         upstream_request.insert_header("X-Forwarded-Proto", HeaderValue::from_static("http"))?;
-        if let Some(host) = session
-            .req_header()
-            .headers
-            .get(http::header::HOST)
-            .cloned()
-        {
-            upstream_request.insert_header("X-Forwarded-Host", host)?;
+        // The backend gets the host the request was routed on, as `Host` and as
+        // `X-Forwarded-Host`, and never a client's own `X-Forwarded-Host`.
+        let req = session.req_header();
+        match (
+            req.headers.get(http::header::HOST),
+            host::target_authority(req),
+        ) {
+            (Some(host), _) => {
+                let host = host.clone();
+                upstream_request.insert_header("X-Forwarded-Host", host)?;
+            }
+            (None, Some(authority)) => {
+                let host = HeaderValue::from_bytes(authority)
+                    .or_err(ErrorType::InvalidHTTPHeader, "request authority")?;
+                upstream_request.insert_header(http::header::HOST, host.clone())?;
+                upstream_request.insert_header("X-Forwarded-Host", host)?;
+            }
+            (None, None) => {
+                upstream_request.remove_header("X-Forwarded-Host");
+            }
+        }
+        single_content_length(upstream_request)?;
+        Ok(())
+    }
+
+    /// Counts the body against `max_request_body_bytes` as it streams (a chunked body has no
+    /// length to check up front).
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let (Some(limit), Some(chunk)) = (self.limits.max_request_body_bytes, body.as_ref()) {
+            ctx.body_bytes += chunk.len() as u64;
+            if ctx.body_bytes > limit {
+                self.counters.reject(Rejection::BodyTooLarge);
+                return Error::e_explain(
+                    ErrorType::HTTPStatus(413),
+                    "request body over max_request_body_bytes",
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// A `204` or `1xx` has no body, so no `Content-Length` either (RFC 9110 §8.6), whatever
+    /// the backend sent.
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let status = response.status.as_u16();
+        if status == 204 || (100..200).contains(&status) {
+            response.remove_header(&http::header::CONTENT_LENGTH);
         }
         Ok(())
     }
@@ -306,9 +415,21 @@ impl ProxyHttp for Proxy {
         if let Some(Some(histogram)) = metrics.duration.get(ctx.upstream) {
             histogram.observe(ctx.started.elapsed().as_secs_f64());
         }
-        // Connect errors were counted per attempt in `fail_to_connect`.
+        // Connect errors were counted per attempt in `fail_to_connect`; local ones not at all.
         if let Some(e) = e {
-            if e.esource() == &ErrorSource::Upstream && !is_connect_error(e.etype()) {
+            match (e.esource(), e.etype()) {
+                (ErrorSource::Downstream, ErrorType::ReadTimedout) => {
+                    self.counters.reject(Rejection::BodyTimeout)
+                }
+                (ErrorSource::Downstream, ErrorType::WriteTimedout) => {
+                    self.counters.reject(Rejection::SendTimeout)
+                }
+                _ => {}
+            }
+            if e.esource() == &ErrorSource::Upstream
+                && !is_connect_error(e.etype())
+                && ctx.local_failure.is_none()
+            {
                 snapshot.upstreams[ctx.upstream].backends[ctx.backend]
                     .errors
                     .count(error_kind(e.etype()));
@@ -326,9 +447,14 @@ impl ProxyHttp for Proxy {
         &self,
         session: &mut Session,
         e: &Error,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> FailToProxy {
         let (code, body) = match (e.esource(), e.etype()) {
+            _ if ctx.local_failure.is_some() => (
+                503,
+                "503 Service Unavailable: the balancer is out of resources; try again\n",
+            ),
+            (_, ErrorType::HTTPStatus(413)) => (413, BODY_TOO_LARGE),
             (_, ErrorType::HTTPStatus(code)) => (*code, ""),
             (
                 ErrorSource::Upstream,
@@ -341,7 +467,7 @@ impl ProxyHttp for Proxy {
             _ if client_went_away(e) => (0, ""),
             (ErrorSource::Downstream, ErrorType::ReadTimedout) => (
                 408,
-                "408 Request Timeout: the request was not received in time\n",
+                "408 Request Timeout: the request body did not arrive in time\n",
             ),
             (ErrorSource::Downstream, _) => (400, "400 Bad Request\n"),
             _ => (500, "500 Internal Server Error\n"),
@@ -387,6 +513,46 @@ fn forwarded_for(headers: &HeaderMap, client: IpAddr) -> Result<HeaderValue> {
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+const BODY_TOO_LARGE: &str = "413 Content Too Large: the request body is over the limit\n";
+
+/// The body length a request declares, when it declares one (Pingora has checked that every
+/// `Content-Length` it carries agrees).
+fn declared_length(req: &RequestHeader) -> Option<u64> {
+    if req.headers.contains_key(http::header::TRANSFER_ENCODING) {
+        return None;
+    }
+    let value = req
+        .headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?;
+    value.split(',').next()?.trim().parse().ok()
+}
+
+/// Pingora accepts a `Content-Length` repeated with the same value (RFC 9110 §8.6) but
+/// forwards every copy; the backend gets it once.
+fn single_content_length(req: &mut RequestHeader) -> Result<()> {
+    let values = req.headers.get_all(http::header::CONTENT_LENGTH);
+    let repeated =
+        values.iter().nth(1).is_some() || values.iter().any(|v| v.as_bytes().contains(&b','));
+    if !repeated {
+        return Ok(());
+    }
+    if req.headers.contains_key(http::header::TRANSFER_ENCODING) {
+        // Chunked framing wins; Pingora drops the length itself in that case.
+        req.remove_header(&http::header::CONTENT_LENGTH);
+        return Ok(());
+    }
+    let Some(length) = declared_length(req) else {
+        return Error::e_explain(
+            ErrorType::InvalidHTTPHeader,
+            "Content-Length of the request",
+        );
+    };
+    req.insert_header(http::header::CONTENT_LENGTH, length)?;
+    Ok(())
+}
 
 fn client_went_away(e: &Error) -> bool {
     e.esource() == &ErrorSource::Downstream

@@ -18,6 +18,7 @@ pub const CONFIG: &str = r#"
 server:
   grace_period: 5s
   debug_headers: true
+  max_connections: 1000
   upgrade_socket: /tmp/switchyard-demo-upgrade.sock
 listeners:
   - address: 127.0.0.1:8080

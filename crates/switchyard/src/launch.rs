@@ -18,7 +18,7 @@ use switchyard_config::Config;
 use switchyard_pool::health::HealthChecks;
 use switchyard_pool::ramp::SlowStart;
 use switchyard_pool::{Metrics, Pool};
-use switchyard_proxy::{Connections, HandoverGate, Proxy, Watched};
+use switchyard_proxy::{ClientApp, ClientCounters, Connections, Proxy, Watched};
 
 use crate::signals::{Drain, Signals};
 use crate::systemd::Notify;
@@ -64,6 +64,7 @@ pub fn run(
 
     let listeners = config.listeners.clone();
     let grace_period = config.server.grace_period;
+    let client_limits = config.server.clients;
     // Where the runtime state goes for the next process when there is no state file.
     let handover = PathBuf::from(format!(
         "{}.state.json",
@@ -79,6 +80,7 @@ pub fn run(
         upgrade.then_some(handover.as_path()),
     ));
     let control = Arc::new(Control::new(Arc::clone(&pool), config_path)?);
+    crate::limits::raise_open_files(client_limits.max_connections)?;
 
     let closing = Arc::new(AtomicBool::new(false));
     let prerequisites = server.add_services(prerequisites);
@@ -90,13 +92,25 @@ pub fn run(
         health.add_dependency(prerequisite);
     }
 
-    let proxy = Proxy::new(Arc::clone(&pool), Arc::clone(&closing));
+    let counters = Arc::new(ClientCounters::new(pool.metrics()));
+    let proxy = Proxy::new(
+        Arc::clone(&pool),
+        Arc::clone(&closing),
+        client_limits,
+        Arc::clone(&counters),
+    );
     let active = proxy.active_requests();
     let mut http = HttpProxy::new(proxy, Arc::clone(&server.configuration));
     http.handle_init_modules();
     let connections = Arc::new(Connections::default());
-    let gate = HandoverGate::new(http, Arc::clone(&closing), Arc::clone(&connections));
-    let mut proxy_service = Service::new("proxy".into(), gate);
+    let clients = ClientApp::new(
+        http,
+        client_limits,
+        counters,
+        Arc::clone(&closing),
+        Arc::clone(&connections),
+    );
+    let mut proxy_service = Service::new("proxy".into(), clients);
     for listener in &listeners {
         // A 4 KiB user-space read buffer instead of Pingora's 64 KiB, which every idle
         // keep-alive connection keeps (90 KiB resident per idle connection, 29 KiB with this).

@@ -4,6 +4,8 @@ mod alloc;
 mod cli;
 mod demo;
 mod launch;
+mod limits;
+mod logging;
 mod signals;
 mod systemd;
 
@@ -64,7 +66,7 @@ fn main() -> ExitCode {
 }
 
 fn init_logging() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    logging::init();
 }
 
 fn exit_on_error(result: Result<(), String>) -> ExitCode {

@@ -1,0 +1,648 @@
+//! The client side of one proxy connection: [`ClientStream`] wraps every accepted stream and
+//! bounds what Pingora 0.9 leaves unbounded or counts per read.
+//!
+//! Pingora times each read of a request head on its own (a head trickled in a byte at a time
+//! is never cut off), waits without limit for the next request on a keep-alive connection
+//! unless told per request in whole seconds, and buffers up to 1 MiB of unfinished head. The
+//! wrapper sits between the socket (or a TLS stream: it only needs a [`Stream`]) and Pingora's
+//! HTTP/1 parser, and knows where in its life the connection is:
+//!
+//! - **waiting** for a request: closed quietly after `keepalive_timeout` (a new connection:
+//!   `header_timeout` after it was accepted);
+//! - **reading a head**: its bytes are held back until the blank line that ends it has arrived,
+//!   so Pingora only ever sees whole heads. A head not complete `header_timeout` after its
+//!   first byte is answered `408`, one over `max_request_header_bytes` `431` (`414` while the
+//!   request line alone is over it). As Pingora has seen none of it, the close is quiet: no
+//!   error line per hostile client. The rest of what the client sends is then read and dropped
+//!   for a moment (a lingering close, as nginx does), so that it reads the answer rather than a
+//!   reset;
+//! - **past the head**: the body, and any pipelined requests behind it, pass straight through.
+//!   Body and send timeouts are Pingora's own per-read ones, set by the proxy per request.
+//!
+//! The proxy says when Pingora has a head ([`ClientStream::head_complete`]), the connection
+//! loop when a request is over ([`ClientStream::request_done`]); both come from the
+//! connection's own task, so plain atomics carry them without contention.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora_core::protocols::raw_connect::ProxyDigest;
+use pingora_core::protocols::tls::SslDigest;
+use pingora_core::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
+    TimingDigest, UniqueID, UniqueIDType, ALPN,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+use crate::connection::{ClientCounters, Rejection, Slot};
+
+/// How long a rejected client may go on sending before the connection is closed anyway.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+/// How much a rejected client may send before the connection is closed anyway.
+const LINGER_BYTES: usize = 256 * 1024;
+/// How much of a head is read at once while it is held back.
+const HEAD_CHUNK: usize = 4096;
+
+/// The head limits a [`ClientStream`] enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadLimits {
+    pub keepalive_timeout: Duration,
+    pub header_timeout: Duration,
+    pub max_header_bytes: usize,
+}
+
+pub struct ClientStream {
+    inner: Stream,
+    limits: HeadLimits,
+    phase: Phase,
+    /// When the current phase runs out; the timer is set to it only when it is polled.
+    deadline: Instant,
+    timer: Pin<Box<Sleep>>,
+    timer_at: Instant,
+    /// Head bytes read but not yet handed on (held while the head is incomplete).
+    held: Vec<u8>,
+    /// How much of `held` has been handed on.
+    held_out: usize,
+    /// Bytes of the current head seen so far.
+    head_len: usize,
+    /// Where in the current head its request line ends, once that has arrived.
+    request_line_end: Option<usize>,
+    blank: BlankLine,
+    /// [`HEAD_COMPLETE`] or [`REQUEST_DONE`], from the proxy and the connection loop.
+    signal: AtomicU8,
+    counters: Arc<ClientCounters>,
+    _slot: Slot,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// No byte of the next request yet; `fresh`: the connection's first request.
+    Waiting {
+        fresh: bool,
+    },
+    /// Part of a head has arrived; held back.
+    Head,
+    /// The head has arrived whole and is handed on; waiting for the proxy to take it.
+    Released,
+    /// Past the head: everything passes through.
+    Body,
+    /// Sending a canned answer, then lingering, then closed.
+    Answering {
+        answer: &'static [u8],
+        written: usize,
+    },
+    Lingering {
+        dropped: usize,
+    },
+    Closed,
+}
+
+const HEAD_COMPLETE: u8 = 1;
+const REQUEST_DONE: u8 = 2;
+
+impl ClientStream {
+    pub(crate) fn new(
+        inner: Stream,
+        limits: HeadLimits,
+        counters: Arc<ClientCounters>,
+        slot: Slot,
+    ) -> ClientStream {
+        let deadline = Instant::now() + limits.header_timeout;
+        ClientStream {
+            inner,
+            limits,
+            phase: Phase::Waiting { fresh: true },
+            deadline,
+            timer: Box::pin(tokio::time::sleep_until(deadline)),
+            timer_at: deadline,
+            held: Vec::new(),
+            held_out: 0,
+            head_len: 0,
+            request_line_end: None,
+            blank: BlankLine::default(),
+            signal: AtomicU8::new(0),
+            counters,
+            _slot: slot,
+        }
+    }
+
+    /// The proxy has the request head: what follows is body (or the next pipelined request).
+    pub fn head_complete(&self) {
+        self.signal.store(HEAD_COMPLETE, Ordering::Relaxed);
+    }
+
+    /// The request is answered and the connection kept: wait for the next one.
+    pub fn request_done(&self) {
+        self.signal.store(REQUEST_DONE, Ordering::Relaxed);
+    }
+
+    /// The `ClientStream` under a Pingora session's stream, if it is one.
+    pub fn of(stream: &Stream) -> Option<&ClientStream> {
+        stream.as_any().downcast_ref::<ClientStream>()
+    }
+
+    /// Reads until the next request head is complete without handing anything on, so that a
+    /// proxy that stops listening finds the whole head already read. False: the connection
+    /// closed or was refused first.
+    pub async fn prefetch_head(&mut self) -> bool {
+        std::future::poll_fn(|cx| loop {
+            self.take_signal();
+            match self.phase {
+                Phase::Released | Phase::Body => return Poll::Ready(true),
+                Phase::Waiting { .. } | Phase::Head => match self.poll_head(cx) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(false),
+                    Poll::Ready(Ok(_)) => {}
+                    Poll::Pending => return Poll::Pending,
+                },
+                _ => return Poll::Ready(false),
+            }
+        })
+        .await
+    }
+
+    fn take_signal(&mut self) {
+        // Almost always 0: a load, not a read-modify-write, on the common path.
+        let signal = self.signal.load(Ordering::Relaxed);
+        if signal == 0 {
+            return;
+        }
+        self.signal.store(0, Ordering::Relaxed);
+        match (signal, self.phase) {
+            (HEAD_COMPLETE, Phase::Waiting { .. } | Phase::Head | Phase::Released) => {
+                self.phase = Phase::Body;
+            }
+            (REQUEST_DONE, Phase::Body | Phase::Released) => {
+                self.phase = Phase::Waiting { fresh: false };
+                self.deadline = Instant::now() + self.limits.keepalive_timeout;
+                self.head_len = 0;
+                self.request_line_end = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether the current phase's deadline has passed (registering for it otherwise).
+    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.timer_at != self.deadline {
+            self.timer.as_mut().reset(self.deadline);
+            self.timer_at = self.deadline;
+        }
+        self.timer.as_mut().poll(cx).is_ready()
+    }
+
+    /// The current phase ran out of time.
+    fn expire(&mut self) {
+        self.phase = match self.phase {
+            // An idle keep-alive connection: closed like any keep-alive timeout.
+            Phase::Waiting { fresh: false } => Phase::Closed,
+            Phase::Waiting { fresh: true } => {
+                self.counters.reject(Rejection::HeaderTimeout);
+                Phase::Closed
+            }
+            Phase::Head => {
+                self.counters.reject(Rejection::HeaderTimeout);
+                self.answer(REQUEST_TIMEOUT);
+                return;
+            }
+            // Part of the head has been handed on; all that is left is to close.
+            Phase::Released => {
+                self.counters.reject(Rejection::HeaderTimeout);
+                Phase::Closed
+            }
+            Phase::Body => Phase::Body,
+            Phase::Answering { .. } | Phase::Lingering { .. } | Phase::Closed => Phase::Closed,
+        };
+    }
+
+    fn answer(&mut self, answer: &'static [u8]) {
+        self.held = Vec::new();
+        self.held_out = 0;
+        self.phase = Phase::Answering { answer, written: 0 };
+        self.deadline = Instant::now() + LINGER_TIME;
+    }
+
+    /// Reads more of a held-back head and looks for its end. `Ok(0)`: the client closed.
+    fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let start = self.held.len();
+        self.held.resize(start + HEAD_CHUNK, 0);
+        let mut chunk = ReadBuf::new(&mut self.held[start..]);
+        let read = Pin::new(&mut *self.inner).poll_read(cx, &mut chunk);
+        let n = chunk.filled().len();
+        self.held.truncate(start + n);
+        match read {
+            Poll::Pending => {
+                if self.poll_deadline(cx) {
+                    self.expire();
+                    return Poll::Ready(Ok(1));
+                }
+                Poll::Pending
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) if n == 0 => Poll::Ready(Ok(0)),
+            Poll::Ready(Ok(())) => {
+                let held = std::mem::take(&mut self.held);
+                self.arrived(&held[start..]);
+                // A refused head's bytes are dropped with it.
+                if !matches!(self.phase, Phase::Answering { .. }) {
+                    self.held = held;
+                }
+                Poll::Ready(Ok(n))
+            }
+        }
+    }
+
+    /// New head bytes have arrived (in `held[start..]`, or read straight into the reader's
+    /// buffer): true if the head is now complete and may be handed on; refuses it if it is too
+    /// long.
+    fn arrived(&mut self, new: &[u8]) -> bool {
+        if let Phase::Waiting { fresh } = self.phase {
+            self.phase = Phase::Head;
+            if !fresh {
+                // A new connection's deadline counts from the accept; a later request's from
+                // its first byte.
+                self.deadline = Instant::now() + self.limits.header_timeout;
+            }
+        }
+        if self.request_line_end.is_none() {
+            self.request_line_end = memchr::memchr(b'\n', new).map(|at| self.head_len + at);
+        }
+        match self.blank.find(new) {
+            Some(end) if self.head_len + end <= self.limits.max_header_bytes => {
+                self.head_len += end;
+                self.blank.follow(&new[end..]);
+                self.phase = Phase::Released;
+                true
+            }
+            _ => {
+                self.head_len += new.len();
+                if self.head_len > self.limits.max_header_bytes {
+                    self.counters.reject(Rejection::HeaderTooLarge);
+                    let line_fits = self
+                        .request_line_end
+                        .is_some_and(|end| end < self.limits.max_header_bytes);
+                    self.answer(if line_fits {
+                        HEADER_TOO_LARGE
+                    } else {
+                        URI_TOO_LONG
+                    });
+                }
+                false
+            }
+        }
+    }
+
+    /// Hands on held bytes; true if there were any.
+    fn deliver_held(&mut self, buf: &mut ReadBuf<'_>) -> bool {
+        let rest = &self.held[self.held_out..];
+        if rest.is_empty() {
+            return false;
+        }
+        let n = rest.len().min(buf.remaining());
+        buf.put_slice(&rest[..n]);
+        self.held_out += n;
+        if self.held_out == self.held.len() {
+            // Held heads are rare (slow or large ones): give the memory back.
+            self.held = Vec::new();
+            self.held_out = 0;
+        }
+        true
+    }
+
+    /// Sends the canned answer, closes our side, and drops what the client still sends.
+    fn poll_answer(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        loop {
+            match self.phase {
+                Phase::Answering { answer, written } if written < answer.len() => {
+                    match Pin::new(&mut *self.inner).poll_write(cx, &answer[written..]) {
+                        Poll::Ready(Ok(n)) if n > 0 => {
+                            self.phase = Phase::Answering {
+                                answer,
+                                written: written + n,
+                            }
+                        }
+                        Poll::Ready(_) => self.phase = Phase::Closed,
+                        Poll::Pending => return self.pending_or_close(cx),
+                    }
+                }
+                Phase::Answering { .. } => match Pin::new(&mut *self.inner).poll_shutdown(cx) {
+                    Poll::Ready(_) => self.phase = Phase::Lingering { dropped: 0 },
+                    Poll::Pending => return self.pending_or_close(cx),
+                },
+                Phase::Lingering { dropped } => {
+                    let before = buf.filled().len();
+                    let read = Pin::new(&mut *self.inner).poll_read(cx, buf);
+                    let n = buf.filled().len() - before;
+                    buf.set_filled(before);
+                    match read {
+                        Poll::Ready(Ok(())) if n > 0 && dropped + n < LINGER_BYTES => {
+                            self.phase = Phase::Lingering {
+                                dropped: dropped + n,
+                            }
+                        }
+                        Poll::Ready(_) => self.phase = Phase::Closed,
+                        Poll::Pending => return self.pending_or_close(cx),
+                    }
+                }
+                // Closed: the reader sees the end of the stream.
+                _ => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+
+    fn pending_or_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.poll_deadline(cx) {
+            self.phase = Phase::Closed;
+            return Poll::Ready(Ok(()));
+        }
+        Poll::Pending
+    }
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.take_signal();
+        loop {
+            match this.phase {
+                Phase::Body | Phase::Released => {
+                    if this.deliver_held(buf) {
+                        return Poll::Ready(Ok(()));
+                    }
+                    let before = buf.filled().len();
+                    let read = Pin::new(&mut *this.inner).poll_read(cx, buf);
+                    if let Poll::Ready(Ok(())) = read {
+                        this.blank.follow(&buf.filled()[before..]);
+                    } else if read.is_pending()
+                        && this.phase == Phase::Released
+                        && this.poll_deadline(cx)
+                    {
+                        this.expire();
+                        continue;
+                    }
+                    return read;
+                }
+                // The common case: the whole head comes in one read, straight into the reader's
+                // buffer, and nothing is held.
+                Phase::Waiting { .. } if this.held.is_empty() => {
+                    let before = buf.filled().len();
+                    match Pin::new(&mut *this.inner).poll_read(cx, buf) {
+                        Poll::Pending => {
+                            if this.poll_deadline(cx) {
+                                this.expire();
+                                continue;
+                            }
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Ready(Ok(())) if buf.filled().len() == before => {
+                            return Poll::Ready(Ok(()))
+                        }
+                        Poll::Ready(Ok(())) => {
+                            if this.arrived(&buf.filled()[before..]) {
+                                return Poll::Ready(Ok(()));
+                            }
+                            // Incomplete: held back until the rest is there.
+                            if matches!(this.phase, Phase::Head) {
+                                this.held.extend_from_slice(&buf.filled()[before..]);
+                            }
+                            buf.set_filled(before);
+                        }
+                    }
+                }
+                Phase::Waiting { .. } | Phase::Head => match this.poll_head(cx) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Ok(())),
+                    Poll::Ready(Ok(_)) => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                },
+                Phase::Answering { .. } | Phase::Lingering { .. } | Phase::Closed => {
+                    return this.poll_answer(cx, buf)
+                }
+            }
+        }
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[async_trait]
+impl Shutdown for ClientStream {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await;
+    }
+}
+
+impl UniqueID for ClientStream {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for ClientStream {
+    fn get_ssl(&self) -> Option<&pingora_core::protocols::tls::TlsRef> {
+        self.inner.get_ssl()
+    }
+
+    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for ClientStream {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for ClientStream {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest);
+    }
+}
+
+impl GetSocketDigest for ClientStream {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest);
+    }
+}
+
+#[async_trait]
+impl Peek for ClientStream {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        if self.held_out < self.held.len() {
+            // Held bytes come before anything the socket has; peeking past them would lie.
+            return Ok(false);
+        }
+        self.inner.try_peek(buf).await
+    }
+}
+
+impl fmt::Debug for ClientStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientStream")
+            .field("inner", &self.inner)
+            .field("phase", &self.phase)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Finds the blank line that ends a request head across reads: a line feed, an optional
+/// carriage return, a line feed (the proxy's parser accepts bare LF line ends too).
+#[derive(Debug, Clone, Copy, Default)]
+struct BlankLine {
+    /// 0: inside a line; 1: just after a LF; 2: after LF CR.
+    state: u8,
+}
+
+impl BlankLine {
+    /// The index just past the blank line in `bytes`, if it is there.
+    fn find(&mut self, bytes: &[u8]) -> Option<usize> {
+        let mut i = 0;
+        while i < bytes.len() {
+            if self.state == 0 {
+                let lf = memchr::memchr(b'\n', &bytes[i..])?;
+                i += lf + 1;
+                self.state = 1;
+                continue;
+            }
+            match (self.state, bytes[i]) {
+                (_, b'\n') => {
+                    self.state = 0;
+                    return Some(i + 1);
+                }
+                (1, b'\r') => self.state = 2,
+                _ => self.state = 0,
+            }
+            i += 1;
+        }
+        None
+    }
+
+    /// Bytes passed through after a head: a head that starts among them (pipelined) may have
+    /// its end split across reads, so the state follows their last bytes.
+    fn follow(&mut self, bytes: &[u8]) {
+        self.state = match bytes {
+            [] => self.state,
+            [.., b'\n'] => 1,
+            [.., b'\n', b'\r'] => 2,
+            [b'\r'] if self.state == 1 => 2,
+            _ => 0,
+        };
+    }
+}
+
+const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 61\r\nConnection: close\r\n\r\n408 Request Timeout: the request head did not arrive in time\n";
+const HEADER_TOO_LARGE: &[u8] = b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 72\r\nConnection: close\r\n\r\n431 Request Header Fields Too Large: the request head is over the limit\n";
+const URI_TOO_LONG: &[u8] = b"HTTP/1.1 414 URI Too Long\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 53\r\nConnection: close\r\n\r\n414 URI Too Long: the request line is over the limit\n";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn end(parts: &[&[u8]]) -> Option<(usize, usize)> {
+        let mut blank = BlankLine::default();
+        parts
+            .iter()
+            .enumerate()
+            .find_map(|(i, p)| blank.find(p).map(|at| (i, at)))
+    }
+
+    #[test]
+    fn the_end_of_a_head_is_found_across_reads_with_or_without_carriage_returns() {
+        assert_eq!(
+            end(&[b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody"]),
+            Some((0, 27))
+        );
+        assert_eq!(end(&[b"GET / HTTP/1.1\nHost: a\n\n"]), Some((0, 24)));
+        assert_eq!(end(&[b"GET / HTTP/1.1\r\nHost: a\r\n"]), None);
+        assert_eq!(end(&[b"GET / HTTP/1.1\r\n", b"\r", b"\n"]), Some((2, 1)));
+        assert_eq!(
+            end(&[b"GET / HTTP/1.1\r\nHost: a\r", b"\n\r\n"]),
+            Some((1, 3))
+        );
+        assert_eq!(end(&[b"G", b"E", b"T / HTTP/1.1\n", b"\n"]), Some((3, 1)));
+    }
+
+    #[test]
+    fn a_pipelined_head_split_after_a_passed_through_read_is_still_found() {
+        let mut blank = BlankLine::default();
+        // The previous read ended inside the next request's head, just after a line end.
+        blank.follow(b"...GET /2 HTTP/1.1\r\nHost: a\r\n\r");
+        assert_eq!(blank.find(b"\n"), Some(1));
+        blank.follow(b"GET /3 HTTP/1.1\r\n");
+        assert_eq!(blank.find(b"\r\n"), Some(2));
+    }
+
+    #[test]
+    fn canned_answers_have_the_length_they_say() {
+        for answer in [REQUEST_TIMEOUT, HEADER_TOO_LARGE, URI_TOO_LONG] {
+            let text = std::str::from_utf8(answer).expect("ascii");
+            let (head, body) = text.split_once("\r\n\r\n").expect("a head");
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .expect("a length");
+            assert_eq!(length.parse::<usize>().ok(), Some(body.len()), "{head}");
+        }
+    }
+}

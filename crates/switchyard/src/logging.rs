@@ -1,0 +1,98 @@
+//! The process's logger: env_logger (`RUST_LOG`), with what clients send kept out of it.
+//!
+//! Pingora logs a malformed request head with its raw bytes (`buf: ...`, at ERROR on the admin
+//! port, at debug on the proxy port), and the parsed head at trace; a bearer token or a session
+//! cookie would land in the log with it. We cannot change Pingora's log lines, so every line
+//! from a Pingora module passes through [`scrub`] on its way out: the raw head is cut, and a
+//! line that still names a credential header is withheld whole. Our own lines never carry a
+//! head.
+
+use log::{Log, Metadata, Record};
+
+pub fn init() {
+    let logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).build();
+    let max_level = logger.filter();
+    if log::set_boxed_logger(Box::new(Scrubbed(logger))).is_ok() {
+        log::set_max_level(max_level);
+    }
+}
+
+struct Scrubbed(env_logger::Logger);
+
+impl Log for Scrubbed {
+    fn enabled(&self, metadata: &Metadata) -> bool {
+        self.0.enabled(metadata)
+    }
+
+    fn log(&self, record: &Record) {
+        if !self.0.matches(record) {
+            return;
+        }
+        if !record.target().starts_with("pingora") {
+            return self.0.log(record);
+        }
+        let text = record.args().to_string();
+        match scrub(&text) {
+            None => self.0.log(record),
+            Some(clean) => self.0.log(
+                &Record::builder()
+                    .args(format_args!("{clean}"))
+                    .level(record.level())
+                    .target(record.target())
+                    .module_path(record.module_path())
+                    .file(record.file())
+                    .line(record.line())
+                    .build(),
+            ),
+        }
+    }
+
+    fn flush(&self) {
+        self.0.flush()
+    }
+}
+
+/// Headers whose values are credentials.
+const SECRET_HEADERS: [&str; 4] = [
+    "authorization",
+    "cookie",
+    "proxy-authorization",
+    "x-api-key",
+];
+
+/// The line with client bytes removed, or `None` when it carries none.
+fn scrub(text: &str) -> Option<String> {
+    let cut = match text.find("buf: ") {
+        Some(at) => format!(
+            "{}buf: <{} bytes of request head withheld>",
+            &text[..at],
+            text.len() - at - 5
+        ),
+        None => text.to_string(),
+    };
+    let lower = cut.to_ascii_lowercase();
+    if SECRET_HEADERS.iter().any(|h| lower.contains(h)) {
+        return Some("<a log line that carried request headers was withheld>".to_string());
+    }
+    (cut.len() != text.len()).then_some(cut)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scrub;
+
+    #[test]
+    fn raw_heads_and_credentials_never_pass() {
+        let line = "HTTP server fails to read from downstream:  InvalidHTTPHeader context: buf: GET / HTTP/1.1\\r\\nAuthorization: Bearer s3cret\\r\\n\\x00 cause: invalid token";
+        let clean = scrub(line).expect("scrubbed");
+        assert!(!clean.contains("s3cret"), "{clean}");
+        assert!(
+            clean.starts_with("HTTP server fails to read from downstream:"),
+            "{clean}"
+        );
+        let trace = r#"Request header: RequestHeader { headers: {"cookie": "session=abc"} }"#;
+        assert!(!scrub(trace).expect("withheld").contains("abc"));
+        assert_eq!(scrub("Fail to proxy: ConnectRefused"), None);
+    }
+}
