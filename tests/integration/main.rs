@@ -7,6 +7,7 @@ mod admin;
 mod balancing;
 mod check;
 mod deploy;
+mod files;
 mod health;
 mod lifecycle;
 mod load;
