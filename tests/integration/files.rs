@@ -1,15 +1,21 @@
 //! Files that must not be turned against the balancer (issue 11, finding 6): the state file's
-//! temp file, a symlinked state file, temp files of a killed process, kept corrupt copies.
+//! temp file, a symlinked state file, temp files of a killed process, kept corrupt copies,
+//! and the upgrade socket, whose directory only we may write and whose listener must be ours.
 
-use std::os::unix::fs::symlink;
-use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::net::SocketAddr;
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
 use crate::fixtures::*;
 
 const STATE: &str = "state_file: {dir}/state.json\n";
+/// `nobody` on every Linux distribution.
+const OTHER_UID: u32 = 65534;
 
 fn put_split(sy: &Switchyard, blue: u32, green: u32) {
     let body = format!(r#"{{"blue": {blue}, "green": {green}}}"#);
@@ -27,6 +33,10 @@ fn started(state: &str) -> (TestBackend, TestBackend, Switchyard) {
     let green = TestBackend::start("green");
     let sy = Switchyard::start(&blue_green(blue.addr, green.addr, (90, 10), "", state));
     (blue, green, sy)
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
 #[test]
@@ -122,4 +132,126 @@ fn a_corrupt_state_file_never_overwrites_a_kept_copy() {
         std::fs::read_to_string(aside).expect("new copy"),
         "{ the second corrupt file"
     );
+}
+
+/// `switchyard run --config <yaml> [extra]` with `socket` as `server.upgrade_socket`; the exit
+/// code and stderr, or `None` if it was still running after `limit` (then killed).
+fn run_with_socket(socket: &Path, extra: &[&str], limit: Duration) -> Option<(i32, String)> {
+    let backend = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let yaml = one_upstream("round_robin", &[(backend, 1)], "")
+        .replace("{upgrade_socket}", &socket.display().to_string())
+        .replace("{listen}", &format!("127.0.0.1:{}", free_port()));
+    let config = temp_path("switchyard.yaml");
+    std::fs::write(&config, yaml).expect("config");
+    let stderr = temp_path("stderr.log");
+    let mut child = Command::new(BINARY)
+        .args(["run", "--config"])
+        .arg(&config)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).expect("stderr"))
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + limit;
+    let code = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break status.code().unwrap_or(-1);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Some((code, std::fs::read_to_string(stderr).unwrap_or_default()))
+}
+
+/// In both modes, before anything is bound: exit 1 with one line naming the directory.
+fn assert_refused(dir: &Path, says: &str) {
+    let socket = dir.join("upgrade.sock");
+    for extra in [&[][..], &["--upgrade"][..]] {
+        let (code, stderr) = run_with_socket(&socket, extra, Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("run {extra:?} with {} still running", dir.display()));
+        assert_eq!(code, 1, "run {extra:?}: {stderr}");
+        let line = format!("server.upgrade_socket: directory {} {says}", dir.display());
+        assert!(stderr.contains(&line), "run {extra:?}: {stderr}");
+        assert!(!socket.exists(), "run {extra:?} bound the socket");
+    }
+}
+
+#[test]
+fn an_upgrade_socket_directory_other_users_can_write_is_refused_at_start() {
+    let dir = temp_path("shared");
+    std::fs::create_dir(&dir).expect("dir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    assert_refused(&dir, "is writable by other users (mode 0777)");
+}
+
+#[test]
+fn an_upgrade_socket_directory_of_another_user_is_refused_at_start() {
+    if !is_root() {
+        eprintln!("skipped: needs root to chown a directory to uid {OTHER_UID}");
+        return;
+    }
+    let dir = temp_path("theirs");
+    std::fs::create_dir(&dir).expect("dir");
+    std::os::unix::fs::chown(&dir, Some(OTHER_UID), None).expect("chown");
+    assert_refused(&dir, &format!("is owned by uid {OTHER_UID}"));
+}
+
+#[test]
+fn a_missing_upgrade_socket_directory_is_created_for_us_alone() {
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let yaml = blue_green(blue.addr, green.addr, (90, 10), "", "")
+        .replace("{upgrade_socket}", "{dir}/run/switchyard/upgrade.sock");
+    let sy = Switchyard::start(&yaml);
+    for created in ["run", "run/switchyard"] {
+        let mode = std::fs::metadata(sy.dir.join(created))
+            .unwrap_or_else(|e| panic!("{created}: {e}"))
+            .mode();
+        assert_eq!(mode & 0o777, 0o700, "{created}");
+    }
+}
+
+#[test]
+fn sigquit_refuses_the_handover_to_a_socket_of_another_user_and_keeps_serving() {
+    if !is_root() {
+        eprintln!("skipped: needs root to give a socket to uid {OTHER_UID}");
+        return;
+    }
+    let (_blue, _green, mut sy) = started("");
+    let socket = sy.dir.join("upgrade.sock");
+    // Someone else listens where the new process would: they must not get our sockets.
+    let squatter = UnixListener::bind(&socket).expect("bind");
+    squatter.set_nonblocking(true).expect("nonblocking");
+    std::os::unix::fs::chown(&socket, Some(OTHER_UID), None).expect("chown");
+    sy.signal("QUIT");
+    wait_until("the refusal in the log", Duration::from_secs(10), || {
+        sy.log_text().contains("SIGQUIT refused")
+    });
+    let log = sy.log_text();
+    assert!(
+        log.contains(&format!(
+            "was bound by uid {OTHER_UID}, not by this process's uid 0"
+        )),
+        "{log}"
+    );
+    let connected = squatter.accept();
+    assert!(
+        connected
+            .as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+        "the squatter got a connection: {connected:?}"
+    );
+    assert!(
+        sy.child.try_wait().expect("child").is_none(),
+        "still running"
+    );
+    assert_eq!(get(sy.addr, "/").status, 200);
+    // The squatter gone, a real upgrade goes through as before.
+    drop(squatter);
+    sy.upgrade();
+    assert_eq!(get(sy.addr, "/").status, 200);
 }

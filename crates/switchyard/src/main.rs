@@ -6,6 +6,7 @@ mod demo;
 mod launch;
 mod signals;
 mod systemd;
+mod upgrade_socket;
 
 use std::process::ExitCode;
 
