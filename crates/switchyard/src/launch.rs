@@ -35,7 +35,7 @@ pub fn run(
     prerequisites: Prerequisites,
 ) -> Result<(), String> {
     // Before Pingora binds it (`--upgrade`) or will connect to it (SIGQUIT).
-    crate::upgrade_socket::prepare(&config.server.upgrade_socket)?;
+    crate::upgrade_socket::prepare(&config.server.upgrade_socket, upgrade)?;
     if !upgrade {
         ensure_sockets_free(&config)?;
     }

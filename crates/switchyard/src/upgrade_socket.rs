@@ -7,9 +7,9 @@
 //!   be ours and writable by us alone, and every directory above it owned by root or us and
 //!   writable by others only with the sticky bit (the rule of OpenSSH's `StrictModes`). Links
 //!   on the way are followed, each owned by root or us. A directory others can enter is only
-//!   warned about (the contract refuses what others can write): while `run --upgrade` waits,
-//!   they could connect to its socket first and make that upgrade fail (the old process
-//!   then drains and exits with no successor); they cannot receive the sockets.
+//!   warned about, by `run --upgrade` (the contract refuses what others can write): while it
+//!   waits, they could connect to its socket first and make that upgrade fail (the old
+//!   process then drains and exits with no successor); they cannot receive the sockets.
 //! - At SIGQUIT, before the sockets go, the directory is checked again, and a socket file
 //!   already there must be a socket bound by our own uid. Otherwise the handover is refused
 //!   and the process keeps serving.
@@ -42,8 +42,9 @@ const STICKY: u32 = 0o1000;
 const SEARCHABLE_BY_OTHERS: u32 = 0o011;
 
 /// At start, before Pingora binds or connects: the socket's directory exists (created 0700 if
-/// missing) and only we can write it.
-pub fn prepare(socket: &Path) -> Result<(), String> {
+/// missing) and only we can write it. `waiting`: this process is about to wait on the socket
+/// (`--upgrade`), the one moment others who can enter the directory matter.
+pub fn prepare(socket: &Path, waiting: bool) -> Result<(), String> {
     let dir = directory(socket);
     if !dir.exists() {
         DirBuilder::new()
@@ -55,7 +56,7 @@ pub fn prepare(socket: &Path) -> Result<(), String> {
     check_directory(&dir, effective_uid())?;
     // Pingora makes the socket 0666 while the new process waits: only the directory keeps
     // others from connecting first, which takes the one handover the new process accepts.
-    if let Ok(meta) = fs::metadata(&dir) {
+    if let (true, Ok(meta)) = (waiting, fs::metadata(&dir)) {
         if meta.mode() & SEARCHABLE_BY_OTHERS != 0 {
             warn!(
                 "{FIELD}: directory {} can be entered by other users (mode {:04o}): while `run --upgrade` waits for the sockets they can connect first and make the upgrade fail; chmod 0700 it",
@@ -240,13 +241,13 @@ mod tests {
     fn a_missing_directory_is_created_for_us_alone() {
         let dir = temp_dir("missing");
         let socket = dir.join("run/switchyard/upgrade.sock");
-        prepare(&socket).expect("created");
+        prepare(&socket, false).expect("created");
         for created in ["run", "run/switchyard"] {
             let mode = fs::metadata(dir.join(created)).expect("dir").mode();
             assert_eq!(mode & 0o777, 0o700, "{created}");
         }
         // And a second start finds it fine.
-        prepare(&socket).expect("again");
+        prepare(&socket, false).expect("again");
         fs::remove_dir_all(dir).expect("clean up");
     }
 
@@ -256,7 +257,7 @@ mod tests {
         let shared = dir.join("shared");
         fs::create_dir(&shared).expect("shared");
         chmod(&shared, 0o777);
-        let e = prepare(&shared.join("upgrade.sock")).expect_err("refused");
+        let e = prepare(&shared.join("upgrade.sock"), false).expect_err("refused");
         assert!(e.starts_with("server.upgrade_socket: directory "), "{e}");
         assert!(
             e.contains(&format!(
@@ -267,10 +268,10 @@ mod tests {
         );
         // Sticky does not help the socket's own directory: the name can still be taken first.
         chmod(&shared, 0o1777);
-        assert!(prepare(&shared.join("upgrade.sock")).is_err());
+        assert!(prepare(&shared.join("upgrade.sock"), false).is_err());
         // Group-writable is other users too.
         chmod(&shared, 0o770);
-        assert!(prepare(&shared.join("upgrade.sock")).is_err());
+        assert!(prepare(&shared.join("upgrade.sock"), false).is_err());
         fs::remove_dir_all(dir).expect("clean up");
     }
 
@@ -281,9 +282,9 @@ mod tests {
         fs::create_dir_all(&below).expect("dirs");
         chmod(&below, 0o700);
         chmod(&dir.join("shared"), 0o1777);
-        prepare(&below.join("upgrade.sock")).expect("sticky above is fine");
+        prepare(&below.join("upgrade.sock"), false).expect("sticky above is fine");
         chmod(&dir.join("shared"), 0o777);
-        let e = prepare(&below.join("upgrade.sock")).expect_err("refused");
+        let e = prepare(&below.join("upgrade.sock"), false).expect_err("refused");
         assert!(e.contains("and not sticky"), "{e}");
         fs::remove_dir_all(dir).expect("clean up");
     }
@@ -294,9 +295,9 @@ mod tests {
         let real = dir.join("real");
         fs::create_dir(&real).expect("real");
         symlink("real", dir.join("link")).expect("link");
-        prepare(&dir.join("link/upgrade.sock")).expect("safe target");
+        prepare(&dir.join("link/upgrade.sock"), false).expect("safe target");
         chmod(&real, 0o777);
-        let e = prepare(&dir.join("link/upgrade.sock")).expect_err("refused");
+        let e = prepare(&dir.join("link/upgrade.sock"), false).expect_err("refused");
         assert!(
             e.contains(&format!("{} is writable", real.display())),
             "{e}"
