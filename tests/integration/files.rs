@@ -254,4 +254,8 @@ fn sigquit_refuses_the_handover_to_a_socket_of_another_user_and_keeps_serving() 
     drop(squatter);
     sy.upgrade();
     assert_eq!(get(sy.addr, "/").status, 200);
+    // The fixtures' directories are 0755: `run --upgrade` says what that exposes.
+    assert!(sy
+        .log_text()
+        .contains("can be entered by other users (mode 0755)"));
 }
