@@ -32,7 +32,7 @@ config_value() {
     sed -n "s/^[[:space:]]*$1:[[:space:]]*//p" "$config" | head -n 1 | sed 's/[[:space:]]*#.*$//' | tr -d "\"'"
 }
 socket=$(config_value upgrade_socket)
-socket=${socket:-/tmp/switchyard-upgrade.sock}
+socket=${socket:-/run/switchyard/upgrade.sock}
 # The old process accepts for 5 s after SIGQUIT, then drains for at most grace_period (the
 # config passed `check`, so the value is one of <n>ms, <n>s, <n>m, <n>h).
 grace=$(config_value grace_period)

@@ -53,7 +53,7 @@ fn the_contract_example_parses_with_defaults() {
     assert_eq!(config.server.grace_period, Duration::from_secs(30));
     assert_eq!(
         config.server.upgrade_socket,
-        PathBuf::from("/tmp/switchyard-upgrade.sock")
+        PathBuf::from("/run/switchyard/upgrade.sock")
     );
     let blue = config.upstream("blue").unwrap();
     assert_eq!(blue.algorithm, Algorithm::WeightedRoundRobin);

@@ -15,7 +15,7 @@ use crate::{
 };
 
 const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
-const DEFAULT_UPGRADE_SOCKET: &str = "/tmp/switchyard-upgrade.sock";
+const DEFAULT_UPGRADE_SOCKET: &str = "/run/switchyard/upgrade.sock";
 const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 const DEFAULT_RISE: u32 = 2;

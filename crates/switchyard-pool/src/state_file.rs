@@ -1,15 +1,37 @@
 //! The state file: runtime state written atomically before an admin change is acknowledged,
 //! and read back at start. A corrupt file is never deleted: it is moved aside and the start
-//! goes on from the config alone.
+//! goes on from the config alone. The same code writes the upgrade hand-over file.
+//!
+//! The file's directory may be shared with other programs, so nothing here may be turned into
+//! a write somewhere else:
+//! - the temp file is created exclusively (`O_CREAT | O_EXCL`, which never follows a link)
+//!   under a name nobody can predict, so a link planted in the directory is never written
+//!   through;
+//! - the path itself may be a symbolic link (a state file on a mounted volume): reads and
+//!   writes go to its final target, so the link stays a link. A link owned by another user is
+//!   refused, as the kernel's `protected_symlinks` does in sticky directories: it is how a
+//!   planted link looks;
+//! - temp files carry the writer's pid: those of a process that died mid-save are removed at
+//!   the next start, those of a live one (the old process during an upgrade) are left alone;
+//! - a corrupt file is kept under a name not taken yet (a hard link, which never replaces), so
+//!   a second corrupt file never overwrites the first kept copy.
 
-use std::fs::{self, File};
-use std::io::Write;
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
+use std::hash::{BuildHasher, RandomState};
+use std::io::{self, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use log::{error, info};
+use log::{error, info, warn};
 
 use crate::state::RuntimeState;
+
+/// More links than this in a row is a loop (the kernel's own limit).
+const MAX_LINKS: usize = 40;
+/// A fresh state file is ours alone; an existing one keeps the mode it has.
+const NEW_FILE_MODE: u32 = 0o600;
 
 pub struct StateFile {
     path: PathBuf,
@@ -25,11 +47,23 @@ impl StateFile {
     }
 
     /// The saved state; empty when there is none yet, or when the file was corrupt (then it
-    /// is kept as `<name>.corrupt-<unix seconds>` and the reason logged).
+    /// is kept as `<name>.corrupt-<unix seconds>[-<n>]` and the reason logged). Removes the
+    /// temp files that dead processes left next to it first.
     pub fn load(&self) -> RuntimeState {
-        let text = match fs::read(&self.path) {
+        let target = match target(&self.path) {
+            Ok(target) => target,
+            Err(e) => {
+                error!(
+                    "cannot read state file {}: {e}; starting from the config alone",
+                    self.path.display()
+                );
+                return RuntimeState::default();
+            }
+        };
+        remove_stale_temp_files(&target);
+        let text = match fs::read(&target) {
             Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 info!(
                     "state file {} does not exist yet; starting from the config",
                     self.path.display()
@@ -47,21 +81,14 @@ impl StateFile {
         match serde_json::from_slice(&text) {
             Ok(state) => state,
             Err(e) => {
-                let stamp = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or_default();
-                let mut aside = self.path.clone().into_os_string();
-                aside.push(format!(".corrupt-{stamp}"));
-                let aside = PathBuf::from(aside);
-                match fs::rename(&self.path, &aside) {
-                    Ok(()) => error!(
+                match move_aside(&target) {
+                    Ok(aside) => error!(
                         "state file {} is corrupt ({e}); kept as {} and starting from the config alone",
                         self.path.display(),
                         aside.display()
                     ),
-                    Err(rename) => error!(
-                        "state file {} is corrupt ({e}) and could not be moved aside ({rename}); starting from the config alone",
+                    Err(moving) => error!(
+                        "state file {} is corrupt ({e}) and could not be moved aside ({moving}); starting from the config alone",
                         self.path.display()
                     ),
                 }
@@ -71,39 +98,370 @@ impl StateFile {
     }
 
     /// Writes the state so that a crash leaves either the old or the new file, never half:
-    /// temp file in the same directory, fsync, rename over, fsync the directory.
+    /// temp file in the target's directory, fsync, rename over, fsync the directory.
     pub fn save(&self, state: &RuntimeState) -> Result<(), String> {
-        let fail = |what: &str, e: std::io::Error| {
+        let fail = |what: &str, e: io::Error| {
             format!(
                 "cannot save state file {}: {what}: {e}",
                 self.path.display()
             )
         };
-        let dir = match self.path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let mut temp = self.path.clone().into_os_string();
-        temp.push(format!(".tmp-{}", std::process::id()));
-        let temp = PathBuf::from(temp);
+        let target = target(&self.path).map_err(|e| fail("follow symbolic link", e))?;
         let body = serde_json::to_vec_pretty(state).map_err(|e| e.to_string())?;
-        let written = File::create(&temp)
-            .and_then(|mut file| {
-                file.write_all(&body)?;
-                file.write_all(b"\n")?;
-                file.sync_all()
+        // An existing file keeps its mode (an operator may have opened it to a group).
+        let mode = match fs::metadata(&target) {
+            Ok(meta) => Some(meta.permissions().mode() & 0o7777),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(fail("inspect", e)),
+        };
+        let (temp, mut file) = create_temp(&target).map_err(|e| fail("create temp file", e))?;
+        let written = mode
+            .map_or(Ok(()), |mode| {
+                file.set_permissions(fs::Permissions::from_mode(mode))
             })
+            .and_then(|()| file.write_all(&body))
+            .and_then(|()| file.write_all(b"\n"))
+            .and_then(|()| file.sync_all())
             .map_err(|e| fail("write temp file", e))
-            .and_then(|()| fs::rename(&temp, &self.path).map_err(|e| fail("rename", e)));
+            .and_then(|()| fs::rename(&temp, &target).map_err(|e| fail("rename", e)));
+        drop(file);
         if written.is_err() {
             let _ = fs::remove_file(&temp);
             return written;
         }
         // The new file is in place; failing to sync the directory only weakens durability
         // across a power cut, so the change stands and the failure is logged.
-        if let Err(e) = File::open(&dir).and_then(|d| d.sync_all()) {
-            log::warn!("{}", fail("sync directory", e));
+        if let Err(e) = File::open(directory(&target)).and_then(|d| d.sync_all()) {
+            warn!("{}", fail("sync directory", e));
         }
         Ok(())
+    }
+}
+
+/// Where reads and writes of `path` go: its last component's links followed to the end (the
+/// last one may dangle: a save creates its target).
+fn target(path: &Path) -> io::Result<PathBuf> {
+    let euid = effective_uid();
+    let mut current = path.to_path_buf();
+    for _ in 0..MAX_LINKS {
+        let meta = match fs::symlink_metadata(&current) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(current),
+            Err(e) => return Err(e),
+        };
+        if !meta.file_type().is_symlink() {
+            return Ok(current);
+        }
+        if meta.uid() != euid && meta.uid() != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} is a symbolic link owned by uid {}, not by this process's uid {euid} or root; refusing to follow it",
+                    current.display(),
+                    meta.uid()
+                ),
+            ));
+        }
+        let link = fs::read_link(&current)?;
+        // An absolute link replaces the whole path in `join`; a relative one is relative to
+        // the link's own directory.
+        current = directory(&current).join(link);
+    }
+    Err(io::Error::other(format!(
+        "{}: more than {MAX_LINKS} symbolic links in a row",
+        path.display()
+    )))
+}
+
+/// The directory `file` is in (`.` for a bare file name).
+fn directory(file: &Path) -> PathBuf {
+    match file.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// `<file>` with `suffix` appended to its name.
+fn with_suffix(file: &Path, suffix: &str) -> PathBuf {
+    let mut name = file.as_os_str().to_os_string();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Temp files of `target` are `<name>.tmp-<pid>-<random>`.
+fn temp_prefix(target: &Path) -> Option<OsString> {
+    let mut prefix = target.file_name()?.to_os_string();
+    prefix.push(".tmp-");
+    Some(prefix)
+}
+
+/// A new temp file next to `target`, created exclusively: never an existing file, never
+/// through a link.
+fn create_temp(target: &Path) -> io::Result<(PathBuf, File)> {
+    let random = RandomState::new();
+    for attempt in 0u32..16 {
+        let temp = with_suffix(
+            target,
+            &format!(
+                ".tmp-{}-{:016x}",
+                std::process::id(),
+                random.hash_one((SystemTime::now(), attempt))
+            ),
+        );
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(NEW_FILE_MODE)
+            .open(&temp)
+        {
+            Ok(file) => return Ok((temp, file)),
+            // Someone else's file (or link) under that name: take another.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        "16 temp file names in a row were taken",
+    ))
+}
+
+/// Removes `target`'s temp files whose writer is no longer running (killed mid-save).
+fn remove_stale_temp_files(target: &Path) {
+    let (Some(prefix), Ok(entries)) = (temp_prefix(target), fs::read_dir(directory(target))) else {
+        return;
+    };
+    let prefix = prefix.as_encoded_bytes();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.as_encoded_bytes().strip_prefix(prefix) else {
+            continue;
+        };
+        // `<pid>-<random>`, or `<pid>` as older versions named them.
+        let pid = rest.split(|&b| b == b'-').next().unwrap_or_default();
+        let Some(pid) = std::str::from_utf8(pid)
+            .ok()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && process_alive(pid) {
+            continue;
+        }
+        let path = entry.path();
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        match fs::remove_file(&path) {
+            Ok(()) => info!(
+                "removed {}, left by process {pid} which is no longer running",
+                path.display()
+            ),
+            Err(e) => warn!("cannot remove stale temp file {}: {e}", path.display()),
+        }
+    }
+}
+
+/// Moves a corrupt `target` to `<target>.corrupt-<unix seconds>`, or `-<n>` after it when that
+/// name is taken, and never over an existing file.
+fn move_aside(target: &Path) -> io::Result<PathBuf> {
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    for n in 0u32..1000 {
+        let aside = match n {
+            0 => with_suffix(target, &format!(".corrupt-{stamp}")),
+            n => with_suffix(target, &format!(".corrupt-{stamp}-{n}")),
+        };
+        match fs::hard_link(target, &aside) {
+            Ok(()) => {
+                fs::remove_file(target)?;
+                return Ok(aside);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            // A file system without hard links: a rename checked just before (only a second
+            // process doing the same at the same instant could slip in between).
+            Err(_) if fs::symlink_metadata(&aside).is_err() => {
+                fs::rename(target, &aside)?;
+                return Ok(aside);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        "1000 names for the kept copy were taken",
+    ))
+}
+
+fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Whether process `pid` exists (one of another user counts: it may still be writing).
+fn process_alive(pid: u32) -> bool {
+    // Pid 0 and negative values would address process groups.
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks that the process exists and may be signalled.
+    if unsafe { libc::kill(pid, 0) } == 0 {
+        return true;
+    }
+    io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "switchyard-state-file-{name}-{}",
+            std::process::id()
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("temp dir");
+        dir
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .expect("dir")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// A pid that was just used and is no longer running.
+    fn dead_pid() -> u32 {
+        let mut child = std::process::Command::new("true").spawn().expect("true");
+        let pid = child.id();
+        child.wait().expect("wait");
+        pid
+    }
+
+    #[test]
+    fn a_link_planted_at_the_old_temp_name_is_not_written_through() {
+        let dir = temp_dir("planted");
+        let victim = dir.join("victim");
+        fs::write(&victim, "precious").expect("victim");
+        let path = dir.join("state.json");
+        symlink(
+            &victim,
+            with_suffix(&path, &format!(".tmp-{}", std::process::id())),
+        )
+        .expect("plant");
+        StateFile::new(path.clone())
+            .save(&RuntimeState::default())
+            .expect("save");
+        assert_eq!(fs::read_to_string(&victim).expect("victim"), "precious");
+        assert!(fs::read_to_string(&path).expect("state").starts_with('{'));
+        fs::remove_dir_all(dir).expect("clean up");
+    }
+
+    #[test]
+    fn a_symlinked_state_file_stays_a_link_and_its_target_is_written() {
+        let dir = temp_dir("symlinked");
+        fs::create_dir(dir.join("volume")).expect("volume");
+        let path = dir.join("state.json");
+        symlink("volume/state.json", &path).expect("link");
+        let file = StateFile::new(path.clone());
+        file.save(&RuntimeState::default()).expect("save");
+        assert!(fs::symlink_metadata(&path)
+            .expect("link")
+            .file_type()
+            .is_symlink());
+        let written = fs::read_to_string(dir.join("volume/state.json")).expect("target");
+        assert_eq!(
+            serde_json::from_str::<RuntimeState>(&written).expect("json"),
+            RuntimeState::default()
+        );
+        // A fresh file is the process's alone.
+        let mode = fs::metadata(dir.join("volume/state.json"))
+            .expect("target")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, NEW_FILE_MODE);
+        // The corrupt target is moved aside, the link stays.
+        fs::write(dir.join("volume/state.json"), "{ not json").expect("corrupt");
+        assert_eq!(file.load(), RuntimeState::default());
+        assert!(fs::symlink_metadata(&path).is_ok());
+        assert!(names(&dir.join("volume"))[0].starts_with("state.json.corrupt-"));
+        fs::remove_dir_all(dir).expect("clean up");
+    }
+
+    #[test]
+    fn an_existing_file_keeps_its_mode() {
+        let dir = temp_dir("mode");
+        let path = dir.join("state.json");
+        fs::write(&path, "{}").expect("state");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).expect("chmod");
+        StateFile::new(path.clone())
+            .save(&RuntimeState::default())
+            .expect("save");
+        let mode = fs::metadata(&path).expect("state").permissions().mode();
+        assert_eq!(mode & 0o777, 0o640);
+        fs::remove_dir_all(dir).expect("clean up");
+    }
+
+    #[test]
+    fn temp_files_of_dead_processes_go_at_start_those_of_live_ones_stay() {
+        let dir = temp_dir("stale");
+        let path = dir.join("state.json");
+        let dead = dead_pid();
+        fs::write(with_suffix(&path, &format!(".tmp-{dead}-00ff")), "half").expect("stale");
+        fs::write(with_suffix(&path, &format!(".tmp-{dead}")), "half").expect("old style");
+        // Pid 1 is always running.
+        fs::write(with_suffix(&path, ".tmp-1-00ff"), "in progress").expect("live");
+        fs::write(dir.join("other.tmp-1"), "not ours").expect("other");
+        StateFile::new(path).load();
+        assert_eq!(names(&dir), ["other.tmp-1", "state.json.tmp-1-00ff"]);
+        fs::remove_dir_all(dir).expect("clean up");
+    }
+
+    #[test]
+    fn a_second_corrupt_file_in_the_same_second_keeps_the_first_copy() {
+        let dir = temp_dir("corrupt");
+        let path = dir.join("state.json");
+        let file = StateFile::new(path.clone());
+        let stamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        // Every name of this second and the next few is taken by an earlier copy.
+        for s in stamp..stamp + 5 {
+            fs::write(
+                with_suffix(&path, &format!(".corrupt-{s}")),
+                format!("copy {s}"),
+            )
+            .expect("earlier copy");
+        }
+        fs::write(&path, "{ second").expect("corrupt");
+        assert_eq!(file.load(), RuntimeState::default());
+        for s in stamp..stamp + 5 {
+            let kept = fs::read_to_string(with_suffix(&path, &format!(".corrupt-{s}")));
+            assert_eq!(kept.expect("kept"), format!("copy {s}"));
+        }
+        let new: Vec<String> = names(&dir)
+            .into_iter()
+            .filter(|n| n.matches('-').count() == 2)
+            .collect();
+        assert_eq!(new.len(), 1, "{:?}", names(&dir));
+        assert_eq!(
+            fs::read_to_string(dir.join(&new[0])).expect("new copy"),
+            "{ second"
+        );
+        assert!(!path.exists());
+        fs::remove_dir_all(dir).expect("clean up");
     }
 }

@@ -19,7 +19,6 @@ server:
   grace_period: 5s
   debug_headers: true
   max_connections: 1000
-  upgrade_socket: /tmp/switchyard-demo-upgrade.sock
 listeners:
   - address: 127.0.0.1:8080
 admin:
@@ -58,7 +57,8 @@ routes:
 "#;
 
 pub fn run() -> Result<(), String> {
-    let config = Config::from_yaml(CONFIG).map_err(|p| format!("embedded demo config: {p}"))?;
+    let mut config = Config::from_yaml(CONFIG).map_err(|p| format!("embedded demo config: {p}"))?;
+    config.server.upgrade_socket = upgrade_socket();
     let mut backends: Prerequisites = Vec::new();
     for (name, version, address) in [("blue", "v1", BLUE), ("green", "v2", GREEN)] {
         let parsed = address
@@ -74,6 +74,20 @@ pub fn run() -> Result<(), String> {
     }
     println!("{}", instructions(&config));
     launch::run(config, None, false, backends)
+}
+
+/// The demo runs as any user, who cannot create the default `/run/switchyard`: the upgrade
+/// socket goes in a directory of that user's own (the session's runtime directory, else one
+/// in the temp directory named by uid; `upgrade_socket` refuses it if someone else made it).
+fn upgrade_socket() -> std::path::PathBuf {
+    let dir = match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(runtime) if !runtime.is_empty() => {
+            std::path::PathBuf::from(runtime).join("switchyard-demo")
+        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        _ => std::env::temp_dir().join(format!("switchyard-demo-{}", unsafe { libc::geteuid() })),
+    };
+    dir.join("upgrade.sock")
 }
 
 fn instructions(config: &Config) -> String {

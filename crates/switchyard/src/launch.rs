@@ -34,6 +34,8 @@ pub fn run(
     upgrade: bool,
     prerequisites: Prerequisites,
 ) -> Result<(), String> {
+    // Before Pingora binds it (`--upgrade`) or will connect to it (SIGQUIT).
+    crate::upgrade_socket::prepare(&config.server.upgrade_socket, upgrade)?;
     if !upgrade {
         ensure_sockets_free(&config)?;
     }
@@ -63,6 +65,7 @@ pub fn run(
     }
 
     let listeners = config.listeners.clone();
+    let upgrade_socket = config.server.upgrade_socket.clone();
     let grace_period = config.server.grace_period;
     let client_limits = config.server.clients;
     // Where the runtime state goes for the next process when there is no state file.
@@ -169,6 +172,7 @@ pub fn run(
         shutdown_signal: Box::new(Signals {
             closing,
             on_hangup: Box::new(reload),
+            may_upgrade: Box::new(move || crate::upgrade_socket::check_peer(&upgrade_socket)),
             on_upgrade: Box::new(hand_over),
         }),
     });

@@ -8,6 +8,7 @@ mod limits;
 mod logging;
 mod signals;
 mod systemd;
+mod upgrade_socket;
 
 use std::process::ExitCode;
 

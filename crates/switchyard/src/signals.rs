@@ -4,13 +4,15 @@
 //! SIGTERM. The contract wants both to stop accepting, let in-flight requests finish, and exit
 //! as soon as they have (within `grace_period`), so we hand Pingora our own signal watch and
 //! run a drain that exits the process once nothing is in flight. SIGHUP reloads the config.
+//! SIGQUIT hands the sockets over only once the upgrade socket has passed its check (see
+//! `upgrade_socket`); a refused handover is logged and the process goes on serving.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use log::{info, warn};
+use log::{error, info, warn};
 use pingora::server::{ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::BackgroundService;
 use switchyard_proxy::Connections;
@@ -22,6 +24,9 @@ pub struct Signals {
     pub closing: Arc<AtomicBool>,
     /// SIGHUP: the same as `POST /api/v1/reload`.
     pub on_hangup: Box<dyn Fn() + Send + Sync>,
+    /// SIGQUIT, before anything else: may the listening sockets go to whoever listens on
+    /// the upgrade socket? `Err` says why not.
+    pub may_upgrade: Box<dyn Fn() -> Result<(), String> + Send + Sync>,
     /// SIGQUIT, before the sockets go: leave the runtime state for the new process.
     pub on_upgrade: Box<dyn Fn() + Send + Sync>,
 }
@@ -61,6 +66,10 @@ impl Signals {
                     return ShutdownSignal::GracefulTerminate;
                 }
                 _ = quit.recv() => {
+                    if let Err(e) = (self.may_upgrade)() {
+                        error!("SIGQUIT refused, still serving: {e}");
+                        continue;
+                    }
                     info!("SIGQUIT: handing the listening sockets over, then draining");
                     return ShutdownSignal::GracefulUpgrade;
                 }
