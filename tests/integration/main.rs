@@ -13,3 +13,4 @@ mod load;
 mod metrics;
 mod proxying;
 mod state;
+mod websocket;

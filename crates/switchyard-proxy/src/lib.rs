@@ -8,6 +8,7 @@
 //! for it, and an [`InFlight`] guard so that least-connections and draining see it.
 
 mod handover;
+mod websocket;
 
 pub use handover::{Connections, HandoverGate, Watched};
 
@@ -149,7 +150,7 @@ impl ProxyHttp for Proxy {
 
     async fn upstream_peer(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         let Some((snapshot, upstream)) = ctx.target() else {
@@ -163,6 +164,7 @@ impl ProxyHttp for Proxy {
         peer.options.read_timeout = Some(t.read);
         peer.options.write_timeout = Some(t.write);
         peer.options.idle_timeout = Some(t.idle);
+        websocket::hold_answer_until_sent(session.req_header(), &mut peer);
         Ok(Box::new(peer))
     }
 
