@@ -22,7 +22,10 @@ const PARALLEL: usize = 4;
 const STEP: Duration = Duration::from_secs(5);
 const RUN: Duration = Duration::from_secs(120);
 
-const HANDSHAKE: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+const HANDSHAKE: &str = concat!(
+    "Upgrade: websocket\r\nConnection: Upgrade\r\n",
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+);
 
 /// One upgrade to `path`, a few bytes sent after the `101`, their echo expected back.
 async fn tunnel(addr: SocketAddr, path: &str, n: usize) -> Result<(), String> {

@@ -6,12 +6,12 @@
 //! body, which for an upgrade request is empty and is queued before that loop first runs. If
 //! it takes the `101` first, it switches to tunnel mode and then reads the queued body end as
 //! the end of the tunnel: the client gets the `101`, then the connection end. With a backend
-//! that answers the handshake at once and 4 clients in parallel, 1 tunnel in 700 (release
-//! build) to 1 in 60 (debug build) was lost that way. No proxy phase runs between the head and
-//! that loop, but the backend connection takes part in it: a [`HoldUntilSent`] connection
-//! keeps the backend's answer unread from the head's flush until the next flush, which is the
-//! one that ends the (empty) body. The body end is therefore always taken first, the order in
-//! which Pingora keeps the tunnel open, whatever the backend's timing.
+//! that answers the handshake at once and 4 clients in parallel, 1 tunnel in 60 (debug build)
+//! to 1 in 700 (the run that found it) was lost that way. No proxy phase runs between the
+//! head and that loop, but the backend connection takes part in it: a [`HoldUntilSent`]
+//! connection keeps the backend's answer unread from the head's flush until the next flush,
+//! which is the one that ends the (empty) body. The body end is therefore always taken first,
+//! the order in which Pingora keeps the tunnel open, whatever the backend's timing.
 //!
 //! Only bodyless HTTP/1.1 upgrade requests take this path (with a body, the answer would wait
 //! for the whole body). They always get a fresh connection, as they would from nginx: a
