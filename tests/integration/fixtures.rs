@@ -89,8 +89,8 @@ struct BackendShared {
 }
 
 /// A test backend (optionally slow, see `set_delay`). Paths: `/healthz` (503 when sick), `/slow/<ms>`, `/download/<bytes>`,
-/// `/upload` (POST; answers the byte count), `/ws` (101, then echoes bytes), `/reset` (closes
-/// without answering); anything else answers its name. Every answer has `X-Backend: <name>`.
+/// `/upload` (POST; answers the byte count), `/ws` (101 after 20 ms, then echoes bytes), `/ws-now`
+/// (the same, 101 at once), `/reset` (closes without answering); anything else answers its name. Every answer has `X-Backend: <name>`.
 pub struct TestBackend {
     pub addr: SocketAddr,
     shared: Arc<BackendShared>,
@@ -297,13 +297,17 @@ async fn serve_connection(stream: TcpStream, shared: Arc<BackendShared>) {
             respond(&mut write, name, 200, received.to_string().as_bytes()).await
         } else if path == "/reset" {
             return;
-        } else if path == "/ws" && request.header("upgrade") == Some("websocket") {
-            // Pingora 0.9 tears an upgrade down right after the 101 when it reads the 101
-            // before it has passed on the upgrade request's empty body (cloudflare/pingora#946,
-            // fix proposed in #947); a prompt backend on a busy machine hits that now and then.
-            // These tests are about what happens after the handshake, so this backend answers
-            // it a moment later; docs/deploys.md names the bug for operators.
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        } else if (path == "/ws" || path == "/ws-now")
+            && request.header("upgrade") == Some("websocket")
+        {
+            // `/ws` answers the handshake 20 ms late, as it did before Switchyard worked
+            // around cloudflare/pingora#946 (a `101` read before the upgrade request's empty
+            // body had been passed on ended the tunnel); the tests that use it are about what
+            // happens after the handshake. `/ws-now` answers at once, which is what made the
+            // race show: tests/integration/websocket.rs uses it.
+            if path == "/ws" {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             let head = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
             if write.write_all(head.as_bytes()).await.is_err() {
                 return;

@@ -15,3 +15,4 @@ mod load;
 mod metrics;
 mod proxying;
 mod state;
+mod websocket;

@@ -11,6 +11,7 @@ mod client_stream;
 mod connection;
 mod handover;
 mod host;
+mod websocket;
 
 pub use client_stream::ClientStream;
 pub use connection::{ClientApp, ClientCounters, Rejection};
@@ -197,7 +198,7 @@ impl ProxyHttp for Proxy {
 
     async fn upstream_peer(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         let Some((snapshot, upstream)) = ctx.target() else {
@@ -211,6 +212,7 @@ impl ProxyHttp for Proxy {
         peer.options.read_timeout = Some(t.read);
         peer.options.write_timeout = Some(t.write);
         peer.options.idle_timeout = Some(t.idle);
+        websocket::hold_answer_until_sent(session.req_header(), &mut peer);
         Ok(Box::new(peer))
     }
 
