@@ -37,6 +37,9 @@ MARK_START = "<!-- results:start -->"
 MARK_END = "<!-- results:end -->"
 CLIENT_CONNECTIONS = 50
 IDLE_CONNECTIONS = 1000
+# Under every system's default head limit (nginx: 8 KiB per header line, HAProxy: 16 KiB
+# buffers, Switchyard: 64 KiB), so each one holds it.
+PENDING_HEAD_BYTES = 6000
 ALLOC_REQUESTS = (2000, 22000)
 BODY_16K = 16 * 1024
 WARMUP_SECONDS = 1
@@ -48,7 +51,7 @@ class Scenario:
         self.letter = letter
         self.name = name
         self.title = title
-        self.kind = kind  # wrk | idle | alloc
+        self.kind = kind  # wrk | idle | pending | alloc
         self.threads = threads
         self.pinned = threads == 1
         self.backends = backends
@@ -76,6 +79,8 @@ SCENARIOS = [
              "(nothing pinned)", threads=2, backends=100, close=True),
     Scenario("i", "idle-1000", "resident memory per idle client connection (1 000 connections)",
              kind="idle"),
+    Scenario("p", "pending-heads", "resident memory per client connection holding an unfinished "
+             f"{PENDING_HEAD_BYTES}-byte request head (1 000 connections)", kind="pending"),
     Scenario("j", "allocs", "heap allocations per proxied request (Switchyard only)",
              kind="alloc"),
 ]
@@ -780,6 +785,64 @@ def idle_connections(bal, sc, count=IDLE_CONNECTIONS):
             "rss_second_kib": second, "second_per_conn_kib": (second - before) / count}
 
 
+def pending_heads(bal, sc, count=IDLE_CONNECTIONS):
+    """RSS per connection that has sent part of a request head and then nothing: what a
+    slowloris client costs until the header timeout."""
+    conn = HttpConn(bal.port)
+    for _ in range(200):
+        conn.get(sc.path)
+    conn.close()
+    time.sleep(0.5)
+    before = rss_kib(bal.rss_pids())
+    partial = (f"GET {sc.path} HTTP/1.1\r\nHost: 127.0.0.1:{bal.port}\r\nX-Pad: ".encode()
+               + b"p" * PENDING_HEAD_BYTES)
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.create_connection(("127.0.0.1", bal.port), timeout=10)
+            s.sendall(partial)
+            socks.append(s)
+        time.sleep(1.0)
+        after = rss_kib(bal.rss_pids())
+        # Still held, not refused: a connection the balancer closed reads b"" at once.
+        held = 0
+        for s in socks:
+            s.setblocking(False)
+            try:
+                held += s.recv(1) != b""
+            except BlockingIOError:
+                held += 1
+            except OSError:
+                pass
+    finally:
+        for s in socks:
+            s.close()
+    return {"rss_before_kib": before, "rss_after_kib": after,
+            "per_conn_kib": (after - before) / count, "connections": count, "held": held}
+
+
+def run_pending_scenario(tools, work, sc, layout, args, record):
+    backend = start_backend(tools, work, sc, layout)
+    result = {"scenario": sc.name, "title": sc.title, "kind": "pending", "systems": {},
+              "commands": {}}
+    try:
+        for system in args.systems:
+            bal, cmd = start_balancer(tools, work, sc, layout, system)
+            result["commands"][system] = show_cmd(cmd, work)
+            try:
+                res = pending_heads(bal, sc)
+            finally:
+                bal.proc.stop()
+            result["systems"][system] = res
+            print(f"  pending-heads {LABEL[system]:<10} {res['per_conn_kib']:6.2f} KiB/conn  "
+                  f"RSS {res['rss_before_kib']} -> {res['rss_after_kib']} KiB; "
+                  f"{res['held']}/{res['connections']} held", flush=True)
+    finally:
+        backend.stop()
+        record(result)
+    return result
+
+
 def alloc_run(tools, work, sc, layout, requests, idx):
     bal, _ = start_balancer(tools, work, sc, layout, "switchyard", binary=tools.alloc_binary,
                             tag=f"-alloc{idx}")
@@ -995,6 +1058,10 @@ def print_summary(results, systems):
             for s, v in res["systems"].items():
                 print(f"idle-1000     {LABEL[s]:<10} {v['per_conn_kib']:.2f} KiB per idle "
                       f"connection, RSS {v['rss_after_kib']} KiB with 1000 open")
+        elif res["kind"] == "pending":
+            for s, v in res["systems"].items():
+                print(f"pending-heads {LABEL[s]:<10} {v['per_conn_kib']:.2f} KiB per pending "
+                      f"head, RSS {v['rss_after_kib']} KiB with 1000 held")
         elif res["kind"] == "alloc":
             if "per_request" in res:
                 print(f"allocs        Switchyard {res['per_request']:.2f} heap allocations per "
@@ -1151,6 +1218,18 @@ def markdown(results, meta, args, errors):
                          f"{v['rss_after_kib']:,} | {v['rss_closed_kib']:,} | "
                          f"{v['rss_second_kib']:,} | {v['second_per_conn_kib']:.2f} | "
                          f"{v['non_200']} | {v['still_answering']}/{v['connections']} |")
+        elif res["kind"] == "pending":
+            L.append(f"Same config as `keepalive-1t`. After 200 warm-up requests, RSS is read, "
+                     f"{IDLE_CONNECTIONS} client connections each send a request line, `Host` and "
+                     f"a header of {PENDING_HEAD_BYTES} bytes without ending the head, and RSS is "
+                     f"read again after 1 s (well inside every system's header timeout).")
+            L.append("")
+            L.append("| system | KiB per pending head | RSS before KiB | RSS with 1 000 held "
+                     "KiB | connections still held |")
+            L.append("|---|---|---|---|---|")
+            for s, v in res["systems"].items():
+                L.append(f"| {LABEL[s]} | {v['per_conn_kib']:.2f} | {v['rss_before_kib']:,} | "
+                         f"{v['rss_after_kib']:,} | {v['held']}/{v['connections']} |")
         elif res["kind"] == "alloc":
             if "per_request" in res:
                 (a, b) = res["runs"]
@@ -1440,6 +1519,8 @@ def main():
                 run_wrk_scenario(tools, work, sc, layout, args, record)
             elif sc.kind == "idle":
                 run_idle_scenario(tools, work, sc, layout, args, record)
+            elif sc.kind == "pending":
+                run_pending_scenario(tools, work, sc, layout, args, record)
             elif "switchyard" in args.systems:
                 run_alloc_scenario(tools, work, sc, layout, args, record)
     except BenchError as e:

@@ -141,3 +141,49 @@ fn a_refused_upgrade_is_answered_and_later_requests_are_unaffected() {
         }
     });
 }
+
+/// The bytes of a tunnel are no request body: `max_request_body_bytes` does not cut it.
+#[test]
+fn a_tunnel_outlives_the_request_body_limit() {
+    let backend = TestBackend::start("ws");
+    let yaml = one_upstream("round_robin", &[(backend.addr, 1)], "")
+        .replace("server:\n", "server:\n  max_request_body_bytes: 100\n");
+    let sy = Switchyard::start(&yaml);
+    let result = block_on(async {
+        let stream = TcpStream::connect(sy.addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut reader = BufReader::new(stream);
+        let head = format!("GET /ws HTTP/1.1\r\nHost: x\r\n{HANDSHAKE}");
+        reader
+            .get_mut()
+            .write_all(head.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let response = read_response(&mut reader)
+            .await
+            .map_err(|e| e.to_string())?;
+        if response.status != 101 {
+            return Err(format!("handshake answered {}", response.status));
+        }
+        for n in 0..20 {
+            let message = format!("{n:02}").repeat(50);
+            reader
+                .get_mut()
+                .write_all(message.as_bytes())
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut echo = vec![0u8; message.len()];
+            tokio::time::timeout(STEP, reader.read_exact(&mut echo))
+                .await
+                .map_err(|_| format!("no echo of message {n}"))?
+                .map_err(|e| format!("closed at message {n}: {e}"))?;
+        }
+        Ok::<(), String>(())
+    });
+    assert_eq!(
+        result,
+        Ok(()),
+        "2 000 bytes through a tunnel with a 100-byte body limit"
+    );
+}

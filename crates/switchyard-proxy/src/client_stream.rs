@@ -184,6 +184,17 @@ impl ClientStream {
                 self.deadline = Instant::now() + self.limits.keepalive_timeout;
                 self.head_len = 0;
                 self.request_line_end = None;
+                if self.held_out < self.held.len() {
+                    // Pipelined requests read ahead and not taken yet: the next head starts
+                    // among them, and is held back or handed on like one that just arrived.
+                    let mut rest = std::mem::take(&mut self.held);
+                    rest.drain(..self.held_out);
+                    self.held_out = 0;
+                    self.arrived(&rest);
+                    if !matches!(self.phase, Phase::Answering { .. }) {
+                        self.held = rest;
+                    }
+                }
             }
             _ => {}
         }
@@ -212,12 +223,8 @@ impl ClientStream {
                 self.answer(REQUEST_TIMEOUT);
                 return;
             }
-            // Part of the head has been handed on; all that is left is to close.
-            Phase::Released => {
-                self.counters.reject(Rejection::HeaderTimeout);
-                Phase::Closed
-            }
-            Phase::Body => Phase::Body,
+            // Neither waits on the client: no deadline of ours applies.
+            Phase::Released | Phase::Body => self.phase,
             Phase::Answering { .. } | Phase::Lingering { .. } | Phase::Closed => Phase::Closed,
         };
     }
@@ -232,7 +239,13 @@ impl ClientStream {
     /// Reads more of a held-back head and looks for its end. `Ok(0)`: the client closed.
     fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         let start = self.held.len();
-        self.held.resize(start + HEAD_CHUNK, 0);
+        // Grown a chunk at a time, never past one byte over the limit: a pending head costs
+        // what it has sent, not a doubled allocation.
+        let room = (self.limits.max_header_bytes + 1)
+            .saturating_sub(self.head_len)
+            .clamp(1, HEAD_CHUNK);
+        self.held.reserve_exact(room);
+        self.held.resize(start + room, 0);
         let mut chunk = ReadBuf::new(&mut self.held[start..]);
         let read = Pin::new(&mut *self.inner).poll_read(cx, &mut chunk);
         let n = chunk.filled().len();
@@ -276,7 +289,10 @@ impl ClientStream {
         }
         match self.blank.find(new) {
             Some(end) if self.head_len + end <= self.limits.max_header_bytes => {
-                self.head_len += end;
+                // What follows is body or the next request, unless the blank line was not the
+                // end (a blank line before the request line, which the parser skips): then
+                // Pingora reads on, and all of it counts as head (see `poll_read`).
+                self.head_len += new.len();
                 self.blank.follow(&new[end..]);
                 self.phase = Phase::Released;
                 true
@@ -307,6 +323,7 @@ impl ClientStream {
         }
         let n = rest.len().min(buf.remaining());
         buf.put_slice(&rest[..n]);
+        self.blank.follow(&rest[..n]);
         self.held_out += n;
         if self.held_out == self.held.len() {
             // Held heads are rare (slow or large ones): give the memory back.
@@ -376,7 +393,16 @@ impl AsyncRead for ClientStream {
         this.take_signal();
         loop {
             match this.phase {
-                Phase::Body | Phase::Released => {
+                Phase::Released => {
+                    if this.deliver_held(buf) {
+                        return Poll::Ready(Ok(()));
+                    }
+                    // Pingora has had the whole head and reads again without having taken it:
+                    // it was not whole (a blank line before the request line). Held back again,
+                    // with what was handed on counted against the limit.
+                    this.phase = Phase::Head;
+                }
+                Phase::Body => {
                     if this.deliver_held(buf) {
                         return Poll::Ready(Ok(()));
                     }
@@ -384,12 +410,6 @@ impl AsyncRead for ClientStream {
                     let read = Pin::new(&mut *this.inner).poll_read(cx, buf);
                     if let Poll::Ready(Ok(())) = read {
                         this.blank.follow(&buf.filled()[before..]);
-                    } else if read.is_pending()
-                        && this.phase == Phase::Released
-                        && this.poll_deadline(cx)
-                    {
-                        this.expire();
-                        continue;
                     }
                     return read;
                 }

@@ -83,8 +83,6 @@ pub struct RequestCtx {
     retried: bool,
     /// Set when connecting failed on our side (out of descriptors, ...), not the backend's.
     local_failure: Option<LocalFailure>,
-    /// Request body bytes seen, against `max_request_body_bytes`.
-    body_bytes: u64,
 }
 
 /// Counts a request as active from its first byte to the end of its logging phase.
@@ -124,7 +122,6 @@ impl ProxyHttp for Proxy {
             in_flight: None,
             retried: false,
             local_failure: None,
-            body_bytes: 0,
         }
     }
 
@@ -346,14 +343,19 @@ impl ProxyHttp for Proxy {
     /// length to check up front).
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
-        body: &mut Option<Bytes>,
+        session: &mut Session,
+        _body: &mut Option<Bytes>,
         _end_of_stream: bool,
-        ctx: &mut RequestCtx,
+        _ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let (Some(limit), Some(chunk)) = (self.limits.max_request_body_bytes, body.as_ref()) {
-            ctx.body_bytes += chunk.len() as u64;
-            if ctx.body_bytes > limit {
+        let downstream = session.as_downstream();
+        // After a 101 the "body" is the tunnel's bytes, which no body limit is about. What
+        // was read, not the chunks seen: a retry replays its buffer through here again.
+        if let (Some(limit), false) = (
+            self.limits.max_request_body_bytes,
+            downstream.was_upgraded(),
+        ) {
+            if downstream.body_bytes_read() as u64 > limit {
                 self.counters.reject(Rejection::BodyTooLarge);
                 return Error::e_explain(
                     ErrorType::HTTPStatus(413),
