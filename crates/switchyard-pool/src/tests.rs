@@ -833,3 +833,95 @@ fn a_removed_file_backend_comes_back_with_the_files_weight() {
     let blue = s.backends(&config, "blue");
     assert_eq!((blue[0].weight, blue[0].state), (4, BackendState::Active));
 }
+
+#[test]
+fn long_weighted_periods_are_walked_exactly_and_spread_without_being_laid_out() {
+    use crate::select::Rotation;
+    let weights = [700u32, 200, 100, 37];
+    let rotation = Rotation::new(&[(0usize, 700), (1, 200), (2, 100), (3, 37)]);
+    assert!(matches!(rotation, Rotation::Stride { .. }));
+    let period: usize = weights.iter().map(|&w| w as usize).sum();
+    let seq: Vec<usize> = (0..3 * period)
+        .map(|k| rotation.candidates(k).next().unwrap())
+        .collect();
+    // Any window of one period holds each id exactly its weight.
+    for start in (0..2 * period).step_by(89) {
+        let mut counts = [0u32; 4];
+        for &id in &seq[start..start + period] {
+            counts[id] += 1;
+        }
+        assert_eq!(counts, weights, "window from {start}");
+    }
+    // Spread: in any 100 picks each id is within 3 of its share.
+    for window in seq.windows(100) {
+        for (id, &w) in weights.iter().enumerate() {
+            let got = window.iter().filter(|&&i| i == id).count() as f64;
+            let share = f64::from(w) * 100.0 / period as f64;
+            assert!(
+                (got - share).abs() <= 3.0,
+                "id {id}: {got} of 100, share {share}"
+            );
+        }
+    }
+    // Every candidate once after the first, for the fallback when it is not usable.
+    let mut all: Vec<usize> = rotation.candidates(5).collect();
+    all.sort_unstable();
+    assert_eq!(all, [0, 1, 2, 3]);
+    // A canary of 1 in 10 000 is one pick in any 10 000, and nothing is laid out to know it.
+    let canary = Rotation::new(&[("main", 9999), ("canary", 1)]);
+    let hits = (0..10_000)
+        .filter(|&k| canary.candidates(k + 1234).next() == Some("canary"))
+        .count();
+    assert_eq!(hits, 1);
+    // Short periods keep nginx's order.
+    assert!(matches!(
+        Rotation::new(&[(0, 5), (1, 1)]),
+        Rotation::Laid(_)
+    ));
+}
+
+#[test]
+fn routes_count_only_pairs_in_use_and_their_statuses() {
+    let cfg = config("round_robin", &[1, 1]);
+    let metrics = Metrics::new();
+    let s = Snapshot::build(&cfg, &RuntimeState::default(), &metrics, None);
+    let text = |s: &Snapshot| String::from_utf8(metrics.render(s)).unwrap();
+    assert!(!text(&s).contains("switchyard_requests_total{"));
+    assert!(!text(&s).contains("switchyard_request_duration_seconds_count"));
+    // More distinct statuses than the table has slots, from several threads.
+    std::thread::scope(|scope| {
+        for t in 0..4 {
+            let s = &s;
+            scope.spawn(move || {
+                for status in 200..230u16 {
+                    s.count_request(0, 0, t % 2, status, std::time::Duration::from_millis(1));
+                }
+            });
+        }
+    });
+    let out = text(&s);
+    for status in 200..230 {
+        for port in [9001, 9002] {
+            let series = format!("switchyard_requests_total{{backend=\"127.0.0.1:{port}\",route=\"all\",status=\"{status}\",upstream=\"pool\"}} 2");
+            assert!(out.contains(&series), "no {series} in\n{out}");
+        }
+    }
+    assert!(out.contains(
+        "switchyard_request_duration_seconds_count{route=\"all\",upstream=\"pool\"} 120"
+    ));
+}
+
+#[test]
+fn ip_hash_rings_stay_small_whatever_the_weights() {
+    let weights: Vec<u32> = (0..100).map(|i| 1000 - i).collect();
+    let started = std::time::Instant::now();
+    let s = build(&config("ip_hash", &weights), None);
+    // 100 backends of ~1000: 15 million points unscaled, 1 600 units (256 000 points) now.
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..20_000u32 {
+        let client = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i * 7919));
+        seen.insert(s.upstreams[0].pick_backend(Some(client), None).unwrap());
+    }
+    assert_eq!(seen.len(), 100, "every backend keeps its share of the ring");
+}
