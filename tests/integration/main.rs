@@ -9,6 +9,7 @@ mod check;
 mod deploy;
 mod health;
 mod lifecycle;
+mod limits;
 mod load;
 mod metrics;
 mod proxying;
