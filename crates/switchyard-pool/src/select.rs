@@ -151,10 +151,13 @@ impl Selector {
 }
 
 /// Ring weight units an `ip_hash` upstream may have on average per backend, and at least in
-/// all: Ketama puts 160 points (8 bytes each, an MD5 per 4) on the ring per unit, so 1 000
-/// backends of weight 1 000 would be 160 million points, gigabytes and seconds per rebuild.
-const RING_UNITS_PER_BACKEND: u64 = 16;
-const RING_UNITS_MIN: u64 = 256;
+/// all. Ketama puts 160 points (8 bytes each, an MD5 per 4) on the ring per unit, and every
+/// ring is rebuilt at each health change: 1 000 upstreams of 10 backends weighted ~1 000 are
+/// 1.6 billion points as weighted, and still 41 million (400 MB, 50 s to start on the debug
+/// build) at 256 units per upstream. With these bounds the 10 000 backends the config limits
+/// allow have at most 6.4 million points (51 MB) in all.
+const RING_UNITS_PER_BACKEND: u64 = 4;
+const RING_UNITS_MIN: u64 = 32;
 
 /// Backend weights as ring units: divided by their common divisor and, when the total is over
 /// the bound, scaled down to it (each at least 1): a backend's share is then kept to within

@@ -916,7 +916,7 @@ fn ip_hash_rings_stay_small_whatever_the_weights() {
     let weights: Vec<u32> = (0..100).map(|i| 1000 - i).collect();
     let started = std::time::Instant::now();
     let s = build(&config("ip_hash", &weights), None);
-    // 100 backends of ~1000: 15 million points unscaled, 1 600 units (256 000 points) now.
+    // 100 backends of ~1000: 15 million points unscaled, 400 units (64 000 points) now.
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
     let mut seen = std::collections::HashSet::new();
     for i in 0..20_000u32 {
@@ -924,4 +924,50 @@ fn ip_hash_rings_stay_small_whatever_the_weights() {
         seen.insert(s.upstreams[0].pick_backend(Some(client), None).unwrap());
     }
     assert_eq!(seen.len(), 100, "every backend keeps its share of the ring");
+}
+
+#[test]
+fn added_backends_must_be_real_hosts_and_within_the_limit() {
+    use switchyard_config::limits::MAX_BACKENDS_PER_UPSTREAM;
+    let config = blue_green();
+    let idle = |_: &str, _: SocketAddr| 0;
+    let add = |address: SocketAddr| Change::AddBackend {
+        upstream: "blue".into(),
+        address,
+        weight: None,
+    };
+    let bad: SocketAddr = "0.0.0.0:9000".parse().unwrap();
+    assert!(matches!(
+        RuntimeState::default().with_change(&config, &add(bad), idle),
+        Err(Rejection::Invalid(m)) if m.starts_with("address: 0.0.0.0:9000 is unspecified")
+    ));
+    let mut state = RuntimeState::default();
+    let mut port = 20_000;
+    while state.backends(&config, "blue").len() < MAX_BACKENDS_PER_UPSTREAM {
+        state = state.with_change(&config, &add(addr(port)), idle).unwrap();
+        port += 1;
+    }
+    assert_eq!(
+        state.with_change(&config, &add(addr(port)), idle),
+        Err(Rejection::Invalid(
+            "upstream \"blue\" has 1000 backends, the limit (see docs/configuration.md, \"Limits\")"
+                .into()
+        ))
+    );
+    // A state file beyond the limit keeps what fits, and drops impossible addresses.
+    let mut file = state.clone();
+    let changes = file.upstreams.get_mut("blue").unwrap();
+    changes.added.push(crate::state::AddedBackend {
+        address: addr(port),
+        weight: 1,
+        state: BackendState::Active,
+    });
+    changes.added.push(crate::state::AddedBackend {
+        address: "255.255.255.255:80".parse().unwrap(),
+        weight: 1,
+        state: BackendState::Active,
+    });
+    let (fitted, warnings) = file.fit(&config);
+    assert_eq!(fitted, state);
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
 }
