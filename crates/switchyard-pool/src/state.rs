@@ -10,7 +10,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
-use switchyard_config::limits::{backend_address_problem, MAX_BACKENDS_PER_UPSTREAM};
+use switchyard_config::limits::{
+    backend_address_problem, MAX_BACKENDS_PER_UPSTREAM, MAX_ROUTE_UPSTREAM_PAIRS,
+};
 use switchyard_config::{Config, MAX_BACKEND_WEIGHT, MAX_SPLIT_WEIGHT};
 
 use crate::snapshot::BackendState;
@@ -196,6 +198,20 @@ impl RuntimeState {
                     return Err(Rejection::NotFound(format!("no route named {route:?}")));
                 }
                 check_split(config, split)?;
+                let pairs: usize = config
+                    .routes
+                    .iter()
+                    .map(|r| match self.splits.get(&r.name) {
+                        _ if r.name == *route => split.len(),
+                        Some(o) => o.split.len(),
+                        None => r.split.len(),
+                    })
+                    .sum();
+                if pairs > MAX_ROUTE_UPSTREAM_PAIRS {
+                    return Err(Rejection::Invalid(format!(
+                        "the routes would have {pairs} route/upstream pairs (entries of all routes' splits), over the limit of {MAX_ROUTE_UPSTREAM_PAIRS} (see docs/configuration.md, \"Limits\")"
+                    )));
+                }
                 next.splits.insert(
                     route.clone(),
                     SplitOverride {

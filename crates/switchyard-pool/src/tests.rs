@@ -971,3 +971,48 @@ fn added_backends_must_be_real_hosts_and_within_the_limit() {
     assert_eq!(fitted, state);
     assert_eq!(warnings.len(), 2, "{warnings:?}");
 }
+
+#[test]
+fn a_split_change_past_the_pair_limit_is_refused() {
+    use std::fmt::Write;
+    use switchyard_config::limits::MAX_ROUTE_UPSTREAM_PAIRS;
+    // 100 routes: r0 splits to one of 101 upstreams, the 99 others to all: the limit exactly.
+    let mut yaml = String::from("listeners:\n  - address: 127.0.0.1:8080\nupstreams:\n");
+    for u in 0..101 {
+        writeln!(
+            yaml,
+            "  u{u}:\n    backends:\n      - address: 127.0.0.1:{}",
+            9000 + u
+        )
+        .unwrap();
+    }
+    yaml.push_str("routes:\n");
+    for r in 0..100 {
+        let all: String = (0..101).map(|u| format!("      u{u}: 1\n")).collect();
+        let split = if r == 0 {
+            "      u0: 1\n".to_string()
+        } else {
+            all
+        };
+        writeln!(
+            yaml,
+            "  - name: r{r}\n    path_prefix: /r{r}/\n    split:\n{split}"
+        )
+        .unwrap();
+    }
+    let config = Config::from_yaml(&yaml).unwrap();
+    assert_eq!(99 * 101 + 1, MAX_ROUTE_UPSTREAM_PAIRS);
+    let idle = |_: &str, _: SocketAddr| 0;
+    let set = |weights: &[&str]| Change::SetSplit {
+        route: "r0".into(),
+        split: weights.iter().map(|u| (u.to_string(), 1)).collect(),
+    };
+    let state = RuntimeState::default();
+    assert!(state.with_change(&config, &set(&["u0"]), idle).is_ok());
+    assert_eq!(
+        state.with_change(&config, &set(&["u0", "u1"]), idle),
+        Err(Rejection::Invalid(
+            "the routes would have 10001 route/upstream pairs (entries of all routes' splits), over the limit of 10000 (see docs/configuration.md, \"Limits\")".into()
+        ))
+    );
+}
