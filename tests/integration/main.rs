@@ -11,6 +11,7 @@ mod deploy;
 mod files;
 mod health;
 mod lifecycle;
+mod limits;
 mod load;
 mod metrics;
 mod proxying;

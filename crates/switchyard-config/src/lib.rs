@@ -6,10 +6,12 @@
 //! its field path instead of stopping at the first. Nothing here knows about Pingora.
 
 mod duration;
+pub mod limits;
 mod raw;
 mod validate;
 
 use std::fmt;
+use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -232,20 +234,39 @@ impl Problems {
 impl Config {
     /// Parses and validates YAML text.
     pub fn from_yaml(text: &str) -> Result<Config, Problems> {
+        if text.len() > limits::MAX_CONFIG_BYTES {
+            return Err(Problems::one("", too_big(text.len())));
+        }
+        limits::check_expanded_size(text)?;
         let raw: raw::File = serde_yaml::from_str(text).map_err(yaml_problem)?;
         validate::validate(raw)
     }
 
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, Problems> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Problems::one("", format!("cannot read {}: {e}", path.display())))?;
+        let cannot =
+            |e: std::io::Error| Problems::one("", format!("cannot read {}: {e}", path.display()));
+        // One byte past the limit is enough to refuse, whatever the file (or device) holds.
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .and_then(|f| {
+                f.take(limits::MAX_CONFIG_BYTES as u64 + 1)
+                    .read_to_string(&mut text)
+            })
+            .map_err(cannot)?;
         Config::from_yaml(&text)
     }
 
     pub fn upstream(&self, name: &str) -> Option<&Upstream> {
         self.upstreams.iter().find(|u| u.name == name)
     }
+}
+
+fn too_big(bytes: usize) -> String {
+    format!(
+        "the config file has {bytes} bytes or more, over the limit of {} (see docs/configuration.md, \"Limits\")",
+        limits::MAX_CONFIG_BYTES
+    )
 }
 
 /// serde_yaml already prefixes the field path; keep its location at the end.

@@ -260,3 +260,97 @@ fn slow_start_needs_a_weighted_algorithm() {
         Some(Duration::from_secs(30))
     );
 }
+
+#[test]
+fn backends_no_host_can_have_are_refused_with_their_path() {
+    let yaml = VALID
+        .replace("127.0.0.1:9002", "0.0.0.0:9002")
+        .replace("127.0.0.1:9003", "255.255.255.255:9003");
+    assert_eq!(
+        problems(&yaml),
+        [
+            "upstreams.blue.backends[1].address: 0.0.0.0:9002 is unspecified (0.0.0.0/8: this host), which no backend can have; give the backend's own address",
+            "upstreams.green.backends[0].address: 255.255.255.255:9003 is the broadcast address, which no backend can have; give the backend's own address",
+        ]
+    );
+    // Listeners may still bind every address.
+    assert!(problems(&VALID.replace("127.0.0.1:8080", "0.0.0.0:8080")).is_empty());
+}
+
+/// `routes` routes, each splitting to `per_route` of `upstreams` upstreams of `backends`
+/// backends each.
+fn sized(upstreams: usize, backends: usize, routes: usize, per_route: usize) -> String {
+    let mut yaml = String::from("listeners:\n  - address: 127.0.0.1:8080\nupstreams:\n");
+    let mut port = 10_000;
+    for u in 0..upstreams {
+        yaml.push_str(&format!("  u{u}:\n    backends:\n"));
+        for _ in 0..backends {
+            yaml.push_str(&format!(
+                "      - address: 127.0.0.{}:{}\n",
+                1 + port / 60_000,
+                1 + port % 60_000
+            ));
+            port += 1;
+        }
+    }
+    yaml.push_str("routes:\n");
+    for r in 0..routes {
+        yaml.push_str(&format!("  - name: r{r}\n    split:\n"));
+        for u in 0..per_route {
+            yaml.push_str(&format!("      u{}: 1\n", (r + u) % upstreams));
+        }
+    }
+    yaml
+}
+
+#[test]
+fn counts_beyond_the_limits_are_refused_naming_the_limit() {
+    use crate::limits::*;
+    assert!(problems(&sized(10, 2, 10, 10)).is_empty());
+    assert_eq!(
+        problems(&sized(MAX_UPSTREAMS + 1, 1, 1, 1)),
+        ["upstreams: 1001 upstreams, over the limit of 1000 (see docs/configuration.md, \"Limits\")"]
+    );
+    assert_eq!(
+        problems(&sized(1, MAX_BACKENDS_PER_UPSTREAM + 1, 1, 1)),
+        ["upstreams.u0.backends: 1001 backends, over the limit of 1000 (see docs/configuration.md, \"Limits\")"]
+    );
+    assert_eq!(
+        problems(&sized(11, 1000, 1, 1)),
+        ["upstreams: 11000 backends in all upstreams, over the limit of 10000 (see docs/configuration.md, \"Limits\")"]
+    );
+    assert_eq!(
+        problems(&sized(1, 1, MAX_ROUTES + 1, 1)),
+        ["routes: 1001 routes, over the limit of 1000 (see docs/configuration.md, \"Limits\")"]
+    );
+    assert_eq!(
+        problems(&sized(101, 1, 100, 101)),
+        ["routes: 10100 route/upstream pairs (entries of all routes' splits), over the limit of 10000 (see docs/configuration.md, \"Limits\")"]
+    );
+}
+
+#[test]
+fn aliases_count_expanded_and_big_files_are_refused() {
+    // One split of 200 upstreams used by 6 000 routes: 1.2 million pairs from 150 KB.
+    let mut yaml = sized(200, 1, 1, 0).replace("    split:\n", "    split: &all\n");
+    for u in 0..200 {
+        yaml.push_str(&format!("      u{u}: 1\n"));
+    }
+    for r in 1..6000 {
+        yaml.push_str(&format!("  - {{name: r{r}, split: *all}}\n"));
+    }
+    let started = std::time::Instant::now();
+    let lines = problems(&yaml);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains("limit of 1000000 YAML nodes"),
+        "{lines:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    let big = format!(
+        "{VALID}\n#{}\n",
+        "x".repeat(crate::limits::MAX_CONFIG_BYTES)
+    );
+    assert!(problems(&big)[0].contains("over the limit of 1048576"));
+}

@@ -6,6 +6,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::limits::{
+    backend_address_problem, MAX_BACKENDS, MAX_BACKENDS_PER_UPSTREAM, MAX_ROUTES,
+    MAX_ROUTE_UPSTREAM_PAIRS, MAX_UPSTREAMS,
+};
 use crate::raw::{self, Algorithm, HealthCheckType};
 use crate::{
     format_duration, Admin, Backend, ClientLimits, Config, HealthCheck, Listener, Metrics,
@@ -59,6 +63,16 @@ impl Checker {
                 );
                 None
             }
+        }
+    }
+
+    /// A count beyond one of the [`crate::limits`].
+    fn at_most(&mut self, path: &str, what: &str, count: usize, limit: usize) {
+        if count > limit {
+            self.problem(
+                path,
+                format!("{count} {what}, over the limit of {limit} (see docs/configuration.md, \"Limits\")"),
+            );
         }
     }
 
@@ -229,6 +243,17 @@ fn upstreams(c: &mut Checker, raw: BTreeMap<String, raw::Upstream>) -> Vec<Upstr
     if raw.is_empty() {
         c.problem("upstreams", "at least one upstream is required");
     }
+    c.at_most("upstreams", "upstreams", raw.len(), MAX_UPSTREAMS);
+    let backends = raw
+        .values()
+        .map(|u| u.backends.as_ref().map_or(0, Vec::len))
+        .sum();
+    c.at_most(
+        "upstreams",
+        "backends in all upstreams",
+        backends,
+        MAX_BACKENDS,
+    );
     raw.into_iter()
         .map(|(name, u)| upstream(c, name, u))
         .collect()
@@ -300,6 +325,12 @@ fn backends(c: &mut Checker, upstream_path: &str, raw: Vec<raw::Backend>) -> Vec
             "at least one backend is required",
         );
     }
+    c.at_most(
+        &format!("{upstream_path}.backends"),
+        "backends",
+        raw.len(),
+        MAX_BACKENDS_PER_UPSTREAM,
+    );
     let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
     let mut out = Vec::with_capacity(raw.len());
     for (i, b) in raw.iter().enumerate() {
@@ -311,9 +342,14 @@ fn backends(c: &mut Checker, upstream_path: &str, raw: Vec<raw::Backend>) -> Vec
                 format!("{weight} is out of range 0..={MAX_BACKEND_WEIGHT}"),
             );
         }
-        let Some(address) = c.address(&format!("{path}.address"), &b.address) else {
+        let address_path = format!("{path}.address");
+        let Some(address) = c.address(&address_path, &b.address) else {
             continue;
         };
+        if let Some(why) = backend_address_problem(address) {
+            c.problem(address_path, why);
+            continue;
+        }
         if let Some(first) = seen.insert(address, i) {
             c.problem(
                 format!("{path}.address"),
@@ -403,6 +439,17 @@ fn routes(c: &mut Checker, raw: Vec<raw::Route>, upstreams: &[Upstream]) -> Vec<
     if raw.is_empty() {
         c.problem("routes", "at least one route is required");
     }
+    c.at_most("routes", "routes", raw.len(), MAX_ROUTES);
+    let pairs = raw
+        .iter()
+        .map(|r| r.split.as_ref().map_or(0, |s| s.0.len()))
+        .sum();
+    c.at_most(
+        "routes",
+        "route/upstream pairs (entries of all routes' splits)",
+        pairs,
+        MAX_ROUTE_UPSTREAM_PAIRS,
+    );
     let mut names: HashMap<String, usize> = HashMap::new();
     let mut out = Vec::with_capacity(raw.len());
     for (i, r) in raw.into_iter().enumerate() {

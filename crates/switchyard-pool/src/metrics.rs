@@ -1,15 +1,17 @@
-//! Prometheus metrics. Counters on the request path are label handles resolved when a snapshot
-//! is built (or, for a status code, on its first use), so counting is an atomic add with no
-//! lock and no label lookup. Gauges that mirror state (health, in-flight, weights, splits) are
+//! Prometheus metrics. Counters on the request path are label handles resolved on their first
+//! use (per backend: when a snapshot is built), so counting is an atomic add with no lock and
+//! no label lookup, and a route → upstream → backend → status series exists only once it has
+//! counted something. Gauges that mirror state (health, in-flight, weights, splits) are
 //! filled from the current snapshot at scrape time, so they can never drift from it.
 
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec,
     Opts, Registry, TextEncoder,
 };
 
+use crate::snapshot::Upstream;
 use crate::Snapshot;
 
 pub struct Metrics {
@@ -65,32 +67,91 @@ impl ErrorCounters {
     }
 }
 
-/// `switchyard_requests_total` for one route, upstream and backend: a handle per status code,
-/// resolved on first use.
-pub struct StatusCounters {
-    labels: [String; 3],
-    vec: IntCounterVec,
-    by_status: Box<[OnceLock<IntCounter>]>,
-}
+/// Distinct statuses of one route, upstream and backend that get a handle of their own; a
+/// backend answering more kinds than this counts the rest through the label lookup.
+const STATUS_SLOTS: usize = 16;
 
-const FIRST_STATUS: u16 = 100;
-const LAST_STATUS: u16 = 599;
+/// `switchyard_requests_total` of one route, upstream and backend, by status: an open-address
+/// table whose slot for a status is filled on its first use, so that counting is a probe and
+/// an atomic add. 16 slots (384 bytes) rather than one per possible code (500 slots, 8 KB):
+/// a backend answers a handful of codes, and the table is only made once it answers at all.
+struct StatusCounters([OnceLock<(u16, IntCounter)>; STATUS_SLOTS]);
 
 impl StatusCounters {
-    pub fn count(&self, status: u16) {
-        match status
-            .checked_sub(FIRST_STATUS)
-            .and_then(|i| self.by_status.get(usize::from(i)))
-        {
-            Some(slot) => slot.get_or_init(|| self.handle(&status.to_string())).inc(),
-            None => self.handle(&status.to_string()).inc(),
+    fn count(&self, status: u16, handle: impl Fn() -> IntCounter) {
+        let start = usize::from(status) % STATUS_SLOTS;
+        for k in 0..STATUS_SLOTS {
+            let slot = &self.0[(start + k) % STATUS_SLOTS];
+            // Whoever fills an empty slot first owns it; a slot filled with another status
+            // sends the probe on.
+            let (owner, counter) = slot.get_or_init(|| (status, handle()));
+            if *owner == status {
+                counter.inc();
+                return;
+            }
         }
+        handle().inc();
     }
+}
 
-    fn handle(&self, status: &str) -> IntCounter {
-        let [route, upstream, backend] = &self.labels;
-        self.vec
-            .with_label_values(&[route.as_str(), upstream, backend, status])
+/// The handles of one route and one upstream it splits to, made on the pair's first request.
+struct PairMetrics {
+    duration: Histogram,
+    /// By backend index, each made on the backend's first request on this route.
+    by_backend: Box<[OnceLock<Box<StatusCounters>>]>,
+}
+
+/// Metric handles of one route, for each upstream it splits to. Nothing is made for a pair
+/// until it carries a request, so memory and the scrape grow with the route → upstream →
+/// backend combinations in use, not with every possible one; an unused pair costs one empty
+/// slot. The prometheus series a handle points to outlives the handle: a snapshot built after
+/// a change makes new handles to the same series, whose counts go on.
+pub struct RouteMetrics {
+    route: Arc<str>,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    /// Upstream indices of the route's split, sorted, and the handles of each.
+    upstreams: Box<[usize]>,
+    pairs: Box<[OnceLock<PairMetrics>]>,
+}
+
+impl RouteMetrics {
+    /// Counts one answered request of this route and its duration.
+    pub(crate) fn count(
+        &self,
+        index: usize,
+        upstream: &Upstream,
+        backend: usize,
+        status: u16,
+        seconds: f64,
+    ) {
+        let (Ok(at), Some(address)) = (
+            self.upstreams.binary_search(&index),
+            upstream.backends.get(backend).map(|b| b.live.address),
+        ) else {
+            return;
+        };
+        let slot = &self.pairs[at];
+        let pair = slot.get_or_init(|| PairMetrics {
+            duration: self
+                .duration
+                .with_label_values(&[&*self.route, &*upstream.name]),
+            by_backend: upstream.backends.iter().map(|_| OnceLock::new()).collect(),
+        });
+        pair.duration.observe(seconds);
+        let Some(statuses) = pair.by_backend.get(backend) else {
+            return;
+        };
+        statuses
+            .get_or_init(|| Box::new(StatusCounters(std::array::from_fn(|_| OnceLock::new()))))
+            .count(status, || {
+                self.requests.with_label_values(&[
+                    &*self.route,
+                    &*upstream.name,
+                    &address.to_string(),
+                    &status.to_string(),
+                ])
+            });
     }
 }
 
@@ -217,13 +278,21 @@ impl Metrics {
         must(name, self.registry.register(collector));
     }
 
-    pub fn status_counters(&self, route: &str, upstream: &str, backend: &str) -> StatusCounters {
-        StatusCounters {
-            labels: [route.to_string(), upstream.to_string(), backend.to_string()],
-            vec: self.requests.clone(),
-            by_status: (FIRST_STATUS..=LAST_STATUS)
-                .map(|_| OnceLock::new())
-                .collect(),
+    /// Empty handles for `route`, which splits to the upstreams of these indices.
+    pub(crate) fn route(
+        &self,
+        route: Arc<str>,
+        upstreams: impl Iterator<Item = usize>,
+    ) -> RouteMetrics {
+        let mut upstreams: Vec<usize> = upstreams.collect();
+        upstreams.sort_unstable();
+        upstreams.dedup();
+        RouteMetrics {
+            route,
+            requests: self.requests.clone(),
+            duration: self.duration.clone(),
+            pairs: upstreams.iter().map(|_| OnceLock::new()).collect(),
+            upstreams: upstreams.into(),
         }
     }
 
@@ -232,10 +301,6 @@ impl Metrics {
         self.requests
             .with_label_values(&[route, "", "", &status.to_string()])
             .inc();
-    }
-
-    pub fn duration(&self, route: &str, upstream: &str) -> Histogram {
-        self.duration.with_label_values(&[route, upstream])
     }
 
     pub fn error_counters(&self, upstream: &str, backend: &str) -> ErrorCounters {

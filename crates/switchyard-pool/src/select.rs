@@ -43,8 +43,8 @@ pub(crate) enum Selector {
     Empty,
     /// Available backends, taken in turn.
     RoundRobin(Box<[usize]>),
-    /// One period of nginx's smooth weighted round robin.
-    Smooth(Box<[usize]>),
+    /// Smooth weighted round robin over available backends.
+    Smooth(Rotation<usize>),
     /// Available backends with their (possibly ramping) weight; the least loaded relative to
     /// weight wins.
     LeastConnections(Arc<LoadTree>),
@@ -76,12 +76,14 @@ impl Selector {
             Algorithm::WeightedRoundRobin => {
                 let weighted: Vec<(usize, u32)> =
                     available.iter().map(|&i| (i, weights[i])).collect();
-                Selector::Smooth(smooth_sequence(&weighted).into())
+                Selector::Smooth(Rotation::new(&weighted))
             }
             Algorithm::IpHash => {
+                let units = ring_units(available.iter().map(|&i| backends[i].weight));
                 let buckets: Vec<Bucket> = available
                     .iter()
-                    .map(|&i| Bucket::new(backends[i].live.address, backends[i].weight))
+                    .zip(units)
+                    .map(|(&i, units)| Bucket::new(backends[i].live.address, units))
                     .collect();
                 let mut index: Vec<(SocketAddr, usize)> = backends
                     .iter()
@@ -117,11 +119,15 @@ impl Selector {
     ) -> Option<usize> {
         match self {
             Selector::Empty => None,
-            Selector::RoundRobin(order) | Selector::Smooth(order) => {
+            Selector::RoundRobin(order) => {
                 let start = shared.cursor.fetch_add(1, Ordering::Relaxed);
                 (0..order.len())
                     .map(|k| order[(start + k) % order.len()])
                     .find(|&i| usable(i))
+            }
+            Selector::Smooth(rotation) => {
+                let start = shared.cursor.fetch_add(1, Ordering::Relaxed);
+                rotation.candidates(start).find(|&i| usable(i))
             }
             Selector::LeastConnections(tree) => {
                 let sequence = shared.cursor.fetch_add(1, Ordering::Relaxed);
@@ -142,6 +148,35 @@ impl Selector {
             }
         }
     }
+}
+
+/// Ring weight units an `ip_hash` upstream may have on average per backend, and at least in
+/// all. Ketama puts 160 points (8 bytes each, an MD5 per 4) on the ring per unit, and every
+/// ring is rebuilt at each health change: 1 000 upstreams of 10 backends weighted ~1 000 are
+/// 1.6 billion points as weighted, and still 41 million (400 MB, 50 s to start on the debug
+/// build) at 256 units per upstream. With these bounds the 10 000 backends the config limits
+/// allow have at most 6.4 million points (51 MB) in all.
+const RING_UNITS_PER_BACKEND: u64 = 4;
+const RING_UNITS_MIN: u64 = 32;
+
+/// Backend weights as ring units: divided by their common divisor and, when the total is over
+/// the bound, scaled down to it (each at least 1): a backend's share is then kept to within
+/// 1/bound of the total.
+fn ring_units(weights: impl Iterator<Item = u32> + Clone) -> impl Iterator<Item = u32> {
+    let divisor = weights.clone().filter(|&w| w > 0).fold(0, gcd).max(1);
+    let total: u64 = weights.clone().map(|w| u64::from(w / divisor)).sum();
+    let count = weights.clone().count() as u64;
+    let bound = (RING_UNITS_PER_BACKEND * count).max(RING_UNITS_MIN);
+    weights.map(move |w| {
+        let units = u64::from(w / divisor);
+        let scaled = if total > bound {
+            (units * bound / total).max(1)
+        } else {
+            units
+        };
+        // Never more than `w`, so it fits.
+        scaled as u32
+    })
 }
 
 fn index_of(index: &[(SocketAddr, usize)], addr: &SocketAddr) -> Option<usize> {
@@ -179,6 +214,96 @@ fn client_key(client: Option<IpAddr>) -> ClientKey {
     ClientKey { bytes, len }
 }
 
+/// Periods of at most this many picks are laid out in full, in nginx's smooth order; longer
+/// ones (a 9999:1 canary split, a thousand weighted backends) are walked with a stride, so
+/// that neither memory nor build time grows with the weights: nginx's order takes a slot per
+/// pick of the period and a pass over every id per slot to build.
+const LAID_OUT_LIMIT: u64 = 1024;
+
+/// One period of weighted picks over `(id, weight)`: each id appears exactly `weight / gcd`
+/// times per period, interleaved rather than in runs, so any window of a period's length
+/// holds each id exactly that often.
+pub(crate) enum Rotation<T> {
+    /// Nginx's smooth order, one entry per pick.
+    Laid(Box<[T]>),
+    /// Pick `k` is the id owning slot `k * step mod period` of the ids laid end to end, each
+    /// over `weight / gcd` slots. `step` is coprime to `period`, so a period visits every
+    /// slot once (exact counts); near `period / φ`, so consecutive picks land far apart and
+    /// every id's slots are visited evenly spread (the three-distance theorem), as nginx's order
+    /// does.
+    Stride {
+        ids: Box<[T]>,
+        /// Exclusive end slot of each id.
+        ends: Box<[u64]>,
+        period: u64,
+        step: u64,
+    },
+}
+
+impl<T: Copy> Rotation<T> {
+    pub(crate) fn new(weighted: &[(T, u32)]) -> Self {
+        let divisor = weighted
+            .iter()
+            .map(|&(_, w)| w)
+            .filter(|&w| w > 0)
+            .fold(0, gcd);
+        if divisor == 0 {
+            return Rotation::Laid(Box::new([]));
+        }
+        let period: u64 = weighted.iter().map(|&(_, w)| u64::from(w / divisor)).sum();
+        if period <= LAID_OUT_LIMIT {
+            return Rotation::Laid(smooth_sequence(weighted).into());
+        }
+        let (ids, ends): (Vec<T>, Vec<u64>) = weighted
+            .iter()
+            .filter(|&&(_, w)| w > 0)
+            .scan(0u64, |end, &(id, w)| {
+                *end += u64::from(w / divisor);
+                Some((id, *end))
+            })
+            .unzip();
+        // 0.618… of the period, then the next number coprime to it (a few steps at most).
+        let mut step = period * 618_034 / 1_000_000;
+        while gcd64(step, period) != 1 {
+            step += 1;
+        }
+        Rotation::Stride {
+            ids: ids.into(),
+            ends: ends.into(),
+            period,
+            step,
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        match self {
+            Rotation::Laid(order) => order.is_empty(),
+            Rotation::Stride { ids, .. } => ids.is_empty(),
+        }
+    }
+
+    /// Pick `k` first, then every other candidate, each id at least once: a laid-out order
+    /// from pick `k` on; a stride's id of pick `k`, then the others in turn.
+    pub(crate) fn candidates(&self, k: usize) -> impl Iterator<Item = T> + '_ {
+        let (len, first) = match self {
+            Rotation::Laid(order) => (order.len(), k % order.len().max(1)),
+            Rotation::Stride {
+                ids,
+                ends,
+                period,
+                step,
+            } => {
+                let slot = (k as u128 * u128::from(*step) % u128::from(*period)) as u64;
+                (ids.len(), ends.partition_point(|&end| end <= slot))
+            }
+        };
+        (0..len).map(move |n| match self {
+            Rotation::Laid(order) => order[(first + n) % len],
+            Rotation::Stride { ids, .. } => ids[(first + n) % len],
+        })
+    }
+}
+
 /// One period of nginx's smooth weighted round robin over `(id, weight)`: each id appears
 /// exactly `weight / gcd` times, spread out rather than in runs. Zero weights never appear.
 pub fn smooth_sequence<T: Copy>(weighted: &[(T, u32)]) -> Vec<T> {
@@ -209,6 +334,14 @@ pub fn smooth_sequence<T: Copy>(weighted: &[(T, u32)]) -> Vec<T> {
         sequence.push(weighted[best].0);
     }
     sequence
+}
+
+fn gcd64(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd64(b, a % b)
+    }
 }
 
 fn gcd(a: u32, b: u32) -> u32 {

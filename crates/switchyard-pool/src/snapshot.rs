@@ -6,12 +6,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus::Histogram;
 use switchyard_config::{Algorithm, Config, HealthCheck, PassiveCheck, Timeouts};
 
 use crate::live::{BackendLive, InFlight};
-use crate::metrics::{ErrorCounters, Metrics, StatusCounters};
-use crate::select::{smooth_sequence, Selector, Shared};
+use crate::metrics::{ErrorCounters, Metrics, RouteMetrics};
+use crate::select::{Rotation, Selector, Shared};
 use crate::state::RuntimeState;
 
 /// What the operator wants of a backend, apart from its health.
@@ -202,38 +201,9 @@ pub struct Route {
     /// Upstream index and weight, as configured.
     pub split: Vec<(usize, u32)>,
     /// One smooth period over the upstreams that had an available backend at build time.
-    sequence: Box<[usize]>,
+    sequence: Rotation<usize>,
     cursor: Arc<AtomicUsize>,
     metrics: Arc<RouteMetrics>,
-}
-
-/// Metric handles of one route, by upstream index (and backend index); `None` for upstreams
-/// the route does not split to.
-pub struct RouteMetrics {
-    pub requests: Vec<Option<Vec<StatusCounters>>>,
-    pub duration: Vec<Option<Histogram>>,
-}
-
-impl RouteMetrics {
-    fn new(metrics: &Metrics, route: &str, split: &[(usize, u32)], upstreams: &[Upstream]) -> Self {
-        let mut requests: Vec<Option<Vec<StatusCounters>>> =
-            upstreams.iter().map(|_| None).collect();
-        let mut duration: Vec<Option<Histogram>> = upstreams.iter().map(|_| None).collect();
-        for &(u, _) in split {
-            let upstream = &upstreams[u];
-            requests[u] = Some(
-                upstream
-                    .backends
-                    .iter()
-                    .map(|b| {
-                        metrics.status_counters(route, &upstream.name, &b.live.address.to_string())
-                    })
-                    .collect(),
-            );
-            duration[u] = Some(metrics.duration(route, &upstream.name));
-        }
-        RouteMetrics { requests, duration }
-    }
 }
 
 impl Route {
@@ -252,7 +222,7 @@ impl Route {
             .filter(|&(u, _)| upstreams[u].has_available())
             .collect();
         Route {
-            sequence: smooth_sequence(&available).into(),
+            sequence: Rotation::new(&available),
             name,
             host,
             path_prefix,
@@ -260,10 +230,6 @@ impl Route {
             cursor,
             metrics,
         }
-    }
-
-    pub fn metrics(&self) -> &RouteMetrics {
-        &self.metrics
     }
 
     fn matches(&self, host: Option<&str>, path: &str) -> bool {
@@ -384,9 +350,11 @@ impl Snapshot {
                     .and_then(|p| p.routes.iter().find(|old| *old.name == *r.name))
                     .map(|old| Arc::clone(&old.cursor))
                     .unwrap_or_default();
-                let metrics = Arc::new(RouteMetrics::new(metrics, &r.name, &split, &upstreams));
+                let name: Arc<str> = r.name.as_str().into();
+                let metrics =
+                    Arc::new(metrics.route(Arc::clone(&name), split.iter().map(|&(u, _)| u)));
                 Route::new(
-                    r.name.as_str().into(),
+                    name,
                     r.host.as_deref().map(Into::into),
                     r.path_prefix.as_deref().map(Into::into),
                     split,
@@ -418,6 +386,22 @@ impl Snapshot {
         self.upstreams.iter().find(|u| *u.name == *name)
     }
 
+    /// Counts a request of `route` answered with `status` by `backend` of `upstream` (indices
+    /// of this snapshot), and how long it took.
+    pub fn count_request(
+        &self,
+        route: usize,
+        upstream: usize,
+        backend: usize,
+        status: u16,
+        elapsed: Duration,
+    ) {
+        if let (Some(r), Some(u)) = (self.routes.get(route), self.upstreams.get(upstream)) {
+            r.metrics
+                .count(upstream, u, backend, status, elapsed.as_secs_f64());
+        }
+    }
+
     /// The first route matching a request's host (without port) and path.
     pub fn match_route(&self, host: Option<&str>, path: &str) -> Option<usize> {
         self.routes.iter().position(|r| r.matches(host, path))
@@ -432,8 +416,7 @@ impl Snapshot {
             return None;
         }
         let start = route.cursor.fetch_add(1, Ordering::Relaxed);
-        (0..sequence.len()).find_map(|k| {
-            let upstream = sequence[(start + k) % sequence.len()];
+        sequence.candidates(start).find_map(|upstream| {
             self.upstreams[upstream]
                 .pick_backend(client, None)
                 .map(|backend| (upstream, backend))

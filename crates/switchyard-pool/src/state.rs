@@ -10,6 +10,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
+use switchyard_config::limits::{
+    backend_address_problem, MAX_BACKENDS_PER_UPSTREAM, MAX_ROUTE_UPSTREAM_PAIRS,
+};
 use switchyard_config::{Config, MAX_BACKEND_WEIGHT, MAX_SPLIT_WEIGHT};
 
 use crate::snapshot::BackendState;
@@ -195,6 +198,20 @@ impl RuntimeState {
                     return Err(Rejection::NotFound(format!("no route named {route:?}")));
                 }
                 check_split(config, split)?;
+                let pairs: usize = config
+                    .routes
+                    .iter()
+                    .map(|r| match self.splits.get(&r.name) {
+                        _ if r.name == *route => split.len(),
+                        Some(o) => o.split.len(),
+                        None => r.split.len(),
+                    })
+                    .sum();
+                if pairs > MAX_ROUTE_UPSTREAM_PAIRS {
+                    return Err(Rejection::Invalid(format!(
+                        "the routes would have {pairs} route/upstream pairs (entries of all routes' splits), over the limit of {MAX_ROUTE_UPSTREAM_PAIRS} (see docs/configuration.md, \"Limits\")"
+                    )));
+                }
                 next.splits.insert(
                     route.clone(),
                     SplitOverride {
@@ -240,13 +257,19 @@ impl RuntimeState {
             } => {
                 self.upstream_exists(config, upstream)?;
                 check_weight(*weight)?;
-                if self
-                    .backends(config, upstream)
-                    .iter()
-                    .any(|b| b.address == *address)
-                {
+                if let Some(why) = backend_address_problem(*address) {
+                    return Err(Rejection::Invalid(format!("address: {why}")));
+                }
+                let current = self.backends(config, upstream);
+                if current.iter().any(|b| b.address == *address) {
                     return Err(Rejection::Conflict(format!(
                         "upstream {upstream:?} already has backend {address}"
+                    )));
+                }
+                if current.len() >= MAX_BACKENDS_PER_UPSTREAM {
+                    return Err(Rejection::Invalid(format!(
+                        "upstream {upstream:?} has {} backends, the limit (see docs/configuration.md, \"Limits\")",
+                        current.len()
                     )));
                 }
                 let changes = next.upstreams.entry(upstream.clone()).or_default();
@@ -376,7 +399,17 @@ impl RuntimeState {
                 }
             }
             for added in &changes.added {
-                if added.weight > MAX_BACKEND_WEIGHT {
+                let count = upstream.backends.len() - kept.removed.len() + kept.added.len();
+                if let Some(why) = backend_address_problem(added.address) {
+                    warnings.push(format!("state: added backend of {name:?} dropped: {why}"));
+                } else if count >= MAX_BACKENDS_PER_UPSTREAM
+                    && file_weight(&added.address).is_none()
+                {
+                    warnings.push(format!(
+                        "state: added backend {} of {name:?} dropped: the upstream has {count} backends, the limit",
+                        added.address
+                    ));
+                } else if added.weight > MAX_BACKEND_WEIGHT {
                     warnings.push(format!(
                         "state: added backend {} of {name:?} dropped: weight out of range 0..={MAX_BACKEND_WEIGHT}",
                         added.address

@@ -833,3 +833,186 @@ fn a_removed_file_backend_comes_back_with_the_files_weight() {
     let blue = s.backends(&config, "blue");
     assert_eq!((blue[0].weight, blue[0].state), (4, BackendState::Active));
 }
+
+#[test]
+fn long_weighted_periods_are_walked_exactly_and_spread_without_being_laid_out() {
+    use crate::select::Rotation;
+    let weights = [700u32, 200, 100, 37];
+    let rotation = Rotation::new(&[(0usize, 700), (1, 200), (2, 100), (3, 37)]);
+    assert!(matches!(rotation, Rotation::Stride { .. }));
+    let period: usize = weights.iter().map(|&w| w as usize).sum();
+    let seq: Vec<usize> = (0..3 * period)
+        .map(|k| rotation.candidates(k).next().unwrap())
+        .collect();
+    // Any window of one period holds each id exactly its weight.
+    for start in (0..2 * period).step_by(89) {
+        let mut counts = [0u32; 4];
+        for &id in &seq[start..start + period] {
+            counts[id] += 1;
+        }
+        assert_eq!(counts, weights, "window from {start}");
+    }
+    // Spread: in any 100 picks each id is within 3 of its share.
+    for window in seq.windows(100) {
+        for (id, &w) in weights.iter().enumerate() {
+            let got = window.iter().filter(|&&i| i == id).count() as f64;
+            let share = f64::from(w) * 100.0 / period as f64;
+            assert!(
+                (got - share).abs() <= 3.0,
+                "id {id}: {got} of 100, share {share}"
+            );
+        }
+    }
+    // Every candidate once after the first, for the fallback when it is not usable.
+    let mut all: Vec<usize> = rotation.candidates(5).collect();
+    all.sort_unstable();
+    assert_eq!(all, [0, 1, 2, 3]);
+    // A canary of 1 in 10 000 is one pick in any 10 000, and nothing is laid out to know it.
+    let canary = Rotation::new(&[("main", 9999), ("canary", 1)]);
+    let hits = (0..10_000)
+        .filter(|&k| canary.candidates(k + 1234).next() == Some("canary"))
+        .count();
+    assert_eq!(hits, 1);
+    // Short periods keep nginx's order.
+    assert!(matches!(
+        Rotation::new(&[(0, 5), (1, 1)]),
+        Rotation::Laid(_)
+    ));
+}
+
+#[test]
+fn routes_count_only_pairs_in_use_and_their_statuses() {
+    let cfg = config("round_robin", &[1, 1]);
+    let metrics = Metrics::new();
+    let s = Snapshot::build(&cfg, &RuntimeState::default(), &metrics, None);
+    let text = |s: &Snapshot| String::from_utf8(metrics.render(s)).unwrap();
+    assert!(!text(&s).contains("switchyard_requests_total{"));
+    assert!(!text(&s).contains("switchyard_request_duration_seconds_count"));
+    // More distinct statuses than the table has slots, from several threads.
+    std::thread::scope(|scope| {
+        for t in 0..4 {
+            let s = &s;
+            scope.spawn(move || {
+                for status in 200..230u16 {
+                    s.count_request(0, 0, t % 2, status, std::time::Duration::from_millis(1));
+                }
+            });
+        }
+    });
+    let out = text(&s);
+    for status in 200..230 {
+        for port in [9001, 9002] {
+            let series = format!("switchyard_requests_total{{backend=\"127.0.0.1:{port}\",route=\"all\",status=\"{status}\",upstream=\"pool\"}} 2");
+            assert!(out.contains(&series), "no {series} in\n{out}");
+        }
+    }
+    assert!(out.contains(
+        "switchyard_request_duration_seconds_count{route=\"all\",upstream=\"pool\"} 120"
+    ));
+}
+
+#[test]
+fn ip_hash_rings_stay_small_whatever_the_weights() {
+    let weights: Vec<u32> = (0..100).map(|i| 1000 - i).collect();
+    let started = std::time::Instant::now();
+    let s = build(&config("ip_hash", &weights), None);
+    // 100 backends of ~1000: 15 million points unscaled, 400 units (64 000 points) now.
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..20_000u32 {
+        let client = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i * 7919));
+        seen.insert(s.upstreams[0].pick_backend(Some(client), None).unwrap());
+    }
+    assert_eq!(seen.len(), 100, "every backend keeps its share of the ring");
+}
+
+#[test]
+fn added_backends_must_be_real_hosts_and_within_the_limit() {
+    use switchyard_config::limits::MAX_BACKENDS_PER_UPSTREAM;
+    let config = blue_green();
+    let idle = |_: &str, _: SocketAddr| 0;
+    let add = |address: SocketAddr| Change::AddBackend {
+        upstream: "blue".into(),
+        address,
+        weight: None,
+    };
+    let bad: SocketAddr = "0.0.0.0:9000".parse().unwrap();
+    assert!(matches!(
+        RuntimeState::default().with_change(&config, &add(bad), idle),
+        Err(Rejection::Invalid(m)) if m.starts_with("address: 0.0.0.0:9000 is unspecified")
+    ));
+    let mut state = RuntimeState::default();
+    let mut port = 20_000;
+    while state.backends(&config, "blue").len() < MAX_BACKENDS_PER_UPSTREAM {
+        state = state.with_change(&config, &add(addr(port)), idle).unwrap();
+        port += 1;
+    }
+    assert_eq!(
+        state.with_change(&config, &add(addr(port)), idle),
+        Err(Rejection::Invalid(
+            "upstream \"blue\" has 1000 backends, the limit (see docs/configuration.md, \"Limits\")"
+                .into()
+        ))
+    );
+    // A state file beyond the limit keeps what fits, and drops impossible addresses.
+    let mut file = state.clone();
+    let changes = file.upstreams.get_mut("blue").unwrap();
+    changes.added.push(crate::state::AddedBackend {
+        address: addr(port),
+        weight: 1,
+        state: BackendState::Active,
+    });
+    changes.added.push(crate::state::AddedBackend {
+        address: "255.255.255.255:80".parse().unwrap(),
+        weight: 1,
+        state: BackendState::Active,
+    });
+    let (fitted, warnings) = file.fit(&config);
+    assert_eq!(fitted, state);
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+}
+
+#[test]
+fn a_split_change_past_the_pair_limit_is_refused() {
+    use std::fmt::Write;
+    use switchyard_config::limits::MAX_ROUTE_UPSTREAM_PAIRS;
+    // 100 routes: r0 splits to one of 101 upstreams, the 99 others to all: the limit exactly.
+    let mut yaml = String::from("listeners:\n  - address: 127.0.0.1:8080\nupstreams:\n");
+    for u in 0..101 {
+        writeln!(
+            yaml,
+            "  u{u}:\n    backends:\n      - address: 127.0.0.1:{}",
+            9000 + u
+        )
+        .unwrap();
+    }
+    yaml.push_str("routes:\n");
+    for r in 0..100 {
+        let all: String = (0..101).map(|u| format!("      u{u}: 1\n")).collect();
+        let split = if r == 0 {
+            "      u0: 1\n".to_string()
+        } else {
+            all
+        };
+        writeln!(
+            yaml,
+            "  - name: r{r}\n    path_prefix: /r{r}/\n    split:\n{split}"
+        )
+        .unwrap();
+    }
+    let config = Config::from_yaml(&yaml).unwrap();
+    assert_eq!(99 * 101 + 1, MAX_ROUTE_UPSTREAM_PAIRS);
+    let idle = |_: &str, _: SocketAddr| 0;
+    let set = |weights: &[&str]| Change::SetSplit {
+        route: "r0".into(),
+        split: weights.iter().map(|u| (u.to_string(), 1)).collect(),
+    };
+    let state = RuntimeState::default();
+    assert!(state.with_change(&config, &set(&["u0"]), idle).is_ok());
+    assert_eq!(
+        state.with_change(&config, &set(&["u0", "u1"]), idle),
+        Err(Rejection::Invalid(
+            "the routes would have 10001 route/upstream pairs (entries of all routes' splits), over the limit of 10000 (see docs/configuration.md, \"Limits\")".into()
+        ))
+    );
+}

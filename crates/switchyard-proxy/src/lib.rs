@@ -406,19 +406,17 @@ impl ProxyHttp for Proxy {
         let (Some(snapshot), Some(route)) = (ctx.snapshot.as_deref(), ctx.route) else {
             return;
         };
-        let metrics = snapshot.routes[route].metrics();
         // No response at all: the client went away first; nginx's 499 says so.
         let status = session
             .response_written()
             .map_or(CLIENT_CLOSED, |r| r.status.as_u16());
-        if let Some(Some(backends)) = metrics.requests.get(ctx.upstream) {
-            if let Some(counters) = backends.get(ctx.backend) {
-                counters.count(status);
-            }
-        }
-        if let Some(Some(histogram)) = metrics.duration.get(ctx.upstream) {
-            histogram.observe(ctx.started.elapsed().as_secs_f64());
-        }
+        snapshot.count_request(
+            route,
+            ctx.upstream,
+            ctx.backend,
+            status,
+            ctx.started.elapsed(),
+        );
         // Connect errors were counted per attempt in `fail_to_connect`; local ones not at all.
         if let Some(e) = e {
             match (e.esource(), e.etype()) {
