@@ -79,11 +79,12 @@ impl Selector {
                 Selector::Smooth(Rotation::new(&weighted))
             }
             Algorithm::IpHash => {
-                let units = ring_units(available.iter().map(|&i| backends[i].weight));
+                // Scaled over every backend, available or not: a backend that leaves takes its
+                // own points with it and leaves everyone else's where they were.
+                let units: Vec<u32> = ring_units(backends.iter().map(|b| b.weight)).collect();
                 let buckets: Vec<Bucket> = available
                     .iter()
-                    .zip(units)
-                    .map(|(&i, units)| Bucket::new(backends[i].live.address, units))
+                    .map(|&i| Bucket::new(backends[i].live.address, units[i]))
                     .collect();
                 let mut index: Vec<(SocketAddr, usize)> = backends
                     .iter()
