@@ -821,28 +821,6 @@ def pending_heads(bal, sc, count=IDLE_CONNECTIONS):
             "per_conn_kib": (after - before) / count, "connections": count, "held": held}
 
 
-def run_pending_scenario(tools, work, sc, layout, args, record):
-    backend = start_backend(tools, work, sc, layout)
-    result = {"scenario": sc.name, "title": sc.title, "kind": "pending", "systems": {},
-              "commands": {}}
-    try:
-        for system in args.systems:
-            bal, cmd = start_balancer(tools, work, sc, layout, system)
-            result["commands"][system] = show_cmd(cmd, work)
-            try:
-                res = pending_heads(bal, sc)
-            finally:
-                bal.proc.stop()
-            result["systems"][system] = res
-            print(f"  pending-heads {LABEL[system]:<10} {res['per_conn_kib']:6.2f} KiB/conn  "
-                  f"RSS {res['rss_before_kib']} -> {res['rss_after_kib']} KiB; "
-                  f"{res['held']}/{res['connections']} held", flush=True)
-    finally:
-        backend.stop()
-        record(result)
-    return result
-
-
 def alloc_run(tools, work, sc, layout, requests, idx):
     bal, _ = start_balancer(tools, work, sc, layout, "switchyard", binary=tools.alloc_binary,
                             tag=f"-alloc{idx}")
@@ -925,29 +903,38 @@ def run_wrk_scenario(tools, work, sc, layout, args, record):
     return result
 
 
-def run_idle_scenario(tools, work, sc, layout, args, record):
+def run_memory_scenario(tools, work, sc, layout, args, record, measure, describe):
+    """One balancer at a time: `measure(bal, sc)` its memory, `describe(res)` it in a line."""
     backend = start_backend(tools, work, sc, layout)
-    result = {"scenario": sc.name, "title": sc.title, "kind": "idle", "systems": {},
+    result = {"scenario": sc.name, "title": sc.title, "kind": sc.kind, "systems": {},
               "commands": {}}
     try:
         for system in args.systems:
             bal, cmd = start_balancer(tools, work, sc, layout, system)
             result["commands"][system] = show_cmd(cmd, work)
             try:
-                res = idle_connections(bal, sc)
+                res = measure(bal, sc)
             finally:
                 bal.proc.stop()
             result["systems"][system] = res
-            flag = "" if res["non_200"] == 0 and res["still_answering"] == res["connections"] \
-                else f"  !!! {res['non_200']} non-200, {res['still_answering']} still answering"
-            print(f"  idle-1000 {LABEL[system]:<10} {res['per_conn_kib']:6.2f} KiB/conn  "
-                  f"RSS {res['rss_before_kib']} -> {res['rss_after_kib']} KiB; closed "
-                  f"{res['rss_closed_kib']}, second 1000 {res['rss_second_kib']} KiB "
-                  f"({res['second_per_conn_kib']:.2f} KiB/conn){flag}", flush=True)
+            print(f"  {sc.name} {LABEL[system]:<10} {describe(res)}", flush=True)
     finally:
         backend.stop()
         record(result)
     return result
+
+
+def describe_idle(res):
+    flag = "" if res["non_200"] == 0 and res["still_answering"] == res["connections"] \
+        else f"  !!! {res['non_200']} non-200, {res['still_answering']} still answering"
+    return (f"{res['per_conn_kib']:6.2f} KiB/conn  RSS {res['rss_before_kib']} -> "
+            f"{res['rss_after_kib']} KiB; closed {res['rss_closed_kib']}, second 1000 "
+            f"{res['rss_second_kib']} KiB ({res['second_per_conn_kib']:.2f} KiB/conn){flag}")
+
+
+def describe_pending(res):
+    return (f"{res['per_conn_kib']:6.2f} KiB/conn  RSS {res['rss_before_kib']} -> "
+            f"{res['rss_after_kib']} KiB; {res['held']}/{res['connections']} held")
 
 
 def run_alloc_scenario(tools, work, sc, layout, args, record):
@@ -1518,9 +1505,11 @@ def main():
             if sc.kind == "wrk":
                 run_wrk_scenario(tools, work, sc, layout, args, record)
             elif sc.kind == "idle":
-                run_idle_scenario(tools, work, sc, layout, args, record)
+                run_memory_scenario(tools, work, sc, layout, args, record, idle_connections,
+                                    describe_idle)
             elif sc.kind == "pending":
-                run_pending_scenario(tools, work, sc, layout, args, record)
+                run_memory_scenario(tools, work, sc, layout, args, record, pending_heads,
+                                    describe_pending)
             elif "switchyard" in args.systems:
                 run_alloc_scenario(tools, work, sc, layout, args, record)
     except BenchError as e:
