@@ -105,10 +105,11 @@ fn check_refuses_more_route_upstream_pairs_than_the_limit() {
         stderr,
         "routes: 50000 route/upstream pairs (entries of all routes' splits), over the limit of 10000 (see docs/configuration.md, \"Limits\")\n"
     );
-    let path = write(&format!("{}#{}\n", fanned_out(2), "x".repeat(1 << 20)));
+    // Over the size limit, cut inside a multi-byte character: the size is what is said.
+    let path = write(&format!("{}#{}\n", fanned_out(2), "é".repeat(3 << 20)));
     let (code, _, stderr) = run_binary(&["check", "--config", &path]);
     assert_eq!(code, 1);
-    assert!(stderr.contains("over the limit of 1048576"), "{stderr}");
+    assert!(stderr.contains("over the limit of 4194304"), "{stderr}");
 }
 
 #[test]

@@ -247,13 +247,23 @@ impl Config {
         let cannot =
             |e: std::io::Error| Problems::one("", format!("cannot read {}: {e}", path.display()));
         // One byte past the limit is enough to refuse, whatever the file (or device) holds.
-        let mut text = String::new();
+        let mut bytes = Vec::new();
         std::fs::File::open(path)
             .and_then(|f| {
                 f.take(limits::MAX_CONFIG_BYTES as u64 + 1)
-                    .read_to_string(&mut text)
+                    .read_to_end(&mut bytes)
             })
             .map_err(cannot)?;
+        // The size first: a cut at the limit may fall inside a multi-byte character.
+        if bytes.len() > limits::MAX_CONFIG_BYTES {
+            return Err(Problems::one("", too_big(bytes.len())));
+        }
+        let text = String::from_utf8(bytes).map_err(|e| {
+            Problems::one(
+                "",
+                format!("cannot read {}: not UTF-8 text ({e})", path.display()),
+            )
+        })?;
         Config::from_yaml(&text)
     }
 
@@ -270,7 +280,7 @@ fn too_big(bytes: usize) -> String {
 }
 
 /// serde_yaml already prefixes the field path; keep its location at the end.
-fn yaml_problem(e: serde_yaml::Error) -> Problems {
+pub(crate) fn yaml_problem(e: serde_yaml::Error) -> Problems {
     let text = e.to_string();
     match text.split_once(": ") {
         Some((path, rest)) if is_field_path(path) => Problems::one(path, rest),

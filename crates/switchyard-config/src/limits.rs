@@ -18,7 +18,7 @@ use serde::de::{DeserializeSeed, Deserializer, EnumAccess, MapAccess, SeqAccess,
 use crate::{Problem, Problems};
 
 /// Largest config file, in bytes.
-pub const MAX_CONFIG_BYTES: usize = 1 << 20;
+pub const MAX_CONFIG_BYTES: usize = 4 << 20;
 /// Most YAML nodes (scalars, sequences and mappings) in a config once every alias is expanded.
 pub const MAX_YAML_NODES: usize = 1_000_000;
 /// Most bytes of scalar text in a config once every alias is expanded.
@@ -61,10 +61,14 @@ pub fn backend_address_problem(address: SocketAddr) -> Option<String> {
 /// stopping as soon as a limit is passed, costs at most the limit.
 pub(crate) fn check_expanded_size(text: &str) -> Result<(), Problems> {
     let budget = Budget::default();
-    // Any other error (a syntax error) is left to the real parse, which reports it the same.
-    let _ = (&budget).deserialize(serde_yaml::Deserializer::from_str(text));
-    if !budget.exceeded.get() {
-        return Ok(());
+    let walked = (&budget).deserialize(serde_yaml::Deserializer::from_str(text));
+    match walked {
+        Ok(()) => return Ok(()),
+        // A text the walk cannot read to its end is refused here (a syntax error, with its
+        // line, as the real parse would say it): the real parse must never build what the
+        // walk has not measured.
+        Err(e) if !budget.exceeded.get() => return Err(crate::yaml_problem(e)),
+        Err(_) => {}
     }
     Err(Problems(vec![Problem {
         path: String::new(),
@@ -116,6 +120,12 @@ impl<'de> serde::de::Visitor<'de> for &Budget {
         self.spend(0)
     }
     fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<(), E> {
+        self.spend(0)
+    }
+    fn visit_i128<E: serde::de::Error>(self, _: i128) -> Result<(), E> {
+        self.spend(0)
+    }
+    fn visit_u128<E: serde::de::Error>(self, _: u128) -> Result<(), E> {
         self.spend(0)
     }
     fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<(), E> {

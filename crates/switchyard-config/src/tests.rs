@@ -352,5 +352,20 @@ fn aliases_count_expanded_and_big_files_are_refused() {
         "{VALID}\n#{}\n",
         "x".repeat(crate::limits::MAX_CONFIG_BYTES)
     );
-    assert!(problems(&big)[0].contains("over the limit of 1048576"));
+    assert!(problems(&big)[0].contains("over the limit of 4194304"));
+}
+
+#[test]
+fn a_value_the_size_walk_cannot_read_is_refused_before_anything_is_built() {
+    // A plain integer past u64 first, then one long string used many times: the walk must
+    // not stop at the integer and leave the strings to the real parse.
+    let long = "x".repeat(100_000);
+    let uses: String = (0..200).map(|_| "  - {name: *s}\n").collect();
+    let yaml =
+        format!("state_file: 18446744073709551616\nroutes:\n  - {{name: &s {long}}}\n{uses}");
+    let lines = problems(&yaml);
+    assert!(lines[0].contains("YAML nodes or"), "{lines:?}");
+    // A tag serde_yaml cannot read as its type: refused, with its line, not built.
+    let lines = problems("state_file: !!int nope\n");
+    assert!(lines[0].contains("line 1"), "{lines:?}");
 }
