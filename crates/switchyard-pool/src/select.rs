@@ -61,6 +61,7 @@ impl Selector {
         backends: &[Backend],
         weights: &[u32],
         available: Vec<usize>,
+        ring_divisor: u32,
     ) -> Self {
         if available.is_empty() {
             return Selector::Empty;
@@ -79,12 +80,12 @@ impl Selector {
                 Selector::Smooth(Rotation::new(&weighted))
             }
             Algorithm::IpHash => {
-                // Scaled over every backend, available or not: a backend that leaves takes its
-                // own points with it and leaves everyone else's where they were.
-                let units: Vec<u32> = ring_units(backends.iter().map(|b| b.weight)).collect();
                 let buckets: Vec<Bucket> = available
                     .iter()
-                    .map(|&i| Bucket::new(backends[i].live.address, units[i]))
+                    .map(|&i| {
+                        let units = ring_units(backends[i].weight, ring_divisor);
+                        Bucket::new(backends[i].live.address, units)
+                    })
                     .collect();
                 let mut index: Vec<(SocketAddr, usize)> = backends
                     .iter()
@@ -160,24 +161,29 @@ impl Selector {
 const RING_UNITS_PER_BACKEND: u64 = 4;
 const RING_UNITS_MIN: u64 = 32;
 
-/// Backend weights as ring units: divided by their common divisor and, when the total is over
-/// the bound, scaled down to it (each at least 1): a backend's share is then kept to within
-/// 1/bound of the total.
-fn ring_units(weights: impl Iterator<Item = u32> + Clone) -> impl Iterator<Item = u32> {
-    let divisor = weights.clone().filter(|&w| w > 0).fold(0, gcd).max(1);
-    let total: u64 = weights.clone().map(|w| u64::from(w / divisor)).sum();
-    let count = weights.clone().count() as u64;
-    let bound = (RING_UNITS_PER_BACKEND * count).max(RING_UNITS_MIN);
-    weights.map(move |w| {
-        let units = u64::from(w / divisor);
-        let scaled = if total > bound {
-            (units * bound / total).max(1)
-        } else {
-            units
-        };
-        // Never more than `w`, so it fits.
-        scaled as u32
-    })
+/// What an `ip_hash` upstream's backend weights are divided by to give ring units, taken from
+/// the weights its config file gives: their common divisor and, when the total is over the
+/// bound, the factor that brings it down to it. Fixed while the process runs that file, so a
+/// backend's units depend on its own weight alone: a health change, a drain, an admin weight
+/// change, an added or a removed backend leaves every other backend's points where they were.
+pub(crate) fn ring_divisor(configured: &[u32]) -> u32 {
+    let common = configured
+        .iter()
+        .copied()
+        .filter(|&w| w > 0)
+        .fold(0, gcd)
+        .max(1);
+    let total: u64 = configured.iter().map(|&w| u64::from(w / common)).sum();
+    let bound = (RING_UNITS_PER_BACKEND * configured.len() as u64).max(RING_UNITS_MIN);
+    let scale = total.div_ceil(bound).max(1);
+    u32::try_from(u64::from(common) * scale).unwrap_or(u32::MAX)
+}
+
+/// A backend's ring units: its weight over the divisor, rounded, at least 1 (a weight of 0
+/// is not on the ring at all: such a backend is not available).
+fn ring_units(weight: u32, divisor: u32) -> u32 {
+    let divisor = divisor.max(1);
+    (weight.saturating_add(divisor / 2) / divisor).max(1)
 }
 
 fn index_of(index: &[(SocketAddr, usize)], addr: &SocketAddr) -> Option<usize> {

@@ -10,7 +10,7 @@ use switchyard_config::{Algorithm, Config, HealthCheck, PassiveCheck, Timeouts};
 
 use crate::live::{BackendLive, InFlight};
 use crate::metrics::{ErrorCounters, Metrics, RouteMetrics};
-use crate::select::{Rotation, Selector, Shared};
+use crate::select::{ring_divisor, Rotation, Selector, Shared};
 use crate::state::RuntimeState;
 
 /// What the operator wants of a backend, apart from its health.
@@ -100,6 +100,8 @@ pub struct Upstream {
     weights: Vec<u32>,
     /// Whether a backend was still ramping up when this snapshot was built.
     ramping: bool,
+    /// `ip_hash`: what weights are divided by for ring units, from the config file's weights.
+    ring_divisor: u32,
     selector: Selector,
     /// Selection state shared by all threads and kept across snapshots.
     selection: Arc<Shared>,
@@ -118,6 +120,7 @@ impl Upstream {
         passive: PassiveCheck,
         slow_start: Option<Duration>,
         selection: Arc<Shared>,
+        ring_divisor: u32,
     ) -> Upstream {
         let available: Vec<usize> = (0..backends.len())
             .filter(|&i| backends[i].available())
@@ -130,7 +133,8 @@ impl Upstream {
             selection.least.release();
         }
         Upstream {
-            selector: Selector::build(algorithm, &backends, &weights, available),
+            selector: Selector::build(algorithm, &backends, &weights, available, ring_divisor),
+            ring_divisor,
             slow_start,
             weights,
             ramping,
@@ -189,6 +193,7 @@ impl Upstream {
             self.passive,
             self.slow_start,
             Arc::clone(&self.selection),
+            self.ring_divisor,
         )
     }
 }
@@ -330,6 +335,7 @@ impl Snapshot {
                     u.passive,
                     u.slow_start,
                     selection,
+                    ring_divisor(&u.backends.iter().map(|b| b.weight).collect::<Vec<_>>()),
                 )
             })
             .collect();

@@ -405,34 +405,56 @@ fn assignment(s: &Snapshot, clients: u32) -> Vec<SocketAddr> {
 
 #[test]
 fn ip_hash_moves_only_the_clients_of_a_backend_that_leaves() {
-    // Equal weights, and weights the ring scales down (no common divisor, over its bound).
+    // Equal weights, weights with a common divisor, and weights the ring scales down (none,
+    // over its bound); the backend leaves by failing its check, by weight 0, or removed.
     for weights in [
         &[1, 1, 1, 1][..],
+        &[3, 6, 5],
         &[997, 991, 1000, 983, 977, 971, 967, 953, 947, 941],
     ] {
-        moves_only_the_clients_of_a_backend_that_leaves(weights);
+        for how in ["unhealthy", "weight 0", "removed"] {
+            moves_only_the_clients_of_a_backend_that_leaves(weights, how);
+        }
     }
 }
 
-fn moves_only_the_clients_of_a_backend_that_leaves(weights: &[u32]) {
+fn moves_only_the_clients_of_a_backend_that_leaves(weights: &[u32], how: &str) {
     let s = build(&config("ip_hash", weights), None);
     let before = assignment(&s, 10_000);
     assert_eq!(before, assignment(&s, 10_000), "same client, same backend");
     let gone = s.upstreams[0].backends[2].live.address;
-    s.upstreams[0].backends[2].live.set_healthy(false);
-    let after = assignment(&s.rebuilt(), 10_000);
+    let after = match how {
+        "unhealthy" => {
+            s.upstreams[0].backends[2].live.set_healthy(false);
+            s.rebuilt()
+        }
+        "weight 0" => with_backends(&s, |i, b| {
+            if i == 2 {
+                b.weight = 0;
+            }
+        }),
+        _ => {
+            let mut next = s.rebuilt();
+            next.upstreams[0].backends.remove(2);
+            next.rebuilt()
+        }
+    };
+    let after = assignment(&after, 10_000);
     let mut moved_from_gone = 0;
     for (b, a) in before.iter().zip(&after) {
         if *b == gone {
             assert_ne!(a, &gone);
             moved_from_gone += 1;
         } else {
-            assert_eq!(a, b, "a client of a backend that stayed moved");
+            assert_eq!(
+                a, b,
+                "{weights:?}, {how}: a client of a backend that stayed moved"
+            );
         }
     }
     assert!(
-        moved_from_gone > 10_000 / weights.len() / 2,
-        "{moved_from_gone}"
+        moved_from_gone > 10_000 / weights.len() / 4,
+        "{weights:?}, {how}: {moved_from_gone}"
     );
 }
 
