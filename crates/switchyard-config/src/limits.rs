@@ -33,6 +33,9 @@ pub const MAX_BACKENDS_PER_UPSTREAM: usize = 1000;
 pub const MAX_BACKENDS: usize = 10_000;
 /// Most route → upstream pairs (entries of all routes' splits together).
 pub const MAX_ROUTE_UPSTREAM_PAIRS: usize = 10_000;
+/// Most route → backend pairs (for every route, the backends of the upstreams it splits to):
+/// each may get its own `switchyard_requests_total` series, so they bound the metrics.
+pub const MAX_ROUTE_BACKEND_PAIRS: usize = 100_000;
 
 /// Why `address` cannot be a backend, if it cannot: nothing listens on port 0, and an
 /// unspecified, broadcast or multicast address names no single host (Linux even connects

@@ -369,3 +369,43 @@ fn a_value_the_size_walk_cannot_read_is_refused_before_anything_is_built() {
     let lines = problems("state_file: !!int nope\n");
     assert!(lines[0].contains("line 1"), "{lines:?}");
 }
+
+/// `upstreams` upstreams of `backends` backends each, behind `routes` routes that each split to
+/// all of them.
+fn wide(routes: usize, upstreams: usize, backends: usize) -> String {
+    use std::fmt::Write;
+    let mut yaml = String::from(
+        "listeners:\n  - address: 127.0.0.1:8080\nupstreams:\n  u0:\n    backends: &b\n",
+    );
+    for i in 0..backends {
+        writeln!(
+            yaml,
+            "      - address: 127.0.{}.{}:80",
+            1 + i / 250,
+            1 + i % 250
+        )
+        .unwrap();
+    }
+    for u in 1..upstreams {
+        writeln!(yaml, "  u{u}: {{backends: *b}}").unwrap();
+    }
+    yaml.push_str("routes:\n  - name: r0\n    split: &all\n");
+    for u in 0..upstreams {
+        writeln!(yaml, "      u{u}: 1").unwrap();
+    }
+    for r in 1..routes {
+        writeln!(yaml, "  - {{name: r{r}, split: *all}}").unwrap();
+    }
+    yaml
+}
+
+#[test]
+fn route_backend_pairs_are_bounded_as_they_bound_the_metrics() {
+    // 10 upstreams of 1 000 backends: 10 routes over all of them are 100 000 route/backend
+    // pairs, the limit; an eleventh route is over it.
+    assert_eq!(problems(&wide(10, 10, 1000)), Vec::<String>::new());
+    assert_eq!(
+        problems(&wide(11, 10, 1000)),
+        ["routes: 110000 route/backend pairs (for every route, the backends of the upstreams it splits to), over the limit of 100000 (see docs/configuration.md, \"Limits\")"]
+    );
+}

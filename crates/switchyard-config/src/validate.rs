@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::limits::{
     backend_address_problem, MAX_BACKENDS, MAX_BACKENDS_PER_UPSTREAM, MAX_ROUTES,
-    MAX_ROUTE_UPSTREAM_PAIRS, MAX_UPSTREAMS,
+    MAX_ROUTE_BACKEND_PAIRS, MAX_ROUTE_UPSTREAM_PAIRS, MAX_UPSTREAMS,
 };
 use crate::raw::{self, Algorithm, HealthCheckType};
 use crate::{
@@ -449,6 +449,24 @@ fn routes(c: &mut Checker, raw: Vec<raw::Route>, upstreams: &[Upstream]) -> Vec<
         "route/upstream pairs (entries of all routes' splits)",
         pairs,
         MAX_ROUTE_UPSTREAM_PAIRS,
+    );
+    let backends_of = |name: &str| {
+        upstreams
+            .iter()
+            .find(|u| u.name == name)
+            .map_or(0, |u| u.backends.len())
+    };
+    let route_backends = raw
+        .iter()
+        .filter_map(|r| r.split.as_ref())
+        .flat_map(|s| s.0.keys())
+        .map(|name| backends_of(name))
+        .sum();
+    c.at_most(
+        "routes",
+        "route/backend pairs (for every route, the backends of the upstreams it splits to)",
+        route_backends,
+        MAX_ROUTE_BACKEND_PAIRS,
     );
     let mut names: HashMap<String, usize> = HashMap::new();
     let mut out = Vec::with_capacity(raw.len());

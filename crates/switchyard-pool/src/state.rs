@@ -11,7 +11,8 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 use switchyard_config::limits::{
-    backend_address_problem, MAX_BACKENDS_PER_UPSTREAM, MAX_ROUTE_UPSTREAM_PAIRS,
+    backend_address_problem, MAX_BACKENDS, MAX_BACKENDS_PER_UPSTREAM, MAX_ROUTE_BACKEND_PAIRS,
+    MAX_ROUTE_UPSTREAM_PAIRS,
 };
 use switchyard_config::{Config, MAX_BACKEND_WEIGHT, MAX_SPLIT_WEIGHT};
 
@@ -212,6 +213,7 @@ impl RuntimeState {
                         "the routes would have {pairs} route/upstream pairs (entries of all routes' splits), over the limit of {MAX_ROUTE_UPSTREAM_PAIRS} (see docs/configuration.md, \"Limits\")"
                     )));
                 }
+                self.route_backends_within_limit(config, Some((route, split)), None)?;
                 next.splits.insert(
                     route.clone(),
                     SplitOverride {
@@ -272,6 +274,17 @@ impl RuntimeState {
                         current.len()
                     )));
                 }
+                let all: usize = config
+                    .upstreams
+                    .iter()
+                    .map(|u| self.backends(config, &u.name).len())
+                    .sum();
+                if all >= MAX_BACKENDS {
+                    return Err(Rejection::Invalid(format!(
+                        "the upstreams have {all} backends in all, the limit (see docs/configuration.md, \"Limits\")"
+                    )));
+                }
+                self.route_backends_within_limit(config, None, Some(upstream))?;
                 let changes = next.upstreams.entry(upstream.clone()).or_default();
                 let in_config = config
                     .upstream(upstream)
@@ -326,6 +339,47 @@ impl RuntimeState {
         }
         next.upstreams.retain(|_, c| !c.is_empty());
         Ok(next)
+    }
+
+    /// Refuses a change after which the route/backend pairs (for every route, the backends of
+    /// the upstreams it splits to) would pass [`MAX_ROUTE_BACKEND_PAIRS`]: `split` replaces
+    /// one route's split, `added_to` gains one backend.
+    fn route_backends_within_limit(
+        &self,
+        config: &Config,
+        split: Option<(&str, &BTreeMap<String, u32>)>,
+        added_to: Option<&str>,
+    ) -> Result<(), Rejection> {
+        // Counted once per upstream: there may be 10 000 split entries.
+        let counts: std::collections::HashMap<&str, usize> = config
+            .upstreams
+            .iter()
+            .map(|u| {
+                let added = usize::from(added_to == Some(u.name.as_str()));
+                (
+                    u.name.as_str(),
+                    self.backends(config, &u.name).len() + added,
+                )
+            })
+            .collect();
+        let backends_of = |upstream: &str| counts.get(upstream).copied().unwrap_or(0);
+        let pairs: usize = config
+            .routes
+            .iter()
+            .map(|r| match (split, self.splits.get(&r.name)) {
+                (Some((route, split)), _) if route == r.name => {
+                    split.keys().map(|u| backends_of(u)).sum::<usize>()
+                }
+                (_, Some(o)) => o.split.keys().map(|u| backends_of(u)).sum(),
+                _ => r.split.iter().map(|w| backends_of(&w.upstream)).sum(),
+            })
+            .sum();
+        if pairs > MAX_ROUTE_BACKEND_PAIRS {
+            return Err(Rejection::Invalid(format!(
+                "the routes would have {pairs} route/backend pairs (for every route, the backends of the upstreams it splits to), over the limit of {MAX_ROUTE_BACKEND_PAIRS} (see docs/configuration.md, \"Limits\")"
+            )));
+        }
+        Ok(())
     }
 
     /// Keeps what still fits `config`; returns the warnings for what was dropped. Also used

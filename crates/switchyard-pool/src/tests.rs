@@ -1051,3 +1051,63 @@ fn a_split_change_past_the_pair_limit_is_refused() {
         ))
     );
 }
+
+#[test]
+fn admin_changes_keep_route_backend_pairs_within_the_limit() {
+    use std::fmt::Write;
+    // 100 routes over `a` (999 backends) and `b` (1): 100 000 route/backend pairs, the limit.
+    let mut yaml =
+        String::from("listeners:\n  - address: 127.0.0.1:8080\nupstreams:\n  a:\n    backends:\n");
+    for i in 0..999 {
+        writeln!(
+            yaml,
+            "      - address: 127.0.{}.{}:80",
+            1 + i / 250,
+            1 + i % 250
+        )
+        .unwrap();
+    }
+    yaml.push_str("  b:\n    backends:\n      - address: 127.0.9.1:80\n  c:\n    backends:\n      - address: 127.0.9.2:80\nroutes:\n");
+    for r in 0..100 {
+        writeln!(yaml, "  - {{name: r{r}, split: {{a: 1, b: 1}}}}").unwrap();
+    }
+    let config = Config::from_yaml(&yaml).unwrap();
+    let idle = |_: &str, _: SocketAddr| 0;
+    let over = |r: Result<RuntimeState, Rejection>| matches!(r, Err(Rejection::Invalid(m)) if m.contains("route/backend pairs"));
+    let add = Change::AddBackend {
+        upstream: "b".into(),
+        address: addr(9100),
+        weight: None,
+    };
+    assert!(over(
+        RuntimeState::default().with_change(&config, &add, idle)
+    ));
+    // Adding to an upstream no route uses is fine; a split that adds `c` to a route is not.
+    let add_c = Change::AddBackend {
+        upstream: "c".into(),
+        address: addr(9101),
+        weight: None,
+    };
+    assert!(RuntimeState::default()
+        .with_change(&config, &add_c, idle)
+        .is_ok());
+    let split = Change::SetSplit {
+        route: "r0".into(),
+        split: [
+            ("a".to_string(), 1),
+            ("b".to_string(), 1),
+            ("c".to_string(), 1),
+        ]
+        .into(),
+    };
+    assert!(over(
+        RuntimeState::default().with_change(&config, &split, idle)
+    ));
+    let narrower = Change::SetSplit {
+        route: "r0".into(),
+        split: [("b".to_string(), 1)].into(),
+    };
+    assert!(RuntimeState::default()
+        .with_change(&config, &narrower, idle)
+        .is_ok());
+}
