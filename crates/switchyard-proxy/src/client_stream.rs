@@ -139,7 +139,8 @@ impl ClientStream {
         self.signal.store(HEAD_COMPLETE, Ordering::Relaxed);
     }
 
-    /// The request is answered and the connection kept: wait for the next one.
+    /// The request is answered and the connection kept: wait for the next one. The idle time
+    /// counts from the next read, which the connection loop makes at once.
     pub fn request_done(&self) {
         self.signal.store(REQUEST_DONE, Ordering::Relaxed);
     }
@@ -201,12 +202,27 @@ impl ClientStream {
     }
 
     /// Whether the current phase's deadline has passed (registering for it otherwise).
+    ///
+    /// The timer is only ever set earlier than, or to, the deadline, and moved only when it must
+    /// fire sooner or has fired early: a keep-alive connection pushes its deadline later with
+    /// every request, and re-arming the timer each time would cost a timer-wheel update per
+    /// request; now it costs one per `keepalive_timeout`.
     fn poll_deadline(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.timer_at != self.deadline {
+        if self.deadline < self.timer_at {
             self.timer.as_mut().reset(self.deadline);
             self.timer_at = self.deadline;
         }
-        self.timer.as_mut().poll(cx).is_ready()
+        loop {
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            if self.timer_at >= self.deadline || Instant::now() >= self.deadline {
+                return true;
+            }
+            // Fired at an earlier deadline than today's: wait for the rest.
+            self.timer.as_mut().reset(self.deadline);
+            self.timer_at = self.deadline;
+        }
     }
 
     /// The current phase ran out of time.
@@ -618,6 +634,119 @@ const URI_TOO_LONG: &[u8] = b"HTTP/1.1 414 URI Too Long\r\nContent-Type: text/pl
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    const LIMITS: HeadLimits = HeadLimits {
+        keepalive_timeout: Duration::from_secs(60),
+        header_timeout: Duration::from_secs(10),
+        max_header_bytes: 4096,
+    };
+
+    /// A client stream over an in-memory pipe, and the client's end of it.
+    fn client_stream() -> (ClientStream, DuplexStream) {
+        let (server, client) = tokio::io::duplex(64 * 1024);
+        let counters = Arc::new(ClientCounters::new(&switchyard_pool::Metrics::new()));
+        let slot = counters.open(10).expect("a place");
+        (
+            ClientStream::new(Box::new(server), LIMITS, counters, slot),
+            client,
+        )
+    }
+
+    /// Serves one request as the proxy would: the head, then the request's end.
+    async fn serve_one(stream: &mut ClientStream, client: &mut DuplexStream) {
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        client.write_all(head).await.expect("send");
+        let mut buf = [0u8; 1024];
+        let n = stream.read(&mut buf).await.expect("read");
+        assert_eq!(&buf[..n], head);
+        stream.head_complete();
+        stream.request_done();
+    }
+
+    async fn answer(client: &mut DuplexStream) -> String {
+        let mut text = Vec::new();
+        client.read_to_end(&mut text).await.expect("answer");
+        String::from_utf8_lossy(&text).into_owned()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_keep_alive_connection_ends_at_keepalive_timeout_after_every_request() {
+        let (mut stream, mut client) = client_stream();
+        for _ in 0..3 {
+            serve_one(&mut stream, &mut client).await;
+            // Ready for the next request: idle for 59 s is still open.
+            let mut buf = [0u8; 64];
+            let idle = tokio::time::timeout(Duration::from_secs(59), stream.read(&mut buf)).await;
+            assert!(idle.is_err(), "closed before keepalive_timeout");
+        }
+        let idle = Instant::now();
+        let mut buf = [0u8; 64];
+        assert_eq!(stream.read(&mut buf).await.expect("read"), 0);
+        // The wait began 59 s before this read, with the request's end.
+        let waited = idle.elapsed();
+        assert!(
+            waited >= Duration::from_secs(1) && waited < Duration::from_millis(1_010),
+            "{waited:?}"
+        );
+        drop(stream);
+        assert_eq!(answer(&mut client).await, "", "closed silently");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_that_does_not_complete_in_time_is_answered_408_from_its_first_byte() {
+        let (mut stream, mut client) = client_stream();
+        serve_one(&mut stream, &mut client).await;
+        tokio::time::sleep(Duration::from_secs(50)).await;
+        client.write_all(b"GET / HT").await.expect("part of a head");
+        let first_byte = Instant::now();
+        let mut buf = [0u8; 64];
+        // Nothing is handed on before the head is complete; the refusal ends the stream.
+        assert_eq!(stream.read(&mut buf).await.expect("read"), 0);
+        let cut = first_byte.elapsed();
+        // 10 s from the head's first byte (not the keep-alive's 60 s), then at most the 2 s
+        // lingering close while the client says nothing more.
+        assert!(
+            cut >= Duration::from_secs(12) && cut < Duration::from_millis(12_010),
+            "{cut:?}"
+        );
+        drop(stream);
+        assert!(answer(&mut client).await.starts_with("HTTP/1.1 408 "));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_connection_that_sends_nothing_is_closed_silently_at_header_timeout() {
+        let (mut stream, mut client) = client_stream();
+        let accepted = Instant::now();
+        let mut buf = [0u8; 64];
+        assert_eq!(stream.read(&mut buf).await.expect("read"), 0);
+        let waited = accepted.elapsed();
+        assert!(
+            waited >= Duration::from_secs(10) && waited < Duration::from_millis(10_010),
+            "{waited:?}"
+        );
+        drop(stream);
+        assert_eq!(answer(&mut client).await, "");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_over_the_limit_is_431_and_a_request_line_over_it_414() {
+        for (head, status) in [
+            (format!("GET / HTTP/1.1\r\nX: {}", "x".repeat(5000)), "431"),
+            (format!("GET /{}", "p".repeat(5000)), "414"),
+        ] {
+            let (mut stream, mut client) = client_stream();
+            client.write_all(head.as_bytes()).await.expect("send");
+            AsyncWriteExt::shutdown(&mut client)
+                .await
+                .expect("done sending");
+            let mut buf = [0u8; 64];
+            assert_eq!(stream.read(&mut buf).await.expect("read"), 0);
+            drop(stream);
+            let text = answer(&mut client).await;
+            assert!(text.starts_with(&format!("HTTP/1.1 {status} ")), "{text}");
+        }
+    }
 
     fn end(parts: &[&[u8]]) -> Option<(usize, usize)> {
         let mut blank = BlankLine::default();

@@ -112,7 +112,7 @@ impl ClientCounters {
     }
 
     /// A place for one more connection, or `None` at the limit.
-    fn open(self: &Arc<Self>, limit: usize) -> Option<Slot> {
+    pub(crate) fn open(self: &Arc<Self>, limit: usize) -> Option<Slot> {
         if self.open.fetch_add(1, Ordering::AcqRel) >= limit {
             self.open.fetch_sub(1, Ordering::AcqRel);
             self.reject(Rejection::Limit);
