@@ -67,9 +67,11 @@ fn blue_green_switch_and_rollback() {
     load.run_for(PHASE, LIMIT);
     put_split(&sy, 0, 100);
     let switched = Instant::now();
-    // Requests sent while the rollback PUT is under way may go either way: green's window
-    // ends when it is sent, blue's begins when it has answered.
-    let rollback_sent = load.run_for(PHASE, LIMIT);
+    // Requests sent shortly before the rollback PUT, or while it is under way, may go either
+    // way: one sent before it can still be waiting to be read when it lands (a loaded CI
+    // machine: 2 of 1 826 went to blue). Green's window ends `settle` before it is sent,
+    // blue's begins `settle` after it has answered.
+    let rollback_sent = load.run_for(2 * PHASE, LIMIT);
     put_split(&sy, 100, 0);
     let rolled_back = Instant::now();
     let end = load.run_for(PHASE, LIMIT);
@@ -77,10 +79,13 @@ fn blue_green_switch_and_rollback() {
     assert_no_failures("blue-green", &report);
     // Requests that were already routed when the PUT answered may still finish on blue.
     let settle = Duration::from_millis(100);
-    assert_eq!(
-        report.share("green", switched + settle, rollback_sent).0,
-        1.0
+    let (green_share, green_window) =
+        report.share("green", switched + settle, rollback_sent - settle);
+    assert!(
+        green_window > 100,
+        "{green_window} requests in green's window"
     );
+    assert_eq!(green_share, 1.0);
     assert_eq!(report.share("blue", rolled_back + settle, end).0, 1.0);
 }
 
