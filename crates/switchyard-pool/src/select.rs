@@ -167,12 +167,7 @@ const RING_UNITS_MIN: u64 = 32;
 /// backend's units depend on its own weight alone: a health change, a drain, an admin weight
 /// change, an added or a removed backend leaves every other backend's points where they were.
 pub(crate) fn ring_divisor(configured: &[u32]) -> u32 {
-    let common = configured
-        .iter()
-        .copied()
-        .filter(|&w| w > 0)
-        .fold(0, gcd)
-        .max(1);
+    let common = common_divisor(configured.iter().copied()).max(1);
     let total: u64 = configured.iter().map(|&w| u64::from(w / common)).sum();
     let bound = (RING_UNITS_PER_BACKEND * configured.len() as u64).max(RING_UNITS_MIN);
     let scale = total.div_ceil(bound).max(1);
@@ -249,11 +244,7 @@ pub(crate) enum Rotation<T> {
 
 impl<T: Copy> Rotation<T> {
     pub(crate) fn new(weighted: &[(T, u32)]) -> Self {
-        let divisor = weighted
-            .iter()
-            .map(|&(_, w)| w)
-            .filter(|&w| w > 0)
-            .fold(0, gcd);
+        let divisor = common_divisor(weighted.iter().map(|&(_, w)| w));
         if divisor == 0 {
             return Rotation::Laid(Box::new([]));
         }
@@ -314,11 +305,7 @@ impl<T: Copy> Rotation<T> {
 /// One period of nginx's smooth weighted round robin over `(id, weight)`: each id appears
 /// exactly `weight / gcd` times, spread out rather than in runs. Zero weights never appear.
 pub fn smooth_sequence<T: Copy>(weighted: &[(T, u32)]) -> Vec<T> {
-    let divisor = weighted
-        .iter()
-        .map(|&(_, w)| w)
-        .filter(|&w| w > 0)
-        .fold(0, gcd);
+    let divisor = common_divisor(weighted.iter().map(|&(_, w)| w));
     if divisor == 0 {
         return Vec::new();
     }
@@ -349,6 +336,11 @@ fn gcd64(a: u64, b: u64) -> u64 {
     } else {
         gcd64(b, a % b)
     }
+}
+
+/// The greatest common divisor of the positive weights; 0 when there is none.
+fn common_divisor(weights: impl Iterator<Item = u32>) -> u32 {
+    weights.filter(|&w| w > 0).fold(0, gcd)
 }
 
 fn gcd(a: u32, b: u32) -> u32 {
