@@ -98,7 +98,7 @@ fn an_idle_keep_alive_connection_is_closed_after_keepalive_timeout_also_after_it
 }
 
 #[test]
-fn a_head_trickled_in_a_byte_at_a_time_is_cut_off_with_408_first_and_later_requests() {
+fn a_head_trickled_in_a_byte_at_a_time_is_cut_off_first_silently_then_with_408() {
     let backend = TestBackend::start("app");
     let sy = Switchyard::start(&config(backend.addr, "  header_timeout: 700ms\n"));
     block_on(async {
@@ -107,22 +107,30 @@ fn a_head_trickled_in_a_byte_at_a_time_is_cut_off_with_408_first_and_later_reque
         let started = Instant::now();
         let head =
             b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
-        let mut answer = None;
+        // What the server sent before it closed; `None` while it is open.
+        let mut closed_with = None;
         for byte in head {
             if stream.write_all(&[*byte]).await.is_err() {
+                closed_with = Some(Vec::new());
                 break;
             }
             let mut buf = [0u8; 4096];
-            if let Ok(Ok(n)) =
-                tokio::time::timeout(Duration::from_millis(100), stream.read(&mut buf)).await
-            {
-                answer = Some(buf[..n].to_vec());
-                break;
+            match tokio::time::timeout(Duration::from_millis(100), stream.read(&mut buf)).await {
+                Ok(Ok(n)) => {
+                    closed_with = Some(buf[..n].to_vec());
+                    break;
+                }
+                Ok(Err(_)) => {
+                    closed_with = Some(Vec::new());
+                    break;
+                }
+                Err(_) => {}
             }
             assert!(started.elapsed() < Duration::from_secs(5), "never cut off");
         }
-        let answer = answer.expect("an answer before the head was complete");
-        assert_eq!(status_of(&answer), Some(408), "{answer:?}");
+        // A new connection's first head: closed silently, 700 ms after the accept.
+        let answer = closed_with.expect("closed before the head was complete");
+        assert!(answer.is_empty(), "{:?}", String::from_utf8_lossy(&answer));
         let cut = started.elapsed();
         assert!(
             cut >= Duration::from_millis(600) && cut < Duration::from_secs(3),

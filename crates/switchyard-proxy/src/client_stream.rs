@@ -11,8 +11,9 @@
 //!   `header_timeout` after it was accepted);
 //! - **reading a head**: its bytes are held back until the blank line that ends it has arrived,
 //!   so Pingora only ever sees whole heads. A head not complete `header_timeout` after its
-//!   first byte is answered `408`, one over `max_request_header_bytes` `431` (`414` while the
-//!   request line alone is over it). As Pingora has seen none of it, the close is quiet: no
+//!   first byte is answered `408` (a new connection's first head, due `header_timeout` after
+//!   the accept, is closed silently instead), one over `max_request_header_bytes` `431`
+//!   (`414` while the request line alone is over it). As Pingora has seen none of it, the close is quiet: no
 //!   error line per hostile client. The rest of what the client sends is then read and dropped
 //!   for a moment (a lingering close, as nginx does), so that it reads the answer rather than a
 //!   reset;
@@ -75,6 +76,8 @@ pub struct ClientStream {
     head_len: usize,
     /// Where in the current head its request line ends, once that has arrived.
     request_line_end: Option<usize>,
+    /// No request of this connection has been answered yet.
+    first_request: bool,
     blank: BlankLine,
     /// [`HEAD_COMPLETE`] or [`REQUEST_DONE`], from the proxy and the connection loop.
     signal: AtomicU8,
@@ -127,6 +130,7 @@ impl ClientStream {
             held_out: 0,
             head_len: 0,
             request_line_end: None,
+            first_request: true,
             blank: BlankLine::default(),
             signal: AtomicU8::new(0),
             counters,
@@ -185,6 +189,7 @@ impl ClientStream {
                 self.deadline = Instant::now() + self.limits.keepalive_timeout;
                 self.head_len = 0;
                 self.request_line_end = None;
+                self.first_request = false;
                 if self.held_out < self.held.len() {
                     // Pipelined requests read ahead and not taken yet: the next head starts
                     // among them, and is held back or handed on like one that just arrived.
@@ -231,6 +236,12 @@ impl ClientStream {
             // An idle keep-alive connection: closed like any keep-alive timeout.
             Phase::Waiting { fresh: false } => Phase::Closed,
             Phase::Waiting { fresh: true } => {
+                self.counters.reject(Rejection::HeaderTimeout);
+                Phase::Closed
+            }
+            // A new connection without a whole head by its deadline is closed silently, as the
+            // contract says (and nginx does); a later request's head gets its `408`.
+            Phase::Head if self.first_request => {
                 self.counters.reject(Rejection::HeaderTimeout);
                 Phase::Closed
             }
@@ -712,6 +723,27 @@ mod tests {
         );
         drop(stream);
         assert!(answer(&mut client).await.starts_with("HTTP/1.1 408 "));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_connections_incomplete_first_head_is_closed_silently_at_header_timeout() {
+        let (mut stream, mut client) = client_stream();
+        let accepted = Instant::now();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHo")
+            .await
+            .expect("part of a head");
+        let mut buf = [0u8; 64];
+        assert_eq!(stream.read(&mut buf).await.expect("read"), 0);
+        // From the accept, not from the first byte.
+        let waited = accepted.elapsed();
+        assert!(
+            waited >= Duration::from_secs(10) && waited < Duration::from_millis(10_010),
+            "{waited:?}"
+        );
+        drop(stream);
+        assert_eq!(answer(&mut client).await, "");
     }
 
     #[tokio::test(start_paused = true)]
