@@ -675,7 +675,22 @@ mod tests {
         stream.request_done();
     }
 
-    async fn answer(client: &mut DuplexStream) -> String {
+    /// Reads `stream` to its end, which must come `after` `since` (to within 10 ms), closes it
+    /// and returns everything the client was sent.
+    async fn ends_after(
+        mut stream: ClientStream,
+        mut client: DuplexStream,
+        since: Instant,
+        after: Duration,
+    ) -> String {
+        let mut buf = [0u8; 64];
+        assert_eq!(stream.read(&mut buf).await.expect("read"), 0, "handed on");
+        let waited = since.elapsed();
+        assert!(
+            waited >= after && waited < after + Duration::from_millis(10),
+            "ended after {waited:?}, not {after:?}"
+        );
+        drop(stream);
         let mut text = Vec::new();
         client.read_to_end(&mut text).await.expect("answer");
         String::from_utf8_lossy(&text).into_owned()
@@ -691,17 +706,9 @@ mod tests {
             let idle = tokio::time::timeout(Duration::from_secs(59), stream.read(&mut buf)).await;
             assert!(idle.is_err(), "closed before keepalive_timeout");
         }
-        let idle = Instant::now();
-        let mut buf = [0u8; 64];
-        assert_eq!(stream.read(&mut buf).await.expect("read"), 0);
         // The wait began 59 s before this read, with the request's end.
-        let waited = idle.elapsed();
-        assert!(
-            waited >= Duration::from_secs(1) && waited < Duration::from_millis(1_010),
-            "{waited:?}"
-        );
-        drop(stream);
-        assert_eq!(answer(&mut client).await, "", "closed silently");
+        let answer = ends_after(stream, client, Instant::now(), Duration::from_secs(1)).await;
+        assert_eq!(answer, "", "closed silently");
     }
 
     #[tokio::test(start_paused = true)]
@@ -710,55 +717,32 @@ mod tests {
         serve_one(&mut stream, &mut client).await;
         tokio::time::sleep(Duration::from_secs(50)).await;
         client.write_all(b"GET / HT").await.expect("part of a head");
-        let first_byte = Instant::now();
-        let mut buf = [0u8; 64];
-        // Nothing is handed on before the head is complete; the refusal ends the stream.
-        assert_eq!(stream.read(&mut buf).await.expect("read"), 0);
-        let cut = first_byte.elapsed();
-        // 10 s from the head's first byte (not the keep-alive's 60 s), then at most the 2 s
-        // lingering close while the client says nothing more.
-        assert!(
-            cut >= Duration::from_secs(12) && cut < Duration::from_millis(12_010),
-            "{cut:?}"
-        );
-        drop(stream);
-        assert!(answer(&mut client).await.starts_with("HTTP/1.1 408 "));
+        // Nothing is handed on before the head is complete; the refusal ends the stream 10 s
+        // from the head's first byte (not the keep-alive's 60 s), after the 2 s lingering close
+        // while the client says nothing more.
+        let answer = ends_after(stream, client, Instant::now(), Duration::from_secs(12)).await;
+        assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_new_connections_incomplete_first_head_is_closed_silently_at_header_timeout() {
-        let (mut stream, mut client) = client_stream();
+        let (stream, mut client) = client_stream();
         let accepted = Instant::now();
         tokio::time::sleep(Duration::from_secs(4)).await;
         client
             .write_all(b"GET / HTTP/1.1\r\nHo")
             .await
             .expect("part of a head");
-        let mut buf = [0u8; 64];
-        assert_eq!(stream.read(&mut buf).await.expect("read"), 0);
         // From the accept, not from the first byte.
-        let waited = accepted.elapsed();
-        assert!(
-            waited >= Duration::from_secs(10) && waited < Duration::from_millis(10_010),
-            "{waited:?}"
-        );
-        drop(stream);
-        assert_eq!(answer(&mut client).await, "");
+        let answer = ends_after(stream, client, accepted, Duration::from_secs(10)).await;
+        assert_eq!(answer, "");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_new_connection_that_sends_nothing_is_closed_silently_at_header_timeout() {
-        let (mut stream, mut client) = client_stream();
-        let accepted = Instant::now();
-        let mut buf = [0u8; 64];
-        assert_eq!(stream.read(&mut buf).await.expect("read"), 0);
-        let waited = accepted.elapsed();
-        assert!(
-            waited >= Duration::from_secs(10) && waited < Duration::from_millis(10_010),
-            "{waited:?}"
-        );
-        drop(stream);
-        assert_eq!(answer(&mut client).await, "");
+        let (stream, client) = client_stream();
+        let answer = ends_after(stream, client, Instant::now(), Duration::from_secs(10)).await;
+        assert_eq!(answer, "");
     }
 
     #[tokio::test(start_paused = true)]
@@ -767,15 +751,13 @@ mod tests {
             (format!("GET / HTTP/1.1\r\nX: {}", "x".repeat(5000)), "431"),
             (format!("GET /{}", "p".repeat(5000)), "414"),
         ] {
-            let (mut stream, mut client) = client_stream();
+            let (stream, mut client) = client_stream();
             client.write_all(head.as_bytes()).await.expect("send");
             AsyncWriteExt::shutdown(&mut client)
                 .await
                 .expect("done sending");
-            let mut buf = [0u8; 64];
-            assert_eq!(stream.read(&mut buf).await.expect("read"), 0);
-            drop(stream);
-            let text = answer(&mut client).await;
+            // Refused at once: the client's end of sending ends the lingering close.
+            let text = ends_after(stream, client, Instant::now(), Duration::ZERO).await;
             assert!(text.starts_with(&format!("HTTP/1.1 {status} ")), "{text}");
         }
     }
