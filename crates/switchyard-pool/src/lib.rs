@@ -32,7 +32,7 @@ pub use live::{BackendLive, InFlight};
 pub use local::{local_failure, LocalErrors, LocalFailure};
 pub use metrics::Metrics;
 pub use select::smooth_sequence;
-pub use snapshot::{strip_port, Backend, BackendState, Route, Snapshot, Upstream};
+pub use snapshot::{Backend, BackendState, Route, Snapshot, Upstream};
 pub use state::{Change, Rejection, RuntimeState};
 pub use state_file::StateFile;
 

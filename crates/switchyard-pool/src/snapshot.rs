@@ -429,15 +429,3 @@ impl Snapshot {
         })
     }
 }
-
-/// The host part of a `Host` header or authority: `example.com:8080` -> `example.com`,
-/// `[::1]:80` -> `[::1]`.
-pub fn strip_port(host: &str) -> &str {
-    if host.starts_with('[') {
-        return host.find(']').map_or(host, |end| &host[..=end]);
-    }
-    match host.rsplit_once(':') {
-        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
-        _ => host,
-    }
-}
