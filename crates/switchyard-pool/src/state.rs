@@ -213,7 +213,7 @@ impl RuntimeState {
                         "the routes would have {pairs} route/upstream pairs (entries of all routes' splits), over the limit of {MAX_ROUTE_UPSTREAM_PAIRS} (see docs/configuration.md, \"Limits\")"
                     )));
                 }
-                self.route_backends_within_limit(config, Some((route, split)), None)?;
+                self.backends_within_limits(config, Some((route, split)), None)?;
                 next.splits.insert(
                     route.clone(),
                     SplitOverride {
@@ -274,17 +274,7 @@ impl RuntimeState {
                         current.len()
                     )));
                 }
-                let all: usize = config
-                    .upstreams
-                    .iter()
-                    .map(|u| self.backends(config, &u.name).len())
-                    .sum();
-                if all >= MAX_BACKENDS {
-                    return Err(Rejection::Invalid(format!(
-                        "the upstreams have {all} backends in all, the limit (see docs/configuration.md, \"Limits\")"
-                    )));
-                }
-                self.route_backends_within_limit(config, None, Some(upstream))?;
+                self.backends_within_limits(config, None, Some(upstream))?;
                 let changes = next.upstreams.entry(upstream.clone()).or_default();
                 let in_config = config
                     .upstream(upstream)
@@ -341,10 +331,11 @@ impl RuntimeState {
         Ok(next)
     }
 
-    /// Refuses a change after which the route/backend pairs (for every route, the backends of
-    /// the upstreams it splits to) would pass [`MAX_ROUTE_BACKEND_PAIRS`]: `split` replaces
-    /// one route's split, `added_to` gains one backend.
-    fn route_backends_within_limit(
+    /// Refuses a change after which the backends of all upstreams would pass [`MAX_BACKENDS`],
+    /// or the route/backend pairs (for every route, the backends of the upstreams it splits to)
+    /// [`MAX_ROUTE_BACKEND_PAIRS`]: `split` replaces one route's split, `added_to` gains one
+    /// backend.
+    fn backends_within_limits(
         &self,
         config: &Config,
         split: Option<(&str, &BTreeMap<String, u32>)>,
@@ -362,6 +353,12 @@ impl RuntimeState {
                 )
             })
             .collect();
+        let all: usize = counts.values().sum();
+        if all > MAX_BACKENDS {
+            return Err(Rejection::Invalid(format!(
+                "the upstreams would have {all} backends in all, over the limit of {MAX_BACKENDS} (see docs/configuration.md, \"Limits\")"
+            )));
+        }
         let backends_of = |upstream: &str| counts.get(upstream).copied().unwrap_or(0);
         let pairs: usize = config
             .routes
