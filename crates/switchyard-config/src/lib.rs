@@ -8,6 +8,7 @@
 mod duration;
 pub mod limits;
 mod raw;
+pub mod rollout;
 mod validate;
 
 use std::fmt;
