@@ -26,7 +26,9 @@ impl ServeHttp for MetricsEndpoint {
             (&Method::GET, "/metrics") => (
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
-                self.pool.metrics().render(&self.pool.snapshot()),
+                self.pool
+                    .metrics()
+                    .render(&self.pool.snapshot(), &self.pool.rollouts()),
             ),
             (_, "/metrics") => (
                 StatusCode::METHOD_NOT_ALLOWED,

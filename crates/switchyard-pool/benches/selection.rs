@@ -76,7 +76,9 @@ fn config(algorithm: &str, backends: usize, routes: usize) -> String {
 
 fn snapshot(yaml: &str) -> Arc<Snapshot> {
     let config = Config::from_yaml(yaml).expect("benchmark config is valid");
-    Pool::new(config, Arc::new(Metrics::new()), None).snapshot()
+    Pool::new(config, Arc::new(Metrics::new()), None)
+        .expect("no state file")
+        .snapshot()
 }
 
 /// One request's worth of decisions; returns something so that none is optimised away.

@@ -9,12 +9,14 @@
 //! and per-route/upstream cursors sit in `Arc`s that the next snapshot reuses, so a swap loses
 //! none of them.
 
+pub mod clock;
 pub mod health;
 mod least;
 mod live;
 pub mod local;
 pub mod metrics;
 pub mod ramp;
+pub mod rollout;
 mod select;
 mod snapshot;
 mod state;
@@ -24,16 +26,17 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use log::{info, warn};
+use log::{debug, info, warn};
 use switchyard_config::Config;
 use tokio::sync::watch;
 
 pub use live::{BackendLive, InFlight};
 pub use local::{local_failure, LocalErrors, LocalFailure};
 pub use metrics::Metrics;
+pub use rollout::{Rollout, RolloutCommand, RolloutState, Verdict, WindowRecord};
 pub use select::smooth_sequence;
 pub use snapshot::{Backend, BackendState, Route, Snapshot, Upstream};
-pub use state::{Change, Rejection, RuntimeState};
+pub use state::{Change, Rejection, RuntimeState, STATE_FORMAT};
 pub use state_file::StateFile;
 
 /// The shared, swappable runtime state of one Switchyard process.
@@ -57,12 +60,17 @@ impl Pool {
     /// Builds the pool from `config` and the state file it names. Without a state file, the
     /// state a previous process handed over at `handover` (see [`Pool::hand_over`]) is taken
     /// once, so a binary upgrade keeps runtime changes even then.
-    pub fn new(config: Config, metrics: Arc<Metrics>, handover: Option<&Path>) -> Pool {
+    /// `Err` names a state file this binary cannot read without losing what it holds.
+    pub fn new(
+        config: Config,
+        metrics: Arc<Metrics>,
+        handover: Option<&Path>,
+    ) -> Result<Pool, String> {
         let store = config.state_file.clone().map(StateFile::new);
         let saved = match (&store, handover.filter(|p| p.exists())) {
-            (Some(store), _) => store.load(),
+            (Some(store), _) => store.load()?,
             (None, Some(path)) => {
-                let state = StateFile::new(path.to_path_buf()).load();
+                let state = StateFile::new(path.to_path_buf()).load()?;
                 if let Err(e) = std::fs::remove_file(path) {
                     warn!("cannot remove handed-over state {}: {e}", path.display());
                 }
@@ -79,14 +87,14 @@ impl Pool {
             warn!("{warning}");
         }
         let snapshot = Snapshot::build(&config, &state, &metrics, None);
-        Pool {
+        Ok(Pool {
             current: ArcSwap::from_pointee(snapshot),
             desired: Mutex::new(Desired { config, state }),
             store,
             local_errors: LocalErrors::new(&metrics),
             metrics,
             version: watch::Sender::new(0),
-        }
+        })
     }
 
     /// The current snapshot, kept alive for as long as the caller holds it.
@@ -125,11 +133,33 @@ impl Pool {
         if let Some(store) = &self.store {
             store.save(&next).map_err(Rejection::Storage)?;
         }
-        let built = Snapshot::build(&desired.config, &next, &self.metrics, Some(&current));
-        desired.state = next;
-        self.swap(built);
-        info!("applied {change:?}");
+        // A rollout's progress that leaves every split as it was (a judged window, hold
+        // time) needs no new snapshot: selection would be rebuilt for nothing.
+        let rebuild =
+            next.splits != desired.state.splits || next.upstreams != desired.state.upstreams;
+        if rebuild {
+            let built = Snapshot::build(&desired.config, &next, &self.metrics, Some(&current));
+            desired.state = next;
+            self.swap(built);
+        } else {
+            desired.state = next;
+            self.version.send_modify(|v| *v += 1);
+        }
+        match change {
+            Change::RolloutUpdate { .. } => debug!("applied {change:?}"),
+            _ => info!("applied {change:?}"),
+        }
         Ok(())
+    }
+
+    /// A route's current or last rollout.
+    pub fn rollout(&self, route: &str) -> Option<Rollout> {
+        self.lock().state.rollouts.get(route).cloned()
+    }
+
+    /// Every route's current or last rollout, by route name.
+    pub fn rollouts(&self) -> Vec<Rollout> {
+        self.lock().state.rollouts.values().cloned().collect()
     }
 
     /// Runs a new config, keeping the runtime state that still fits it. Returns the warnings

@@ -7,10 +7,11 @@
 use std::sync::{Arc, Mutex, OnceLock};
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::rollout::{Rollout, RolloutState, Verdict};
 use crate::snapshot::Upstream;
 use crate::Snapshot;
 
@@ -26,6 +27,9 @@ pub struct Metrics {
     split_weight: IntGaugeVec,
     reloads: IntCounterVec,
     last_reload: Gauge,
+    rollout_weight: GaugeVec,
+    rollout_state: IntGaugeVec,
+    rollout_windows: IntCounterVec,
     /// Serialises scrapes: gauges are reset and refilled for each.
     scrape: Mutex<()>,
 }
@@ -213,6 +217,30 @@ impl Metrics {
             "The route's split weight for the upstream.",
             &["route", "upstream"],
         );
+        let rollout_state = gauge(
+            "switchyard_rollout_state",
+            "1 for the state the route's current or last rollout is in.",
+            &["route", "state"],
+        );
+        let rollout_windows = counter(
+            "switchyard_rollout_windows_total",
+            "Analysis windows judged by rollouts, by verdict.",
+            &["route", "verdict"],
+        );
+        let rollout_weight = must(
+            "switchyard_rollout_weight",
+            GaugeVec::new(
+                Opts::new(
+                    "switchyard_rollout_weight",
+                    "The new version's share in percent of the two upstreams' weight in the route's rollout.",
+                ),
+                &["route", "from", "to"],
+            ),
+        );
+        must(
+            "rollout_weight",
+            registry.register(Box::new(rollout_weight.clone())),
+        );
         let duration = must(
             "switchyard_request_duration_seconds",
             HistogramVec::new(
@@ -264,6 +292,9 @@ impl Metrics {
             split_weight,
             reloads,
             last_reload,
+            rollout_weight,
+            rollout_state,
+            rollout_windows,
             scrape: Mutex::new(()),
         };
         for result in ["success", "failure"] {
@@ -336,16 +367,45 @@ impl Metrics {
         self.reloads.with_label_values(&["failure"]).inc();
     }
 
-    /// The text exposition of every metric, gauges taken from `snapshot`.
-    pub fn render(&self, snapshot: &Snapshot) -> Vec<u8> {
+    /// Counts one judged analysis window of the route's rollout.
+    pub fn count_window(&self, route: &str, verdict: Verdict) {
+        self.rollout_windows
+            .with_label_values(&[route, verdict.as_str()])
+            .inc();
+    }
+
+    /// The text exposition of every metric, gauges taken from `snapshot` and `rollouts`.
+    pub fn render(&self, snapshot: &Snapshot, rollouts: &[Rollout]) -> Vec<u8> {
         let _scrape = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
         for gauge in [
             &self.healthy,
             &self.in_flight,
             &self.weight,
             &self.split_weight,
+            &self.rollout_state,
         ] {
             gauge.reset();
+        }
+        self.rollout_weight.reset();
+        for rollout in rollouts {
+            let route = rollout.route.as_str();
+            self.rollout_weight
+                .with_label_values(&[route, &rollout.from, &rollout.to])
+                .set(match rollout.state {
+                    RolloutState::Succeeded => 100.0,
+                    RolloutState::RolledBack | RolloutState::Aborted => 0.0,
+                    _ => rollout.weight,
+                });
+            for state in RolloutState::ALL {
+                self.rollout_state
+                    .with_label_values(&[route, state.as_str()])
+                    .set(i64::from(state == rollout.state));
+            }
+            // Every verdict shows from the start, at 0 until it happens.
+            for verdict in Verdict::ALL {
+                self.rollout_windows
+                    .with_label_values(&[route, verdict.as_str()]);
+            }
         }
         for upstream in &snapshot.upstreams {
             for backend in &upstream.backends {

@@ -16,17 +16,44 @@ use switchyard_config::limits::{
 };
 use switchyard_config::{Config, MAX_BACKEND_WEIGHT, MAX_SPLIT_WEIGHT};
 
+use crate::rollout::{Rollout, RolloutCommand};
 use crate::snapshot::BackendState;
+use switchyard_config::rollout::RolloutSpec;
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The state file's format: 1 had no rollouts (and no `format` field); 2 added them. A file of
+/// a newer format than this binary knows is refused at start, never set aside as corrupt.
+pub const STATE_FORMAT: u32 = 2;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeState {
+    /// Written as [`STATE_FORMAT`]; files without it are format 1.
+    #[serde(default = "format_1")]
+    pub format: u32,
     /// Route name -> replaced split.
     #[serde(default)]
     pub splits: BTreeMap<String, SplitOverride>,
     /// Upstream name -> changes to its backends.
     #[serde(default)]
     pub upstreams: BTreeMap<String, UpstreamChanges>,
+    /// Route name -> its current or last rollout.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rollouts: BTreeMap<String, Rollout>,
+}
+
+fn format_1() -> u32 {
+    1
+}
+
+impl Default for RuntimeState {
+    fn default() -> Self {
+        RuntimeState {
+            format: STATE_FORMAT,
+            splits: BTreeMap::new(),
+            upstreams: BTreeMap::new(),
+            rollouts: BTreeMap::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,7 +107,7 @@ pub struct AddedBackend {
 }
 
 /// One operator change, as the admin API (or anything else) asks for it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Change {
     SetSplit {
         route: String,
@@ -102,6 +129,19 @@ pub enum Change {
         upstream: String,
         address: SocketAddr,
     },
+    /// Starts a rollout on a route: its split is rescaled and from then on the rollout's.
+    StartRollout {
+        route: String,
+        spec: Box<RolloutSpec>,
+    },
+    /// An operator's pause, resume, promote or abort.
+    RolloutCommand {
+        route: String,
+        command: RolloutCommand,
+    },
+    /// The engine's next record of a rollout; refused unless built on the current one (same
+    /// `revision`) and the rollout is still running.
+    RolloutUpdate { route: String, next: Box<Rollout> },
 }
 
 /// Why a change was refused; nothing was changed.
@@ -197,6 +237,12 @@ impl RuntimeState {
             Change::SetSplit { route, split } => {
                 if !config.routes.iter().any(|r| r.name == *route) {
                     return Err(Rejection::NotFound(format!("no route named {route:?}")));
+                }
+                if let Some(rollout) = self.rollouts.get(route).filter(|r| r.state.is_active()) {
+                    return Err(Rejection::Conflict(format!(
+                        "route {route:?} has a rollout running: {}; abort or promote it first (POST /api/v1/routes/{route}/rollout/abort or .../promote)",
+                        rollout.describe()
+                    )));
                 }
                 check_split(config, split)?;
                 let pairs: usize = config
@@ -305,6 +351,14 @@ impl RuntimeState {
                     });
                 }
             }
+            Change::StartRollout { route, spec } => next.start_rollout(config, route, spec)?,
+            Change::RolloutCommand { route, command } => {
+                next.command_rollout(config, route, *command)?
+            }
+            Change::RolloutUpdate {
+                route,
+                next: record,
+            } => next.update_rollout(config, route, record)?,
             Change::RemoveBackend { upstream, address } => {
                 let current = self.backend(config, upstream, *address)?;
                 if current.state == BackendState::Active {
@@ -488,6 +542,39 @@ impl RuntimeState {
                 next.upstreams.insert(name.clone(), kept);
             }
         }
+        for (route, rollout) in &self.rollouts {
+            if !config.routes.iter().any(|r| r.name == *route) {
+                warnings.push(format!(
+                    "state: rollout of route {route:?} dropped: the route is no longer in the config"
+                ));
+                continue;
+            }
+            let mut rollout = rollout.clone();
+            if rollout.state.is_active() {
+                let missing = [&rollout.from, &rollout.to]
+                    .into_iter()
+                    .find(|u| config.upstream(u).is_none());
+                let why = match missing {
+                    Some(gone) => Some(format!("upstream {gone:?} is no longer in the config")),
+                    None if !next.splits.contains_key(route) => {
+                        Some("the config file changed the route's split".to_string())
+                    }
+                    None => None,
+                };
+                if let Some(why) = why {
+                    next.splits.remove(route);
+                    rollout.end(
+                        crate::rollout::RolloutState::Failed,
+                        format!("ended by a config reload: {why}; the file's split applies"),
+                    );
+                    warnings.push(format!(
+                        "state: rollout {} ended failed: {why}",
+                        rollout.describe()
+                    ));
+                }
+            }
+            next.rollouts.insert(route.clone(), rollout);
+        }
         (next, warnings)
     }
 
@@ -517,7 +604,7 @@ impl RuntimeState {
 }
 
 /// A route's split as the config file has it.
-fn file_split(config: &Config, route: &str) -> BTreeMap<String, u32> {
+pub(crate) fn file_split(config: &Config, route: &str) -> BTreeMap<String, u32> {
     config
         .routes
         .iter()
@@ -540,7 +627,7 @@ fn check_weight(weight: Option<u32>) -> Result<(), Rejection> {
     }
 }
 
-fn check_split(config: &Config, split: &BTreeMap<String, u32>) -> Result<(), Rejection> {
+pub(crate) fn check_split(config: &Config, split: &BTreeMap<String, u32>) -> Result<(), Rejection> {
     if split.is_empty() {
         return Err(Rejection::Invalid(
             "split: at least one upstream is required".into(),

@@ -26,7 +26,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use log::{error, info, warn};
 
-use crate::state::RuntimeState;
+use crate::state::{RuntimeState, STATE_FORMAT};
 
 /// More links than this in a row is a loop (the kernel's own limit).
 const MAX_LINKS: usize = 40;
@@ -48,8 +48,10 @@ impl StateFile {
 
     /// The saved state; empty when there is none yet, or when the file was corrupt (then it
     /// is kept as `<name>.corrupt-<unix seconds>[-<n>]` and the reason logged). Removes the
-    /// temp files that dead processes left next to it first.
-    pub fn load(&self) -> RuntimeState {
+    /// temp files that dead processes left next to it first. `Err` only for a file a newer
+    /// binary wrote: starting without it would undo its changes at the next save, and it is
+    /// not corrupt, so the start is refused instead.
+    pub fn load(&self) -> Result<RuntimeState, String> {
         let target = match target(&self.path) {
             Ok(target) => target,
             Err(e) => {
@@ -57,7 +59,7 @@ impl StateFile {
                     "cannot read state file {}: {e}; starting from the config alone",
                     self.path.display()
                 );
-                return RuntimeState::default();
+                return Ok(RuntimeState::default());
             }
         };
         remove_stale_temp_files(&target);
@@ -68,18 +70,24 @@ impl StateFile {
                     "state file {} does not exist yet; starting from the config",
                     self.path.display()
                 );
-                return RuntimeState::default();
+                return Ok(RuntimeState::default());
             }
             Err(e) => {
                 error!(
                     "cannot read state file {}: {e}; starting from the config alone",
                     self.path.display()
                 );
-                return RuntimeState::default();
+                return Ok(RuntimeState::default());
             }
         };
+        if let Some(format) = newer_format(&text) {
+            return Err(format!(
+                "state file {} has format {format}, written by a newer Switchyard; this binary reads formats up to {STATE_FORMAT}. Run the newer binary, or move the file away to start from the config alone",
+                self.path.display()
+            ));
+        }
         match serde_json::from_slice(&text) {
-            Ok(state) => state,
+            Ok(state) => Ok(state),
             Err(e) => {
                 match move_aside(&target) {
                     Ok(aside) => error!(
@@ -92,7 +100,7 @@ impl StateFile {
                         self.path.display()
                     ),
                 }
-                RuntimeState::default()
+                Ok(RuntimeState::default())
             }
         }
     }
@@ -136,6 +144,17 @@ impl StateFile {
         }
         Ok(())
     }
+}
+
+/// The format of a state file newer than [`STATE_FORMAT`], read before the rest, whose fields
+/// this binary may not know.
+fn newer_format(text: &[u8]) -> Option<u32> {
+    #[derive(serde::Deserialize)]
+    struct Format {
+        format: Option<u32>,
+    }
+    let format = serde_json::from_slice::<Format>(text).ok()?.format?;
+    (format > STATE_FORMAT).then_some(format)
 }
 
 /// Where reads and writes of `path` go: its last component's links followed to the end (the
@@ -394,7 +413,7 @@ mod tests {
         assert_eq!(mode & 0o777, NEW_FILE_MODE);
         // The corrupt target is moved aside, the link stays.
         fs::write(dir.join("volume/state.json"), "{ not json").expect("corrupt");
-        assert_eq!(file.load(), RuntimeState::default());
+        assert_eq!(file.load(), Ok(RuntimeState::default()));
         assert!(fs::symlink_metadata(&path).is_ok());
         assert!(names(&dir.join("volume"))[0].starts_with("state.json.corrupt-"));
         fs::remove_dir_all(dir).expect("clean up");
@@ -424,7 +443,7 @@ mod tests {
         // Pid 1 is always running.
         fs::write(with_suffix(&path, ".tmp-1-00ff"), "in progress").expect("live");
         fs::write(dir.join("other.tmp-1"), "not ours").expect("other");
-        StateFile::new(path).load();
+        StateFile::new(path).load().expect("loads");
         assert_eq!(names(&dir), ["other.tmp-1", "state.json.tmp-1-00ff"]);
         fs::remove_dir_all(dir).expect("clean up");
     }
@@ -447,7 +466,7 @@ mod tests {
             .expect("earlier copy");
         }
         fs::write(&path, "{ second").expect("corrupt");
-        assert_eq!(file.load(), RuntimeState::default());
+        assert_eq!(file.load(), Ok(RuntimeState::default()));
         for s in stamp..stamp + 5 {
             let kept = fs::read_to_string(with_suffix(&path, &format!(".corrupt-{s}")));
             assert_eq!(kept.expect("kept"), format!("copy {s}"));
@@ -462,6 +481,37 @@ mod tests {
             "{ second"
         );
         assert!(!path.exists());
+        fs::remove_dir_all(dir).expect("clean up");
+    }
+
+    #[test]
+    fn formats_are_read_or_refused_by_number() {
+        let dir = temp_dir("formats");
+        let path = dir.join("state.json");
+        let file = StateFile::new(path.clone());
+        // Format 1 had no `format` field: read as it is, and written back as the current one.
+        fs::write(
+            &path,
+            r#"{"splits": {"web": {"split": {"blue": 1}, "file": {}}}}"#,
+        )
+        .expect("write");
+        let old = file.load().expect("format 1 loads");
+        assert_eq!(old.format, 1);
+        assert_eq!(old.splits.len(), 1);
+        file.save(&RuntimeState::default()).expect("save");
+        assert!(fs::read_to_string(&path)
+            .expect("read")
+            .contains(&format!("\"format\": {STATE_FORMAT}")));
+        // A newer format is refused, named, and left where it is.
+        let newer = format!(
+            r#"{{"format": {}, "splits": {{}}, "shiny": true}}"#,
+            STATE_FORMAT + 1
+        );
+        fs::write(&path, &newer).expect("write");
+        let refused = file.load().unwrap_err();
+        assert!(refused.contains("newer Switchyard"), "{refused}");
+        assert_eq!(fs::read_to_string(&path).expect("kept"), newer);
+        assert_eq!(names(&dir), ["state.json"]);
         fs::remove_dir_all(dir).expect("clean up");
     }
 }

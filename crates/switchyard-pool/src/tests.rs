@@ -917,7 +917,7 @@ fn routes_count_only_pairs_in_use_and_their_statuses() {
     let cfg = config("round_robin", &[1, 1]);
     let metrics = Metrics::new();
     let s = Snapshot::build(&cfg, &RuntimeState::default(), &metrics, None);
-    let text = |s: &Snapshot| String::from_utf8(metrics.render(s)).unwrap();
+    let text = |s: &Snapshot| String::from_utf8(metrics.render(s, &[])).unwrap();
     assert!(!text(&s).contains("switchyard_requests_total{"));
     assert!(!text(&s).contains("switchyard_request_duration_seconds_count"));
     // More distinct statuses than the table has slots, from several threads.

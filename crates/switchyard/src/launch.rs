@@ -81,7 +81,7 @@ pub fn run(
         config,
         Arc::new(Metrics::new()),
         upgrade.then_some(handover.as_path()),
-    ));
+    )?);
     let control = Arc::new(Control::new(Arc::clone(&pool), config_path)?);
     crate::limits::raise_open_files(client_limits.max_connections)?;
 

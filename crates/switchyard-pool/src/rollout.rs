@@ -1,0 +1,475 @@
+//! A rollout as runtime state: where it stands (state, step, `to`'s weight, the last windows)
+//! and the weight arithmetic that turns that into the route's split. The record lives in
+//! [`RuntimeState`](crate::RuntimeState), so it is saved, survives restart and upgrade, and
+//! every move of it goes through `Pool::apply` like any other change. The timing and the
+//! judgement (when a step advances, what a window says) belong to the rollout engine; this
+//! module only knows what each state means for the split.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use switchyard_config::rollout::RolloutSpec;
+use switchyard_config::Config;
+
+use crate::state::{check_split, file_split, Rejection, RuntimeState, SplitOverride};
+
+/// The contract's rescaled total of a split during a rollout.
+pub const SPLIT_TOTAL: u32 = 10_000;
+/// Windows kept in the record (the contract asks for at least the last 20).
+pub const KEPT_WINDOWS: usize = 30;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutState {
+    Progressing,
+    Paused,
+    Succeeded,
+    Failed,
+    RolledBack,
+    Aborted,
+}
+
+impl RolloutState {
+    pub const ALL: [RolloutState; 6] = [
+        RolloutState::Progressing,
+        RolloutState::Paused,
+        RolloutState::Succeeded,
+        RolloutState::Failed,
+        RolloutState::RolledBack,
+        RolloutState::Aborted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutState::Progressing => "progressing",
+            RolloutState::Paused => "paused",
+            RolloutState::Succeeded => "succeeded",
+            RolloutState::Failed => "failed",
+            RolloutState::RolledBack => "rolled_back",
+            RolloutState::Aborted => "aborted",
+        }
+    }
+
+    /// Progressing or paused: the rollout owns the route's split.
+    pub fn is_active(self) -> bool {
+        matches!(self, RolloutState::Progressing | RolloutState::Paused)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Passed,
+    Failed,
+    Inconclusive,
+}
+
+impl Verdict {
+    pub const ALL: [Verdict; 3] = [Verdict::Passed, Verdict::Failed, Verdict::Inconclusive];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Passed => "passed",
+            Verdict::Failed => "failed",
+            Verdict::Inconclusive => "inconclusive",
+        }
+    }
+}
+
+/// One judged analysis window, with the numbers it was judged on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowRecord {
+    /// When the window closed.
+    pub at: String,
+    /// The step the rollout was at (1-based; 0 before the first).
+    pub step: usize,
+    /// `to`'s requests and errors in the window.
+    pub requests: u64,
+    pub errors: u64,
+    pub error_rate: f64,
+    pub p99_ms: Option<f64>,
+    /// `from`'s p99 in the same window.
+    pub baseline_p99_ms: Option<f64>,
+    pub baseline_requests: u64,
+    pub verdict: Verdict,
+    /// Which limit, with the numbers, for a failed or inconclusive window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A rollout on one route: its spec and where it stands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rollout {
+    pub route: String,
+    pub from: String,
+    pub to: String,
+    pub spec: RolloutSpec,
+    pub state: RolloutState,
+    /// Index in `spec.steps` of the step in force; `None` before the first is applied.
+    pub step: Option<usize>,
+    /// `to`'s share of `total`, in percent.
+    pub weight: f64,
+    /// `R`: `from`'s plus `to`'s weight in the rescaled split.
+    pub total: u32,
+    /// The route's split at start, rescaled to [`SPLIT_TOTAL`]: what the other upstreams keep.
+    pub base: BTreeMap<String, u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub started_at: String,
+    pub updated_at: String,
+    #[serde(default)]
+    pub windows: Vec<WindowRecord>,
+    /// Failed windows over the whole rollout (resume does not reset it).
+    #[serde(default)]
+    pub failed_windows: u32,
+    /// Hold time spent in the current step while progressing, in milliseconds: what a restart
+    /// or upgrade carries over (the time the process was down does not count).
+    #[serde(default)]
+    pub held_ms: u64,
+    /// Time spent progressing since the last step change or passing window, against
+    /// `progress_deadline`.
+    #[serde(default)]
+    pub stalled_ms: u64,
+    /// An operator resumed the manual hold of the current step.
+    #[serde(default)]
+    pub released: bool,
+    /// Bumped by every change, so that a change built on an older record is refused.
+    #[serde(default)]
+    pub revision: u64,
+}
+
+impl Rollout {
+    /// `to`'s integer weight at `percent` of `total`.
+    pub fn to_weight(&self, percent: f64) -> u32 {
+        let w = (f64::from(self.total) * percent / 100.0).round();
+        (w as u32).min(self.total)
+    }
+
+    /// The route's split this record stands for.
+    pub fn split(&self) -> BTreeMap<String, u32> {
+        let to = match self.state {
+            RolloutState::RolledBack | RolloutState::Aborted => 0,
+            RolloutState::Succeeded => self.total,
+            RolloutState::Progressing | RolloutState::Paused | RolloutState::Failed => {
+                self.to_weight(self.weight)
+            }
+        };
+        let mut split = self.base.clone();
+        split.insert(self.to.clone(), to);
+        split.insert(self.from.clone(), self.total - to);
+        split
+    }
+
+    /// The 1-based number of the step in force (0 before the first).
+    pub fn step_number(&self) -> usize {
+        self.step.map_or(0, |i| i + 1)
+    }
+
+    /// A short name for log lines and conflicts: "web (blue → green, step 2/5)".
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({} → {}, step {}/{}, {})",
+            self.route,
+            self.from,
+            self.to,
+            self.step_number(),
+            self.spec.steps.len(),
+            self.state.as_str()
+        )
+    }
+
+    /// Ends the rollout in `state`, saying why.
+    pub fn end(&mut self, state: RolloutState, reason: impl Into<String>) {
+        self.state = state;
+        self.reason = Some(reason.into());
+        self.updated_at = crate::clock::now();
+    }
+
+    /// Keeps the last [`KEPT_WINDOWS`] windows.
+    pub fn push_window(&mut self, window: WindowRecord) {
+        self.windows.push(window);
+        let extra = self.windows.len().saturating_sub(KEPT_WINDOWS);
+        self.windows.drain(..extra);
+    }
+}
+
+/// What an operator asks of a running rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolloutCommand {
+    Pause,
+    Resume,
+    Promote,
+    Abort,
+}
+
+impl RolloutCommand {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutCommand::Pause => "pause",
+            RolloutCommand::Resume => "resume",
+            RolloutCommand::Promote => "promote",
+            RolloutCommand::Abort => "abort",
+        }
+    }
+}
+
+/// The transitions of a rollout's record, each checked against the state it starts from. The
+/// route's split follows the record: whenever a rollout changes, its split is written as the
+/// route's override, so snapshot, state file and metrics see the integers the contract names.
+impl RuntimeState {
+    pub(crate) fn start_rollout(
+        &mut self,
+        config: &Config,
+        route: &str,
+        spec: &RolloutSpec,
+    ) -> Result<(), Rejection> {
+        if !config.routes.iter().any(|r| r.name == route) {
+            return Err(Rejection::NotFound(format!("no route named {route:?}")));
+        }
+        if let Some(running) = self.rollouts.get(route).filter(|r| r.state.is_active()) {
+            return Err(Rejection::Conflict(format!(
+                "route {route:?} already has a rollout running: {}; abort or promote it first",
+                running.describe()
+            )));
+        }
+        let split: BTreeMap<String, u32> = self
+            .split(config, route)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(u, w)| (u.to_string(), w))
+            .collect();
+        let in_split = |field: &str, name: &str| {
+            if config.upstream(name).is_none() {
+                return Err(Rejection::Invalid(format!(
+                    "{field}: no upstream named {name:?}"
+                )));
+            }
+            if !split.contains_key(name) {
+                let names: Vec<&str> = split.keys().map(String::as_str).collect();
+                return Err(Rejection::Invalid(format!(
+                    "{field}: upstream {name:?} is not in route {route:?}'s split ({}); add it to the split with weight 0 first",
+                    names.join(", ")
+                )));
+            }
+            Ok(())
+        };
+        in_split("to", &spec.to)?;
+        let from = match &spec.from {
+            Some(from) => from.clone(),
+            // The other upstream with the largest weight; ties: the first by name.
+            None => split
+                .iter()
+                .filter(|(u, _)| **u != spec.to)
+                .fold(None::<(&String, u32)>, |best, (u, w)| match best {
+                    Some((_, bw)) if bw >= *w => best,
+                    _ => Some((u, *w)),
+                })
+                .map(|(u, _)| u.clone())
+                .ok_or_else(|| {
+                    Rejection::Invalid(format!(
+                        "from: route {route:?} splits only to {:?}; name the upstream to move weight from",
+                        spec.to
+                    ))
+                })?,
+        };
+        in_split("from", &from)?;
+        if from == spec.to {
+            return Err(Rejection::Invalid(format!(
+                "from: {from:?} is also \"to\"; a rollout moves weight between two upstreams"
+            )));
+        }
+        let base = rescale(&split);
+        let total = base[&from] + base[&spec.to];
+        if total == 0 {
+            return Err(Rejection::Invalid(format!(
+                "from: {from:?} and {:?} both have weight 0 in route {route:?}'s split: there is no share to move",
+                spec.to
+            )));
+        }
+        let weight = f64::from(base[&spec.to]) * 100.0 / f64::from(total);
+        if spec.steps.iter().all(|s| s.weight() <= weight) {
+            return Err(Rejection::Invalid(format!(
+                "to: {:?} already has the whole share of {from:?} and itself; there is nothing to roll out",
+                spec.to
+            )));
+        }
+        let now = crate::clock::now();
+        let revision = self.rollouts.get(route).map_or(0, |r| r.revision + 1);
+        let rollout = Rollout {
+            route: route.to_string(),
+            from,
+            to: spec.to.clone(),
+            spec: spec.clone(),
+            state: RolloutState::Progressing,
+            step: None,
+            weight,
+            total,
+            base,
+            reason: None,
+            started_at: now.clone(),
+            updated_at: now,
+            windows: Vec::new(),
+            failed_windows: 0,
+            held_ms: 0,
+            stalled_ms: 0,
+            released: false,
+            revision,
+        };
+        self.set_rollout(config, rollout)
+    }
+
+    pub(crate) fn command_rollout(
+        &mut self,
+        config: &Config,
+        route: &str,
+        command: RolloutCommand,
+    ) -> Result<(), Rejection> {
+        let mut rollout = self.running(config, route, command.as_str())?.clone();
+        match command {
+            RolloutCommand::Pause => {
+                if rollout.state == RolloutState::Paused {
+                    return Ok(());
+                }
+                rollout.state = RolloutState::Paused;
+                rollout.reason = Some("paused by an operator".into());
+            }
+            RolloutCommand::Resume => {
+                if rollout.state == RolloutState::Progressing {
+                    return Ok(());
+                }
+                rollout.state = RolloutState::Progressing;
+                rollout.reason = None;
+                rollout.released = true;
+            }
+            RolloutCommand::Promote => {
+                rollout.state = RolloutState::Succeeded;
+                rollout.weight = 100.0;
+                rollout.reason = Some(format!(
+                    "promoted by an operator at step {}/{}: {:?} has the whole share",
+                    rollout.step_number(),
+                    rollout.spec.steps.len(),
+                    rollout.to
+                ));
+            }
+            RolloutCommand::Abort => {
+                rollout.state = RolloutState::Aborted;
+                rollout.weight = 0.0;
+                rollout.reason = Some(format!(
+                    "aborted by an operator at step {}/{}: {:?} has the whole share back",
+                    rollout.step_number(),
+                    rollout.spec.steps.len(),
+                    rollout.from
+                ));
+            }
+        }
+        rollout.updated_at = crate::clock::now();
+        rollout.revision += 1;
+        self.set_rollout(config, rollout)
+    }
+
+    pub(crate) fn update_rollout(
+        &mut self,
+        config: &Config,
+        route: &str,
+        next: &Rollout,
+    ) -> Result<(), Rejection> {
+        let current = self.running(config, route, "update")?;
+        if current.revision != next.revision || current.from != next.from || current.to != next.to {
+            return Err(Rejection::Conflict(format!(
+                "the rollout on route {route:?} changed meanwhile (revision {} now, {} given)",
+                current.revision, next.revision
+            )));
+        }
+        let mut next = next.clone();
+        next.revision += 1;
+        self.set_rollout(config, next)
+    }
+
+    /// The route's running rollout, for `what` to act on.
+    fn running(&self, config: &Config, route: &str, what: &str) -> Result<&Rollout, Rejection> {
+        if !config.routes.iter().any(|r| r.name == route) {
+            return Err(Rejection::NotFound(format!("no route named {route:?}")));
+        }
+        match self.rollouts.get(route) {
+            None => Err(Rejection::NotFound(format!(
+                "route {route:?} has no rollout to {what}"
+            ))),
+            Some(r) if !r.state.is_active() => Err(Rejection::Conflict(format!(
+                "the rollout on route {route:?} has ended ({}); there is nothing to {what}",
+                r.state.as_str()
+            ))),
+            Some(r) => Ok(r),
+        }
+    }
+
+    /// Stores the record and writes the split it stands for as the route's override.
+    fn set_rollout(&mut self, config: &Config, rollout: Rollout) -> Result<(), Rejection> {
+        let split = rollout.split();
+        check_split(config, &split)?;
+        self.splits.insert(
+            rollout.route.clone(),
+            SplitOverride {
+                split,
+                file: file_split(config, &rollout.route),
+            },
+        );
+        self.rollouts.insert(rollout.route.clone(), rollout);
+        Ok(())
+    }
+}
+
+/// `split` rescaled to integers summing to [`SPLIT_TOTAL`], in the same ratios: each weight
+/// rounded down, and the units left over go to the largest remainders (ties: by name), so the
+/// total is exact.
+pub fn rescale(split: &BTreeMap<String, u32>) -> BTreeMap<String, u32> {
+    let sum: u64 = split.values().map(|w| u64::from(*w)).sum();
+    if sum == 0 {
+        return split.clone();
+    }
+    let total = u64::from(SPLIT_TOTAL);
+    let mut out: BTreeMap<String, u32> = BTreeMap::new();
+    let mut remainders: Vec<(u64, &String)> = Vec::new();
+    for (name, w) in split {
+        let scaled = u64::from(*w) * total;
+        out.insert(name.clone(), (scaled / sum) as u32);
+        remainders.push((scaled % sum, name));
+    }
+    let given: u64 = out.values().map(|w| u64::from(*w)).sum();
+    // Stable sort: equal remainders keep name order.
+    remainders.sort_by_key(|r| std::cmp::Reverse(r.0));
+    for (_, name) in remainders.iter().take((total - given) as usize) {
+        if let Some(w) = out.get_mut(*name) {
+            *w += 1;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(pairs: &[(&str, u32)]) -> BTreeMap<String, u32> {
+        pairs.iter().map(|(n, w)| (n.to_string(), *w)).collect()
+    }
+
+    #[test]
+    fn rescaling_keeps_ratios_and_sums_exactly() {
+        assert_eq!(
+            rescale(&split(&[("blue", 90), ("green", 10)])),
+            split(&[("blue", 9000), ("green", 1000)])
+        );
+        assert_eq!(
+            rescale(&split(&[("a", 1), ("b", 1), ("c", 1)])),
+            split(&[("a", 3334), ("b", 3333), ("c", 3333)])
+        );
+        assert_eq!(
+            rescale(&split(&[("blue", 1), ("green", 0)])),
+            split(&[("blue", 10_000), ("green", 0)])
+        );
+        let odd = rescale(&split(&[("a", 7), ("b", 13), ("c", 9999)]));
+        assert_eq!(odd.values().sum::<u32>(), SPLIT_TOTAL);
+    }
+}
