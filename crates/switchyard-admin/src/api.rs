@@ -16,6 +16,7 @@ use switchyard_config::{MAX_BACKEND_WEIGHT, MAX_SPLIT_WEIGHT};
 use switchyard_pool::{BackendState, Change, Rejection, Snapshot, Upstream};
 
 use crate::control::Control;
+use crate::rollouts;
 
 /// Larger bodies get 413; the largest real body (a split) is a few hundred bytes.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -172,6 +173,42 @@ impl AdminApi {
                 },
                 _ => Reply::method_not_allowed(method, "GET"),
             },
+            ["routes", route, "rollout"] => match *method {
+                Method::GET => match self.control.pool().rollout(route) {
+                    Some(r) => Reply::ok(rollouts::status_view(&r)),
+                    None => self.no_rollout(&snapshot, route),
+                },
+                Method::POST => match rollouts::start(route, &body) {
+                    Ok(change) => self.rollout_reply(&change, route, StatusCode::CREATED),
+                    Err(problems) => Reply::error(StatusCode::BAD_REQUEST, problems),
+                },
+                _ => Reply::method_not_allowed(method, "GET, POST"),
+            },
+            ["routes", route, "rollout", name] => match (method, rollouts::command(name)) {
+                (&Method::POST, Some(command)) => {
+                    let change = Change::RolloutCommand {
+                        route: route.to_string(),
+                        command,
+                    };
+                    self.rollout_reply(&change, route, StatusCode::OK)
+                }
+                (_, Some(_)) => Reply::method_not_allowed(method, "POST"),
+                (_, None) => Reply::error(
+                    StatusCode::NOT_FOUND,
+                    format!("no endpoint {path}; a rollout takes pause, resume, promote or abort"),
+                ),
+            },
+            ["rollouts"] => match *method {
+                Method::GET => Reply::ok(Value::Array(
+                    self.control
+                        .pool()
+                        .rollouts()
+                        .iter()
+                        .map(rollouts::status_view)
+                        .collect(),
+                )),
+                _ => Reply::method_not_allowed(method, "GET"),
+            },
             ["routes", route, "split"] => match *method {
                 Method::PUT => self.set_split(route, &body),
                 _ => Reply::method_not_allowed(method, "PUT"),
@@ -212,6 +249,29 @@ impl AdminApi {
     fn apply(&self, change: &Change) -> Result<Arc<Snapshot>, Reply> {
         self.control.pool().apply(change).map_err(Reply::rejected)?;
         Ok(self.control.pool().snapshot())
+    }
+
+    /// Applies a rollout change and answers with the rollout's status.
+    fn rollout_reply(&self, change: &Change, route: &str, status: StatusCode) -> Reply {
+        if let Err(reply) = self.apply(change) {
+            return reply;
+        }
+        match self.control.pool().rollout(route) {
+            Some(r) => Reply::with(status, rollouts::status_view(&r)),
+            None => Reply::error(
+                StatusCode::NOT_FOUND,
+                format!("route {route:?} has no rollout"),
+            ),
+        }
+    }
+
+    fn no_rollout(&self, snapshot: &Snapshot, route: &str) -> Reply {
+        let message = if snapshot.routes.iter().any(|r| *r.name == *route) {
+            format!("route {route:?} has had no rollout")
+        } else {
+            format!("no route named {route:?}")
+        };
+        Reply::error(StatusCode::NOT_FOUND, message)
     }
 
     fn set_split(&self, route: &str, body: &[u8]) -> Reply {

@@ -6,6 +6,7 @@
 mod api;
 mod control;
 mod metrics_endpoint;
+pub mod rollouts;
 
 pub use api::{AdminApi, MAX_BODY};
 pub use control::{Control, ReloadReport, Token};

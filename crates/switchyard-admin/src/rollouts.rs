@@ -1,0 +1,70 @@
+//! The rollout endpoints: a start body parsed into a `RolloutSpec`, commands turned into
+//! `Change`s for the pool, and the status view the API, the CLI and metrics readers share.
+
+use serde_json::{json, Value};
+use switchyard_config::rollout::{Hold, RolloutSpec};
+use switchyard_pool::{Change, Rollout, RolloutCommand};
+
+/// The contract's status of a rollout.
+pub fn status_view(rollout: &Rollout) -> Value {
+    let steps: Vec<Value> = rollout
+        .spec
+        .steps
+        .iter()
+        .map(|s| match s.pause {
+            Hold::Interval => json!(s.weight()),
+            Hold::Manual => json!({"weight": s.weight(), "pause": "manual"}),
+            Hold::For(d) => {
+                json!({"weight": s.weight(), "pause": switchyard_config::format_duration(d)})
+            }
+        })
+        .collect();
+    json!({
+        "route": rollout.route,
+        "from": rollout.from,
+        "to": rollout.to,
+        "state": rollout.state.as_str(),
+        "step": rollout.step_number(),
+        "weight": match rollout.state {
+            switchyard_pool::RolloutState::Succeeded => 100.0,
+            switchyard_pool::RolloutState::RolledBack | switchyard_pool::RolloutState::Aborted => 0.0,
+            _ => rollout.weight,
+        },
+        "steps": steps,
+        "reason": rollout.reason,
+        "started_at": rollout.started_at,
+        "updated_at": rollout.updated_at,
+        "split": rollout.split(),
+        "failed_windows": rollout.failed_windows,
+        "held_ms": rollout.held_ms,
+        "windows": rollout.windows,
+        "spec": rollout.spec,
+    })
+}
+
+/// The change a start body asks for, or the problems with it (each naming its field).
+pub fn start(route: &str, body: &[u8]) -> Result<Change, String> {
+    let spec = RolloutSpec::from_json(body).map_err(|problems| {
+        problems
+            .0
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    })?;
+    Ok(Change::StartRollout {
+        route: route.to_string(),
+        spec: Box::new(spec),
+    })
+}
+
+/// `pause`, `resume`, `promote` or `abort`.
+pub fn command(name: &str) -> Option<RolloutCommand> {
+    match name {
+        "pause" => Some(RolloutCommand::Pause),
+        "resume" => Some(RolloutCommand::Resume),
+        "promote" => Some(RolloutCommand::Promote),
+        "abort" => Some(RolloutCommand::Abort),
+        _ => None,
+    }
+}
