@@ -450,6 +450,206 @@ pub fn rescale(split: &BTreeMap<String, u32>) -> BTreeMap<String, u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Change;
+
+    fn config(split: &str) -> Config {
+        let yaml = format!(
+            "listeners:\n  - address: 127.0.0.1:8080\nupstreams:\n  blue:\n    backends:\n      - address: 127.0.0.1:9001\n  green:\n    backends:\n      - address: 127.0.0.1:9002\n  red:\n    backends:\n      - address: 127.0.0.1:9003\nroutes:\n  - name: web\n    split: {split}\n"
+        );
+        Config::from_yaml(&yaml).expect("valid test config")
+    }
+
+    fn start(body: &str) -> Change {
+        Change::StartRollout {
+            route: "web".into(),
+            spec: Box::new(RolloutSpec::from_json(body.as_bytes()).expect("valid spec")),
+        }
+    }
+
+    fn apply(
+        state: &RuntimeState,
+        config: &Config,
+        change: &Change,
+    ) -> Result<RuntimeState, Rejection> {
+        state.with_change(config, change, |_, _| 0)
+    }
+
+    fn command(command: RolloutCommand) -> Change {
+        Change::RolloutCommand {
+            route: "web".into(),
+            command,
+        }
+    }
+
+    fn route_split(state: &RuntimeState, config: &Config) -> Vec<(String, u32)> {
+        state
+            .split(config, "web")
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(u, w)| (u.to_string(), w))
+            .collect()
+    }
+
+    fn pairs(p: &[(&str, u32)]) -> Vec<(String, u32)> {
+        p.iter().map(|(u, w)| (u.to_string(), *w)).collect()
+    }
+
+    #[test]
+    fn a_start_rescales_the_split_and_steps_move_only_from_and_to() {
+        let config = config("{blue: 60, green: 0, red: 40}");
+        let state = apply(
+            &RuntimeState::default(),
+            &config,
+            &start(r#"{"to": "green"}"#),
+        )
+        .unwrap();
+        let rollout = &state.rollouts["web"];
+        // `from` defaults to the other upstream with the largest weight.
+        assert_eq!(
+            (rollout.from.as_str(), rollout.total, rollout.weight),
+            ("blue", 6000, 0.0)
+        );
+        assert_eq!(
+            route_split(&state, &config),
+            pairs(&[("blue", 6000), ("green", 0), ("red", 4000)])
+        );
+        let mut next = rollout.clone();
+        next.step = Some(1);
+        next.weight = 25.0;
+        let update = Change::RolloutUpdate {
+            route: "web".into(),
+            next: Box::new(next.clone()),
+        };
+        let state = apply(&state, &config, &update).unwrap();
+        assert_eq!(
+            route_split(&state, &config),
+            pairs(&[("blue", 4500), ("green", 1500), ("red", 4000)])
+        );
+        // The same record again is built on an older revision now.
+        assert!(matches!(
+            apply(&state, &config, &update),
+            Err(Rejection::Conflict(_))
+        ));
+        let promoted = apply(&state, &config, &command(RolloutCommand::Promote)).unwrap();
+        assert_eq!(promoted.rollouts["web"].state, RolloutState::Succeeded);
+        assert_eq!(
+            route_split(&promoted, &config),
+            pairs(&[("blue", 0), ("green", 6000), ("red", 4000)])
+        );
+        let aborted = apply(&state, &config, &command(RolloutCommand::Abort)).unwrap();
+        assert_eq!(aborted.rollouts["web"].state, RolloutState::Aborted);
+        assert_eq!(
+            route_split(&aborted, &config),
+            pairs(&[("blue", 6000), ("green", 0), ("red", 4000)])
+        );
+        // Ended: commands are conflicts, a split PUT is allowed again, and a new start too.
+        assert!(
+            matches!(apply(&aborted, &config, &command(RolloutCommand::Resume)), Err(Rejection::Conflict(m)) if m.contains("has ended (aborted)"))
+        );
+        let split = Change::SetSplit {
+            route: "web".into(),
+            split: [("blue".to_string(), 1)].into(),
+        };
+        assert!(apply(&aborted, &config, &split).is_ok());
+        assert!(apply(&aborted, &config, &start(r#"{"to": "green"}"#)).is_ok());
+    }
+
+    #[test]
+    fn a_running_rollout_owns_the_split() {
+        let config = config("{blue: 90, green: 10}");
+        let state = apply(
+            &RuntimeState::default(),
+            &config,
+            &start(r#"{"to": "green", "steps": [5, 10, 50]}"#),
+        )
+        .unwrap();
+        let rollout = &state.rollouts["web"];
+        assert_eq!(rollout.weight, 10.0);
+        let split = Change::SetSplit {
+            route: "web".into(),
+            split: [("blue".to_string(), 1)].into(),
+        };
+        match apply(&state, &config, &split) {
+            Err(Rejection::Conflict(m)) => assert!(
+                m.contains("rollout running: web (blue → green, step 0/4, progressing)"),
+                "{m}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            matches!(apply(&state, &config, &start(r#"{"to": "green"}"#)), Err(Rejection::Conflict(m)) if m.contains("already has a rollout running"))
+        );
+        let paused = apply(&state, &config, &command(RolloutCommand::Pause)).unwrap();
+        assert_eq!(paused.rollouts["web"].state, RolloutState::Paused);
+        assert!(matches!(
+            apply(&paused, &config, &split),
+            Err(Rejection::Conflict(_))
+        ));
+        let resumed = apply(&paused, &config, &command(RolloutCommand::Resume)).unwrap();
+        assert_eq!(resumed.rollouts["web"].state, RolloutState::Progressing);
+    }
+
+    #[test]
+    fn a_start_that_cannot_work_says_why() {
+        let config = config("{blue: 1, green: 0}");
+        let refused = |body: &str| match apply(&RuntimeState::default(), &config, &start(body)) {
+            Err(Rejection::Invalid(m)) => m,
+            other => panic!("{body}: {other:?}"),
+        };
+        assert!(refused(r#"{"to": "red"}"#)
+            .starts_with("to: upstream \"red\" is not in route \"web\"'s split (blue, green)"));
+        assert!(refused(r#"{"to": "nope"}"#).starts_with("to: no upstream named \"nope\""));
+        assert!(refused(r#"{"to": "green", "from": "red"}"#)
+            .starts_with("from: upstream \"red\" is not in"));
+        assert!(refused(r#"{"to": "blue"}"#).contains("already has the whole share"));
+        let zero = self::config("{blue: 0, green: 0, red: 1}");
+        let m = match apply(
+            &RuntimeState::default(),
+            &zero,
+            &start(r#"{"to": "green", "from": "blue"}"#),
+        ) {
+            Err(Rejection::Invalid(m)) => m,
+            other => panic!("{other:?}"),
+        };
+        assert!(m.contains("both have weight 0"), "{m}");
+        let missing = Change::StartRollout {
+            route: "api".into(),
+            spec: Box::new(RolloutSpec::from_json(br#"{"to": "green"}"#).unwrap()),
+        };
+        assert!(matches!(
+            apply(&RuntimeState::default(), &config, &missing),
+            Err(Rejection::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn a_reload_ends_a_rollout_only_when_it_takes_what_the_rollout_needs() {
+        let config = config("{blue: 1, green: 0}");
+        let state = apply(
+            &RuntimeState::default(),
+            &config,
+            &start(r#"{"to": "green"}"#),
+        )
+        .unwrap();
+        let (kept, warnings) = state.fit(&config);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(kept.rollouts["web"].state, RolloutState::Progressing);
+        let edited = self::config("{blue: 1, green: 1}");
+        let (ended, warnings) = state.fit(&edited);
+        let rollout = &ended.rollouts["web"];
+        assert_eq!(rollout.state, RolloutState::Failed);
+        assert!(rollout
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("the config file changed the route's split"));
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        // The file's split applies.
+        assert_eq!(
+            route_split(&ended, &edited),
+            pairs(&[("blue", 1), ("green", 1)])
+        );
+    }
 
     fn split(pairs: &[(&str, u32)]) -> BTreeMap<String, u32> {
         pairs.iter().map(|(n, w)| (n.to_string(), *w)).collect()
