@@ -77,7 +77,8 @@ pub struct ApiArgs {
         default_value = DEFAULT_CONFIG
     )]
     pub config: PathBuf,
-    /// Print the API's JSON as it came instead of tables
+    /// Print the API's JSON instead of tables (for status: one object holding routes,
+    /// rollouts and upstreams)
     #[arg(long)]
     pub json: bool,
 }
