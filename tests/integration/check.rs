@@ -109,12 +109,12 @@ fn usage_errors_exit_2_and_version_prints() {
     let (code, _, stderr) = run_binary(&["frobnicate"]);
     assert_eq!(code, 2);
     assert!(
-        stderr.contains("unknown command \"frobnicate\""),
+        stderr.contains("unrecognized subcommand 'frobnicate'"),
         "{stderr}"
     );
     let (code, _, stderr) = run_binary(&["check"]);
     assert_eq!(code, 2);
-    assert!(stderr.contains("check needs --config FILE"), "{stderr}");
+    assert!(stderr.contains("--config <FILE>"), "{stderr}");
     let (code, stdout, _) = run_binary(&["--version"]);
     assert_eq!(code, 0);
     assert!(stdout.starts_with("switchyard "), "{stdout}");

@@ -6,6 +6,7 @@ mod fixtures;
 mod admin;
 mod balancing;
 mod check;
+mod cli;
 mod clients;
 mod deploy;
 mod files;

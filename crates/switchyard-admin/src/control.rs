@@ -14,13 +14,19 @@ pub struct Token(Vec<u8>);
 impl Token {
     /// Reads a token file: surrounding whitespace is ignored; missing or empty is an error.
     pub fn read(path: &Path) -> Result<Token, String> {
+        Token::read_text(path).map(|token| Token(token.into_bytes()))
+    }
+
+    /// The token text a file holds, as [`Token::read`] reads it: for a client (the `status`
+    /// and `rollout` commands) that sends it rather than compares it.
+    pub fn read_text(path: &Path) -> Result<String, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("admin.token_file: cannot read {}: {e}", path.display()))?;
         let token = text.trim();
         if token.is_empty() {
             return Err(format!("admin.token_file: {} is empty", path.display()));
         }
-        Ok(Token(token.as_bytes().to_vec()))
+        Ok(token.to_string())
     }
 
     /// Whether `given` is this token; the time taken does not depend on where they differ.

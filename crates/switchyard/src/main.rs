@@ -1,39 +1,43 @@
 //! The `switchyard` binary: command line, and the Pingora server assembled from a config.
 
+mod admin_client;
 mod alloc;
 mod cli;
 mod demo;
+mod http_client;
 mod launch;
 mod limits;
 mod logging;
+mod remote;
 mod signals;
 mod systemd;
+mod tables;
 mod upgrade_socket;
 
 use std::process::ExitCode;
 
-use cli::Command;
+use clap::Parser;
+use cli::{Cli, Command};
 use switchyard_admin::Token;
 use switchyard_config::Config;
 
 fn main() -> ExitCode {
-    let command = match cli::parse(std::env::args().skip(1)) {
-        Ok(command) => command,
-        Err(usage_error) => {
-            eprintln!("switchyard: {usage_error}\n\n{}", cli::USAGE);
-            return ExitCode::from(2);
+    let command = match Cli::try_parse() {
+        Ok(cli) => cli.command,
+        // Usage errors go to stderr and exit 2; --help and --version to stdout, exit 0.
+        Err(answer) => {
+            let _ = answer.print();
+            return ExitCode::from(u8::try_from(answer.exit_code()).unwrap_or(2));
         }
     };
     match command {
-        Command::Help => {
-            println!("{}", cli::USAGE);
-            ExitCode::SUCCESS
-        }
         Command::Version => {
             println!("switchyard {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Command::Check { config } => match Config::load(&config) {
+        Command::Check {
+            config: cli::ConfigFile { path: config },
+        } => match Config::load(&config) {
             Ok(loaded) => {
                 let token = loaded.admin.as_ref().and_then(|a| a.token_file.as_deref());
                 if let Some(Err(problem)) = token.map(Token::read) {
@@ -48,7 +52,10 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
-        Command::Run { config, upgrade } => {
+        Command::Run {
+            config: cli::ConfigFile { path: config },
+            upgrade,
+        } => {
             init_logging();
             let loaded = match Config::load(&config) {
                 Ok(loaded) => loaded,
@@ -63,6 +70,8 @@ fn main() -> ExitCode {
             init_logging();
             exit_on_error(demo::run())
         }
+        Command::Status { api } => exit_on_error(remote::status(&api)),
+        Command::Rollout(rollout) => exit_on_error(remote::rollout(&rollout)),
     }
 }
 
