@@ -1,7 +1,9 @@
 //! What Switchyard adds to every request before Pingora connects: route match, split pick,
 //! backend pick and counting the request in flight (up and down), and counting it in the
-//! metrics when it is answered, per algorithm, as backends grow from 2 to 1 000 and routes
-//! from 1 to 100.
+//! metrics and the rollout analysis stats when it is answered, per algorithm, as backends grow
+//! from 2 to 1 000 and routes from 1 to 100. Then the counting alone, per answered request:
+//! the Prometheus metrics (`count_request`), the analysis stats (`count_for_analysis`), and
+//! both, as the proxy's logging phase does.
 //! Also counts heap allocations on that path, which must be zero once each route, upstream,
 //! backend and status has been counted once (their metric handles are made on first use).
 //!
@@ -91,7 +93,55 @@ fn decide(snapshot: &Snapshot, path: &str, client: IpAddr) -> usize {
     let request = snapshot.upstreams[upstream].hold(backend);
     black_box(&request);
     snapshot.count_request(route, upstream, backend, 200, Duration::from_micros(50));
+    snapshot.count_for_analysis(route, upstream, 200, Duration::from_micros(50), false);
     upstream + backend
+}
+
+/// What the logging phase counts of an answered request.
+#[derive(Clone, Copy)]
+enum Count {
+    /// The Prometheus metrics alone: the logging phase before the analysis stats.
+    Prometheus,
+    Analysis,
+    Both,
+}
+
+impl Count {
+    const ALL: [Count; 3] = [Count::Prometheus, Count::Analysis, Count::Both];
+
+    fn name(self) -> &'static str {
+        match self {
+            Count::Prometheus => "count_request (Prometheus only)",
+            Count::Analysis => "count_for_analysis (pair stats only)",
+            Count::Both => "count_request + count_for_analysis",
+        }
+    }
+}
+
+/// Counts `iterations` answered requests of the first route, upstream and backend of `case`,
+/// with latencies spread over a thousand histogram values; returns the time taken and the
+/// allocations made.
+fn run_counting(case: &Case, how: Count, iterations: usize) -> (Duration, u64) {
+    let snapshot = &case.snapshot;
+    let route = snapshot
+        .match_route(Some("example.com"), &case.path)
+        .expect("a route matches");
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let start = Instant::now();
+    for i in 0..iterations {
+        let latency = Duration::from_micros(50 + (i % 1000) as u64 * 7);
+        let (route, status) = (black_box(route), black_box(200));
+        if matches!(how, Count::Prometheus | Count::Both) {
+            snapshot.count_request(route, 0, 0, status, latency);
+        }
+        if matches!(how, Count::Analysis | Count::Both) {
+            snapshot.count_for_analysis(route, 0, status, latency, false);
+        }
+    }
+    (
+        start.elapsed(),
+        ALLOCATIONS.load(Ordering::Relaxed) - before,
+    )
 }
 
 struct Case {
@@ -152,6 +202,21 @@ fn run(case: &Case, clients: &[IpAddr], iterations: usize) -> (Duration, u64) {
     )
 }
 
+/// Warms up with 100k iterations of `round`, then takes the best of five rounds of 1M (the
+/// least disturbed by the rest of the machine): ns per iteration, and the allocations of all
+/// five rounds.
+fn measure(round: impl Fn(usize) -> (Duration, u64)) -> (f64, u64) {
+    round(100_000);
+    let mut best = Duration::MAX;
+    let mut allocations = 0;
+    for _ in 0..5 {
+        let (took, allocated) = round(1_000_000);
+        best = best.min(took);
+        allocations += allocated;
+    }
+    (best.as_nanos() as f64 / 1e6, allocations)
+}
+
 fn main() {
     let measuring = std::env::args().any(|a| a == "--bench");
     let clients = clients();
@@ -169,21 +234,30 @@ fn main() {
             let (_, allocations) = run(case, &clients, 1000);
             assert_eq!(allocations, 0, "{}: the request path allocated", case.name);
         }
-        println!("{} selection cases run, none allocated", cases.len());
+        for how in Count::ALL {
+            run_counting(&cases[0], how, 1000);
+            let (_, allocations) = run_counting(&cases[0], how, 1000);
+            assert_eq!(allocations, 0, "{}: counting allocated", how.name());
+        }
+        println!(
+            "{} selection cases and {} ways of counting run, none allocated",
+            cases.len(),
+            Count::ALL.len()
+        );
         return;
     }
     println!("{:<58} {:>10} {:>12}", "case", "ns/request", "allocations");
     for case in &cases {
-        run(case, &clients, 100_000);
-        // Best of five rounds of 1M: the least disturbed by the rest of the machine.
-        let mut best = Duration::MAX;
-        let mut allocations = 0;
-        for _ in 0..5 {
-            let (took, allocated) = run(case, &clients, 1_000_000);
-            best = best.min(took);
-            allocations += allocated;
-        }
-        let ns = best.as_nanos() as f64 / 1e6;
+        let (ns, allocations) = measure(|n| run(case, &clients, n));
         println!("{:<58} {ns:>10.1} {allocations:>12}", case.name);
+    }
+    println!();
+    println!(
+        "{:<58} {:>10} {:>12}",
+        "counting an answered request", "ns/call", "allocations"
+    );
+    for how in Count::ALL {
+        let (ns, allocations) = measure(|n| run_counting(&cases[0], how, n));
+        println!("{:<58} {ns:>10.1} {allocations:>12}", how.name());
     }
 }

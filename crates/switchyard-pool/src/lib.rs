@@ -7,7 +7,8 @@
 //! checks the change against config and runtime state, saves the state file when there is one,
 //! builds the next snapshot and swaps it in. Per-backend live state (health, in-flight count)
 //! and per-route/upstream cursors sit in `Arc`s that the next snapshot reuses, so a swap loses
-//! none of them.
+//! none of them; the rollout analysis counters ([`PairStats`]) sit in a registry by name that
+//! every snapshot resolves its routes' pairs from.
 
 pub mod clock;
 pub mod health;
@@ -21,6 +22,7 @@ mod select;
 mod snapshot;
 mod state;
 mod state_file;
+pub mod stats;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -38,6 +40,7 @@ pub use select::smooth_sequence;
 pub use snapshot::{Backend, BackendState, Route, Snapshot, Upstream};
 pub use state::{Change, Rejection, RuntimeState, STATE_FORMAT};
 pub use state_file::StateFile;
+pub use stats::{PairStats, StatsReading, Window};
 
 /// The shared, swappable runtime state of one Switchyard process.
 pub struct Pool {
@@ -104,6 +107,13 @@ impl Pool {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The rollout analysis counters of `route` → `upstream` by name, made on first use. They
+    /// outlive every snapshot swap and reload, so readings taken across them can be
+    /// subtracted ([`StatsReading::since`]). Takes a lock: not for the request path.
+    pub fn pair_stats(&self, route: &str, upstream: &str) -> Arc<PairStats> {
+        self.metrics.pair_stats(route, upstream)
     }
 
     /// Failures of the balancer's own, kept apart from the backends'.

@@ -3,8 +3,12 @@
 //! no label lookup, and a route → upstream → backend → status series exists only once it has
 //! counted something. Gauges that mirror state (health, in-flight, weights, splits) are
 //! filled from the current snapshot at scrape time, so they can never drift from it.
+//! The rollout analysis' per-pair counters ([`PairStats`]) are not Prometheus metrics, but
+//! their registry sits here too: every snapshot build already gets the metrics, and resolves
+//! each route's pairs at the same time as its metric handles.
 
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
@@ -13,6 +17,7 @@ use prometheus::{
 
 use crate::rollout::{Rollout, RolloutState, Verdict};
 use crate::snapshot::Upstream;
+use crate::stats::{PairRegistry, PairStats};
 use crate::Snapshot;
 
 pub struct Metrics {
@@ -32,6 +37,8 @@ pub struct Metrics {
     rollout_windows: IntCounterVec,
     /// Serialises scrapes: gauges are reset and refilled for each.
     scrape: Mutex<()>,
+    /// Rollout analysis counters by route and upstream name, kept for the process's life.
+    pair_stats: PairRegistry,
 }
 
 /// Why a request to a backend failed, as the `kind` label says it.
@@ -117,6 +124,10 @@ pub struct RouteMetrics {
     /// Upstream indices of the route's split, sorted, and the handles of each.
     upstreams: Box<[usize]>,
     pairs: Box<[OnceLock<PairMetrics>]>,
+    /// The analysis counters of each upstream in `upstreams`, resolved when the snapshot was
+    /// built: recording is a search of the few split indices and atomic adds, never a
+    /// registry lookup.
+    stats: Box<[Arc<PairStats>]>,
 }
 
 impl RouteMetrics {
@@ -156,6 +167,19 @@ impl RouteMetrics {
                     &status.to_string(),
                 ])
             });
+    }
+
+    /// Counts one answered request of this route to upstream `index` in its analysis stats.
+    pub(crate) fn record(
+        &self,
+        index: usize,
+        status: u16,
+        latency: Duration,
+        upstream_failed: bool,
+    ) {
+        if let Ok(at) = self.upstreams.binary_search(&index) {
+            self.stats[at].record(status, latency, upstream_failed);
+        }
     }
 }
 
@@ -296,6 +320,7 @@ impl Metrics {
             rollout_state,
             rollout_windows,
             scrape: Mutex::new(()),
+            pair_stats: PairRegistry::default(),
         };
         for result in ["success", "failure"] {
             metrics.reloads.with_label_values(&[result]);
@@ -309,22 +334,34 @@ impl Metrics {
         must(name, self.registry.register(collector));
     }
 
-    /// Empty handles for `route`, which splits to the upstreams of these indices.
-    pub(crate) fn route(
+    /// Empty handles for `route`, which splits to the upstreams of these indices and names,
+    /// with each pair's analysis stats (which go on from where they were).
+    pub(crate) fn route<'a>(
         &self,
         route: Arc<str>,
-        upstreams: impl Iterator<Item = usize>,
+        upstreams: impl Iterator<Item = (usize, &'a str)>,
     ) -> RouteMetrics {
-        let mut upstreams: Vec<usize> = upstreams.collect();
-        upstreams.sort_unstable();
-        upstreams.dedup();
+        let mut upstreams: Vec<(usize, &str)> = upstreams.collect();
+        upstreams.sort_unstable_by_key(|&(index, _)| index);
+        upstreams.dedup_by_key(|&mut (index, _)| index);
         RouteMetrics {
+            stats: upstreams
+                .iter()
+                .map(|&(_, name)| self.pair_stats(&route, name))
+                .collect(),
             route,
             requests: self.requests.clone(),
             duration: self.duration.clone(),
             pairs: upstreams.iter().map(|_| OnceLock::new()).collect(),
-            upstreams: upstreams.into(),
+            upstreams: upstreams.iter().map(|&(index, _)| index).collect(),
         }
+    }
+
+    /// The rollout analysis counters of `route` → `upstream`, made on first use (also for a
+    /// pair no split has yet). Takes a lock: for snapshot builds and the rollout engine, not
+    /// for requests, which record through their route's resolved handles.
+    pub fn pair_stats(&self, route: &str, upstream: &str) -> Arc<PairStats> {
+        self.pair_stats.pair(route, upstream)
     }
 
     /// A request that got no further than its route (404, 503): counted on the slow path.

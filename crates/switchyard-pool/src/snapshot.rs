@@ -357,8 +357,10 @@ impl Snapshot {
                     .map(|old| Arc::clone(&old.cursor))
                     .unwrap_or_default();
                 let name: Arc<str> = r.name.as_str().into();
-                let metrics =
-                    Arc::new(metrics.route(Arc::clone(&name), split.iter().map(|&(u, _)| u)));
+                let metrics = Arc::new(metrics.route(
+                    Arc::clone(&name),
+                    split.iter().map(|&(u, _)| (u, &*upstreams[u].name)),
+                ));
                 Route::new(
                     name,
                     r.host.as_deref().map(Into::into),
@@ -405,6 +407,23 @@ impl Snapshot {
         if let (Some(r), Some(u)) = (self.routes.get(route), self.upstreams.get(upstream)) {
             r.metrics
                 .count(upstream, u, backend, status, elapsed.as_secs_f64());
+        }
+    }
+
+    /// Counts a request of `route` to `upstream` (indices of this snapshot) for rollout
+    /// analysis, by its final answer: `status`, the time to its response head (`latency`),
+    /// and whether it failed on the upstream's side (`upstream_failed`); see
+    /// [`PairStats::record`](crate::PairStats::record). Lock- and allocation-free.
+    pub fn count_for_analysis(
+        &self,
+        route: usize,
+        upstream: usize,
+        status: u16,
+        latency: Duration,
+        upstream_failed: bool,
+    ) {
+        if let Some(r) = self.routes.get(route) {
+            r.metrics.record(upstream, status, latency, upstream_failed);
         }
     }
 

@@ -1108,3 +1108,81 @@ fn admin_changes_keep_route_backend_pairs_within_the_limit() {
         .with_change(&config, &narrower, idle)
         .is_ok());
 }
+
+#[test]
+fn analysis_stats_follow_their_pair_through_split_changes_and_reloads() {
+    use std::time::Duration;
+
+    use crate::Pool;
+
+    let pool = Pool::new(blue_green(), Arc::new(Metrics::new()), None);
+    // The engine may ask before any request.
+    let green = pool.pair_stats("web", "green");
+    assert_eq!(green.read().requests, 0);
+    let ms = Duration::from_millis(1);
+    let count = |s: &Snapshot, status: u16, failed: bool| {
+        let web = s.match_route(Some("example.com"), "/").unwrap();
+        let upstream = s
+            .upstreams
+            .iter()
+            .position(|u| &*u.name == "green")
+            .unwrap();
+        s.count_for_analysis(web, upstream, status, ms, failed);
+    };
+    let before = pool.snapshot();
+    for (status, failed) in [
+        (200, false),
+        (200, false),
+        (503, false),
+        (200, true),
+        (499, false),
+    ] {
+        count(&before, status, failed);
+    }
+    let first = green.read();
+    assert_eq!((first.requests, first.errors), (4, 2));
+    assert_eq!(
+        pool.pair_stats("api", "green").read().requests,
+        0,
+        "another route's pair"
+    );
+    assert_eq!(
+        pool.pair_stats("web", "blue").read().requests,
+        0,
+        "another upstream's pair"
+    );
+
+    let split = |pairs: &[(&str, u32)]| Change::SetSplit {
+        route: "web".into(),
+        split: pairs.iter().map(|(u, w)| (u.to_string(), *w)).collect(),
+    };
+    pool.apply(&split(&[("blue", 50), ("green", 50)])).unwrap();
+    count(&pool.snapshot(), 200, false);
+    // A request that started on the old snapshot ends on it, into the same pair.
+    count(&before, 500, false);
+    // Out of the split, green takes no requests on this route and counts none...
+    pool.apply(&split(&[("blue", 1)])).unwrap();
+    count(&pool.snapshot(), 200, false);
+    // ...and back in, it goes on from where it was.
+    pool.apply(&split(&[("blue", 1), ("green", 1)])).unwrap();
+    count(&pool.snapshot(), 200, false);
+
+    // A reload that puts another upstream first, so green's index moves.
+    let reloaded = TWO_UPSTREAMS.replace(
+        "upstreams:\n",
+        "upstreams:\n  amber:\n    backends:\n      - address: 127.0.0.1:9003\n",
+    );
+    pool.reload(Config::from_yaml(&reloaded).unwrap());
+    let after = pool.snapshot();
+    assert_eq!(&*after.upstreams[0].name, "amber");
+    count(&after, 200, false);
+
+    assert!(Arc::ptr_eq(&green, &pool.pair_stats("web", "green")));
+    let window = green.read().since(&first);
+    assert_eq!((window.requests, window.errors), (4, 1));
+    let total = green.read().total();
+    assert_eq!((total.requests, total.errors), (8, 3));
+    assert!(total.p99().unwrap() >= ms);
+    assert_eq!(pool.pair_stats("web", "blue").read().requests, 0);
+    assert_eq!(pool.pair_stats("web", "amber").read().requests, 0);
+}

@@ -21,7 +21,7 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -73,6 +73,9 @@ impl Proxy {
 pub struct RequestCtx {
     _active: Active,
     started: Instant,
+    /// When the backend's response head went to the client, after `started`: the latency
+    /// rollout analysis judges (a WebSocket or a long stream is not slow for lasting).
+    head_sent: Option<Duration>,
     snapshot: Option<Arc<Snapshot>>,
     /// Matched route (set with or without a picked backend), for metrics.
     route: Option<usize>,
@@ -114,6 +117,7 @@ impl ProxyHttp for Proxy {
         RequestCtx {
             _active: Active(Arc::clone(&self.active)),
             started: Instant::now(),
+            head_sent: None,
             snapshot: None,
             route: None,
             client: None,
@@ -399,6 +403,8 @@ impl ProxyHttp for Proxy {
         if self.closing.load(Ordering::Relaxed) {
             session.set_keepalive(None);
         }
+        // Each head overwrites the last: after a `100 Continue` the final answer's counts.
+        ctx.head_sent = Some(ctx.started.elapsed());
         Ok(())
     }
 
@@ -410,12 +416,24 @@ impl ProxyHttp for Proxy {
         let status = session
             .response_written()
             .map_or(CLIENT_CLOSED, |r| r.status.as_u16());
-        snapshot.count_request(
+        let elapsed = ctx.started.elapsed();
+        snapshot.count_request(route, ctx.upstream, ctx.backend, status, elapsed);
+        // Rollout analysis, by the request's final answer. A connect retry that succeeded
+        // ended without error; one that did not, a timeout, or a backend that broke off
+        // mid-body (after a 200 head) ended with an upstream error. Our own failures
+        // (`local_failure`) are not the backend's, though their 503 still counts as one.
+        // Latency is to the response head; an answer the balancer made itself (502/504 from
+        // `fail_to_proxy`) sent no backend head and takes the whole time. Requests answered
+        // 503 in `request_filter` because no backend of the route was available picked no
+        // upstream and never get here: no pair counts them.
+        let upstream_failed =
+            e.is_some_and(|e| e.esource() == &ErrorSource::Upstream && ctx.local_failure.is_none());
+        snapshot.count_for_analysis(
             route,
             ctx.upstream,
-            ctx.backend,
             status,
-            ctx.started.elapsed(),
+            ctx.head_sent.unwrap_or(elapsed),
+            upstream_failed,
         );
         // Connect errors were counted per attempt in `fail_to_connect`; local ones not at all.
         if let Some(e) = e {
