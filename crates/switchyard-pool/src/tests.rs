@@ -1115,7 +1115,7 @@ fn analysis_stats_follow_their_pair_through_split_changes_and_reloads() {
 
     use crate::Pool;
 
-    let pool = Pool::new(blue_green(), Arc::new(Metrics::new()), None);
+    let pool = Pool::new(blue_green(), Arc::new(Metrics::new()), None).expect("no state file");
     // The engine may ask before any request.
     let green = pool.pair_stats("web", "green");
     assert_eq!(green.read().requests, 0);

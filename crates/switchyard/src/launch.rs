@@ -19,6 +19,7 @@ use switchyard_pool::health::HealthChecks;
 use switchyard_pool::ramp::SlowStart;
 use switchyard_pool::{Metrics, Pool};
 use switchyard_proxy::{ClientApp, ClientCounters, Connections, Proxy, Watched};
+use switchyard_rollout::{Engine, HttpProber, RolloutService, SingleNode};
 
 use crate::signals::{Drain, Signals};
 use crate::systemd::Notify;
@@ -152,6 +153,15 @@ pub fn run(
         "slow start",
         SlowStart::new(Arc::clone(&pool)),
     ));
+    let engine = Arc::new(Engine::new(
+        Arc::clone(&pool),
+        Arc::new(HttpProber::default()),
+        Arc::new(SingleNode),
+    ));
+    server.add_service(background_service(
+        "rollouts",
+        RolloutService(Arc::clone(&engine)),
+    ));
 
     for listener in &listeners {
         info!(
@@ -164,6 +174,9 @@ pub fn run(
         let _ = control.reload();
     };
     let hand_over = move || {
+        // Before the state goes: two processes must never drive one rollout, and the state
+        // handed over must be the engine's last word.
+        engine.stop();
         if let Err(e) = pool.hand_over(&handover) {
             log::error!("runtime state not handed over: {e}");
         }

@@ -1,0 +1,648 @@
+//! The engine that drives every running rollout: once per `analysis.interval` it reads the
+//! balancer's own counters for `to` and `from` on the route, judges the window, counts hold
+//! time, and moves to the next step (after its checks), succeeds, or fails by `on_failure`.
+//!
+//! Everything it decides goes to the pool as one `Change::RolloutUpdate` built on the record
+//! it read, so an operator's command in between wins and the engine simply reads again. The
+//! engine keeps only what is worth nothing after a restart: the counter readings a window is
+//! measured from, and whether a window passed at this step since the engine took over (the
+//! contract asks for a new passing window after a restart or upgrade).
+//!
+//! One engine drives at a time: [`Lease`] says whether this process may (always, on one
+//! node), and [`Engine::stop`] ends driving before a binary upgrade hands the state over.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use log::{debug, info, warn};
+use switchyard_config::rollout::{Hold, OnFailure};
+use switchyard_pool::stats::{PairStats, StatsReading};
+use switchyard_pool::{Change, Pool, Rejection, Rollout, RolloutState, Verdict, WindowRecord};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::checks::{run_checks, Prober};
+use crate::judge::{judge, Counts};
+
+/// Whether this process drives rollouts now. On one node it always does; a shared store puts
+/// a lease behind it, so that of several instances only one moves the weights.
+pub trait Lease: Send + Sync {
+    fn held(&self) -> bool;
+}
+
+/// The single-node lease: always held.
+pub struct SingleNode;
+
+impl Lease for SingleNode {
+    fn held(&self) -> bool {
+        true
+    }
+}
+
+pub struct Engine {
+    pool: Arc<Pool>,
+    prober: Arc<dyn Prober>,
+    lease: Arc<dyn Lease>,
+    /// `false` once stopped. Held while a change is applied, so that when [`Engine::stop`]
+    /// returns no change of the engine is half made and none follows.
+    driving: Mutex<bool>,
+}
+
+/// What the engine remembers of one rollout between windows.
+struct Driver {
+    /// When the next window closes.
+    due: Instant,
+    /// When the last window closed (or the engine took the rollout over).
+    last: Instant,
+    to: Arc<PairStats>,
+    from: Arc<PairStats>,
+    to_before: StatsReading,
+    from_before: StatsReading,
+    /// A window passed at the current step since this engine took the rollout over.
+    passed: bool,
+    /// The step `passed` is about.
+    step: Option<usize>,
+}
+
+impl Engine {
+    pub fn new(pool: Arc<Pool>, prober: Arc<dyn Prober>, lease: Arc<dyn Lease>) -> Engine {
+        Engine {
+            pool,
+            prober,
+            lease,
+            driving: Mutex::new(true),
+        }
+    }
+
+    /// Stops driving for good: no change of the engine's is applied after this returns.
+    pub fn stop(&self) {
+        *self.gate() = false;
+        info!("rollout engine stopped; running rollouts stay where they are for the next process");
+    }
+
+    fn gate(&self) -> std::sync::MutexGuard<'_, bool> {
+        self.driving.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drives rollouts until `shutdown` turns true (or the engine is stopped).
+    pub async fn run(&self, mut shutdown: watch::Receiver<bool>) {
+        let mut changes = self.pool.subscribe();
+        let mut drivers: HashMap<String, Driver> = HashMap::new();
+        loop {
+            if *shutdown.borrow() || !*self.gate() {
+                return;
+            }
+            if self.lease.held() {
+                self.follow(&mut drivers);
+                let now = Instant::now();
+                let due: Vec<String> = drivers
+                    .iter()
+                    .filter(|(_, d)| d.due <= now)
+                    .map(|(route, _)| route.clone())
+                    .collect();
+                for route in due {
+                    self.drive(&route, &mut drivers).await;
+                }
+            } else {
+                // Another instance drives; ours starts afresh when the lease comes back.
+                drivers.clear();
+            }
+            let next = drivers
+                .values()
+                .map(|d| d.due)
+                .min()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                changed = changes.changed() => if changed.is_err() { return },
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    /// Takes on rollouts that started (or were resumed from the state) and lets go of those
+    /// that ended.
+    fn follow(&self, drivers: &mut HashMap<String, Driver>) {
+        let running: Vec<Rollout> = self
+            .pool
+            .rollouts()
+            .into_iter()
+            .filter(|r| r.state.is_active())
+            .collect();
+        drivers.retain(|route, _| running.iter().any(|r| r.route == *route));
+        for rollout in running {
+            drivers.entry(rollout.route.clone()).or_insert_with(|| {
+                let now = Instant::now();
+                let to = self.pool.pair_stats(&rollout.route, &rollout.to);
+                let from = self.pool.pair_stats(&rollout.route, &rollout.from);
+                info!("rollout {}: driving", rollout.describe());
+                Driver {
+                    // Before the first step there is nothing to wait for: checks, then step 1.
+                    due: if rollout.step.is_none() {
+                        now
+                    } else {
+                        now + rollout.spec.analysis.interval
+                    },
+                    last: now,
+                    to_before: to.read(),
+                    from_before: from.read(),
+                    to,
+                    from,
+                    passed: false,
+                    step: rollout.step,
+                }
+            });
+        }
+    }
+
+    /// Closes one window of one rollout and acts on it.
+    async fn drive(&self, route: &str, drivers: &mut HashMap<String, Driver>) {
+        let Some(driver) = drivers.get_mut(route) else {
+            return;
+        };
+        let Some(mut rollout) = self.pool.rollout(route).filter(|r| r.state.is_active()) else {
+            drivers.remove(route);
+            return;
+        };
+        let now = Instant::now();
+        let elapsed = now - driver.last;
+        driver.last = now;
+        driver.due = now + rollout.spec.analysis.interval;
+        if driver.step != rollout.step {
+            driver.step = rollout.step;
+            driver.passed = false;
+        }
+        let (to_now, from_now) = (driver.to.read(), driver.from.read());
+        let to = counts(&to_now, &driver.to_before);
+        let from = counts(&from_now, &driver.from_before);
+        driver.to_before = to_now;
+        driver.from_before = from_now;
+
+        let mut verdict = None;
+        if rollout.step.is_some() {
+            let (v, why) = judge(&rollout.spec.analysis, &to, &from);
+            verdict = Some(v);
+            rollout.push_window(WindowRecord {
+                at: switchyard_pool::clock::now(),
+                step: rollout.step_number(),
+                requests: to.requests,
+                errors: to.errors,
+                error_rate: to.error_rate(),
+                p99_ms: to.p99.map(as_ms),
+                baseline_p99_ms: from.p99.map(as_ms),
+                baseline_requests: from.requests,
+                verdict: v,
+                reason: why.clone(),
+            });
+            match v {
+                Verdict::Passed => {
+                    driver.passed = true;
+                    rollout.stalled_ms = 0;
+                }
+                Verdict::Failed => {
+                    rollout.failed_windows += 1;
+                    let limit = rollout.spec.analysis.failure_limit;
+                    let why = why.unwrap_or_default();
+                    if rollout.failed_windows > limit {
+                        let reason = format!(
+                            "analysis failed at step {}/{} ({} failed windows, failure_limit {limit}): {why}",
+                            rollout.step_number(),
+                            rollout.spec.steps.len(),
+                            rollout.failed_windows
+                        );
+                        fail(&mut rollout, reason);
+                    } else {
+                        warn!(
+                            "rollout {}: window failed ({} of failure_limit {limit}): {why}",
+                            rollout.describe(),
+                            rollout.failed_windows
+                        );
+                    }
+                }
+                Verdict::Inconclusive => {}
+            }
+        }
+        if rollout.state == RolloutState::Progressing {
+            let ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+            if rollout.step.is_some() {
+                rollout.held_ms = rollout.held_ms.saturating_add(ms);
+                if verdict != Some(Verdict::Passed) {
+                    rollout.stalled_ms = rollout.stalled_ms.saturating_add(ms);
+                }
+            }
+            let deadline = rollout.spec.progress_deadline;
+            if u128::from(rollout.stalled_ms) >= deadline.as_millis() {
+                let last = rollout
+                    .windows
+                    .last()
+                    .and_then(|w| w.reason.clone())
+                    .unwrap_or_else(|| "no window judged".into());
+                let reason = format!(
+                    "no passing window for {} at step {}/{} (progress_deadline); last window: {last}",
+                    switchyard_config::format_duration(deadline),
+                    rollout.step_number(),
+                    rollout.spec.steps.len()
+                );
+                fail(&mut rollout, reason);
+            } else if ready(&rollout, driver.passed) {
+                self.advance(&mut rollout).await;
+            }
+        }
+        self.commit(route, rollout, verdict);
+    }
+
+    /// Moves to the next step once its checks pass, or succeeds after the last.
+    async fn advance(&self, rollout: &mut Rollout) {
+        let steps = &rollout.spec.steps;
+        let next = match rollout.step {
+            Some(i) if i >= rollout.spec.last_step() => {
+                rollout.weight = 100.0;
+                let reason = format!(
+                    "every step passed: {:?} has the whole share of {:?}",
+                    rollout.to, rollout.from
+                );
+                rollout.end(RolloutState::Succeeded, reason);
+                return;
+            }
+            Some(i) => i + 1,
+            // Steps at or below `to`'s share at start are skipped.
+            None => steps
+                .iter()
+                .position(|s| s.weight() > rollout.weight)
+                .unwrap_or(rollout.spec.last_step()),
+        };
+        if let Err(why) = run_checks(&*self.prober, &rollout.spec.checks).await {
+            let reason = format!(
+                "{why}, before step {}/{}; the weight did not move",
+                next + 1,
+                steps.len()
+            );
+            fail(rollout, reason);
+            return;
+        }
+        let weight = steps[next].weight();
+        info!(
+            "rollout {}: step {}/{}, {:?} at {weight}%",
+            rollout.route,
+            next + 1,
+            steps.len(),
+            rollout.to
+        );
+        rollout.step = Some(next);
+        rollout.weight = weight;
+        rollout.held_ms = 0;
+        rollout.stalled_ms = 0;
+        rollout.released = false;
+        if rollout.spec.hold(next) == Hold::Manual {
+            rollout.state = RolloutState::Paused;
+            rollout.reason = Some(format!(
+                "held at step {}/{} ({weight}%) until resume or promote (pause: manual)",
+                next + 1,
+                steps.len()
+            ));
+        }
+    }
+
+    /// Hands the new record to the pool, unless this process no longer drives.
+    fn commit(&self, route: &str, mut rollout: Rollout, verdict: Option<Verdict>) {
+        let gate = self.gate();
+        if !*gate || !self.lease.held() {
+            return;
+        }
+        rollout.updated_at = switchyard_pool::clock::now();
+        let ended = (!rollout.state.is_active()).then_some(rollout.state);
+        let change = Change::RolloutUpdate {
+            route: route.to_string(),
+            next: Box::new(rollout),
+        };
+        match self.pool.apply(&change) {
+            Ok(()) => {
+                if let Some(verdict) = verdict {
+                    self.pool.metrics().count_window(route, verdict);
+                }
+                if let Some(state) = ended {
+                    info!("rollout on route {route:?} ended: {}", state.as_str());
+                }
+            }
+            // An operator's command came in between; the next window starts from it.
+            Err(Rejection::Conflict(why)) => debug!("rollout on {route:?}: {why}"),
+            Err(e) => warn!("rollout on {route:?}: cannot record its progress: {e}"),
+        }
+        drop(gate);
+    }
+}
+
+/// Whether the current step's hold is over and a window passed at it (or no step is applied
+/// yet: the first is applied at once).
+fn ready(rollout: &Rollout, passed: bool) -> bool {
+    let Some(step) = rollout.step else {
+        return true;
+    };
+    let hold_over = match rollout.spec.hold(step) {
+        Hold::For(d) => u128::from(rollout.held_ms) >= d.as_millis(),
+        Hold::Manual => rollout.released,
+        Hold::Interval => true,
+    };
+    hold_over && passed
+}
+
+/// Fails the rollout by its `on_failure`.
+fn fail(rollout: &mut Rollout, reason: String) {
+    warn!("rollout {}: {reason}", rollout.describe());
+    match rollout.spec.on_failure {
+        OnFailure::Rollback => {
+            rollout.weight = 0.0;
+            rollout.end(RolloutState::RolledBack, reason);
+        }
+        OnFailure::Pause => {
+            rollout.state = RolloutState::Paused;
+            rollout.reason = Some(reason);
+        }
+    }
+}
+
+fn counts(now: &StatsReading, before: &StatsReading) -> Counts {
+    let window = now.since(before);
+    Counts {
+        requests: window.requests,
+        errors: window.errors,
+        p99: window.p99(),
+    }
+}
+
+fn as_ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 10_000.0).round() / 10.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use async_trait::async_trait;
+    use switchyard_config::rollout::{Check, RolloutSpec};
+    use switchyard_config::Config;
+    use switchyard_pool::Metrics;
+
+    /// Checks that pass or fail as the test says, without a socket.
+    #[derive(Default)]
+    struct FakeProber {
+        failing: AtomicBool,
+        runs: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Prober for FakeProber {
+        async fn probe(&self, _check: &Check) -> Result<(), String> {
+            self.runs.fetch_add(1, Ordering::Relaxed);
+            if self.failing.load(Ordering::Relaxed) {
+                Err("status 503, expected 200".into())
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    struct Harness {
+        pool: Arc<Pool>,
+        engine: Arc<Engine>,
+        prober: Arc<FakeProber>,
+        _shutdown: watch::Sender<bool>,
+    }
+
+    fn harness() -> Harness {
+        let yaml = "listeners:\n  - address: 127.0.0.1:8080\nupstreams:\n  blue:\n    backends:\n      - address: 127.0.0.1:9001\n  green:\n    backends:\n      - address: 127.0.0.1:9002\nroutes:\n  - name: web\n    split: {blue: 1, green: 0}\n";
+        let config = Config::from_yaml(yaml).expect("valid config");
+        let pool = Arc::new(Pool::new(config, Arc::new(Metrics::new()), None).expect("pool"));
+        let prober = Arc::new(FakeProber::default());
+        let engine = Arc::new(Engine::new(
+            Arc::clone(&pool),
+            Arc::clone(&prober) as Arc<dyn Prober>,
+            Arc::new(SingleNode),
+        ));
+        let (shutdown, watch) = watch::channel(false);
+        let running = Arc::clone(&engine);
+        tokio::spawn(async move { running.run(watch).await });
+        Harness {
+            pool,
+            engine,
+            prober,
+            _shutdown: shutdown,
+        }
+    }
+
+    impl Harness {
+        fn start(&self, body: &str) {
+            let spec = RolloutSpec::from_json(body.as_bytes()).expect("valid spec");
+            self.pool
+                .apply(&Change::StartRollout {
+                    route: "web".into(),
+                    spec: Box::new(spec),
+                })
+                .expect("started");
+        }
+
+        fn rollout(&self) -> Rollout {
+            self.pool.rollout("web").expect("a rollout")
+        }
+
+        /// `to`'s weight in the route's split now.
+        fn green(&self) -> u32 {
+            self.rollout().split()["green"]
+        }
+
+        /// Serves traffic for `time` in 100 ms slices: `n` requests to each upstream per
+        /// slice, every `bad`-th of green's answered 500 (0: none), green `slow` slower.
+        async fn traffic(&self, time: Duration, n: u64, bad: u64, slow: Duration) {
+            let green = self.pool.pair_stats("web", "green");
+            let blue = self.pool.pair_stats("web", "blue");
+            let mut k = 0;
+            let end = Instant::now() + time;
+            while Instant::now() < end {
+                for _ in 0..n {
+                    k += 1;
+                    let status = if bad > 0 && k % bad == 0 { 500 } else { 200 };
+                    green.record(status, Duration::from_millis(10) + slow, false);
+                    blue.record(200, Duration::from_millis(10), false);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+
+        /// Serves healthy traffic until the rollout is no longer active, or `limit` passes.
+        async fn until_ended(&self, limit: Duration) -> Duration {
+            let began = Instant::now();
+            while self.rollout().state.is_active() && began.elapsed() < limit {
+                self.traffic(Duration::from_millis(100), 10, 0, Duration::ZERO)
+                    .await;
+            }
+            began.elapsed()
+        }
+    }
+
+    const FAST: &str =
+        r#""step_interval": "1s", "analysis": {"interval": "500ms", "min_requests": 5}"#;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_healthy_version_is_promoted_step_by_step() {
+        let h = harness();
+        h.start(&format!(r#"{{"to": "green", "steps": [10, 50], {FAST}, "checks": [{{"url": "http://127.0.0.1:1/"}}]}}"#));
+        // The first step is taken at once, after its checks.
+        h.traffic(Duration::from_millis(100), 1, 0, Duration::ZERO)
+            .await;
+        assert_eq!((h.rollout().step_number(), h.green()), (1, 1000));
+        // One second of hold (and passing windows) later, the next step.
+        h.traffic(Duration::from_millis(1100), 10, 0, Duration::ZERO)
+            .await;
+        assert_eq!((h.rollout().step_number(), h.green()), (2, 5000));
+        let took = h.until_ended(Duration::from_secs(10)).await;
+        let rollout = h.rollout();
+        assert_eq!(
+            rollout.state,
+            RolloutState::Succeeded,
+            "{:?}",
+            rollout.reason
+        );
+        assert_eq!(h.green(), 10_000);
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        // Checks ran before each of the three steps.
+        assert_eq!(h.prober.runs.load(Ordering::Relaxed), 3);
+        assert!(rollout.windows.iter().all(|w| w.verdict == Verdict::Passed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn errors_roll_back_within_one_window() {
+        let h = harness();
+        h.start(&format!(r#"{{"to": "green", "steps": [20, 50], {FAST}}}"#));
+        h.traffic(Duration::from_millis(1200), 10, 0, Duration::ZERO)
+            .await;
+        assert_eq!(h.rollout().state, RolloutState::Progressing);
+        let began = Instant::now();
+        // 30% of green's answers are 500 from here on.
+        while h.rollout().state.is_active() && began.elapsed() < Duration::from_secs(5) {
+            h.traffic(Duration::from_millis(100), 10, 3, Duration::ZERO)
+                .await;
+        }
+        let rollout = h.rollout();
+        assert_eq!(rollout.state, RolloutState::RolledBack);
+        assert!(
+            began.elapsed() <= Duration::from_millis(600),
+            "{:?}",
+            began.elapsed()
+        );
+        assert_eq!(h.green(), 0);
+        let reason = rollout.reason.unwrap();
+        assert!(
+            reason.contains("error rate") && reason.contains("max_error_rate 1.00%"),
+            "{reason}"
+        );
+        assert_eq!(
+            rollout.windows.last().map(|w| w.verdict),
+            Some(Verdict::Failed)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slower_version_fails_the_latency_ratio() {
+        let h = harness();
+        h.start(
+            r#"{"to": "green", "steps": [50], "step_interval": "1s", "analysis": {"interval": "500ms", "min_requests": 5, "max_latency_ratio": 1.5}}"#,
+        );
+        h.traffic(Duration::from_secs(2), 10, 0, Duration::from_millis(300))
+            .await;
+        let rollout = h.rollout();
+        assert_eq!(rollout.state, RolloutState::RolledBack);
+        assert!(rollout.reason.unwrap().contains("max_latency_ratio 1.5"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_traffic_it_holds_then_meets_its_deadline() {
+        let h = harness();
+        h.start(&format!(
+            r#"{{"to": "green", "steps": [10, 50], "progress_deadline": "3s", {FAST}}}"#
+        ));
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let rollout = h.rollout();
+        assert_eq!(
+            (rollout.state, rollout.step_number()),
+            (RolloutState::Progressing, 1)
+        );
+        assert!(rollout.windows.len() >= 4);
+        assert!(rollout
+            .windows
+            .iter()
+            .all(|w| w.verdict == Verdict::Inconclusive));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let rollout = h.rollout();
+        assert_eq!(rollout.state, RolloutState::RolledBack);
+        assert!(rollout
+            .reason
+            .unwrap()
+            .contains("no passing window for 3s at step 1/3 (progress_deadline)"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_check_stops_it_before_the_weight_moves() {
+        let h = harness();
+        h.prober.failing.store(true, Ordering::Relaxed);
+        h.start(&format!(
+            r#"{{"to": "green", {FAST}, "checks": [{{"url": "http://127.0.0.1:1/version"}}]}}"#
+        ));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let rollout = h.rollout();
+        assert_eq!(rollout.state, RolloutState::RolledBack);
+        assert_eq!(rollout.step, None);
+        assert_eq!(h.green(), 0);
+        let reason = rollout.reason.unwrap();
+        assert!(
+            reason.contains("check http://127.0.0.1:1/version failed: status 503"),
+            "{reason}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn manual_steps_pause_until_resumed_and_pause_on_failure_holds() {
+        let h = harness();
+        h.start(&format!(
+            r#"{{"to": "green", "steps": [{{"weight": 10, "pause": "manual"}}, 50], "on_failure": "pause", {FAST}}}"#
+        ));
+        h.traffic(Duration::from_secs(2), 10, 0, Duration::ZERO)
+            .await;
+        assert_eq!((h.rollout().state, h.green()), (RolloutState::Paused, 1000));
+        h.pool
+            .apply(&Change::RolloutCommand {
+                route: "web".into(),
+                command: switchyard_pool::RolloutCommand::Resume,
+            })
+            .unwrap();
+        h.traffic(Duration::from_millis(700), 10, 0, Duration::ZERO)
+            .await;
+        assert_eq!(
+            (h.rollout().state, h.green()),
+            (RolloutState::Progressing, 5000)
+        );
+        // A failing window now pauses where it is instead of rolling back.
+        h.traffic(Duration::from_millis(700), 10, 2, Duration::ZERO)
+            .await;
+        let rollout = h.rollout();
+        assert_eq!((rollout.state, h.green()), (RolloutState::Paused, 5000));
+        assert!(rollout
+            .reason
+            .unwrap()
+            .contains("analysis failed at step 2/3"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stopped_engine_changes_nothing_more() {
+        let h = harness();
+        h.start(&format!(r#"{{"to": "green", "steps": [10, 50], {FAST}}}"#));
+        h.traffic(Duration::from_millis(300), 10, 0, Duration::ZERO)
+            .await;
+        h.engine.stop();
+        let before = h.rollout();
+        h.traffic(Duration::from_secs(3), 10, 0, Duration::ZERO)
+            .await;
+        assert_eq!(h.rollout(), before);
+    }
+}

@@ -1,0 +1,30 @@
+//! Progressive delivery inside the balancer: the rollout engine, judged on the balancer's own
+//! counters, with checks before each step and automatic rollback.
+//!
+//! The pool owns a rollout's record and the split it implies; this crate owns time and
+//! judgement. It changes nothing but through `Pool::apply`, and the admin API only turns
+//! requests into pool changes, so there is one path for every change whoever makes it.
+
+mod checks;
+mod engine;
+mod judge;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+
+pub use checks::{run_checks, HttpProber, Prober};
+pub use engine::{Engine, Lease, SingleNode};
+pub use judge::{judge, Counts};
+
+/// The engine as a Pingora background service.
+pub struct RolloutService(pub Arc<Engine>);
+
+#[async_trait]
+impl BackgroundService for RolloutService {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.0.run(shutdown).await;
+    }
+}
