@@ -13,7 +13,7 @@ use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 use serde_json::{json, Map, Value};
 use switchyard_config::{MAX_BACKEND_WEIGHT, MAX_SPLIT_WEIGHT};
-use switchyard_pool::{BackendState, Change, Rejection, Snapshot, Upstream};
+use switchyard_pool::{BackendState, Change, Rejection, Snapshot, Source, Upstream};
 
 use crate::control::Control;
 
@@ -210,7 +210,10 @@ impl AdminApi {
     }
 
     fn apply(&self, change: &Change) -> Result<Arc<Snapshot>, Reply> {
-        self.control.pool().apply(change).map_err(Reply::rejected)?;
+        self.control
+            .pool()
+            .apply(change, Source::Api)
+            .map_err(Reply::rejected)?;
         Ok(self.control.pool().snapshot())
     }
 
