@@ -205,6 +205,14 @@ impl AdminApi {
                 Method::POST => self.reload(),
                 _ => Reply::method_not_allowed(method, "POST"),
             },
+            ["events"] => match *method {
+                Method::GET => {
+                    let query = session.req_header().uri.query();
+                    crate::events::list(self.control.pool().events(), query)
+                        .map_or_else(|e| Reply::error(StatusCode::BAD_REQUEST, e), Reply::ok)
+                }
+                _ => Reply::method_not_allowed(method, "GET"),
+            },
             _ => Reply::error(StatusCode::NOT_FOUND, format!("no endpoint {path}")),
         }
     }
