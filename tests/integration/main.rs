@@ -8,6 +8,7 @@ mod balancing;
 mod check;
 mod clients;
 mod deploy;
+mod events;
 mod files;
 mod health;
 mod lifecycle;
