@@ -9,6 +9,7 @@ mod check;
 mod cli;
 mod clients;
 mod deploy;
+mod events;
 mod files;
 mod health;
 mod lifecycle;

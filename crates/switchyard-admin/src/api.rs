@@ -13,7 +13,7 @@ use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 use serde_json::{json, Map, Value};
 use switchyard_config::{MAX_BACKEND_WEIGHT, MAX_SPLIT_WEIGHT};
-use switchyard_pool::{BackendState, Change, Rejection, Snapshot, Upstream};
+use switchyard_pool::{BackendState, Change, Rejection, Snapshot, Source, Upstream};
 
 use crate::control::Control;
 use crate::rollouts;
@@ -242,12 +242,23 @@ impl AdminApi {
                 Method::POST => self.reload(),
                 _ => Reply::method_not_allowed(method, "POST"),
             },
+            ["events"] => match *method {
+                Method::GET => {
+                    let query = session.req_header().uri.query();
+                    crate::events::list(self.control.pool().events(), query)
+                        .map_or_else(|e| Reply::error(StatusCode::BAD_REQUEST, e), Reply::ok)
+                }
+                _ => Reply::method_not_allowed(method, "GET"),
+            },
             _ => Reply::error(StatusCode::NOT_FOUND, format!("no endpoint {path}")),
         }
     }
 
     fn apply(&self, change: &Change) -> Result<Arc<Snapshot>, Reply> {
-        self.control.pool().apply(change).map_err(Reply::rejected)?;
+        self.control
+            .pool()
+            .apply(change, Source::Api)
+            .map_err(Reply::rejected)?;
         Ok(self.control.pool().snapshot())
     }
 

@@ -4,9 +4,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
-use log::{info, warn};
+use log::warn;
 use switchyard_config::Config;
-use switchyard_pool::Pool;
+use switchyard_pool::{Draft, Pool, Source};
 
 /// The admin bearer token, compared in constant time.
 pub struct Token(Vec<u8>);
@@ -87,29 +87,32 @@ impl Control {
     }
 
     /// Re-reads the config file and runs it; on `Err` (one line per problem) nothing changed.
+    /// Either way the outcome is recorded as an event (the pool records a reload it ran).
     pub fn reload(&self) -> Result<ReloadReport, Vec<String>> {
         let result = self.try_reload();
         let metrics = self.pool.metrics();
         match &result {
             Ok(report) => {
                 metrics.reload_succeeded();
-                info!(
-                    "config reloaded{}",
-                    if report.needs_restart.is_empty() {
-                        String::new()
-                    } else {
-                        format!(
-                            "; needs restart or upgrade: {}",
-                            report.needs_restart.join(", ")
-                        )
-                    }
-                );
+                if !report.needs_restart.is_empty() {
+                    warn!(
+                        "config reloaded, but these need a restart or upgrade: {}",
+                        report.needs_restart.join(", ")
+                    );
+                }
             }
             Err(problems) => {
                 metrics.reload_failed();
-                warn!(
-                    "config reload refused, the running config stays: {}",
-                    problems.join("; ")
+                self.pool.events().record(
+                    Draft::new(
+                        Source::Reload,
+                        "reload_refused",
+                        format!(
+                            "config reload refused, the running config stays: {}",
+                            problems.join("; ")
+                        ),
+                    )
+                    .warning(),
                 );
             }
         }
@@ -139,10 +142,8 @@ impl Control {
             }
         }
         let needs_restart = needs_restart(&self.started, &config);
+        // The pool records the reload and each warning as events (and so logs them).
         let dropped_state = self.pool.reload(config);
-        for warning in &dropped_state {
-            warn!("{warning}");
-        }
         self.token.store(token.map(Arc::new));
         Ok(ReloadReport {
             needs_restart,

@@ -5,6 +5,7 @@
 
 mod api;
 mod control;
+mod events;
 mod metrics_endpoint;
 pub mod rollouts;
 

@@ -7,6 +7,11 @@
 //! that it takes `rise` successes or `fall` failures in a row to flip. The service reports
 //! ready only when every backend has had its first check, and the proxy service depends on it,
 //! so the listeners accept nothing before the pool knows which backends are up.
+//!
+//! Each flip is recorded as a `health` event. A first check that passes is not one: the
+//! backend is then as the config has it, and recording it would fill the event log with one
+//! event per backend at every start. A first check that fails is (the operator wants to know
+//! that a backend was down from the start).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -25,6 +30,7 @@ use switchyard_config::{HealthCheck, Probe as ProbeConfig};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::events::Source;
 use crate::live::BackendLive;
 use crate::Pool;
 
@@ -212,12 +218,26 @@ impl Watcher {
             (Ok(()), false) => format!("{} checks passed in a row", self.check.rise),
             (Err(e), false) => format!("{} checks failed in a row, last: {e}", self.check.fall),
         };
-        info!(
+        let message = format!(
             "upstream {} backend {} is now {}: {why}",
             self.upstream,
             self.live.address,
             if now_healthy { "healthy" } else { "unhealthy" }
         );
+        if streak.first && now_healthy {
+            info!("{message}");
+        } else {
+            // Before the first check nothing was known: there is no `before` to show.
+            let was = (!streak.first).then_some(healthy);
+            self.pool.events().record(crate::health_event(
+                Source::Health,
+                &self.upstream,
+                self.live.address,
+                was,
+                now_healthy,
+                message,
+            ));
+        }
         if changed {
             self.pool.refresh();
         }

@@ -8,9 +8,10 @@
 //! builds the next snapshot and swaps it in. Per-backend live state (health, in-flight count)
 //! and per-route/upstream cursors sit in `Arc`s that the next snapshot reuses, so a swap loses
 //! none of them; the rollout analysis counters ([`PairStats`]) sit in a registry by name that
-//! every snapshot resolves its routes' pairs from.
+//! every snapshot resolves its routes' pairs from. Each change, and each moment of the
+//! process's life, is recorded once in its [`Events`] log.
 
-pub mod clock;
+pub mod events;
 pub mod health;
 mod least;
 mod live;
@@ -28,10 +29,12 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use log::{debug, info, warn};
+use log::{info, warn};
+use serde_json::json;
 use switchyard_config::Config;
 use tokio::sync::watch;
 
+pub use events::{Draft, Event, Events, Source};
 pub use live::{BackendLive, InFlight};
 pub use local::{local_failure, LocalErrors, LocalFailure};
 pub use metrics::Metrics;
@@ -52,6 +55,7 @@ pub struct Pool {
     local_errors: LocalErrors,
     /// Bumped after every swap, for background work that follows the state (health checks).
     version: watch::Sender<u64>,
+    events: Events,
 }
 
 struct Desired {
@@ -70,24 +74,41 @@ impl Pool {
         handover: Option<&Path>,
     ) -> Result<Pool, String> {
         let store = config.state_file.clone().map(StateFile::new);
-        let saved = match (&store, handover.filter(|p| p.exists())) {
-            (Some(store), _) => store.load()?,
+        let (saved, origin) = match (&store, handover.filter(|p| p.exists())) {
+            (Some(store), _) => (store.load()?, "state_file"),
             (None, Some(path)) => {
                 let state = StateFile::new(path.to_path_buf()).load()?;
                 if let Err(e) = std::fs::remove_file(path) {
                     warn!("cannot remove handed-over state {}: {e}", path.display());
                 }
                 info!("runtime state taken over from the previous process; without a state_file it lives in memory only");
-                state
+                (state, "handed_over")
             }
             (None, None) => {
                 info!("no state_file configured: admin changes live in memory only and a restart undoes them");
-                RuntimeState::default()
+                (RuntimeState::default(), "none")
             }
         };
+        let events = Events::new();
+        // The pool's version is the workspace's, which the binary shares.
+        let version = env!("CARGO_PKG_VERSION");
+        let pid = std::process::id();
+        let loaded = match (origin, &config.state_file) {
+            ("state_file", Some(path)) => format!("runtime state from {}", path.display()),
+            ("handed_over", _) => "runtime state handed over by the previous process".into(),
+            _ => "no runtime state (no state_file), the config file alone".into(),
+        };
+        events.record(
+            Draft::new(
+                Source::Startup,
+                "started",
+                format!("switchyard {version} started, pid {pid}; {loaded}"),
+            )
+            .after(json!({ "version": version, "pid": pid, "runtime_state": origin })),
+        );
         let (state, warnings) = saved.fit(&config);
         for warning in warnings {
-            warn!("{warning}");
+            events.record(Draft::new(Source::Startup, "state_dropped", warning).warning());
         }
         let snapshot = Snapshot::build(&config, &state, &metrics, None);
         Ok(Pool {
@@ -97,7 +118,13 @@ impl Pool {
             local_errors: LocalErrors::new(&metrics),
             metrics,
             version: watch::Sender::new(0),
+            events,
         })
+    }
+
+    /// What changed, and when: every change made through the pool is recorded here.
+    pub fn events(&self) -> &Events {
+        &self.events
     }
 
     /// The current snapshot, kept alive for as long as the caller holds it.
@@ -126,9 +153,10 @@ impl Pool {
         self.lock().config.clone()
     }
 
-    /// Checks and applies one change: saved to the state file first (when there is one), then
-    /// swapped in for the next request. On `Err` nothing changed.
-    pub fn apply(&self, change: &Change) -> Result<(), Rejection> {
+    /// Checks and applies one change asked for by `source`: saved to the state file first (when
+    /// there is one), then swapped in for the next request, and recorded as an event. On `Err`
+    /// nothing changed and nothing is recorded.
+    pub fn apply(&self, change: &Change, source: Source) -> Result<(), Rejection> {
         let mut desired = self.lock();
         let current = self.current.load_full();
         let in_flight = |upstream: &str, address| {
@@ -147,6 +175,7 @@ impl Pool {
         // time) needs no new snapshot: selection would be rebuilt for nothing.
         let rebuild =
             next.splits != desired.state.splits || next.upstreams != desired.state.upstreams;
+        let event = state::change_event(&desired.config, &desired.state, &next, change, source);
         if rebuild {
             let built = Snapshot::build(&desired.config, &next, &self.metrics, Some(&current));
             desired.state = next;
@@ -155,9 +184,9 @@ impl Pool {
             desired.state = next;
             self.version.send_modify(|v| *v += 1);
         }
-        match change {
-            Change::RolloutUpdate { .. } => debug!("applied {change:?}"),
-            _ => info!("applied {change:?}"),
+        // Under the writer lock, so that events are in the order the changes were made.
+        for event in event {
+            self.events.record(event);
         }
         Ok(())
     }
@@ -172,8 +201,9 @@ impl Pool {
         self.lock().state.rollouts.values().cloned().collect()
     }
 
-    /// Runs a new config, keeping the runtime state that still fits it. Returns the warnings
-    /// about state that was dropped.
+    /// Runs a new config, keeping the runtime state that still fits it. Records a `reloaded`
+    /// event naming what the file changed, and one `state_dropped` event per warning about
+    /// state that was dropped; returns those warnings.
     pub fn reload(&self, config: Config) -> Vec<String> {
         let mut desired = self.lock();
         let (state, warnings) = desired.state.fit(&config);
@@ -185,19 +215,48 @@ impl Pool {
             }
         }
         let built = Snapshot::build(&config, &state, &self.metrics, Some(&self.current.load()));
+        let changed = config_changes(&desired.config, &config);
+        let ended = rollout::rollout_events(&desired.state, &state, Source::Reload);
         *desired = Desired { config, state };
         self.swap(built);
+        self.events.record(Draft::new(
+            Source::Reload,
+            "reloaded",
+            format!("config reloaded: {changed}"),
+        ));
+        for warning in &warnings {
+            self.events
+                .record(Draft::new(Source::Reload, "state_dropped", warning.clone()).warning());
+        }
+        for event in ended {
+            self.events.record(event);
+        }
         warnings
     }
 
     /// Before a binary upgrade: without a state file, writes the runtime state to `path` for
     /// the new process (with one, the file is already current).
+    /// Records a `handed_over` event either way.
     pub fn hand_over(&self, path: &Path) -> Result<(), String> {
-        if self.store.is_some() {
-            return Ok(());
-        }
-        let desired = self.lock();
-        StateFile::new(path.to_path_buf()).save(&desired.state)
+        let result = match &self.store {
+            Some(_) => Ok("the runtime state is in the state file"),
+            None => StateFile::new(path.to_path_buf())
+                .save(&self.lock().state)
+                .map(|()| "the runtime state was written for it"),
+        };
+        let message = match &result {
+            Ok(how) => format!("handing the listening sockets over to a new process; {how}"),
+            Err(e) => format!(
+                "handing the listening sockets over to a new process without the runtime state: {e}"
+            ),
+        };
+        let draft = Draft::new(Source::Upgrade, "handed_over", message);
+        self.events.record(if result.is_ok() {
+            draft
+        } else {
+            draft.warning()
+        });
+        result.map(drop)
     }
 
     /// Rebuilds the selection structures from the live health of every backend.
@@ -223,9 +282,12 @@ impl Pool {
         } else {
             format!("for {:?}", upstream.passive.cooldown)
         };
-        warn!(
-            "upstream {} backend {} taken out after {limit} failed connects in a row (passive check), {back}",
-            upstream.name, backend.address
+        self.events.record(
+            health_event(Source::Passive, &upstream.name, backend.address, Some(true), false, format!(
+                "upstream {} backend {} taken out after {limit} failed connects in a row (passive check), {back}",
+                upstream.name, backend.address
+            ))
+            .warning(),
         );
         self.refresh();
         if upstream.health_check.is_none() {
@@ -238,10 +300,17 @@ impl Pool {
                     tokio::time::sleep(cooldown).await;
                     backend.connect_succeeded();
                     if backend.set_healthy(true) {
-                        info!(
-                            "upstream {name} backend {} back in after its cooldown",
-                            backend.address
-                        );
+                        pool.events.record(health_event(
+                            Source::Passive,
+                            &name,
+                            backend.address,
+                            Some(false),
+                            true,
+                            format!(
+                                "upstream {name} backend {} back in after its cooldown",
+                                backend.address
+                            ),
+                        ));
                         pool.refresh();
                     }
                 });
@@ -261,6 +330,72 @@ impl Pool {
     fn swap(&self, next: Snapshot) {
         self.current.store(Arc::new(next));
         self.version.send_modify(|v| *v += 1);
+    }
+}
+
+/// A backend's health became `healthy` (`was` it before, when known): `backend_healthy` or
+/// `backend_unhealthy`.
+pub(crate) fn health_event(
+    source: Source,
+    upstream: &str,
+    backend: std::net::SocketAddr,
+    was: Option<bool>,
+    healthy: bool,
+    message: String,
+) -> Draft {
+    let kind = if healthy {
+        "backend_healthy"
+    } else {
+        "backend_unhealthy"
+    };
+    let draft = Draft::new(source, kind, message)
+        .upstream(upstream)
+        .backend(backend)
+        .after(json!({ "healthy": healthy }));
+    match was {
+        Some(was) => draft.before(json!({ "healthy": was })),
+        None => draft,
+    }
+}
+
+/// What a reload changed in the file, by route and upstream name, for its event.
+fn config_changes(was: &Config, now: &Config) -> String {
+    fn diff<'a, T: PartialEq>(
+        kind: &str,
+        was: &'a [T],
+        now: &'a [T],
+        name: impl Fn(&T) -> &str,
+        out: &mut Vec<String>,
+    ) {
+        let find = |list: &'a [T], n: &str| list.iter().find(|t| name(t) == n);
+        let names = |list: &'a [T], keep: &dyn Fn(&T) -> bool| {
+            list.iter()
+                .filter(|t| keep(t))
+                .map(|t| name(t).to_string())
+                .collect::<Vec<_>>()
+        };
+        let added = names(now, &|t| find(was, name(t)).is_none());
+        let removed = names(was, &|t| find(now, name(t)).is_none());
+        let changed = names(now, &|t| find(was, name(t)).is_some_and(|w| w != t));
+        for (what, list) in [("added", added), ("removed", removed), ("changed", changed)] {
+            if !list.is_empty() {
+                out.push(format!("{kind} {what}: {}", list.join(", ")));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    diff("routes", &was.routes, &now.routes, |r| &r.name, &mut out);
+    diff(
+        "upstreams",
+        &was.upstreams,
+        &now.upstreams,
+        |u| &u.name,
+        &mut out,
+    );
+    if out.is_empty() {
+        "no route or upstream changed".into()
+    } else {
+        out.join("; ")
     }
 }
 

@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 use switchyard_config::rollout::RolloutSpec;
 use switchyard_config::Config;
 
+use serde_json::json;
+
+use crate::events::{Draft, Source};
 use crate::state::{check_split, file_split, Rejection, RuntimeState, SplitOverride};
 
 /// The contract's rescaled total of a split during a rollout.
@@ -184,7 +187,7 @@ impl Rollout {
     pub fn end(&mut self, state: RolloutState, reason: impl Into<String>) {
         self.state = state;
         self.reason = Some(reason.into());
-        self.updated_at = crate::clock::now();
+        self.updated_at = crate::events::now();
     }
 
     /// Keeps the last [`KEPT_WINDOWS`] windows.
@@ -295,7 +298,7 @@ impl RuntimeState {
                 spec.to
             )));
         }
-        let now = crate::clock::now();
+        let now = crate::events::now();
         let revision = self.rollouts.get(route).map_or(0, |r| r.revision + 1);
         let rollout = Rollout {
             route: route.to_string(),
@@ -364,7 +367,7 @@ impl RuntimeState {
                 ));
             }
         }
-        rollout.updated_at = crate::clock::now();
+        rollout.updated_at = crate::events::now();
         rollout.revision += 1;
         self.set_rollout(config, rollout)
     }
@@ -418,6 +421,91 @@ impl RuntimeState {
         self.rollouts.insert(rollout.route.clone(), rollout);
         Ok(())
     }
+}
+
+/// The events a change of rollout records made, route by route: a start, a step, a change of
+/// state (with its reason), a failed window.
+pub(crate) fn rollout_events(
+    before: &RuntimeState,
+    after: &RuntimeState,
+    source: Source,
+) -> Vec<Draft> {
+    let mut events = Vec::new();
+    for (route, now) in &after.rollouts {
+        let was = before
+            .rollouts
+            .get(route)
+            .filter(|w| w.started_at == now.started_at);
+        let view = |r: &Rollout| json!({"state": r.state.as_str(), "step": r.step_number(), "weight": r.weight, "split": r.split()});
+        let draft = |kind: &str, message: String| {
+            Draft::new(source, kind, message)
+                .route(route)
+                .upstream(&now.to)
+        };
+        let Some(was) = was else {
+            let steps: Vec<f64> = now.spec.steps.iter().map(|s| s.weight()).collect();
+            events.push(
+                draft(
+                    "rollout_started",
+                    format!(
+                        "rollout {} → {} started on route {route}, steps {steps:?}",
+                        now.from, now.to
+                    ),
+                )
+                .after(view(now)),
+            );
+            continue;
+        };
+        if now.failed_windows > was.failed_windows {
+            let why = now
+                .windows
+                .last()
+                .and_then(|w| w.reason.clone())
+                .unwrap_or_default();
+            events.push(
+                draft(
+                    "rollout_window_failed",
+                    format!(
+                        "rollout on route {route}: window failed at step {}/{}: {why}",
+                        now.step_number(),
+                        now.spec.steps.len()
+                    ),
+                )
+                .warning(),
+            );
+        }
+        if now.step != was.step {
+            events.push(
+                draft(
+                    "rollout_step",
+                    format!(
+                        "rollout on route {route}: step {}/{}, {} at {}%",
+                        now.step_number(),
+                        now.spec.steps.len(),
+                        now.to,
+                        now.weight
+                    ),
+                )
+                .before(view(was))
+                .after(view(now)),
+            );
+        }
+        if now.state != was.state {
+            let kind = match (was.state, now.state) {
+                (RolloutState::Paused, RolloutState::Progressing) => "rollout_resumed".to_string(),
+                (_, state) => format!("rollout_{}", state.as_str()),
+            };
+            let reason = now.reason.as_deref().unwrap_or("resumed");
+            let mut event = draft(&kind, format!("rollout on route {route}: {reason}"))
+                .before(view(was))
+                .after(view(now));
+            if matches!(now.state, RolloutState::RolledBack | RolloutState::Failed) {
+                event = event.warning();
+            }
+            events.push(event);
+        }
+    }
+    events
 }
 
 /// `split` rescaled to integers summing to [`SPLIT_TOTAL`], in the same ratios: each weight

@@ -16,6 +16,7 @@ use switchyard_config::limits::{
 };
 use switchyard_config::{Config, MAX_BACKEND_WEIGHT, MAX_SPLIT_WEIGHT};
 
+use crate::events::{Draft, Source};
 use crate::rollout::{Rollout, RolloutCommand};
 use crate::snapshot::BackendState;
 use switchyard_config::rollout::RolloutSpec;
@@ -601,6 +602,102 @@ impl RuntimeState {
                 Rejection::NotFound(format!("upstream {upstream:?} has no backend {address}"))
             })
     }
+}
+
+/// The event for `change`, applied by `source`: `before` is the state it was applied to and
+/// `after` the state it made, so the event shows what the change did, not only what was asked
+/// (a PATCH of the weight alone keeps the state it had).
+pub(crate) fn change_event(
+    config: &Config,
+    before: &RuntimeState,
+    after: &RuntimeState,
+    change: &Change,
+    source: Source,
+) -> Vec<Draft> {
+    let split = |state: &RuntimeState, route: &str| {
+        let split = state.split(config, route).unwrap_or_default();
+        let text = split
+            .iter()
+            .map(|(u, w)| format!("{u} {w}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let json: serde_json::Map<String, serde_json::Value> = split
+            .iter()
+            .map(|(u, w)| (u.to_string(), (*w).into()))
+            .collect();
+        (text, serde_json::Value::Object(json))
+    };
+    let backend = |state: &RuntimeState, upstream: &str, address: SocketAddr| {
+        state
+            .backends(config, upstream)
+            .into_iter()
+            .find(|b| b.address == address)
+            .map(|b| {
+                let text = format!("weight {} {}", b.weight, b.state.as_str());
+                let json = serde_json::json!({ "weight": b.weight, "state": b.state });
+                (text, json)
+            })
+            .unwrap_or_default()
+    };
+    let draft = match change {
+        Change::StartRollout { .. }
+        | Change::RolloutCommand { .. }
+        | Change::RolloutUpdate { .. } => {
+            return crate::rollout::rollout_events(before, after, source)
+        }
+        Change::SetSplit { route, .. } => {
+            let (was, before) = split(before, route);
+            let (now, after) = split(after, route);
+            Draft::new(
+                source,
+                "split_changed",
+                format!("route {route} split set to {now} (was {was})"),
+            )
+            .route(route)
+            .before(before)
+            .after(after)
+        }
+        Change::UpdateBackend {
+            upstream, address, ..
+        } => {
+            let (was, before) = backend(before, upstream, *address);
+            let (now, after) = backend(after, upstream, *address);
+            Draft::new(
+                source,
+                "backend_changed",
+                format!("upstream {upstream} backend {address} set to {now} (was {was})"),
+            )
+            .upstream(upstream)
+            .backend(address)
+            .before(before)
+            .after(after)
+        }
+        Change::AddBackend {
+            upstream, address, ..
+        } => {
+            let (now, after) = backend(after, upstream, *address);
+            Draft::new(
+                source,
+                "backend_added",
+                format!("upstream {upstream} backend {address} added with {now}"),
+            )
+            .upstream(upstream)
+            .backend(address)
+            .after(after)
+        }
+        Change::RemoveBackend { upstream, address } => {
+            let (was, before) = backend(before, upstream, *address);
+            Draft::new(
+                source,
+                "backend_removed",
+                format!("upstream {upstream} backend {address} removed (had {was})"),
+            )
+            .upstream(upstream)
+            .backend(address)
+            .before(before)
+        }
+    };
+    vec![draft]
 }
 
 /// A route's split as the config file has it.

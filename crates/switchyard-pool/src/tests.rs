@@ -1156,15 +1156,18 @@ fn analysis_stats_follow_their_pair_through_split_changes_and_reloads() {
         route: "web".into(),
         split: pairs.iter().map(|(u, w)| (u.to_string(), *w)).collect(),
     };
-    pool.apply(&split(&[("blue", 50), ("green", 50)])).unwrap();
+    pool.apply(&split(&[("blue", 50), ("green", 50)]), crate::Source::Api)
+        .unwrap();
     count(&pool.snapshot(), 200, false);
     // A request that started on the old snapshot ends on it, into the same pair.
     count(&before, 500, false);
     // Out of the split, green takes no requests on this route and counts none...
-    pool.apply(&split(&[("blue", 1)])).unwrap();
+    pool.apply(&split(&[("blue", 1)]), crate::Source::Api)
+        .unwrap();
     count(&pool.snapshot(), 200, false);
     // ...and back in, it goes on from where it was.
-    pool.apply(&split(&[("blue", 1), ("green", 1)])).unwrap();
+    pool.apply(&split(&[("blue", 1), ("green", 1)]), crate::Source::Api)
+        .unwrap();
     count(&pool.snapshot(), 200, false);
 
     // A reload that puts another upstream first, so green's index moves.
@@ -1185,4 +1188,73 @@ fn analysis_stats_follow_their_pair_through_split_changes_and_reloads() {
     assert!(total.p99().unwrap() >= ms);
     assert_eq!(pool.pair_stats("web", "blue").read().requests, 0);
     assert_eq!(pool.pair_stats("web", "amber").read().requests, 0);
+}
+
+#[test]
+fn the_pool_records_each_change_once_with_its_source_and_nothing_for_a_refusal() {
+    use crate::{Pool, Source};
+    use serde_json::json;
+
+    let pool =
+        Arc::new(Pool::new(blue_green(), Arc::new(Metrics::new()), None).expect("no state file"));
+    let kinds = |pool: &Pool| -> Vec<(Source, String)> {
+        pool.events()
+            .since(0, 100)
+            .into_iter()
+            .map(|e| (e.source, e.kind))
+            .collect()
+    };
+    assert_eq!(kinds(&pool), [(Source::Startup, "started".to_string())]);
+
+    let split = Change::SetSplit {
+        route: "web".into(),
+        split: [("blue".to_string(), 1), ("green".to_string(), 1)].into(),
+    };
+    pool.apply(&split, Source::Rollout).unwrap();
+    let refused = Change::RemoveBackend {
+        upstream: "blue".into(),
+        address: addr(9001),
+    };
+    assert!(pool.apply(&refused, Source::Api).is_err(), "still active");
+    let drain = Change::UpdateBackend {
+        upstream: "blue".into(),
+        address: addr(9001),
+        weight: None,
+        state: Some(BackendState::Draining),
+    };
+    pool.apply(&drain, Source::Api).unwrap();
+    pool.apply(&refused, Source::Api).unwrap();
+    let mut config = blue_green();
+    config.routes.retain(|r| r.name != "web");
+    pool.reload(config);
+
+    let snapshot = pool.snapshot();
+    let green = snapshot.upstream("green").unwrap();
+    for _ in 0..3 {
+        pool.connect_failed(green, &green.backends[0].live);
+    }
+
+    let events = pool.events().since(1, 100);
+    let summary: Vec<(Source, &str)> = events.iter().map(|e| (e.source, &*e.kind)).collect();
+    assert_eq!(
+        summary,
+        [
+            (Source::Rollout, "split_changed"),
+            (Source::Api, "backend_changed"),
+            (Source::Api, "backend_removed"),
+            (Source::Reload, "reloaded"),
+            (Source::Reload, "state_dropped"),
+            (Source::Passive, "backend_unhealthy"),
+        ]
+    );
+    assert_eq!(events[0].after, Some(json!({"blue": 1, "green": 1})));
+    assert_eq!(
+        events[2].before,
+        Some(json!({"weight": 1, "state": "draining"}))
+    );
+    assert_eq!(events[2].after, None);
+    assert_eq!(events[3].message, "config reloaded: routes removed: web");
+    assert_eq!(events[5].backend.as_deref(), Some("127.0.0.1:9002"));
+    assert_eq!(events[5].after, Some(json!({"healthy": false})));
+    assert_eq!(pool.events().last_id(), 7);
 }

@@ -18,7 +18,9 @@ use std::time::Duration;
 use log::{debug, info, warn};
 use switchyard_config::rollout::{Hold, OnFailure};
 use switchyard_pool::stats::{PairStats, StatsReading};
-use switchyard_pool::{Change, Pool, Rejection, Rollout, RolloutState, Verdict, WindowRecord};
+use switchyard_pool::{
+    Change, Pool, Rejection, Rollout, RolloutState, Source, Verdict, WindowRecord,
+};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -184,7 +186,7 @@ impl Engine {
             let (v, why) = judge(&rollout.spec.analysis, &to, &from);
             verdict = Some(v);
             rollout.push_window(WindowRecord {
-                at: switchyard_pool::clock::now(),
+                at: switchyard_pool::events::now(),
                 step: rollout.step_number(),
                 requests: to.requests,
                 errors: to.errors,
@@ -310,13 +312,13 @@ impl Engine {
         if !*gate || !self.lease.held() {
             return;
         }
-        rollout.updated_at = switchyard_pool::clock::now();
+        rollout.updated_at = switchyard_pool::events::now();
         let ended = (!rollout.state.is_active()).then_some(rollout.state);
         let change = Change::RolloutUpdate {
             route: route.to_string(),
             next: Box::new(rollout),
         };
-        match self.pool.apply(&change) {
+        match self.pool.apply(&change, Source::Rollout) {
             Ok(()) => {
                 if let Some(verdict) = verdict {
                     self.pool.metrics().count_window(route, verdict);
@@ -436,10 +438,13 @@ mod tests {
         fn start(&self, body: &str) {
             let spec = RolloutSpec::from_json(body.as_bytes()).expect("valid spec");
             self.pool
-                .apply(&Change::StartRollout {
-                    route: "web".into(),
-                    spec: Box::new(spec),
-                })
+                .apply(
+                    &Change::StartRollout {
+                        route: "web".into(),
+                        spec: Box::new(spec),
+                    },
+                    Source::Api,
+                )
                 .expect("started");
         }
 
@@ -611,10 +616,13 @@ mod tests {
             .await;
         assert_eq!((h.rollout().state, h.green()), (RolloutState::Paused, 1000));
         h.pool
-            .apply(&Change::RolloutCommand {
-                route: "web".into(),
-                command: switchyard_pool::RolloutCommand::Resume,
-            })
+            .apply(
+                &Change::RolloutCommand {
+                    route: "web".into(),
+                    command: switchyard_pool::RolloutCommand::Resume,
+                },
+                Source::Api,
+            )
             .unwrap();
         h.traffic(Duration::from_millis(700), 10, 0, Duration::ZERO)
             .await;

@@ -17,7 +17,7 @@ use switchyard_admin::{AdminApi, Control, MetricsEndpoint};
 use switchyard_config::Config;
 use switchyard_pool::health::HealthChecks;
 use switchyard_pool::ramp::SlowStart;
-use switchyard_pool::{Metrics, Pool};
+use switchyard_pool::{Draft, Metrics, Pool, Source};
 use switchyard_proxy::{ClientApp, ClientCounters, Connections, Proxy, Watched};
 use switchyard_rollout::{Engine, HttpProber, RolloutService, SingleNode};
 
@@ -83,6 +83,14 @@ pub fn run(
         Arc::new(Metrics::new()),
         upgrade.then_some(handover.as_path()),
     )?);
+    if upgrade {
+        // `bootstrap` above has received the listening sockets from the old process.
+        pool.events().record(Draft::new(
+            Source::Upgrade,
+            "took_over",
+            "took the listening sockets over from the previous process (binary upgrade)",
+        ));
+    }
     let control = Arc::new(Control::new(Arc::clone(&pool), config_path)?);
     crate::limits::raise_open_files(client_limits.max_connections)?;
 
