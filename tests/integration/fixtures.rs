@@ -85,12 +85,14 @@ struct BackendShared {
     sick: AtomicBool,
     close_silently: AtomicBool,
     delay_ms: AtomicU64,
+    failing_percent: AtomicU64,
     last_headers: Mutex<Vec<(String, String)>>,
 }
 
 /// A test backend (optionally slow, see `set_delay`). Paths: `/healthz` (503 when sick), `/slow/<ms>`, `/download/<bytes>`,
 /// `/upload` (POST; answers the byte count), `/ws` (101 after 20 ms, then echoes bytes), `/ws-now`
-/// (the same, 101 at once), `/reset` (closes without answering); anything else answers its name. Every answer has `X-Backend: <name>`.
+/// (the same, 101 at once), `/reset` (closes without answering); anything else answers its name. Every answer has `X-Backend: <name>`;
+/// a share of them can be made 500 (`set_failing_percent`).
 pub struct TestBackend {
     pub addr: SocketAddr,
     shared: Arc<BackendShared>,
@@ -111,6 +113,7 @@ impl TestBackend {
             sick: AtomicBool::new(false),
             close_silently: AtomicBool::new(false),
             delay_ms: AtomicU64::new(0),
+            failing_percent: AtomicU64::new(0),
             last_headers: Mutex::new(Vec::new()),
         });
         let listener = block_on(TcpListener::bind(address)).expect("bind backend");
@@ -171,6 +174,12 @@ impl TestBackend {
         self.shared
             .delay_ms
             .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Answers `percent` of the requests (but health checks) with 500, spread evenly: of every
+    /// ten requests, the same three at 30.
+    pub fn set_failing_percent(&self, percent: u64) {
+        self.shared.failing_percent.store(percent, Ordering::SeqCst);
     }
 
     /// Headers of the last request that was not a health check.
@@ -273,8 +282,11 @@ async fn serve_connection(stream: TcpStream, shared: Arc<BackendShared>) {
                 Ok(n) => received += n as u64,
             }
         }
+        let mut failing = false;
         if request.path != "/healthz" {
-            shared.requests.fetch_add(1, Ordering::SeqCst);
+            let k = shared.requests.fetch_add(1, Ordering::SeqCst) as u64 + 1;
+            let percent = shared.failing_percent.load(Ordering::SeqCst);
+            failing = (k * percent) % 100 < percent;
             if let Ok(mut last) = shared.last_headers.lock() {
                 *last = request.headers.clone();
             }
@@ -285,7 +297,9 @@ async fn serve_connection(stream: TcpStream, shared: Arc<BackendShared>) {
         if delay > 0 && path != "/healthz" {
             tokio::time::sleep(Duration::from_millis(delay)).await;
         }
-        let result = if path == "/healthz" {
+        let result = if failing {
+            respond(&mut write, name, 500, b"injected failure\n").await
+        } else if path == "/healthz" {
             let sick = shared.sick.load(Ordering::SeqCst);
             respond(&mut write, name, if sick { 503 } else { 200 }, b"ok\n").await
         } else if let Some(ms) = path.strip_prefix("/slow/") {

@@ -17,5 +17,6 @@ mod limits;
 mod load;
 mod metrics;
 mod proxying;
+mod rollouts;
 mod state;
 mod websocket;
