@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use pingora_core::connectors::http::Connector;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_http::RequestHeader;
-use switchyard_config::rollout::Check;
+use switchyard_config::rollout::{Check, HttpUrl};
 
 /// The most of a check's body read to look for `expect_body`.
 const MAX_CHECK_BODY: usize = 64 * 1024;
@@ -55,58 +55,15 @@ impl Prober for HttpProber {
 
 impl HttpProber {
     async fn get(&self, check: &Check) -> Result<(), String> {
-        let url = &check.url;
-        let address = tokio::net::lookup_host((url.host.as_str(), url.port))
-            .await
-            .map_err(|e| format!("cannot resolve {}: {e}", url.host))?
-            .next()
-            .ok_or_else(|| format!("{} resolves to no address", url.host))?;
-        let peer = HttpPeer::new(address, false, String::new());
-        let (mut session, _) = self
-            .connector
-            .get_http_session(&peer)
-            .await
-            .map_err(|e| format!("cannot connect to {address}: {}", e.etype().as_str()))?;
-        let mut request = RequestHeader::build("GET", url.path.as_bytes(), None)
-            .map_err(|e| format!("bad request: {e}"))?;
-        let headers = [
-            ("Host", url.authority.as_str()),
-            ("User-Agent", "switchyard-rollout-check"),
-            ("Connection", "close"),
-        ];
-        for (name, value) in headers {
-            request
-                .insert_header(name, value)
-                .map_err(|e| format!("bad request header {name}: {e}"))?;
-        }
-        let failed = |e: Box<pingora_core::Error>| format!("{}: {e}", e.etype().as_str());
-        session
-            .write_request_header(Box::new(request))
-            .await
-            .map_err(failed)?;
-        session.finish_request_body().await.map_err(failed)?;
-        session.read_response_header().await.map_err(failed)?;
-        let status = session
-            .response_header()
-            .map(|r| r.status.as_u16())
-            .unwrap_or_default();
+        let want = check.expect_body.as_deref().filter(|w| !w.is_empty());
+        let (status, body) = send(&self.connector, "GET", &check.url, None, want.is_some()).await?;
         if status != check.expect_status {
             return Err(format!("status {status}, expected {}", check.expect_status));
         }
-        let Some(want) = &check.expect_body else {
+        let Some(want) = want else {
             return Ok(());
         };
-        let mut body = Vec::new();
-        while let Some(chunk) = session.read_response_body().await.map_err(failed)? {
-            body.extend_from_slice(&chunk[..chunk.len().min(MAX_CHECK_BODY - body.len())]);
-            if body.len() >= MAX_CHECK_BODY {
-                break;
-            }
-        }
-        let found = body
-            .windows(want.len().max(1))
-            .any(|w| w == want.as_bytes());
-        if found || want.is_empty() {
+        if body.windows(want.len()).any(|w| w == want.as_bytes()) {
             Ok(())
         } else {
             Err(format!(
@@ -115,4 +72,70 @@ impl HttpProber {
             ))
         }
     }
+}
+
+/// One HTTP/1.1 request on a new connection: the status, and the first [`MAX_CHECK_BODY`]
+/// bytes of the body when `read_body`.
+pub(crate) async fn send(
+    connector: &Connector,
+    method: &str,
+    url: &HttpUrl,
+    body: Option<(&str, Vec<u8>)>,
+    read_body: bool,
+) -> Result<(u16, Vec<u8>), String> {
+    let address = tokio::net::lookup_host((url.host.as_str(), url.port))
+        .await
+        .map_err(|e| format!("cannot resolve {}: {e}", url.host))?
+        .next()
+        .ok_or_else(|| format!("{} resolves to no address", url.host))?;
+    let peer = HttpPeer::new(address, false, String::new());
+    let (mut session, _) = connector
+        .get_http_session(&peer)
+        .await
+        .map_err(|e| format!("cannot connect to {address}: {}", e.etype().as_str()))?;
+    let mut request = RequestHeader::build(method, url.path.as_bytes(), None)
+        .map_err(|e| format!("bad request: {e}"))?;
+    let length = body.as_ref().map(|(_, b)| b.len().to_string());
+    let mut headers = vec![
+        ("Host", url.authority.as_str()),
+        ("User-Agent", "switchyard"),
+        ("Connection", "close"),
+    ];
+    if let (Some((content_type, _)), Some(length)) = (&body, &length) {
+        headers.push(("Content-Type", content_type));
+        headers.push(("Content-Length", length));
+    }
+    for (name, value) in headers {
+        request
+            .insert_header(name, value)
+            .map_err(|e| format!("bad request header {name}: {e}"))?;
+    }
+    let failed = |e: Box<pingora_core::Error>| format!("{}: {e}", e.etype().as_str());
+    session
+        .write_request_header(Box::new(request))
+        .await
+        .map_err(failed)?;
+    if let Some((_, bytes)) = body {
+        session
+            .write_request_body(bytes.into(), true)
+            .await
+            .map_err(failed)?;
+    }
+    session.finish_request_body().await.map_err(failed)?;
+    session.read_response_header().await.map_err(failed)?;
+    let status = session
+        .response_header()
+        .map(|r| r.status.as_u16())
+        .unwrap_or_default();
+    let mut kept = Vec::new();
+    if read_body {
+        while let Some(chunk) = session.read_response_body().await.map_err(failed)? {
+            let room = MAX_CHECK_BODY - kept.len();
+            kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if kept.len() >= MAX_CHECK_BODY {
+                break;
+            }
+        }
+    }
+    Ok((status, kept))
 }

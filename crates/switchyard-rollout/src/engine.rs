@@ -77,6 +77,10 @@ impl Engine {
         }
     }
 
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
     /// Stops driving for good: no change of the engine's is applied after this returns.
     pub fn stop(&self) {
         *self.gate() = false;

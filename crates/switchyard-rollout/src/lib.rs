@@ -8,6 +8,7 @@
 mod checks;
 mod engine;
 mod judge;
+mod notify;
 
 use std::sync::Arc;
 
@@ -18,6 +19,7 @@ use pingora_core::services::background::BackgroundService;
 pub use checks::{run_checks, HttpProber, Prober};
 pub use engine::{Engine, Lease, SingleNode};
 pub use judge::{judge, Counts};
+pub use notify::Notifier;
 
 /// The engine as a Pingora background service.
 pub struct RolloutService(pub Arc<Engine>);
@@ -25,6 +27,11 @@ pub struct RolloutService(pub Arc<Engine>);
 #[async_trait]
 impl BackgroundService for RolloutService {
     async fn start(&self, shutdown: ShutdownWatch) {
-        self.0.run(shutdown).await;
+        let notifier = Notifier::new(Arc::clone(self.0.pool()));
+        let events = self.0.pool().events().subscribe();
+        tokio::select! {
+            _ = self.0.run(shutdown) => {}
+            _ = notifier.run(events) => {}
+        }
     }
 }
