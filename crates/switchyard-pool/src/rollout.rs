@@ -345,6 +345,9 @@ impl RuntimeState {
                 rollout.state = RolloutState::Progressing;
                 rollout.reason = None;
                 rollout.released = true;
+                // A fresh progress deadline: one that ran out paused it, and resuming says
+                // the operator wants it to try again (failed windows still count).
+                rollout.stalled_ms = 0;
             }
             RolloutCommand::Promote => {
                 rollout.state = RolloutState::Succeeded;
