@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::fixtures::*;
-use crate::load::{Load, Report};
+use crate::load::{assert_no_failures, Load};
 
 const CLIENTS: usize = 16;
 const PHASE: usize = 600;
@@ -40,21 +40,6 @@ fn blue_pair(a: SocketAddr, b: SocketAddr, other: SocketAddr) -> String {
         &format!("      - address: {a}\n      - address: {b}\n"),
         1,
     )
-}
-
-fn assert_no_failures(name: &str, report: &Report) {
-    let failures = report.failures();
-    eprintln!(
-        "{name}: {} requests, {} failed",
-        report.total(),
-        failures.len()
-    );
-    assert!(
-        failures.is_empty(),
-        "{name}: {} failed: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(10)]
-    );
 }
 
 #[test]

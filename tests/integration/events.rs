@@ -28,7 +28,7 @@ fn ids(events: &[Value]) -> Vec<u64> {
 }
 
 /// `source kind` of each event, to compare a sequence at a glance.
-fn kinds(events: &[Value]) -> Vec<String> {
+pub fn kinds(events: &[Value]) -> Vec<String> {
     events
         .iter()
         .map(|e| {

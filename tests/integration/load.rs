@@ -192,3 +192,20 @@ impl Report {
         (hits as f64 / window.len().max(1) as f64, window.len())
     }
 }
+
+/// Asserts that no request of `report` failed, naming the first few that did; prints the
+/// totals either way.
+pub fn assert_no_failures(name: &str, report: &Report) {
+    let failures = report.failures();
+    eprintln!(
+        "{name}: {} requests, {} failed",
+        report.total(),
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{name}: {} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(10)]
+    );
+}

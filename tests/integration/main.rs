@@ -17,6 +17,7 @@ mod limits;
 mod load;
 mod metrics;
 mod proxying;
+mod rollout_lifecycle;
 mod rollouts;
 mod state;
 mod websocket;

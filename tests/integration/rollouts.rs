@@ -11,10 +11,10 @@ use crate::load::Load;
 
 /// Fast analysis for tests: 250 ms windows, a few requests are enough (a debug build under
 /// the test load serves a few hundred requests a second).
-const FAST: &str =
+pub const FAST: &str =
     r#""step_interval": "500ms", "analysis": {"interval": "250ms", "min_requests": 5}"#;
 /// Load clients: enough for several requests to a 20% share in each window.
-const CLIENTS: usize = 12;
+pub const CLIENTS: usize = 12;
 
 pub fn json(response: &crate::fixtures::Response) -> Value {
     serde_json::from_slice(&response.body).unwrap_or_else(|e| {
@@ -64,7 +64,7 @@ pub fn wait_for_state(sy: &Switchyard, want: &str, limit: Duration) -> Value {
     panic!("rollout not {want} after {limit:?}: {last:#}");
 }
 
-fn split(sy: &Switchyard) -> (u64, u64) {
+pub fn split(sy: &Switchyard) -> (u64, u64) {
     let r = json(&sy.api("GET", "/api/v1/routes/web", None));
     (
         r["split"]["blue"].as_u64().unwrap_or(u64::MAX),

@@ -735,6 +735,13 @@ mod tests {
             .unwrap()
             .contains("the config file changed the route's split"));
         assert_eq!(warnings.len(), 2, "{warnings:?}");
+        // The warning names the rollout as it was when the reload came.
+        assert!(
+            warnings[1].starts_with(
+                "state: rollout web (blue → green, step 0/4, progressing) ended failed"
+            ),
+            "{warnings:?}"
+        );
         // The file's split applies.
         assert_eq!(
             route_split(&ended, &edited),

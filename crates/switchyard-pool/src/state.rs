@@ -563,15 +563,14 @@ impl RuntimeState {
                     None => None,
                 };
                 if let Some(why) = why {
+                    // Named as it was, not as it ends ("paused", not "failed ... ended failed").
+                    let was = rollout.describe();
                     next.splits.remove(route);
                     rollout.end(
                         crate::rollout::RolloutState::Failed,
                         format!("ended by a config reload: {why}; the file's split applies"),
                     );
-                    warnings.push(format!(
-                        "state: rollout {} ended failed: {why}",
-                        rollout.describe()
-                    ));
+                    warnings.push(format!("state: rollout {was} ended failed: {why}"));
                 }
             }
             next.rollouts.insert(route.clone(), rollout);
