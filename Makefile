@@ -30,11 +30,13 @@ lint: deps
 test: test-deps fmt lint
 	$(CARGO) test --all-targets
 
-# The canary scenario against the demo, plotted to docs/canary.png (needs python3; installs
-# matplotlib from PyPI when missing).
+# Against the demo under load (deploy/canary_demo.py): the canary by hand, plotted to
+# docs/canary.png, and an automated rollout that rolls back on its own when green starts
+# failing, plotted to docs/rollback.png (needs python3; installs matplotlib from PyPI when missing).
 deploy-demo: build
 	@python3 -c "import matplotlib" 2>/dev/null || python3 -m pip install --quiet matplotlib
 	python3 deploy/canary_demo.py --binary target/release/switchyard --out docs/canary.png
+	python3 deploy/canary_demo.py --scenario rollback --binary target/release/switchyard --out docs/rollback.png
 
 # 40 binary upgrades in a row under load, with two busy loops on the CPUs, nginx as the
 # backend (deploy/upgrade_stress.py): lists every failed request, exits 1 if there is one.

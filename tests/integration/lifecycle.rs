@@ -1,8 +1,7 @@
 //! Process life: graceful stop on SIGTERM and SIGINT, the grace period as an upper bound, and
-//! the demo as a new user would start it.
+//! a binary upgrade's hand-over (the demo has its own file, `demo.rs`).
 
-use std::io::{BufRead, BufReader as StdBufReader, Write};
-use std::process::{Command, Stdio};
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use crate::fixtures::*;
@@ -73,91 +72,6 @@ fn the_grace_period_bounds_the_wait() {
     assert!(sy
         .log_text()
         .contains("grace period of 1s over with 1 requests in flight"));
-}
-
-#[test]
-fn the_demo_serves_blue_and_green_90_10_and_prints_how_to_try_it() {
-    let mut demo = KillOnDrop(
-        Command::new(BINARY)
-            .arg("demo")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn demo"),
-    );
-    let demo = &mut demo.0;
-    let stdout = demo.stdout.take().expect("stdout");
-    let mut lines = StdBufReader::new(stdout).lines();
-    let mut printed = String::new();
-    for line in lines.by_ref().take(40).map_while(Result::ok) {
-        printed.push_str(&line);
-        printed.push('\n');
-        if line.starts_with("Stop with") {
-            break;
-        }
-    }
-    assert!(
-        printed.contains("curl -i http://127.0.0.1:8080/"),
-        "{printed}"
-    );
-    let lb = "127.0.0.1:8080".parse().expect("addr");
-    wait_until("the demo to listen", Duration::from_secs(30), || {
-        std::net::TcpStream::connect(lb).is_ok()
-    });
-    let answers: Vec<String> = (0..20).map(|_| get(lb, "/").text()).collect();
-    let blue = answers
-        .iter()
-        .filter(|a| *a == "hello from blue (v1)\n")
-        .count();
-    let green = answers
-        .iter()
-        .filter(|a| *a == "hello from green (v2)\n")
-        .count();
-    assert_eq!((blue, green), (18, 2), "{answers:?}");
-    let r = get(lb, "/");
-    assert!(r.header("x-switchyard-upstream").is_some());
-    assert!(
-        printed.contains("curl -s -X PUT http://127.0.0.1:9000/api/v1/routes/web/split"),
-        "{printed}"
-    );
-    let admin = "127.0.0.1:9000".parse().expect("addr");
-    let r = block_on(send(
-        admin,
-        "PUT",
-        "/api/v1/routes/web/split",
-        &[],
-        Some(br#"{"blue": 0, "green": 1}"#),
-    ))
-    .expect("admin");
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(get(lb, "/").text(), "hello from green (v2)\n");
-    let metrics = get("127.0.0.1:9100".parse().expect("addr"), "/metrics").text();
-    assert!(metrics.contains("switchyard_requests_total{backend=\"127.0.0.1:9001\",route=\"web\",status=\"200\",upstream=\"blue\"} 19"), "{metrics}");
-    let _ = Command::new("kill")
-        .args(["-TERM", &demo.id().to_string()])
-        .status();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Ok(Some(status)) = demo.try_wait() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = demo.kill();
-            panic!("demo did not stop on SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert_eq!(status.code(), Some(0));
-}
-
-/// Kills the child if a failed assertion unwinds past it.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]

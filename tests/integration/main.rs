@@ -8,6 +8,7 @@ mod balancing;
 mod check;
 mod cli;
 mod clients;
+mod demo;
 mod deploy;
 mod events;
 mod files;
