@@ -158,7 +158,9 @@ fn changes_are_recorded_in_order_and_read_back_by_id() {
     assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
 
     assert_eq!(ids(&events(&sy, "?since=3")), [4, 5, 6, 7, 8]);
-    assert_eq!(ids(&events(&sy, "?limit=2")), [1, 2]);
+    // Without `since`: the newest, oldest first; from the start: `since=0`.
+    assert_eq!(ids(&events(&sy, "?limit=2")), [7, 8]);
+    assert_eq!(ids(&events(&sy, "?since=0&limit=2")), [1, 2]);
     assert_eq!(ids(&events(&sy, "?since=3&limit=2")), [4, 5]);
     assert!(events(&sy, "?since=8").is_empty());
     for (query, names) in [

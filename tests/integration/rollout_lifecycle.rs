@@ -306,7 +306,9 @@ fn a_reload_ends_a_rollout_failed_only_when_it_changes_the_routes_split() {
     let report = reload(&sy);
     let dropped = report["dropped_state"].to_string();
     assert!(
-        dropped.contains("rollout web (blue → green, step 2/3, paused) ended failed"),
+        dropped.contains(
+            "rollout web (blue → green, step 2/3, paused) is failed: ended by the config file"
+        ),
         "{report:#}"
     );
     let ended = rollout(&sy);

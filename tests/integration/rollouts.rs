@@ -224,6 +224,9 @@ fn a_failing_check_stops_it_before_the_weight_moves() {
     let blue = TestBackend::start("blue");
     let green = TestBackend::start("green");
     let sy = start_blue_green(&blue, &green, "");
+    // Under load, so that green getting no request says the weight never moved.
+    let load = Load::start(sy.addr, 4);
+    load.run_for(20, Duration::from_secs(10));
     // green's /healthz answers 503 when sick: the deploy's own "does it work" probe.
     green.set_sick(true);
     let body = format!(
@@ -242,6 +245,8 @@ fn a_failing_check_stops_it_before_the_weight_moves() {
         "{reason}"
     );
     assert_eq!(split(&sy), (10_000, 0));
+    load.run_for(20, Duration::from_secs(10));
+    drop(load.stop());
     assert_eq!(green.requests(), 0, "green got traffic");
     // A body check too: green answers its name, not "v2".
     green.set_sick(false);
@@ -263,14 +268,32 @@ fn pause_resume_promote_and_abort_do_what_they_say() {
     let load = Load::start(sy.addr, 4);
     start(
         &sy,
-        r#"{"to": "green", "steps": [10, 50], "step_interval": "1m", "analysis": {"interval": "250ms", "min_requests": 5}}"#,
+        r#"{"to": "green", "steps": [10, 50], "step_interval": "1s", "analysis": {"interval": "250ms", "min_requests": 3}}"#,
     );
     wait_until("step 1", Duration::from_secs(5), || {
         split(&sy) == (9000, 1000)
     });
     let paused = sy.api("POST", "/api/v1/routes/web/rollout/pause", None);
     assert_eq!(paused.status, 200, "{}", paused.text());
-    assert_eq!(json(&paused)["state"], "paused");
+    let paused = json(&paused);
+    assert_eq!(paused["state"], "paused");
+    // Held: analysis goes on (windows keep coming), the weight and the hold time do not,
+    // though the step's 1 s hold would long be over.
+    let windows = |r: &Value| r["windows"].as_array().map_or(0, Vec::len);
+    let held = paused["held_ms"].as_u64().unwrap_or(0);
+    wait_until("windows while paused", Duration::from_secs(10), || {
+        windows(&rollout(&sy)) >= windows(&paused) + 8
+    });
+    let still = rollout(&sy);
+    assert_eq!(
+        (still["state"].as_str(), still["step"].as_u64()),
+        (Some("paused"), Some(1))
+    );
+    assert_eq!(split(&sy), (9000, 1000));
+    assert!(
+        still["held_ms"].as_u64().unwrap_or(u64::MAX) <= held + 300,
+        "{held} then {still:#}"
+    );
     // A manual split change is refused while the rollout owns the route.
     let put = sy.api(
         "PUT",
@@ -286,6 +309,9 @@ fn pause_resume_promote_and_abort_do_what_they_say() {
     );
     let resumed = sy.api("POST", "/api/v1/routes/web/rollout/resume", None);
     assert_eq!(json(&resumed)["state"], "progressing");
+    wait_until("step 2 after resume", Duration::from_secs(10), || {
+        split(&sy) == (5000, 5000)
+    });
     let promoted = sy.api("POST", "/api/v1/routes/web/rollout/promote", None);
     assert_eq!(promoted.status, 200);
     assert_eq!(json(&promoted)["state"], "succeeded");

@@ -175,9 +175,13 @@ impl AdminApi {
             },
             ["routes", route, "rollout"] => match *method {
                 Method::GET => match self.control.pool().rollout(route) {
-                    Some(r) => Reply::ok(rollouts::status_view(&r)),
+                    Some(r) => Reply::ok(rollouts::status_view(&r, &snapshot)),
                     None => self.no_rollout(&snapshot, route),
                 },
+                // An unknown route is 404 whatever the body says.
+                Method::POST if !snapshot.routes.iter().any(|r| *r.name == **route) => {
+                    Reply::error(StatusCode::NOT_FOUND, format!("no route named {route:?}"))
+                }
                 Method::POST => match rollouts::start(route, &body) {
                     Ok(change) => self.rollout_reply(&change, route, StatusCode::CREATED),
                     Err(problems) => Reply::error(StatusCode::BAD_REQUEST, problems),
@@ -204,7 +208,7 @@ impl AdminApi {
                         .pool()
                         .rollouts()
                         .iter()
-                        .map(rollouts::status_view)
+                        .map(|r| rollouts::status_view(r, &snapshot))
                         .collect(),
                 )),
                 _ => Reply::method_not_allowed(method, "GET"),
@@ -264,11 +268,12 @@ impl AdminApi {
 
     /// Applies a rollout change and answers with the rollout's status.
     fn rollout_reply(&self, change: &Change, route: &str, status: StatusCode) -> Reply {
-        if let Err(reply) = self.apply(change) {
-            return reply;
-        }
+        let snapshot = match self.apply(change) {
+            Ok(snapshot) => snapshot,
+            Err(reply) => return reply,
+        };
         match self.control.pool().rollout(route) {
-            Some(r) => Reply::with(status, rollouts::status_view(&r)),
+            Some(r) => Reply::with(status, rollouts::status_view(&r, &snapshot)),
             None => Reply::error(
                 StatusCode::NOT_FOUND,
                 format!("route {route:?} has no rollout"),

@@ -1,8 +1,8 @@
 //! `GET /api/v1/events?since=ID&limit=N`: the pool's event log, oldest first.
 //!
-//! `since` (default 0: everything still kept) returns the events after that id; `limit`
-//! (default and most [`MAX_LIMIT`]) how many at most. A client follows the log by asking again
-//! with the last id it got. A `limit` above the maximum is refused with 400 rather than cut
+//! `since` returns the events after that id, `limit` (default and most [`MAX_LIMIT`]) how many
+//! at most; without `since`, the newest `limit` (still oldest first), which is what a person
+//! looking at the log wants. A client follows the log by asking again with the last id it got. A `limit` above the maximum is refused with 400 rather than cut
 //! down: a client that asked for 5 000 and silently got 1 000 could take the answer for all
 //! there is, and the rest of the API refuses out-of-range values the same way.
 
@@ -15,17 +15,20 @@ pub const MAX_LIMIT: usize = 1000;
 /// What a query asks for.
 #[derive(Debug, PartialEq, Eq)]
 struct Query {
-    since: u64,
+    since: Option<u64>,
     limit: usize,
 }
 
 /// The answer's body for the request's query string, or the 400 message naming the parameter.
 pub fn list(events: &Events, query: Option<&str>) -> Result<Value, String> {
     let query = parse_query(query)?;
+    let since = query
+        .since
+        .unwrap_or_else(|| events.last_id().saturating_sub(query.limit as u64));
     // An event is plain strings and JSON values: turning it into a `Value` cannot fail.
     Ok(Value::Array(
         events
-            .since(query.since, query.limit)
+            .since(since, query.limit)
             .iter()
             .filter_map(|e| serde_json::to_value(e).ok())
             .collect(),
@@ -65,10 +68,7 @@ fn parse_query(query: Option<&str>) -> Result<Query, String> {
             .filter(|n| (1..=MAX_LIMIT).contains(n))
             .ok_or_else(|| format!("limit: {n} is out of range 1..={MAX_LIMIT}"))?,
     };
-    Ok(Query {
-        since: since.unwrap_or(0),
-        limit,
-    })
+    Ok(Query { since, limit })
 }
 
 /// A client's text in an error message, cut short: the message is for a person, not an echo.
@@ -85,30 +85,30 @@ mod tests {
     }
 
     #[test]
-    fn defaults_are_everything_kept_up_to_the_limit() {
+    fn defaults_are_the_newest_up_to_the_limit() {
         let all = Query {
-            since: 0,
+            since: None,
             limit: MAX_LIMIT,
         };
         assert_eq!(parse_query(None), Ok(all));
         assert_eq!(
             query(""),
             Ok(Query {
-                since: 0,
+                since: None,
                 limit: MAX_LIMIT
             })
         );
         assert_eq!(
             query("since=42&limit=5"),
             Ok(Query {
-                since: 42,
+                since: Some(42),
                 limit: 5
             })
         );
         assert_eq!(
             query("limit=1000"),
             Ok(Query {
-                since: 0,
+                since: None,
                 limit: 1000
             })
         );
@@ -142,13 +142,19 @@ mod tests {
                 kind,
             ));
         }
-        let body = list(&events, Some("since=1&limit=1")).expect("valid");
-        let ids: Vec<u64> = body
-            .as_array()
-            .expect("array")
-            .iter()
-            .filter_map(|e| e["id"].as_u64())
-            .collect();
-        assert_eq!(ids, [2]);
+        let ids = |query: &str| -> Vec<u64> {
+            list(&events, Some(query))
+                .expect("valid")
+                .as_array()
+                .expect("array")
+                .iter()
+                .filter_map(|e| e["id"].as_u64())
+                .collect()
+        };
+        assert_eq!(ids("since=1&limit=1"), [2]);
+        assert_eq!(ids("since=0"), [1, 2, 3]);
+        // Without `since`: the newest, oldest first.
+        assert_eq!(ids("limit=2"), [2, 3]);
+        assert_eq!(ids(""), [1, 2, 3]);
     }
 }

@@ -3,10 +3,11 @@
 
 use serde_json::{json, Value};
 use switchyard_config::rollout::{Hold, RolloutSpec};
-use switchyard_pool::{Change, Rollout, RolloutCommand};
+use switchyard_pool::{Change, Rollout, RolloutCommand, Snapshot};
 
-/// The contract's status of a rollout.
-pub fn status_view(rollout: &Rollout) -> Value {
+/// The contract's status of a rollout; `snapshot` gives the route's split in force.
+pub fn status_view(rollout: &Rollout, snapshot: &Snapshot) -> Value {
+    let split = snapshot.split_of(&rollout.route);
     let steps: Vec<Value> = rollout
         .spec
         .steps
@@ -25,16 +26,12 @@ pub fn status_view(rollout: &Rollout) -> Value {
         "to": rollout.to,
         "state": rollout.state.as_str(),
         "step": rollout.step_number(),
-        "weight": match rollout.state {
-            switchyard_pool::RolloutState::Succeeded => 100.0,
-            switchyard_pool::RolloutState::RolledBack | switchyard_pool::RolloutState::Aborted => 0.0,
-            _ => rollout.weight,
-        },
+        "weight": rollout.shown_weight(&split),
         "steps": steps,
         "reason": rollout.reason,
         "started_at": rollout.started_at,
         "updated_at": rollout.updated_at,
-        "split": rollout.split(),
+        "split": split,
         "failed_windows": rollout.failed_windows,
         "held_ms": rollout.held_ms,
         "windows": rollout.windows,

@@ -299,6 +299,8 @@ struct RawStep {
     pause: Option<Hold>,
     /// A match step's `match`, refused until routes can match requests.
     has_match: bool,
+    /// Written as an object: a problem with its weight is at `steps[i].weight`.
+    object: bool,
 }
 
 impl<'de> Deserialize<'de> for RawStep {
@@ -316,6 +318,7 @@ impl<'de> Deserialize<'de> for RawStep {
                     weight: Some(v),
                     pause: None,
                     has_match: false,
+                    object: false,
                 })
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawStep, E> {
@@ -329,6 +332,7 @@ impl<'de> Deserialize<'de> for RawStep {
                     weight: None,
                     pause: None,
                     has_match: false,
+                    object: true,
                 };
                 while let Some(key) = map.next_key::<String>()? {
                     match key.as_str() {
@@ -442,6 +446,7 @@ impl RawSpec {
                     weight: Some(*w),
                     pause: None,
                     has_match: false,
+                    object: false,
                 })
                 .collect()
         });
@@ -476,13 +481,21 @@ impl RawSpec {
                 problem(&format!("{path}.weight"), "is required".into());
                 continue;
             };
+            let weight_path = if step.object {
+                format!("{path}.weight")
+            } else {
+                path.clone()
+            };
             if !(weight > 0.0 && weight <= 100.0) {
-                problem(&path, format!("{weight} is not a percentage in (0, 100]"));
+                problem(
+                    &weight_path,
+                    format!("{weight} is not a percentage in (0, 100]"),
+                );
                 continue;
             }
             if let Some(before) = previous.filter(|before| weight <= *before) {
                 problem(
-                    &path,
+                    &weight_path,
                     format!("{weight} does not increase on the step before it ({before}); steps must increase"),
                 );
             }
@@ -629,6 +642,7 @@ impl From<&RolloutSpec> for RawSpec {
                         weight: Some(s.weight()),
                         pause: (s.pause != Hold::Interval).then_some(s.pause),
                         has_match: false,
+                        object: s.pause != Hold::Interval,
                     })
                     .collect(),
             ),

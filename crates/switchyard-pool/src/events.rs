@@ -103,6 +103,11 @@ pub struct Draft {
 }
 
 impl Draft {
+    /// What the event will say.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
     pub fn new(source: Source, kind: impl Into<String>, message: impl Into<String>) -> Draft {
         Draft {
             source,

@@ -55,6 +55,8 @@ pub struct Pool {
     local_errors: LocalErrors,
     /// Bumped after every swap, for background work that follows the state (health checks).
     version: watch::Sender<u64>,
+    /// Bumped after every change of a rollout record, for the rollout engine.
+    rollouts_moved: watch::Sender<u64>,
     events: Events,
 }
 
@@ -110,6 +112,10 @@ impl Pool {
         for warning in warnings {
             events.record(Draft::new(Source::Startup, "state_dropped", warning).warning());
         }
+        // Rollouts the file no longer fits (it changed while the process was down) end here.
+        for event in rollout::rollout_events(&saved, &state, Source::Startup) {
+            events.record(event);
+        }
         let snapshot = Snapshot::build(&config, &state, &metrics, None);
         Ok(Pool {
             current: ArcSwap::from_pointee(snapshot),
@@ -118,6 +124,7 @@ impl Pool {
             local_errors: LocalErrors::new(&metrics),
             metrics,
             version: watch::Sender::new(0),
+            rollouts_moved: watch::Sender::new(0),
             events,
         })
     }
@@ -157,6 +164,24 @@ impl Pool {
     /// there is one), then swapped in for the next request, and recorded as an event. On `Err`
     /// nothing changed and nothing is recorded.
     pub fn apply(&self, change: &Change, source: Source) -> Result<(), Rejection> {
+        self.apply_with(change, source, false)
+    }
+
+    /// The rollout engine's changes, as [`Pool::apply`], except that the end of a rollout (a
+    /// rollback above all) is applied even when the state file cannot be written: a failing
+    /// version keeping its share because a disk is full would be worse than a restart that
+    /// does not know of the rollback. That is logged and recorded as an event.
+    pub fn apply_rollout_update(&self, change: &Change) -> Result<(), Rejection> {
+        let ends = matches!(change, Change::RolloutUpdate { next, .. } if !next.state.is_active());
+        self.apply_with(change, Source::Rollout, ends)
+    }
+
+    fn apply_with(
+        &self,
+        change: &Change,
+        source: Source,
+        even_unsaved: bool,
+    ) -> Result<(), Rejection> {
         let mut desired = self.lock();
         let current = self.current.load_full();
         let in_flight = |upstream: &str, address| {
@@ -168,27 +193,50 @@ impl Pool {
         let next = desired
             .state
             .with_change(&desired.config, change, in_flight)?;
+        let mut unsaved = None;
         if let Some(store) = &self.store {
-            store.save(&next).map_err(Rejection::Storage)?;
+            match store.save(&next) {
+                Ok(()) => {}
+                Err(e) if even_unsaved => unsaved = Some(e),
+                Err(e) => return Err(Rejection::Storage(e)),
+            }
         }
         // A rollout's progress that leaves every split as it was (a judged window, hold
         // time) needs no new snapshot: selection would be rebuilt for nothing.
         let rebuild =
             next.splits != desired.state.splits || next.upstreams != desired.state.upstreams;
-        let event = state::change_event(&desired.config, &desired.state, &next, change, source);
+        let rollouts_moved = next.rollouts != desired.state.rollouts;
+        let events = state::change_event(&desired.config, &desired.state, &next, change, source);
         if rebuild {
             let built = Snapshot::build(&desired.config, &next, &self.metrics, Some(&current));
             desired.state = next;
             self.swap(built);
         } else {
             desired.state = next;
-            self.version.send_modify(|v| *v += 1);
+        }
+        if rollouts_moved {
+            self.rollouts_moved.send_modify(|v| *v += 1);
         }
         // Under the writer lock, so that events are in the order the changes were made.
-        for event in event {
+        if let Some(e) = unsaved {
+            self.events.record(
+                Draft::new(
+                    source,
+                    "state_not_saved",
+                    format!("{e}; the rollout's end applies anyway, in memory only: a restart would not know it"),
+                )
+                .warning(),
+            );
+        }
+        for event in events {
             self.events.record(event);
         }
         Ok(())
+    }
+
+    /// Follows changes of any rollout (started, moved, ended), for the engine.
+    pub fn subscribe_rollouts(&self) -> watch::Receiver<u64> {
+        self.rollouts_moved.subscribe()
     }
 
     /// A route's current or last rollout.
@@ -206,7 +254,7 @@ impl Pool {
     /// state that was dropped; returns those warnings.
     pub fn reload(&self, config: Config) -> Vec<String> {
         let mut desired = self.lock();
-        let (state, warnings) = desired.state.fit(&config);
+        let (state, mut warnings) = desired.state.fit(&config);
         if state != desired.state {
             if let Some(store) = &self.store {
                 if let Err(e) = store.save(&state) {
@@ -217,6 +265,7 @@ impl Pool {
         let built = Snapshot::build(&config, &state, &self.metrics, Some(&self.current.load()));
         let changed = config_changes(&desired.config, &config);
         let ended = rollout::rollout_events(&desired.state, &state, Source::Reload);
+        let rollouts_moved = desired.state.rollouts != state.rollouts;
         *desired = Desired { config, state };
         self.swap(built);
         self.events.record(Draft::new(
@@ -228,7 +277,12 @@ impl Pool {
             self.events
                 .record(Draft::new(Source::Reload, "state_dropped", warning.clone()).warning());
         }
+        if rollouts_moved {
+            self.rollouts_moved.send_modify(|v| *v += 1);
+        }
         for event in ended {
+            // The reload's answer names what it ended too.
+            warnings.push(event.message().to_string());
             self.events.record(event);
         }
         warnings

@@ -428,11 +428,7 @@ impl Metrics {
             let route = rollout.route.as_str();
             self.rollout_weight
                 .with_label_values(&[route, &rollout.from, &rollout.to])
-                .set(match rollout.state {
-                    RolloutState::Succeeded => 100.0,
-                    RolloutState::RolledBack | RolloutState::Aborted => 0.0,
-                    _ => rollout.weight,
-                });
+                .set(rollout.shown_weight(&snapshot.split_of(route)));
             for state in RolloutState::ALL {
                 self.rollout_state
                     .with_label_values(&[route, state.as_str()])

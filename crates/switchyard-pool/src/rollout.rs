@@ -141,6 +141,10 @@ pub struct Rollout {
     /// Bumped by every change, so that a change built on an older record is refused.
     #[serde(default)]
     pub revision: u64,
+    /// Counts the route's rollouts: with `started_at`, which rollout of the route this is
+    /// (two may start within one millisecond).
+    #[serde(default)]
+    pub serial: u64,
 }
 
 impl Rollout {
@@ -163,6 +167,31 @@ impl Rollout {
         split.insert(self.to.clone(), to);
         split.insert(self.from.clone(), self.total - to);
         split
+    }
+
+    /// Whether `other` is a record of this very rollout (not a later one on the route).
+    pub fn same_rollout(&self, other: &Rollout) -> bool {
+        self.started_at == other.started_at && self.serial == other.serial
+    }
+
+    /// `to`'s share in percent as the API and metrics show it: the record's while the rollout
+    /// owns the split and at its end, and for one the config file ended (`failed`), what the
+    /// split in force, `live`, gives `to` of `from` and `to`.
+    pub fn shown_weight(&self, live: &BTreeMap<String, u32>) -> f64 {
+        match self.state {
+            RolloutState::Succeeded => 100.0,
+            RolloutState::RolledBack | RolloutState::Aborted => 0.0,
+            RolloutState::Progressing | RolloutState::Paused => self.weight,
+            RolloutState::Failed => {
+                let weight = |u: &String| f64::from(live.get(u).copied().unwrap_or(0));
+                let both = weight(&self.to) + weight(&self.from);
+                if both > 0.0 {
+                    weight(&self.to) * 100.0 / both
+                } else {
+                    0.0
+                }
+            }
+        }
     }
 
     /// The 1-based number of the step in force (0 before the first).
@@ -299,7 +328,9 @@ impl RuntimeState {
             )));
         }
         let now = crate::events::now();
-        let revision = self.rollouts.get(route).map_or(0, |r| r.revision + 1);
+        let last = self.rollouts.get(route);
+        let revision = last.map_or(0, |r| r.revision + 1);
+        let serial = last.map_or(1, |r| r.serial + 1);
         let rollout = Rollout {
             route: route.to_string(),
             from,
@@ -319,6 +350,7 @@ impl RuntimeState {
             stalled_ms: 0,
             released: false,
             revision,
+            serial,
         };
         self.set_rollout(config, rollout)
     }
@@ -382,7 +414,8 @@ impl RuntimeState {
         next: &Rollout,
     ) -> Result<(), Rejection> {
         let current = self.running(config, route, "update")?;
-        if current.revision != next.revision || current.from != next.from || current.to != next.to {
+        // The start time tells a route's rollouts apart even when revisions restart.
+        if current.revision != next.revision || !current.same_rollout(next) {
             return Err(Rejection::Conflict(format!(
                 "the rollout on route {route:?} changed meanwhile (revision {} now, {} given)",
                 current.revision, next.revision
@@ -499,9 +532,16 @@ pub(crate) fn rollout_events(
                 (_, state) => format!("rollout_{}", state.as_str()),
             };
             let reason = now.reason.as_deref().unwrap_or("resumed");
-            let mut event = draft(&kind, format!("rollout on route {route}: {reason}"))
-                .before(view(was))
-                .after(view(now));
+            let mut event = draft(
+                &kind,
+                format!(
+                    "rollout {} is {}: {reason}",
+                    was.describe(),
+                    now.state.as_str()
+                ),
+            )
+            .before(view(was))
+            .after(view(now));
             if matches!(now.state, RolloutState::RolledBack | RolloutState::Failed) {
                 event = event.warning();
             }
@@ -734,14 +774,32 @@ mod tests {
             .as_deref()
             .unwrap()
             .contains("the config file changed the route's split"));
-        assert_eq!(warnings.len(), 2, "{warnings:?}");
-        // The warning names the rollout as it was when the reload came.
+        // Ending the rollout is its own event, not dropped state: only the split override's
+        // warning is left, and the rollout's event names it as it was.
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        let events = rollout_events(&state, &ended, Source::Reload);
+        assert_eq!(events.len(), 1);
         assert!(
-            warnings[1].starts_with(
-                "state: rollout web (blue → green, step 0/4, progressing) ended failed"
-            ),
-            "{warnings:?}"
+            events[0]
+                .message()
+                .starts_with("rollout web (blue → green, step 0/4, progressing) is failed: ended by the config file"),
+            "{}",
+            events[0].message()
         );
+        // A removed route ends it failed too, and the record stays listed.
+        let yaml = "listeners:\n  - address: 127.0.0.1:8080\nupstreams:\n  blue:\n    backends:\n      - address: 127.0.0.1:9001\n  green:\n    backends:\n      - address: 127.0.0.1:9002\nroutes:\n  - name: api\n    split: {blue: 1}\n";
+        let without = Config::from_yaml(yaml).expect("valid");
+        let (gone, _) = state.fit(&without);
+        assert_eq!(gone.rollouts["web"].state, RolloutState::Failed);
+        assert!(gone.rollouts["web"]
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("the route is no longer in the config"));
+        // Once ended, a later reload lets the record of the removed route go.
+        let (later, warnings) = gone.fit(&without);
+        assert!(later.rollouts.is_empty());
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
         // The file's split applies.
         assert_eq!(
             route_split(&ended, &edited),

@@ -390,6 +390,20 @@ impl Snapshot {
         }
     }
 
+    /// A route's split in force, by upstream name (empty for no such route).
+    pub fn split_of(&self, route: &str) -> std::collections::BTreeMap<String, u32> {
+        self.routes
+            .iter()
+            .find(|r| *r.name == *route)
+            .map(|r| {
+                r.split
+                    .iter()
+                    .map(|&(u, w)| (self.upstreams[u].name.to_string(), w))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     pub fn upstream(&self, name: &str) -> Option<&Upstream> {
         self.upstreams.iter().find(|u| *u.name == *name)
     }

@@ -543,10 +543,13 @@ impl RuntimeState {
                 next.upstreams.insert(name.clone(), kept);
             }
         }
+        // Ending a rollout is not dropping state: the caller records it as the rollout's own
+        // event (see `rollout::rollout_events`), so no warning here.
         for (route, rollout) in &self.rollouts {
-            if !config.routes.iter().any(|r| r.name == *route) {
+            let route_kept = config.routes.iter().any(|r| r.name == *route);
+            if !route_kept && !rollout.state.is_active() {
                 warnings.push(format!(
-                    "state: rollout of route {route:?} dropped: the route is no longer in the config"
+                    "state: the last rollout of route {route:?} dropped: the route is no longer in the config"
                 ));
                 continue;
             }
@@ -556,6 +559,7 @@ impl RuntimeState {
                     .into_iter()
                     .find(|u| config.upstream(u).is_none());
                 let why = match missing {
+                    _ if !route_kept => Some("the route is no longer in the config".to_string()),
                     Some(gone) => Some(format!("upstream {gone:?} is no longer in the config")),
                     None if !next.splits.contains_key(route) => {
                         Some("the config file changed the route's split".to_string())
@@ -563,16 +567,14 @@ impl RuntimeState {
                     None => None,
                 };
                 if let Some(why) = why {
-                    // Named as it was, not as it ends ("paused", not "failed ... ended failed").
-                    let was = rollout.describe();
                     next.splits.remove(route);
                     rollout.end(
                         crate::rollout::RolloutState::Failed,
-                        format!("ended by a config reload: {why}; the file's split applies"),
+                        format!("ended by the config file: {why}; the file's split applies"),
                     );
-                    warnings.push(format!("state: rollout {was} ended failed: {why}"));
                 }
             }
+            // A failed rollout of a removed route stays listed until the next reload.
             next.rollouts.insert(route.clone(), rollout);
         }
         (next, warnings)

@@ -115,7 +115,15 @@ impl StateFile {
             )
         };
         let target = target(&self.path).map_err(|e| fail("follow symbolic link", e))?;
-        let body = serde_json::to_vec_pretty(state).map_err(|e| e.to_string())?;
+        let mut value = serde_json::to_value(state).map_err(|e| e.to_string())?;
+        // Without rollouts the state is written in format 1 (no `format` field), which the
+        // binaries from before rollouts read: a downgrade keeps splits and drains.
+        if state.rollouts.is_empty() {
+            if let Some(fields) = value.as_object_mut() {
+                fields.remove("format");
+            }
+        }
+        let body = serde_json::to_vec_pretty(&value).map_err(|e| e.to_string())?;
         // An existing file keeps its mode (an operator may have opened it to a group).
         let mode = match fs::metadata(&target) {
             Ok(meta) => Some(meta.permissions().mode() & 0o7777),
@@ -401,9 +409,13 @@ mod tests {
             .file_type()
             .is_symlink());
         let written = fs::read_to_string(dir.join("volume/state.json")).expect("target");
+        // Without rollouts it is written as format 1.
         assert_eq!(
             serde_json::from_str::<RuntimeState>(&written).expect("json"),
-            RuntimeState::default()
+            RuntimeState {
+                format: 1,
+                ..RuntimeState::default()
+            }
         );
         // A fresh file is the process's alone.
         let mode = fs::metadata(dir.join("volume/state.json"))
@@ -499,9 +511,8 @@ mod tests {
         assert_eq!(old.format, 1);
         assert_eq!(old.splits.len(), 1);
         file.save(&RuntimeState::default()).expect("save");
-        assert!(fs::read_to_string(&path)
-            .expect("read")
-            .contains(&format!("\"format\": {STATE_FORMAT}")));
+        // Without rollouts it stays readable by binaries of format 1.
+        assert!(!fs::read_to_string(&path).expect("read").contains("format"));
         // A newer format is refused, named, and left where it is.
         let newer = format!(
             r#"{{"format": {}, "splits": {{}}, "shiny": true}}"#,

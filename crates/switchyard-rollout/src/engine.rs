@@ -18,10 +18,8 @@ use std::time::Duration;
 use log::{debug, info, warn};
 use switchyard_config::rollout::{Hold, OnFailure};
 use switchyard_pool::stats::{PairStats, StatsReading};
-use switchyard_pool::{
-    Change, Pool, Rejection, Rollout, RolloutState, Source, Verdict, WindowRecord,
-};
-use tokio::sync::watch;
+use switchyard_pool::{Change, Pool, Rejection, Rollout, RolloutState, Verdict, WindowRecord};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::checks::{run_checks, Prober};
@@ -53,6 +51,9 @@ pub struct Engine {
 
 /// What the engine remembers of one rollout between windows.
 struct Driver {
+    /// The record taken over, for which rollout of the route this is (`same_rollout`): a
+    /// route's next rollout gets a new driver.
+    rollout: Rollout,
     /// When the next window closes.
     due: Instant,
     /// When the last window closed (or the engine took the rollout over).
@@ -65,6 +66,14 @@ struct Driver {
     passed: bool,
     /// The step `passed` is about.
     step: Option<usize>,
+    /// The checks of the next step, while they run: windows go on being judged meanwhile.
+    checks: Option<RunningChecks>,
+}
+
+struct RunningChecks {
+    /// The step they are for.
+    next: usize,
+    result: oneshot::Receiver<Result<(), String>>,
 }
 
 impl Engine {
@@ -93,8 +102,10 @@ impl Engine {
 
     /// Drives rollouts until `shutdown` turns true (or the engine is stopped).
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) {
-        let mut changes = self.pool.subscribe();
+        let mut changes = self.pool.subscribe_rollouts();
         let mut drivers: HashMap<String, Driver> = HashMap::new();
+        // Check tasks name their route here when they are done, so it is driven at once.
+        let (checked, mut checks_done) = mpsc::unbounded_channel::<String>();
         loop {
             if *shutdown.borrow() || !*self.gate() {
                 return;
@@ -108,7 +119,7 @@ impl Engine {
                     .map(|(route, _)| route.clone())
                     .collect();
                 for route in due {
-                    self.drive(&route, &mut drivers).await;
+                    self.drive(&route, &mut drivers, &checked);
                 }
             } else {
                 // Another instance drives; ours starts afresh when the lease comes back.
@@ -122,13 +133,14 @@ impl Engine {
             tokio::select! {
                 _ = tokio::time::sleep_until(next) => {}
                 changed = changes.changed() => if changed.is_err() { return },
+                Some(route) = checks_done.recv() => self.checks_done(&route, &mut drivers),
                 _ = shutdown.changed() => {}
             }
         }
     }
 
     /// Takes on rollouts that started (or were resumed from the state) and lets go of those
-    /// that ended.
+    /// that ended or were replaced by a newer one on their route.
     fn follow(&self, drivers: &mut HashMap<String, Driver>) {
         let running: Vec<Rollout> = self
             .pool
@@ -136,41 +148,61 @@ impl Engine {
             .into_iter()
             .filter(|r| r.state.is_active())
             .collect();
-        drivers.retain(|route, _| running.iter().any(|r| r.route == *route));
+        drivers.retain(|route, d| {
+            running
+                .iter()
+                .any(|r| r.route == *route && r.same_rollout(&d.rollout))
+        });
         for rollout in running {
-            drivers.entry(rollout.route.clone()).or_insert_with(|| {
-                let now = Instant::now();
-                let to = self.pool.pair_stats(&rollout.route, &rollout.to);
-                let from = self.pool.pair_stats(&rollout.route, &rollout.from);
-                info!("rollout {}: driving", rollout.describe());
-                Driver {
-                    // Before the first step there is nothing to wait for: checks, then step 1.
-                    due: if rollout.step.is_none() {
-                        now
-                    } else {
-                        now + rollout.spec.analysis.interval
-                    },
-                    last: now,
-                    to_before: to.read(),
-                    from_before: from.read(),
-                    to,
-                    from,
-                    passed: false,
-                    step: rollout.step,
-                }
-            });
+            if !drivers.contains_key(&rollout.route) {
+                drivers.insert(rollout.route.clone(), self.take_on(&rollout));
+            }
+        }
+    }
+
+    fn take_on(&self, rollout: &Rollout) -> Driver {
+        let now = Instant::now();
+        let to = self.pool.pair_stats(&rollout.route, &rollout.to);
+        let from = self.pool.pair_stats(&rollout.route, &rollout.from);
+        info!("rollout {}: driving", rollout.describe());
+        Driver {
+            rollout: rollout.clone(),
+            // Before the first step there is nothing to wait for: checks, then step 1.
+            due: if rollout.step.is_none() {
+                now
+            } else {
+                now + rollout.spec.analysis.interval
+            },
+            last: now,
+            to_before: to.read(),
+            from_before: from.read(),
+            to,
+            from,
+            passed: false,
+            step: rollout.step,
+            checks: None,
         }
     }
 
     /// Closes one window of one rollout and acts on it.
-    async fn drive(&self, route: &str, drivers: &mut HashMap<String, Driver>) {
-        let Some(driver) = drivers.get_mut(route) else {
-            return;
-        };
+    fn drive(
+        &self,
+        route: &str,
+        drivers: &mut HashMap<String, Driver>,
+        checked: &mpsc::UnboundedSender<String>,
+    ) {
         let Some(mut rollout) = self.pool.rollout(route).filter(|r| r.state.is_active()) else {
             drivers.remove(route);
             return;
         };
+        let Some(driver) = drivers.get_mut(route) else {
+            return;
+        };
+        if !driver.rollout.same_rollout(&rollout) {
+            // Replaced since `follow`: its counters and timing are another rollout's.
+            *driver = self.take_on(&rollout);
+            return;
+        }
         let now = Instant::now();
         let elapsed = now - driver.last;
         driver.last = now;
@@ -229,7 +261,10 @@ impl Engine {
                 Verdict::Inconclusive => {}
             }
         }
-        if rollout.state == RolloutState::Progressing {
+        if rollout.state != RolloutState::Progressing {
+            // Checks are for a rollout that moves on; a held one runs them again on resume.
+            driver.checks = None;
+        } else {
             let ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
             if rollout.step.is_some() {
                 rollout.held_ms = rollout.held_ms.saturating_add(ms);
@@ -251,70 +286,99 @@ impl Engine {
                     rollout.spec.steps.len()
                 );
                 fail(&mut rollout, reason);
+            } else if driver.checks.is_some() {
+                // Waiting for the next step's checks; the window above was judged anyway.
             } else if ready(&rollout, driver.passed) {
-                self.advance(&mut rollout).await;
+                match next_step(&mut rollout) {
+                    None => {}
+                    Some(next) if rollout.spec.checks.is_empty() => take_step(&mut rollout, next),
+                    Some(next) => {
+                        driver.checks = Some(self.start_checks(route, &rollout, next, checked))
+                    }
+                }
             }
         }
-        self.commit(route, rollout, verdict);
+        let step = rollout.step;
+        if self.commit(route, rollout, verdict) && step != driver.step {
+            // The new weight's window starts now, not at the last window's end.
+            driver.step = step;
+            driver.passed = false;
+            driver.to_before = driver.to.read();
+            driver.from_before = driver.from.read();
+        }
     }
 
-    /// Moves to the next step once its checks pass, or succeeds after the last.
-    async fn advance(&self, rollout: &mut Rollout) {
-        let steps = &rollout.spec.steps;
-        let next = match rollout.step {
-            Some(i) if i >= rollout.spec.last_step() => {
-                rollout.weight = 100.0;
-                let reason = format!(
-                    "every step passed: {:?} has the whole share of {:?}",
-                    rollout.to, rollout.from
-                );
-                rollout.end(RolloutState::Succeeded, reason);
-                return;
-            }
-            Some(i) => i + 1,
-            // Steps at or below `to`'s share at start are skipped.
-            None => steps
-                .iter()
-                .position(|s| s.weight() > rollout.weight)
-                .unwrap_or(rollout.spec.last_step()),
-        };
-        if let Err(why) = run_checks(&*self.prober, &rollout.spec.checks).await {
-            let reason = format!(
-                "{why}, before step {}/{}; the weight did not move",
-                next + 1,
-                steps.len()
-            );
-            fail(rollout, reason);
+    /// The next step's checks are in: take the step, or fail the rollout, at once (not at
+    /// the next window), unless the rollout was held or changed meanwhile.
+    fn checks_done(&self, route: &str, drivers: &mut HashMap<String, Driver>) {
+        let Some(driver) = drivers.get_mut(route) else {
             return;
+        };
+        let Some(mut running) = driver.checks.take() else {
+            return;
+        };
+        let Ok(result) = running.result.try_recv() else {
+            return;
+        };
+        let Some(mut rollout) = self.pool.rollout(route).filter(|r| {
+            r.state == RolloutState::Progressing
+                && r.same_rollout(&driver.rollout)
+                && r.step == driver.step
+        }) else {
+            return;
+        };
+        match result {
+            Ok(()) => take_step(&mut rollout, running.next),
+            Err(why) => {
+                let reason = format!(
+                    "{why}, before step {}/{}; the weight did not move",
+                    running.next + 1,
+                    rollout.spec.steps.len()
+                );
+                fail(&mut rollout, reason);
+            }
         }
-        let weight = steps[next].weight();
-        info!(
-            "rollout {}: step {}/{}, {:?} at {weight}%",
-            rollout.route,
-            next + 1,
-            steps.len(),
-            rollout.to
-        );
-        rollout.step = Some(next);
-        rollout.weight = weight;
-        rollout.held_ms = 0;
-        rollout.stalled_ms = 0;
-        rollout.released = false;
-        if rollout.spec.hold(next) == Hold::Manual {
-            rollout.state = RolloutState::Paused;
-            rollout.reason = Some(format!(
-                "held at step {}/{} ({weight}%) until resume or promote (pause: manual)",
-                next + 1,
-                steps.len()
-            ));
+        let interval = rollout.spec.analysis.interval;
+        let step = rollout.step;
+        if self.commit(route, rollout, None) {
+            // The new weight's first window starts now.
+            let now = Instant::now();
+            driver.last = now;
+            driver.due = now + interval;
+            driver.step = step;
+            driver.passed = false;
+            driver.to_before = driver.to.read();
+            driver.from_before = driver.from.read();
         }
     }
 
-    /// Hands the new record to the pool, unless this process no longer drives.
-    fn commit(&self, route: &str, mut rollout: Rollout, verdict: Option<Verdict>) {
+    /// Starts the checks of step `next` on their own task; the route is named on `checked`
+    /// when they are done.
+    fn start_checks(
+        &self,
+        route: &str,
+        rollout: &Rollout,
+        next: usize,
+        checked: &mpsc::UnboundedSender<String>,
+    ) -> RunningChecks {
+        let (tell, result) = oneshot::channel();
+        let prober = Arc::clone(&self.prober);
+        let checks = rollout.spec.checks.clone();
+        let checked = checked.clone();
+        let route = route.to_string();
+        tokio::spawn(async move {
+            let _ = tell.send(run_checks(&*prober, &checks).await);
+            let _ = checked.send(route);
+        });
+        RunningChecks { next, result }
+    }
+
+    /// Hands the new record to the pool, unless this process no longer drives. Whether it
+    /// was taken.
+    fn commit(&self, route: &str, mut rollout: Rollout, verdict: Option<Verdict>) -> bool {
         let gate = self.gate();
         if !*gate || !self.lease.held() {
-            return;
+            return false;
         }
         rollout.updated_at = switchyard_pool::events::now();
         let ended = (!rollout.state.is_active()).then_some(rollout.state);
@@ -322,7 +386,7 @@ impl Engine {
             route: route.to_string(),
             next: Box::new(rollout),
         };
-        match self.pool.apply(&change, Source::Rollout) {
+        let taken = match self.pool.apply_rollout_update(&change) {
             Ok(()) => {
                 if let Some(verdict) = verdict {
                     self.pool.metrics().count_window(route, verdict);
@@ -330,12 +394,73 @@ impl Engine {
                 if let Some(state) = ended {
                     info!("rollout on route {route:?} ended: {}", state.as_str());
                 }
+                true
             }
             // An operator's command came in between; the next window starts from it.
-            Err(Rejection::Conflict(why)) => debug!("rollout on {route:?}: {why}"),
-            Err(e) => warn!("rollout on {route:?}: cannot record its progress: {e}"),
-        }
+            Err(Rejection::Conflict(why)) => {
+                debug!("rollout on {route:?}: {why}");
+                false
+            }
+            Err(e) => {
+                warn!("rollout on {route:?}: cannot record its progress: {e}");
+                false
+            }
+        };
         drop(gate);
+        taken
+    }
+}
+
+/// The step after the current one, or `None` once the last is done (then the rollout has
+/// succeeded).
+fn next_step(rollout: &mut Rollout) -> Option<usize> {
+    match rollout.step {
+        Some(i) if i >= rollout.spec.last_step() => {
+            rollout.weight = 100.0;
+            let reason = format!(
+                "every step passed: {:?} has the whole share of {:?}",
+                rollout.to, rollout.from
+            );
+            rollout.end(RolloutState::Succeeded, reason);
+            None
+        }
+        Some(i) => Some(i + 1),
+        // Steps at or below `to`'s share at start are skipped.
+        None => Some(
+            rollout
+                .spec
+                .steps
+                .iter()
+                .position(|s| s.weight() > rollout.weight)
+                .unwrap_or(rollout.spec.last_step()),
+        ),
+    }
+}
+
+/// Moves the rollout to step `next` (its checks have passed).
+fn take_step(rollout: &mut Rollout, next: usize) {
+    let steps = &rollout.spec.steps;
+    let weight = steps[next].weight();
+    info!(
+        "rollout {}: step {}/{}, {:?} at {weight}%",
+        rollout.route,
+        next + 1,
+        steps.len(),
+        rollout.to
+    );
+    let manual = rollout.spec.hold(next) == Hold::Manual;
+    let total = steps.len();
+    rollout.step = Some(next);
+    rollout.weight = weight;
+    rollout.held_ms = 0;
+    rollout.stalled_ms = 0;
+    rollout.released = false;
+    if manual {
+        rollout.state = RolloutState::Paused;
+        rollout.reason = Some(format!(
+            "held at step {}/{total} ({weight}%) until resume or promote (pause: manual)",
+            next + 1
+        ));
     }
 }
 
@@ -389,19 +514,23 @@ mod tests {
     use async_trait::async_trait;
     use switchyard_config::rollout::{Check, RolloutSpec};
     use switchyard_config::Config;
-    use switchyard_pool::Metrics;
+    use switchyard_pool::{Metrics, Source};
 
     /// Checks that pass or fail as the test says, without a socket.
     #[derive(Default)]
     struct FakeProber {
         failing: AtomicBool,
         runs: std::sync::atomic::AtomicUsize,
+        /// How long each check takes, in milliseconds.
+        delay_ms: std::sync::atomic::AtomicU64,
     }
 
     #[async_trait]
     impl Prober for FakeProber {
         async fn probe(&self, _check: &Check) -> Result<(), String> {
             self.runs.fetch_add(1, Ordering::Relaxed);
+            let delay = self.delay_ms.load(Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(delay)).await;
             if self.failing.load(Ordering::Relaxed) {
                 Err("status 503, expected 200".into())
             } else {
@@ -454,6 +583,18 @@ mod tests {
 
         fn rollout(&self) -> Rollout {
             self.pool.rollout("web").expect("a rollout")
+        }
+
+        fn command(&self, command: switchyard_pool::RolloutCommand) {
+            self.pool
+                .apply(
+                    &Change::RolloutCommand {
+                        route: "web".into(),
+                        command,
+                    },
+                    Source::Api,
+                )
+                .expect("command taken");
         }
 
         /// `to`'s weight in the route's split now.
@@ -656,5 +797,102 @@ mod tests {
         h.traffic(Duration::from_secs(3), 10, 0, Duration::ZERO)
             .await;
         assert_eq!(h.rollout(), before);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_checks_hold_the_weight_but_not_the_windows() {
+        let h = harness();
+        h.start(&format!(
+            r#"{{"to": "green", "steps": [10, 50], {FAST}, "checks": [{{"url": "http://127.0.0.1:1/"}}]}}"#
+        ));
+        h.traffic(Duration::from_millis(100), 1, 0, Duration::ZERO)
+            .await;
+        assert_eq!(h.green(), 1000);
+        // From now on each check takes 3 s: step 2 waits for them, the windows do not.
+        h.prober.delay_ms.store(3000, Ordering::Relaxed);
+        h.traffic(Duration::from_millis(1500), 10, 0, Duration::ZERO)
+            .await;
+        let windows = h.rollout().windows.len();
+        h.traffic(Duration::from_millis(1500), 10, 0, Duration::ZERO)
+            .await;
+        let during = h.rollout();
+        assert_eq!((during.step_number(), h.green()), (1, 1000));
+        assert!(
+            during.windows.len() >= windows + 2,
+            "{} then {}",
+            windows,
+            during.windows.len()
+        );
+        h.traffic(Duration::from_millis(1500), 10, 0, Duration::ZERO)
+            .await;
+        assert_eq!((h.rollout().step_number(), h.green()), (2, 5000));
+        // The first window at the new step starts when the step was taken: its requests
+        // are all at the new weight (here: as many as a full window's).
+        let first = h
+            .rollout()
+            .windows
+            .into_iter()
+            .find(|w| w.step == 2)
+            .expect("a window at step 2");
+        assert!(first.requests <= 60, "{first:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rollout_that_replaces_another_is_judged_on_its_own_upstreams() {
+        let h = harness();
+        h.start(&format!(r#"{{"to": "green", "steps": [10], {FAST}}}"#));
+        h.traffic(Duration::from_millis(300), 10, 0, Duration::ZERO)
+            .await;
+        h.command(switchyard_pool::RolloutCommand::Promote);
+        // Back the other way: blue is now the new version, and it fails.
+        h.start(&format!(r#"{{"to": "blue", "steps": [20, 50], {FAST}}}"#));
+        let green = h.pool.pair_stats("web", "green");
+        let blue = h.pool.pair_stats("web", "blue");
+        for k in 0..20u64 {
+            for i in 0..10u64 {
+                green.record(200, Duration::from_millis(10), false);
+                let status = if (k * 10 + i) % 2 == 0 { 500 } else { 200 };
+                blue.record(status, Duration::from_millis(10), false);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let rollout = h.rollout();
+        assert_eq!(
+            (rollout.to.as_str(), rollout.state),
+            ("blue", RolloutState::RolledBack)
+        );
+        assert!(rollout.reason.unwrap().contains("error rate 50.00%"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_windows_up_to_the_failure_limit_are_tolerated() {
+        let h = harness();
+        h.start(
+            r#"{"to": "green", "steps": [10, 50], "step_interval": "10s", "analysis": {"interval": "500ms", "min_requests": 5, "failure_limit": 2}}"#,
+        );
+        // One bad burst: a single failed window.
+        h.traffic(Duration::from_millis(600), 10, 0, Duration::ZERO)
+            .await;
+        h.traffic(Duration::from_millis(500), 10, 2, Duration::ZERO)
+            .await;
+        h.traffic(Duration::from_millis(1000), 10, 0, Duration::ZERO)
+            .await;
+        let rollout = h.rollout();
+        assert_eq!(rollout.state, RolloutState::Progressing);
+        assert!(
+            (1..=2).contains(&rollout.failed_windows),
+            "{}",
+            rollout.failed_windows
+        );
+        // Going on failing passes the limit.
+        h.traffic(Duration::from_millis(2000), 10, 2, Duration::ZERO)
+            .await;
+        let rollout = h.rollout();
+        assert_eq!(rollout.state, RolloutState::RolledBack);
+        assert_eq!(rollout.failed_windows, 3);
+        assert!(rollout
+            .reason
+            .unwrap()
+            .contains("(3 failed windows, failure_limit 2)"));
     }
 }
