@@ -26,7 +26,7 @@ pub fn status_view(rollout: &Rollout, snapshot: &Snapshot) -> Value {
         "to": rollout.to,
         "state": rollout.state.as_str(),
         "step": rollout.step_number(),
-        "weight": rollout.shown_weight(&split),
+        "weight": rollout.shown_weight(),
         "steps": steps,
         "reason": rollout.reason,
         "started_at": rollout.started_at,

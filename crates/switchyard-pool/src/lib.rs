@@ -63,6 +63,8 @@ pub struct Pool {
 struct Desired {
     config: Config,
     state: RuntimeState,
+    /// The state file is behind `state` (a save failed and the change applied anyway).
+    unsaved: bool,
 }
 
 impl Pool {
@@ -116,10 +118,20 @@ impl Pool {
         for event in rollout::rollout_events(&saved, &state, Source::Startup) {
             events.record(event);
         }
+        // What was ended is saved at once: a later start must not bring it back.
+        if let (Some(store), true) = (&store, state.rollouts != saved.rollouts) {
+            if let Err(e) = store.save(&state) {
+                warn!("{e}");
+            }
+        }
         let snapshot = Snapshot::build(&config, &state, &metrics, None);
         Ok(Pool {
             current: ArcSwap::from_pointee(snapshot),
-            desired: Mutex::new(Desired { config, state }),
+            desired: Mutex::new(Desired {
+                config,
+                state,
+                unsaved: false,
+            }),
             store,
             local_errors: LocalErrors::new(&metrics),
             metrics,
@@ -167,13 +179,13 @@ impl Pool {
         self.apply_with(change, source, false)
     }
 
-    /// The rollout engine's changes, as [`Pool::apply`], except that the end of a rollout (a
-    /// rollback above all) is applied even when the state file cannot be written: a failing
-    /// version keeping its share because a disk is full would be worse than a restart that
-    /// does not know of the rollback. That is logged and recorded as an event.
+    /// The rollout engine's changes, as [`Pool::apply`], except that they apply even when the
+    /// state file cannot be written: a failing version keeping its share because a disk is
+    /// full (its failed windows never adding up, its rollback never made) would be worse than
+    /// a restart that does not know the latest moves. The first unsaved change is recorded as
+    /// an event; every later change tries the save again, and so does a hand-over.
     pub fn apply_rollout_update(&self, change: &Change) -> Result<(), Rejection> {
-        let ends = matches!(change, Change::RolloutUpdate { next, .. } if !next.state.is_active());
-        self.apply_with(change, Source::Rollout, ends)
+        self.apply_with(change, Source::Rollout, true)
     }
 
     fn apply_with(
@@ -196,8 +208,15 @@ impl Pool {
         let mut unsaved = None;
         if let Some(store) = &self.store {
             match store.save(&next) {
-                Ok(()) => {}
-                Err(e) if even_unsaved => unsaved = Some(e),
+                Ok(()) => desired.unsaved = false,
+                Err(e) if even_unsaved => {
+                    // Said once, until a save works again.
+                    if !std::mem::replace(&mut desired.unsaved, true) {
+                        unsaved = Some(e);
+                    } else {
+                        warn!("{e}");
+                    }
+                }
                 Err(e) => return Err(Rejection::Storage(e)),
             }
         }
@@ -223,7 +242,7 @@ impl Pool {
                 Draft::new(
                     source,
                     "state_not_saved",
-                    format!("{e}; the rollout's end applies anyway, in memory only: a restart would not know it"),
+                    format!("{e}; the rollout engine's changes apply anyway, in memory only, until a save works again: a restart now would not know them"),
                 )
                 .warning(),
             );
@@ -266,7 +285,11 @@ impl Pool {
         let changed = config_changes(&desired.config, &config);
         let ended = rollout::rollout_events(&desired.state, &state, Source::Reload);
         let rollouts_moved = desired.state.rollouts != state.rollouts;
-        *desired = Desired { config, state };
+        *desired = Desired {
+            config,
+            state,
+            unsaved: false,
+        };
         self.swap(built);
         self.events.record(Draft::new(
             Source::Reload,
@@ -292,12 +315,18 @@ impl Pool {
     /// the new process (with one, the file is already current).
     /// Records a `handed_over` event either way.
     pub fn hand_over(&self, path: &Path) -> Result<(), String> {
+        let desired = self.lock();
         let result = match &self.store {
+            // A state the file is behind gets one more try: the new process reads the file.
+            Some(store) if desired.unsaved => store
+                .save(&desired.state)
+                .map(|()| "the runtime state is in the state file"),
             Some(_) => Ok("the runtime state is in the state file"),
             None => StateFile::new(path.to_path_buf())
-                .save(&self.lock().state)
+                .save(&desired.state)
                 .map(|()| "the runtime state was written for it"),
         };
+        drop(desired);
         let message = match &result {
             Ok(how) => format!("handing the listening sockets over to a new process; {how}"),
             Err(e) => format!(

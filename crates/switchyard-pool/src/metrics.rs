@@ -428,7 +428,7 @@ impl Metrics {
             let route = rollout.route.as_str();
             self.rollout_weight
                 .with_label_values(&[route, &rollout.from, &rollout.to])
-                .set(rollout.shown_weight(&snapshot.split_of(route)));
+                .set(rollout.shown_weight());
             for state in RolloutState::ALL {
                 self.rollout_state
                     .with_label_values(&[route, state.as_str()])

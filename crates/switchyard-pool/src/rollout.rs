@@ -175,23 +175,26 @@ impl Rollout {
     }
 
     /// `to`'s share in percent as the API and metrics show it: the record's while the rollout
-    /// owns the split and at its end, and for one the config file ended (`failed`), what the
-    /// split in force, `live`, gives `to` of `from` and `to`.
-    pub fn shown_weight(&self, live: &BTreeMap<String, u32>) -> f64 {
+    /// owns the split, and final once it ended.
+    pub fn shown_weight(&self) -> f64 {
         match self.state {
             RolloutState::Succeeded => 100.0,
             RolloutState::RolledBack | RolloutState::Aborted => 0.0,
-            RolloutState::Progressing | RolloutState::Paused => self.weight,
-            RolloutState::Failed => {
-                let weight = |u: &String| f64::from(live.get(u).copied().unwrap_or(0));
-                let both = weight(&self.to) + weight(&self.from);
-                if both > 0.0 {
-                    weight(&self.to) * 100.0 / both
-                } else {
-                    0.0
-                }
-            }
+            _ => self.weight,
         }
+    }
+
+    /// Takes `split` (the file's, when the file ended the rollout) as the record's weights:
+    /// its `to` share and, rescaled, the split the record stands for.
+    pub(crate) fn settle_on(&mut self, split: &BTreeMap<String, u32>) {
+        self.base = rescale(split);
+        let weight = |u: &String| self.base.get(u).copied().unwrap_or(0);
+        self.total = weight(&self.from) + weight(&self.to);
+        self.weight = if self.total > 0 {
+            f64::from(weight(&self.to)) * 100.0 / f64::from(self.total)
+        } else {
+            0.0
+        };
     }
 
     /// The 1-based number of the step in force (0 before the first).
@@ -468,11 +471,8 @@ pub(crate) fn rollout_events(
 ) -> Vec<Draft> {
     let mut events = Vec::new();
     for (route, now) in &after.rollouts {
-        let was = before
-            .rollouts
-            .get(route)
-            .filter(|w| w.started_at == now.started_at);
-        let view = |r: &Rollout| json!({"state": r.state.as_str(), "step": r.step_number(), "weight": r.weight, "split": r.split()});
+        let was = before.rollouts.get(route).filter(|w| w.same_rollout(now));
+        let view = |r: &Rollout| json!({"state": r.state.as_str(), "step": r.step_number(), "weight": r.shown_weight(), "split": r.split()});
         let draft = |kind: &str, message: String| {
             Draft::new(source, kind, message)
                 .route(route)

@@ -568,6 +568,8 @@ impl RuntimeState {
                 };
                 if let Some(why) = why {
                     next.splits.remove(route);
+                    // Its record says from here on what the file's split gives `to`.
+                    rollout.settle_on(&file_split(config, route));
                     rollout.end(
                         crate::rollout::RolloutState::Failed,
                         format!("ended by the config file: {why}; the file's split applies"),

@@ -47,6 +47,8 @@ pub struct Engine {
     /// `false` once stopped. Held while a change is applied, so that when [`Engine::stop`]
     /// returns no change of the engine is half made and none follows.
     driving: Mutex<bool>,
+    /// Numbers each start of checks.
+    generations: std::sync::atomic::AtomicU64,
 }
 
 /// What the engine remembers of one rollout between windows.
@@ -73,7 +75,17 @@ struct Driver {
 struct RunningChecks {
     /// The step they are for.
     next: usize,
+    /// Tells these checks' end from that of checks dropped before (held, replaced).
+    generation: u64,
     result: oneshot::Receiver<Result<(), String>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Checks that are dropped stop: their result could only be stale.
+impl Drop for RunningChecks {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 impl Engine {
@@ -83,6 +95,7 @@ impl Engine {
             prober,
             lease,
             driving: Mutex::new(true),
+            generations: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -105,7 +118,7 @@ impl Engine {
         let mut changes = self.pool.subscribe_rollouts();
         let mut drivers: HashMap<String, Driver> = HashMap::new();
         // Check tasks name their route here when they are done, so it is driven at once.
-        let (checked, mut checks_done) = mpsc::unbounded_channel::<String>();
+        let (checked, mut checks_done) = mpsc::unbounded_channel::<(String, u64)>();
         loop {
             if *shutdown.borrow() || !*self.gate() {
                 return;
@@ -133,7 +146,9 @@ impl Engine {
             tokio::select! {
                 _ = tokio::time::sleep_until(next) => {}
                 changed = changes.changed() => if changed.is_err() { return },
-                Some(route) = checks_done.recv() => self.checks_done(&route, &mut drivers),
+                Some((route, generation)) = checks_done.recv() => {
+                    self.checks_done(&route, generation, &mut drivers)
+                }
                 _ = shutdown.changed() => {}
             }
         }
@@ -189,7 +204,7 @@ impl Engine {
         &self,
         route: &str,
         drivers: &mut HashMap<String, Driver>,
-        checked: &mpsc::UnboundedSender<String>,
+        checked: &mpsc::UnboundedSender<(String, u64)>,
     ) {
         let Some(mut rollout) = self.pool.rollout(route).filter(|r| r.state.is_active()) else {
             drivers.remove(route);
@@ -261,10 +276,7 @@ impl Engine {
                 Verdict::Inconclusive => {}
             }
         }
-        if rollout.state != RolloutState::Progressing {
-            // Checks are for a rollout that moves on; a held one runs them again on resume.
-            driver.checks = None;
-        } else {
+        if rollout.state == RolloutState::Progressing {
             let ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
             if rollout.step.is_some() {
                 rollout.held_ms = rollout.held_ms.saturating_add(ms);
@@ -298,6 +310,10 @@ impl Engine {
                 }
             }
         }
+        if rollout.state != RolloutState::Progressing {
+            // Checks are for a rollout that moves on; a held one runs them again on resume.
+            driver.checks = None;
+        }
         let step = rollout.step;
         if self.commit(route, rollout, verdict) && step != driver.step {
             // The new weight's window starts now, not at the last window's end.
@@ -309,11 +325,15 @@ impl Engine {
     }
 
     /// The next step's checks are in: take the step, or fail the rollout, at once (not at
-    /// the next window), unless the rollout was held or changed meanwhile.
-    fn checks_done(&self, route: &str, drivers: &mut HashMap<String, Driver>) {
+    /// the next window), unless the rollout was held or changed meanwhile, or the traffic since
+    /// the last window fails: then that window is judged now and the step waits.
+    fn checks_done(&self, route: &str, generation: u64, drivers: &mut HashMap<String, Driver>) {
         let Some(driver) = drivers.get_mut(route) else {
             return;
         };
+        if driver.checks.as_ref().map(|c| c.generation) != Some(generation) {
+            return;
+        }
         let Some(mut running) = driver.checks.take() else {
             return;
         };
@@ -327,6 +347,16 @@ impl Engine {
         }) else {
             return;
         };
+        if rollout.step.is_some() {
+            let to = counts(&driver.to.read(), &driver.to_before);
+            let from = counts(&driver.from.read(), &driver.from_before);
+            if judge(&rollout.spec.analysis, &to, &from).0 == Verdict::Failed {
+                // Judged as a window of its own now, by `drive`; checks again when it is
+                // ready to move on.
+                driver.due = Instant::now();
+                return;
+            }
+        }
         match result {
             Ok(()) => take_step(&mut rollout, running.next),
             Err(why) => {
@@ -341,7 +371,8 @@ impl Engine {
         let interval = rollout.spec.analysis.interval;
         let step = rollout.step;
         if self.commit(route, rollout, None) {
-            // The new weight's first window starts now.
+            // The new weight's first window starts now; the traffic since the last window
+            // passed or said nothing (above), at the old weight.
             let now = Instant::now();
             driver.last = now;
             driver.due = now + interval;
@@ -359,18 +390,26 @@ impl Engine {
         route: &str,
         rollout: &Rollout,
         next: usize,
-        checked: &mpsc::UnboundedSender<String>,
+        checked: &mpsc::UnboundedSender<(String, u64)>,
     ) -> RunningChecks {
         let (tell, result) = oneshot::channel();
         let prober = Arc::clone(&self.prober);
         let checks = rollout.spec.checks.clone();
         let checked = checked.clone();
         let route = route.to_string();
-        tokio::spawn(async move {
+        let generation = self
+            .generations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let task = tokio::spawn(async move {
             let _ = tell.send(run_checks(&*prober, &checks).await);
-            let _ = checked.send(route);
+            let _ = checked.send((route, generation));
         });
-        RunningChecks { next, result }
+        RunningChecks {
+            next,
+            generation,
+            result,
+            task,
+        }
     }
 
     /// Hands the new record to the pool, unless this process no longer drives. Whether it
@@ -547,7 +586,10 @@ mod tests {
     }
 
     fn harness() -> Harness {
-        let yaml = "listeners:\n  - address: 127.0.0.1:8080\nupstreams:\n  blue:\n    backends:\n      - address: 127.0.0.1:9001\n  green:\n    backends:\n      - address: 127.0.0.1:9002\nroutes:\n  - name: web\n    split: {blue: 1, green: 0}\n";
+        harness_with("listeners:\n  - address: 127.0.0.1:8080\nupstreams:\n  blue:\n    backends:\n      - address: 127.0.0.1:9001\n  green:\n    backends:\n      - address: 127.0.0.1:9002\nroutes:\n  - name: web\n    split: {blue: 1, green: 0}\n")
+    }
+
+    fn harness_with(yaml: &str) -> Harness {
         let config = Config::from_yaml(yaml).expect("valid config");
         let pool = Arc::new(Pool::new(config, Arc::new(Metrics::new()), None).expect("pool"));
         let prober = Arc::new(FakeProber::default());
@@ -826,15 +868,16 @@ mod tests {
         h.traffic(Duration::from_millis(1500), 10, 0, Duration::ZERO)
             .await;
         assert_eq!((h.rollout().step_number(), h.green()), (2, 5000));
-        // The first window at the new step starts when the step was taken: its requests
-        // are all at the new weight (here: as many as a full window's).
-        let first = h
-            .rollout()
-            .windows
-            .into_iter()
-            .find(|w| w.step == 2)
-            .expect("a window at step 2");
-        assert!(first.requests <= 60, "{first:?}");
+        // Errors while the next step's checks run fail at the old weight: no step 3.
+        h.traffic(Duration::from_millis(600), 10, 0, Duration::ZERO)
+            .await;
+        h.traffic(Duration::from_millis(1000), 10, 2, Duration::ZERO)
+            .await;
+        let rollout = h.rollout();
+        assert_eq!(
+            (rollout.state, rollout.step_number()),
+            (RolloutState::RolledBack, 2)
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -894,5 +937,71 @@ mod tests {
             .reason
             .unwrap()
             .contains("(3 failed windows, failure_limit 2)"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn checks_dropped_by_a_pause_neither_stall_nor_move_the_rollout() {
+        let h = harness();
+        h.start(&format!(
+            r#"{{"to": "green", "steps": [10, 50], {FAST}, "checks": [{{"url": "http://127.0.0.1:1/"}}]}}"#
+        ));
+        h.traffic(Duration::from_millis(100), 1, 0, Duration::ZERO)
+            .await;
+        // Checks that take longer than a window, dropped twice by a pause and a resume.
+        h.prober.delay_ms.store(800, Ordering::Relaxed);
+        h.traffic(Duration::from_millis(1100), 10, 0, Duration::ZERO)
+            .await;
+        for _ in 0..2 {
+            h.command(switchyard_pool::RolloutCommand::Pause);
+            h.traffic(Duration::from_millis(300), 10, 0, Duration::ZERO)
+                .await;
+            h.command(switchyard_pool::RolloutCommand::Resume);
+            h.traffic(Duration::from_millis(300), 10, 0, Duration::ZERO)
+                .await;
+        }
+        assert_eq!(h.green(), 1000, "a dropped check moved the weight");
+        // Left alone, the checks run to their end and the rollout goes on.
+        h.traffic(Duration::from_millis(1500), 10, 0, Duration::ZERO)
+            .await;
+        assert_eq!((h.rollout().step_number(), h.green()), (2, 5000));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_state_file_that_cannot_be_written_does_not_keep_a_failing_version_in() {
+        let dir = std::env::temp_dir().join(format!("switchyard-engine-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let yaml = format!(
+            "listeners:\n  - address: 127.0.0.1:8080\nstate_file: {}/state.json\nupstreams:\n  blue:\n    backends:\n      - address: 127.0.0.1:9001\n  green:\n    backends:\n      - address: 127.0.0.1:9002\nroutes:\n  - name: web\n    split: {{blue: 1, green: 0}}\n",
+            dir.display()
+        );
+        let h = harness_with(&yaml);
+        h.start(
+            r#"{"to": "green", "steps": [20], "step_interval": "10s", "analysis": {"interval": "500ms", "min_requests": 5, "failure_limit": 2}}"#,
+        );
+        h.traffic(Duration::from_millis(100), 10, 0, Duration::ZERO)
+            .await;
+        assert_eq!(h.green(), 2000);
+        // The disk goes away: every window fails, and each must still count.
+        std::fs::remove_dir_all(&dir).expect("remove");
+        h.traffic(Duration::from_secs(3), 10, 2, Duration::ZERO)
+            .await;
+        let rollout = h.rollout();
+        assert_eq!(
+            (rollout.state, rollout.failed_windows),
+            (RolloutState::RolledBack, 3)
+        );
+        assert_eq!(h.green(), 0);
+        let kinds: Vec<String> = h
+            .pool
+            .events()
+            .since(0, 1000)
+            .into_iter()
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(
+            kinds.iter().filter(|k| *k == "state_not_saved").count(),
+            1,
+            "{kinds:?}"
+        );
     }
 }
