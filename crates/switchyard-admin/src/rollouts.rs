@@ -2,24 +2,16 @@
 //! `Change`s for the pool, and the status view the API, the CLI and metrics readers share.
 
 use serde_json::{json, Value};
-use switchyard_config::rollout::{Hold, RolloutSpec};
+use switchyard_config::rollout::RolloutSpec;
 use switchyard_pool::{Change, Rollout, RolloutCommand, Snapshot};
 
 /// The contract's status of a rollout; `snapshot` gives the route's split in force.
 pub fn status_view(rollout: &Rollout, snapshot: &Snapshot) -> Value {
     let split = snapshot.split_of(&rollout.route);
-    let steps: Vec<Value> = rollout
-        .spec
-        .steps
-        .iter()
-        .map(|s| match s.pause {
-            Hold::Interval => json!(s.weight()),
-            Hold::Manual => json!({"weight": s.weight(), "pause": "manual"}),
-            Hold::For(d) => {
-                json!({"weight": s.weight(), "pause": switchyard_config::format_duration(d)})
-            }
-        })
-        .collect();
+    // The spec written as its start body (defaults filled in): its `steps` are the contract's
+    // `steps`, spelled the way they were asked for.
+    let spec = serde_json::to_value(&rollout.spec).unwrap_or_default();
+    let steps = spec.get("steps").cloned().unwrap_or_default();
     json!({
         "route": rollout.route,
         "from": rollout.from,
@@ -35,7 +27,7 @@ pub fn status_view(rollout: &Rollout, snapshot: &Snapshot) -> Value {
         "failed_windows": rollout.failed_windows,
         "held_ms": rollout.held_ms,
         "windows": rollout.windows,
-        "spec": rollout.spec,
+        "spec": spec,
     })
 }
 

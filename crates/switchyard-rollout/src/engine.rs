@@ -72,6 +72,20 @@ struct Driver {
     checks: Option<RunningChecks>,
 }
 
+impl Driver {
+    /// The rollout is at `step` now: its first window starts here, not at the last window's
+    /// end, and a window must pass at it.
+    fn start_step(&mut self, step: Option<usize>, interval: Duration) {
+        let now = Instant::now();
+        self.last = now;
+        self.due = now + interval;
+        self.step = step;
+        self.passed = false;
+        self.to_before = self.to.read();
+        self.from_before = self.from.read();
+    }
+}
+
 struct RunningChecks {
     /// The step they are for.
     next: usize,
@@ -314,13 +328,9 @@ impl Engine {
             // Checks are for a rollout that moves on; a held one runs them again on resume.
             driver.checks = None;
         }
-        let step = rollout.step;
+        let (step, interval) = (rollout.step, rollout.spec.analysis.interval);
         if self.commit(route, rollout, verdict) && step != driver.step {
-            // The new weight's window starts now, not at the last window's end.
-            driver.step = step;
-            driver.passed = false;
-            driver.to_before = driver.to.read();
-            driver.from_before = driver.from.read();
+            driver.start_step(step, interval);
         }
     }
 
@@ -368,18 +378,11 @@ impl Engine {
                 fail(&mut rollout, reason);
             }
         }
-        let interval = rollout.spec.analysis.interval;
-        let step = rollout.step;
+        let (step, interval) = (rollout.step, rollout.spec.analysis.interval);
         if self.commit(route, rollout, None) {
-            // The new weight's first window starts now; the traffic since the last window
-            // passed or said nothing (above), at the old weight.
-            let now = Instant::now();
-            driver.last = now;
-            driver.due = now + interval;
-            driver.step = step;
-            driver.passed = false;
-            driver.to_before = driver.to.read();
-            driver.from_before = driver.from.read();
+            // The traffic since the last window passed or said nothing (above), at the old
+            // weight.
+            driver.start_step(step, interval);
         }
     }
 
