@@ -7,6 +7,7 @@
 
 mod duration;
 pub mod limits;
+pub mod matching;
 mod raw;
 pub mod rollout;
 mod validate;
@@ -18,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use duration::{format_duration, parse_duration};
+pub use matching::{RequestKey, RouteMatch, Sticky, ValueMatch};
 pub use raw::{Algorithm, HealthCheckType};
 
 /// A validated configuration: every address parsed, every reference resolved.
@@ -113,6 +115,9 @@ pub struct Upstream {
     /// A backend that becomes healthy or is added ramps its weight from ~0 to full over this
     /// time (weighted algorithms only). `None`: full weight at once.
     pub slow_start: Option<Duration>,
+    /// `hash`: the request key hashed onto the ring; a request without it hashes its client
+    /// IP instead, as `ip_hash` does.
+    pub hash_on: Option<RequestKey>,
 }
 
 /// Passive failure detection: taking out a backend that keeps refusing connections between
@@ -172,8 +177,12 @@ pub struct Route {
     /// Lower-cased, without a port.
     pub host: Option<String>,
     pub path_prefix: Option<String>,
+    /// Conditions beyond host and path; empty: none.
+    pub matching: RouteMatch,
     /// Sorted by upstream name.
     pub split: Vec<SplitWeight>,
+    /// `None`: each request follows the smooth split.
+    pub sticky: Option<Sticky>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use crate::duration::YamlDuration;
+use crate::matching::{RawKey, RawMatch, RawSticky};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,6 +64,8 @@ pub enum Algorithm {
     WeightedRoundRobin,
     LeastConnections,
     IpHash,
+    /// Consistent hashing on the request key of `hash_on`.
+    Hash,
 }
 
 impl Algorithm {
@@ -72,6 +75,7 @@ impl Algorithm {
             Algorithm::WeightedRoundRobin => "weighted_round_robin",
             Algorithm::LeastConnections => "least_connections",
             Algorithm::IpHash => "ip_hash",
+            Algorithm::Hash => "hash",
         }
     }
 }
@@ -88,6 +92,7 @@ pub struct Upstream {
     pub max_connect_failures: Option<u32>,
     pub failure_cooldown: Option<YamlDuration>,
     pub slow_start: Option<YamlDuration>,
+    pub hash_on: Option<RawKey>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -133,7 +138,10 @@ pub struct Route {
     pub name: Option<String>,
     pub host: Option<String>,
     pub path_prefix: Option<String>,
+    #[serde(rename = "match")]
+    pub matching: Option<RawMatch>,
     pub split: Option<UniqueMap<u32>>,
+    pub sticky: Option<RawSticky>,
 }
 
 /// A YAML mapping whose keys must be unique. serde_yaml keeps the last of two equal keys in a

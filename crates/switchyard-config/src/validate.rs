@@ -10,6 +10,7 @@ use crate::limits::{
     backend_address_problem, MAX_BACKENDS, MAX_BACKENDS_PER_UPSTREAM, MAX_ROUTES,
     MAX_ROUTE_BACKEND_PAIRS, MAX_ROUTE_UPSTREAM_PAIRS, MAX_UPSTREAMS,
 };
+use crate::matching;
 use crate::raw::{self, Algorithm, HealthCheckType};
 use crate::{
     format_duration, Admin, Backend, ClientLimits, Config, HealthCheck, Listener, Metrics,
@@ -298,7 +299,12 @@ fn upstream(c: &mut Checker, name: String, raw: raw::Upstream) -> Upstream {
         ),
     };
     let slow_start = raw.slow_start.map(|d| d.0).filter(|d| !d.is_zero());
-    if slow_start.is_some() && matches!(raw.algorithm, Algorithm::RoundRobin | Algorithm::IpHash) {
+    if slow_start.is_some()
+        && matches!(
+            raw.algorithm,
+            Algorithm::RoundRobin | Algorithm::IpHash | Algorithm::Hash
+        )
+    {
         c.problem(
             format!("{path}.slow_start"),
             format!(
@@ -307,6 +313,26 @@ fn upstream(c: &mut Checker, name: String, raw: raw::Upstream) -> Upstream {
             ),
         );
     }
+    let hash_on = match (raw.algorithm, raw.hash_on) {
+        (Algorithm::Hash, Some(key)) => {
+            matching::request_key(key, &format!("{path}.hash_on"), &mut c.problems)
+        }
+        (Algorithm::Hash, None) => {
+            c.problem(
+                format!("{path}.hash_on"),
+                "is required with algorithm hash: {header: NAME}, {cookie: NAME} or {client_ip: true}",
+            );
+            None
+        }
+        (other, Some(_)) => {
+            c.problem(
+                format!("{path}.hash_on"),
+                format!("applies only to algorithm hash, not {}", other.as_str()),
+            );
+            None
+        }
+        (_, None) => None,
+    };
     Upstream {
         name,
         algorithm: raw.algorithm,
@@ -315,6 +341,7 @@ fn upstream(c: &mut Checker, name: String, raw: raw::Upstream) -> Upstream {
         timeouts,
         passive,
         slow_start,
+        hash_on,
     }
 }
 
@@ -505,12 +532,21 @@ fn routes(c: &mut Checker, raw: Vec<raw::Route>, upstreams: &[Upstream]) -> Vec<
                 );
             }
         }
+        let matching = r
+            .matching
+            .map(|m| matching::route_match(m, &format!("{path}.match"), &mut c.problems))
+            .unwrap_or_default();
         let split = split(c, &format!("{path}.split"), r.split.map(|m| m.0), upstreams);
+        let sticky = r
+            .sticky
+            .and_then(|s| matching::sticky(s, &format!("{path}.sticky"), &mut c.problems));
         out.push(Route {
             name,
             host,
             path_prefix: r.path_prefix,
+            matching,
             split,
+            sticky,
         });
     }
     out

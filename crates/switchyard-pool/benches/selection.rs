@@ -18,8 +18,24 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use http::{HeaderMap, Method};
 use switchyard_config::Config;
-use switchyard_pool::{Metrics, Pool, Snapshot};
+use switchyard_pool::{Metrics, Pick, Pool, Request, Snapshot};
+
+static NO_HEADERS: std::sync::LazyLock<HeaderMap> = std::sync::LazyLock::new(HeaderMap::new);
+
+/// A GET of `path` on example.com from `client`.
+fn request<'a>(path: &'a str, client: IpAddr, headers: &'a HeaderMap) -> Request<'a> {
+    Request {
+        host: Some("example.com"),
+        path,
+        query: None,
+        method: &Method::GET,
+        headers,
+        client: Some(client),
+        issued: None,
+    }
+}
 
 struct Counting;
 
@@ -85,10 +101,11 @@ fn snapshot(yaml: &str) -> Arc<Snapshot> {
 
 /// One request's worth of decisions; returns something so that none is optimised away.
 fn decide(snapshot: &Snapshot, path: &str, client: IpAddr) -> usize {
-    let route = snapshot
-        .match_route(Some("example.com"), path)
-        .expect("a route matches");
-    let (upstream, backend) = snapshot.pick(route, Some(client)).expect("a backend");
+    let request = request(path, client, &NO_HEADERS);
+    let route = snapshot.match_route(&request).expect("a route matches");
+    let Pick {
+        upstream, backend, ..
+    } = snapshot.pick(route, &request).expect("a backend");
     // The request's in-flight count, up now and down when it ends, as the proxy does.
     let request = snapshot.upstreams[upstream].hold(backend);
     black_box(&request);
@@ -124,7 +141,7 @@ impl Count {
 fn run_counting(case: &Case, how: Count, iterations: usize) -> (Duration, u64) {
     let snapshot = &case.snapshot;
     let route = snapshot
-        .match_route(Some("example.com"), &case.path)
+        .match_route(&request(&case.path, clients()[0], &NO_HEADERS))
         .expect("a route matches");
     let before = ALLOCATIONS.load(Ordering::Relaxed);
     let start = Instant::now();

@@ -16,7 +16,7 @@ use prometheus::{
 };
 
 use crate::rollout::{Rollout, RolloutState, Verdict};
-use crate::snapshot::Upstream;
+use crate::snapshot::{Routing, Upstream};
 use crate::stats::{PairRegistry, PairStats};
 use crate::Snapshot;
 
@@ -35,6 +35,7 @@ pub struct Metrics {
     rollout_weight: GaugeVec,
     rollout_state: IntGaugeVec,
     rollout_windows: IntCounterVec,
+    routing: IntCounterVec,
     /// Serialises scrapes: gauges are reset and refilled for each.
     scrape: Mutex<()>,
     /// Rollout analysis counters by route and upstream name, kept for the process's life.
@@ -128,9 +129,20 @@ pub struct RouteMetrics {
     /// built: recording is a search of the few split indices and atomic adds, never a
     /// registry lookup.
     stats: Box<[Arc<PairStats>]>,
+    /// `switchyard_route_routing_total`, by [`Routing`].
+    routing: [IntCounter; Routing::ALL.len()],
 }
 
 impl RouteMetrics {
+    pub(crate) fn routed(&self, how: Routing) {
+        self.routing[how as usize].inc();
+    }
+
+    /// Requests routed so far, by how (for the admin API).
+    pub(crate) fn routing_counts(&self) -> [(Routing, u64); Routing::ALL.len()] {
+        Routing::ALL.map(|how| (how, self.routing[how as usize].get()))
+    }
+
     /// Counts one answered request of this route and its duration.
     pub(crate) fn count(
         &self,
@@ -251,6 +263,11 @@ impl Metrics {
             "Analysis windows judged by rollouts, by verdict.",
             &["route", "verdict"],
         );
+        let routing = counter(
+            "switchyard_route_routing_total",
+            "Requests a route sent to an upstream, by how the upstream was chosen: split (the smooth split), sticky (by the sticky key), sticky_missing (no key: the smooth split), cookie_issued (a new sticky cookie), rollout_match (a rollout's match step).",
+            &["route", "routing"],
+        );
         let rollout_weight = must(
             "switchyard_rollout_weight",
             GaugeVec::new(
@@ -319,6 +336,7 @@ impl Metrics {
             rollout_weight,
             rollout_state,
             rollout_windows,
+            routing,
             scrape: Mutex::new(()),
             pair_stats: PairRegistry::default(),
         };
@@ -345,6 +363,8 @@ impl Metrics {
         upstreams.sort_unstable_by_key(|&(index, _)| index);
         upstreams.dedup_by_key(|&mut (index, _)| index);
         RouteMetrics {
+            routing: Routing::ALL
+                .map(|how| self.routing.with_label_values(&[&route, how.as_str()])),
             stats: upstreams
                 .iter()
                 .map(|&(_, name)| self.pair_stats(&route, name))

@@ -6,7 +6,7 @@
 //! a tournament tree for least-connections ([`crate::least`]) and reuse Pingora's Ketama ring
 //! for `ip_hash`.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -49,7 +49,7 @@ pub(crate) enum Selector {
     /// weight wins.
     LeastConnections(Arc<LoadTree>),
     /// Ketama ring over available backends' addresses, weighted, and the index of each
-    /// address, sorted by address: the ring gives addresses.
+    /// address, sorted by address: the ring gives addresses. `ip_hash` and `hash`.
     Ketama(Continuum, Box<[(SocketAddr, usize)]>),
 }
 
@@ -79,7 +79,7 @@ impl Selector {
                     available.iter().map(|&i| (i, weights[i])).collect();
                 Selector::Smooth(Rotation::new(&weighted))
             }
-            Algorithm::IpHash => {
+            Algorithm::IpHash | Algorithm::Hash => {
                 let buckets: Vec<Bucket> = available
                     .iter()
                     .map(|&i| {
@@ -111,12 +111,13 @@ impl Selector {
     }
 
     /// Picks a backend for which `usable` holds, trying further candidates in the algorithm's
-    /// own order when the first is not usable (a health flip not yet rebuilt, a retry).
+    /// own order when the first is not usable (a health flip not yet rebuilt, a retry). `key`
+    /// is what a ring hashes (requests without one share the empty key).
     pub(crate) fn pick(
         &self,
         backends: &[Backend],
         shared: &Shared,
-        client: Option<IpAddr>,
+        key: &[u8],
         usable: impl Fn(usize) -> bool,
     ) -> Option<usize> {
         match self {
@@ -136,11 +137,10 @@ impl Selector {
                 tree.pick(&shared.least, sequence as u64, usable)
             }
             Selector::Ketama(ring, index) => {
-                let key = client_key(client);
                 // Walking the ring finds the next backend clockwise, which keeps other
                 // clients in place; the walk is bounded because a heavy backend owns long runs
                 // of points, and past the bound any available backend will do.
-                ring.node_iter(key.as_bytes())
+                ring.node_iter(key)
                     .take(RING_WALK_LIMIT)
                     .filter_map(|addr| index_of(index, addr))
                     .find(|&i| usable(i))
@@ -186,34 +186,6 @@ fn index_of(index: &[(SocketAddr, usize)], addr: &SocketAddr) -> Option<usize> {
         .binary_search_by(|(a, _)| a.cmp(addr))
         .ok()
         .map(|at| index[at].1)
-}
-
-/// Bytes of the client IP for hashing; requests without one share a key.
-struct ClientKey {
-    bytes: [u8; 16],
-    len: usize,
-}
-
-impl ClientKey {
-    fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..self.len]
-    }
-}
-
-fn client_key(client: Option<IpAddr>) -> ClientKey {
-    let mut bytes = [0u8; 16];
-    let len = match client {
-        Some(IpAddr::V4(v4)) => {
-            bytes[..4].copy_from_slice(&v4.octets());
-            4
-        }
-        Some(IpAddr::V6(v6)) => {
-            bytes.copy_from_slice(&v6.octets());
-            16
-        }
-        None => 0,
-    };
-    ClientKey { bytes, len }
 }
 
 /// Periods of at most this many picks are laid out in full, in nginx's smooth order; longer

@@ -1,17 +1,19 @@
 //! One immutable view of routes, upstreams and backends, with everything a request needs
 //! precomputed: route order, split sequences, and each upstream's selector.
 
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard_config::{Algorithm, Config, HealthCheck, PassiveCheck, Timeouts};
+use switchyard_config::{Algorithm, Config, HealthCheck, PassiveCheck, RequestKey, Timeouts};
 
 use crate::live::{BackendLive, InFlight};
+use crate::matcher::Matcher;
 use crate::metrics::{ErrorCounters, Metrics, RouteMetrics};
+use crate::request::{Key, KeyField, Request};
 use crate::select::{ring_divisor, Rotation, Selector, Shared};
 use crate::state::RuntimeState;
+use crate::sticky::{key_point, Layout};
 
 /// What the operator wants of a backend, apart from its health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -96,6 +98,9 @@ pub struct Upstream {
     pub timeouts: Timeouts,
     pub passive: PassiveCheck,
     pub slow_start: Option<Duration>,
+    /// `hash`: the key hashed onto the ring.
+    pub hash_on: Option<RequestKey>,
+    hash_field: Option<KeyField>,
     /// Every backend's weight when this snapshot was built (lower during slow start).
     weights: Vec<u32>,
     /// Whether a backend was still ramping up when this snapshot was built.
@@ -119,6 +124,7 @@ impl Upstream {
         timeouts: Timeouts,
         passive: PassiveCheck,
         slow_start: Option<Duration>,
+        hash_on: Option<RequestKey>,
         selection: Arc<Shared>,
         ring_divisor: u32,
     ) -> Upstream {
@@ -136,6 +142,8 @@ impl Upstream {
             selector: Selector::build(algorithm, &backends, &weights, available, ring_divisor),
             ring_divisor,
             slow_start,
+            hash_field: hash_on.as_ref().and_then(KeyField::new),
+            hash_on,
             weights,
             ramping,
             name,
@@ -171,11 +179,27 @@ impl Upstream {
     }
 
     /// Picks a backend for a new request; `exclude` is a backend that just failed.
-    pub fn pick_backend(&self, client: Option<IpAddr>, exclude: Option<usize>) -> Option<usize> {
+    pub fn pick_backend(&self, request: &Request, exclude: Option<usize>) -> Option<usize> {
+        let key = self.ring_key(request);
+        let key = key.as_ref().map_or(&[][..], Key::as_bytes);
         self.selector
-            .pick(&self.backends, &self.selection, client, |i| {
+            .pick(&self.backends, &self.selection, key, |i| {
                 Some(i) != exclude && self.backends[i].live.is_healthy()
             })
+    }
+
+    /// What a ring hashes: `ip_hash` the client IP; `hash` its key, or the client IP for a
+    /// request without the key (so that such a client still keeps its backend).
+    fn ring_key<'a>(&self, request: &Request<'a>) -> Option<Key<'a>> {
+        match self.algorithm {
+            Algorithm::IpHash => request.client.map(Key::ip),
+            Algorithm::Hash => self
+                .hash_field
+                .as_ref()
+                .and_then(|field| field.of(request))
+                .or_else(|| request.client.map(Key::ip)),
+            _ => None,
+        }
     }
 
     /// Counts a request against backend `i` until the guard drops.
@@ -192,10 +216,66 @@ impl Upstream {
             self.timeouts,
             self.passive,
             self.slow_start,
+            self.hash_on.clone(),
             Arc::clone(&self.selection),
             self.ring_divisor,
         )
     }
+}
+
+/// How a request's upstream was chosen, for `switchyard_route_routing_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routing {
+    /// The route's smooth split (the route is not sticky).
+    Split,
+    /// The sticky key's hash.
+    Sticky,
+    /// A sticky route, but the request had no key: the smooth split.
+    StickyMissing,
+    /// A sticky cookie was issued with this request, and its key placed it.
+    CookieIssued,
+    /// A rollout's match step sent it to the new version.
+    RolloutMatch,
+}
+
+impl Routing {
+    pub const ALL: [Routing; 5] = [
+        Routing::Split,
+        Routing::Sticky,
+        Routing::StickyMissing,
+        Routing::CookieIssued,
+        Routing::RolloutMatch,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Routing::Split => "split",
+            Routing::Sticky => "sticky",
+            Routing::StickyMissing => "sticky_missing",
+            Routing::CookieIssued => "cookie_issued",
+            Routing::RolloutMatch => "rollout_match",
+        }
+    }
+}
+
+/// Where a request goes: indices of this snapshot, and how the upstream was chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pick {
+    pub upstream: usize,
+    pub backend: usize,
+    pub routing: Routing,
+}
+
+/// A route's sticky split, laid out for picking.
+struct StickyPick {
+    key: KeyField,
+    /// The cookie `set_cookie` issues, if it does.
+    issues: Option<Box<str>>,
+    /// Every upstream of the split by weight; a key's first choice.
+    layout: Layout,
+    /// Only the upstreams that had an available backend at build time: where the users of
+    /// one that had none go.
+    available: Layout,
 }
 
 pub struct Route {
@@ -203,6 +283,11 @@ pub struct Route {
     /// Lower-cased, without port.
     pub host: Option<Box<str>>,
     pub path_prefix: Option<Box<str>>,
+    /// The `match` conditions, as configured (the admin API shows them).
+    pub matching: switchyard_config::RouteMatch,
+    matcher: Option<Matcher>,
+    pub sticky: Option<switchyard_config::Sticky>,
+    sticky_pick: Option<StickyPick>,
     /// Upstream index and weight, as configured.
     pub split: Vec<(usize, u32)>,
     /// One smooth period over the upstreams that had an available backend at build time.
@@ -211,34 +296,57 @@ pub struct Route {
     metrics: Arc<RouteMetrics>,
 }
 
+/// What a route is made of, apart from its live state.
+struct RouteSpec {
+    name: Arc<str>,
+    host: Option<Box<str>>,
+    path_prefix: Option<Box<str>>,
+    matching: switchyard_config::RouteMatch,
+    sticky: Option<switchyard_config::Sticky>,
+    split: Vec<(usize, u32)>,
+}
+
 impl Route {
     fn new(
-        name: Arc<str>,
-        host: Option<Box<str>>,
-        path_prefix: Option<Box<str>>,
-        split: Vec<(usize, u32)>,
+        spec: RouteSpec,
         upstreams: &[Upstream],
         cursor: Arc<AtomicUsize>,
         metrics: Arc<RouteMetrics>,
     ) -> Route {
-        let available: Vec<(usize, u32)> = split
+        let available: Vec<(usize, u32)> = spec
+            .split
             .iter()
             .copied()
             .filter(|&(u, _)| upstreams[u].has_available())
             .collect();
+        let sticky_pick = spec.sticky.as_ref().and_then(|sticky| {
+            Some(StickyPick {
+                key: KeyField::new(&sticky.key)?,
+                issues: match (&sticky.key, sticky.set_cookie) {
+                    (RequestKey::Cookie(name), true) => Some(name.as_str().into()),
+                    _ => None,
+                },
+                layout: Layout::new(spec.split.iter().copied()),
+                available: Layout::new(available.iter().copied()),
+            })
+        });
         Route {
             sequence: Rotation::new(&available),
-            name,
-            host,
-            path_prefix,
-            split,
+            matcher: Matcher::new(&spec.matching),
+            sticky_pick,
+            name: spec.name,
+            host: spec.host,
+            path_prefix: spec.path_prefix,
+            matching: spec.matching,
+            sticky: spec.sticky,
+            split: spec.split,
             cursor,
             metrics,
         }
     }
 
-    fn matches(&self, host: Option<&str>, path: &str) -> bool {
-        let host_ok = match (&self.host, host) {
+    fn matches(&self, request: &Request) -> bool {
+        let host_ok = match (&self.host, request.host) {
             (None, _) => true,
             (Some(want), Some(got)) => want.eq_ignore_ascii_case(got),
             (Some(_), None) => false,
@@ -247,15 +355,33 @@ impl Route {
             && self
                 .path_prefix
                 .as_deref()
-                .is_none_or(|prefix| path.starts_with(prefix))
+                .is_none_or(|prefix| request.path.starts_with(prefix))
+            && self.matcher.as_ref().is_none_or(|m| m.is_match(request))
+    }
+
+    /// The cookie to issue with `request` (`set_cookie`, and the request has none): its name.
+    /// The caller puts a fresh value into [`Request::issued`] before it picks.
+    pub fn cookie_to_issue(&self, request: &Request) -> Option<&str> {
+        let sticky = self.sticky_pick.as_ref()?;
+        let name = sticky.issues.as_deref()?;
+        sticky.key.of(request).is_none().then_some(name)
+    }
+
+    /// Requests routed so far, by how.
+    pub fn routing_counts(&self) -> [(Routing, u64); Routing::ALL.len()] {
+        self.metrics.routing_counts()
     }
 
     fn rebuilt(&self, upstreams: &[Upstream]) -> Route {
         Route::new(
-            Arc::clone(&self.name),
-            self.host.clone(),
-            self.path_prefix.clone(),
-            self.split.clone(),
+            RouteSpec {
+                name: Arc::clone(&self.name),
+                host: self.host.clone(),
+                path_prefix: self.path_prefix.clone(),
+                matching: self.matching.clone(),
+                sticky: self.sticky.clone(),
+                split: self.split.clone(),
+            },
             upstreams,
             Arc::clone(&self.cursor),
             Arc::clone(&self.metrics),
@@ -334,6 +460,7 @@ impl Snapshot {
                     u.timeouts,
                     u.passive,
                     u.slow_start,
+                    u.hash_on.clone(),
                     selection,
                     ring_divisor(&u.backends.iter().map(|b| b.weight).collect::<Vec<_>>()),
                 )
@@ -362,10 +489,14 @@ impl Snapshot {
                     split.iter().map(|&(u, _)| (u, &*upstreams[u].name)),
                 ));
                 Route::new(
-                    name,
-                    r.host.as_deref().map(Into::into),
-                    r.path_prefix.as_deref().map(Into::into),
-                    split,
+                    RouteSpec {
+                        name,
+                        host: r.host.as_deref().map(Into::into),
+                        path_prefix: r.path_prefix.as_deref().map(Into::into),
+                        matching: r.matching.clone(),
+                        sticky: r.sticky.clone(),
+                        split,
+                    },
                     &upstreams,
                     cursor,
                     metrics,
@@ -441,24 +572,74 @@ impl Snapshot {
         }
     }
 
-    /// The first route matching a request's host (without port) and path.
-    pub fn match_route(&self, host: Option<&str>, path: &str) -> Option<usize> {
-        self.routes.iter().position(|r| r.matches(host, path))
+    /// The first route whose host, path and `match` hold for `request`.
+    pub fn match_route(&self, request: &Request) -> Option<usize> {
+        self.routes.iter().position(|r| r.matches(request))
     }
 
-    /// Picks upstream and backend for a request on `route`, moving to the route's next
-    /// upstream when one has no backend left to give.
-    pub fn pick(&self, route: usize, client: Option<IpAddr>) -> Option<(usize, usize)> {
+    /// Picks upstream and backend for a request on `route`: by its sticky key when the route
+    /// is sticky and the request has one, else by the smooth split, moving to the route's
+    /// next upstream when one has no backend left to give. Counts how it chose.
+    pub fn pick(&self, route: usize, request: &Request) -> Option<Pick> {
         let route = &self.routes[route];
+        let mut routing = Routing::Split;
+        if let Some(sticky) = &route.sticky_pick {
+            match sticky.key.of(request) {
+                Some(key) => {
+                    routing = if request.issued.is_some() {
+                        Routing::CookieIssued
+                    } else {
+                        Routing::Sticky
+                    };
+                    if let Some(pick) = self.pick_sticky(sticky, key_point(key.as_bytes()), request)
+                    {
+                        route.metrics.routed(routing);
+                        return Some(Pick {
+                            upstream: pick.0,
+                            backend: pick.1,
+                            routing,
+                        });
+                    }
+                }
+                None => routing = Routing::StickyMissing,
+            }
+        }
         let sequence = &route.sequence;
         if sequence.is_empty() {
             return None;
         }
         let start = route.cursor.fetch_add(1, Ordering::Relaxed);
-        sequence.candidates(start).find_map(|upstream| {
+        let (upstream, backend) = sequence.candidates(start).find_map(|upstream| {
             self.upstreams[upstream]
-                .pick_backend(client, None)
+                .pick_backend(request, None)
                 .map(|backend| (upstream, backend))
+        })?;
+        route.metrics.routed(routing);
+        Some(Pick {
+            upstream,
+            backend,
+            routing,
+        })
+    }
+
+    /// The key's upstream by the split's weights, or, when it has no backend to give, its
+    /// upstream among those that had one at build time. `None`: neither could give one (the
+    /// smooth split then tries every upstream).
+    fn pick_sticky(
+        &self,
+        sticky: &StickyPick,
+        point: u64,
+        request: &Request,
+    ) -> Option<(usize, usize)> {
+        let first = sticky.layout.owner(point)?;
+        let from = |upstream: usize| {
+            self.upstreams[upstream]
+                .pick_backend(request, None)
+                .map(|backend| (upstream, backend))
+        };
+        from(first).or_else(|| {
+            let next = sticky.available.owner(point)?;
+            (next != first).then(|| from(next)).flatten()
         })
     }
 }

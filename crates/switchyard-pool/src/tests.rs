@@ -7,7 +7,32 @@ use std::sync::Arc;
 use switchyard_config::Config;
 
 use crate::least::SCAN_LIMIT;
-use crate::{BackendState, Change, InFlight, Metrics, Rejection, RuntimeState, Snapshot};
+use crate::{BackendState, Change, InFlight, Metrics, Rejection, Request, RuntimeState, Snapshot};
+
+static NO_HEADERS: std::sync::LazyLock<http::HeaderMap> =
+    std::sync::LazyLock::new(http::HeaderMap::new);
+
+/// A GET of `/` from `client` with no headers.
+fn bare(client: Option<IpAddr>) -> Request<'static> {
+    Request {
+        host: None,
+        path: "/",
+        query: None,
+        method: &http::Method::GET,
+        headers: &NO_HEADERS,
+        client,
+        issued: None,
+    }
+}
+
+/// A GET of `path` on `host` with no headers.
+fn at<'a>(host: Option<&'a str>, path: &'a str) -> Request<'a> {
+    Request {
+        host,
+        path,
+        ..bare(None)
+    }
+}
 
 fn build(config: &Config, previous: Option<&Snapshot>) -> Snapshot {
     Snapshot::build(config, &RuntimeState::default(), &Metrics::new(), previous)
@@ -43,7 +68,7 @@ fn picks(snapshot: &Snapshot, n: usize) -> Vec<u16> {
     (0..n)
         .map(|_| {
             let b = snapshot.upstreams[0]
-                .pick_backend(None, None)
+                .pick_backend(&bare(None), None)
                 .expect("a backend");
             port_of(snapshot, b)
         })
@@ -101,7 +126,7 @@ fn least_connections_prefers_the_least_loaded_relative_to_weight() {
     let held: Vec<InFlight> = (0..3).map(|_| up.hold(0)).collect();
     let mut guards = Vec::new();
     for _ in 0..6 {
-        let b = up.pick_backend(None, None).unwrap();
+        let b = up.pick_backend(&bare(None), None).unwrap();
         guards.push(up.hold(b));
     }
     let c = counts(
@@ -167,7 +192,7 @@ fn least_connections_is_exact_over_any_sequence_of_starts_and_ends() {
         let mut held: Vec<InFlight> = Vec::new();
         for step in 0..5000 {
             if held.is_empty() || rng.below(3) > 0 {
-                let b = up.pick_backend(None, None).unwrap();
+                let b = up.pick_backend(&bare(None), None).unwrap();
                 assert!(
                     is_least_loaded(&s, b),
                     "{backends}, step {step}: picked {b}"
@@ -184,7 +209,7 @@ fn least_connections_is_exact_over_any_sequence_of_starts_and_ends() {
 #[test]
 fn least_connections_follows_requests_that_end_after_a_rebuild() {
     let s = build(&config("least_connections", &[1; 40]), None);
-    let first = s.upstreams[0].pick_backend(None, None).unwrap();
+    let first = s.upstreams[0].pick_backend(&bare(None), None).unwrap();
     assert_eq!(first, 0);
     // One request on every backend but 0, five on backend 0.
     let mut old: Vec<InFlight> = (1..40).map(|b| s.upstreams[0].hold(b)).collect();
@@ -193,18 +218,18 @@ fn least_connections_follows_requests_that_end_after_a_rebuild() {
     // Requests of the old snapshot end before the new one picks for the first time.
     let next = s.rebuilt();
     old.truncate(39);
-    assert_eq!(next.upstreams[0].pick_backend(None, None), Some(0));
+    assert_eq!(next.upstreams[0].pick_backend(&bare(None), None), Some(0));
 
     // And after the new one took over.
     let held: Vec<InFlight> = (0..4).map(|_| next.upstreams[0].hold(0)).collect();
     let last = next.rebuilt();
     let up = &last.upstreams[0];
     let busy: Vec<InFlight> = (0..2)
-        .map(|_| up.hold(up.pick_backend(None, None).unwrap()))
+        .map(|_| up.hold(up.pick_backend(&bare(None), None).unwrap()))
         .collect();
     assert!(busy.iter().all(|g| g.backend().address.port() != 9001));
     drop(held);
-    assert_eq!(up.pick_backend(None, None), Some(0));
+    assert_eq!(up.pick_backend(&bare(None), None), Some(0));
 }
 
 #[test]
@@ -221,7 +246,7 @@ fn least_connections_stays_exact_after_threads_race_on_it() {
                     let mut held: Vec<InFlight> = Vec::new();
                     for _ in 0..20_000 {
                         if held.len() < 40 && rng.below(2) == 0 {
-                            held.push(up.hold(up.pick_backend(None, None).unwrap()));
+                            held.push(up.hold(up.pick_backend(&bare(None), None).unwrap()));
                         } else if !held.is_empty() {
                             let gone = rng.below(held.len());
                             held.swap_remove(gone);
@@ -238,11 +263,11 @@ fn least_connections_stays_exact_after_threads_race_on_it() {
     });
     // A node left behind by the race is corrected within one round of picks.
     for _ in 0..2 * weights.len() {
-        drop(up.hold(up.pick_backend(None, None).unwrap()));
+        drop(up.hold(up.pick_backend(&bare(None), None).unwrap()));
     }
     let mut rng = XorShift(7);
     for step in 0..2000 {
-        let b = up.pick_backend(None, None).unwrap();
+        let b = up.pick_backend(&bare(None), None).unwrap();
         assert!(
             is_least_loaded(&s, b),
             "step {step} after the race: picked {b}"
@@ -260,7 +285,7 @@ fn least_connections_ties_stay_round_robin_across_rebuilds() {
         let mut tally = vec![0usize; backends];
         for _ in 0..200 {
             s = s.rebuilt();
-            let b = s.upstreams[0].pick_backend(None, None).unwrap();
+            let b = s.upstreams[0].pick_backend(&bare(None), None).unwrap();
             drop(s.upstreams[0].hold(b));
             tally[b] += 1;
         }
@@ -282,7 +307,7 @@ fn least_connections_counts_requests_of_a_smaller_snapshot_in_the_tree() {
     s.upstreams[0].backends[spare_b].live.set_healthy(false);
     let s = s.rebuilt();
     let mut held: Vec<InFlight> = (0..2 * SCAN_LIMIT)
-        .map(|_| s.upstreams[0].hold(s.upstreams[0].pick_backend(None, None).unwrap()))
+        .map(|_| s.upstreams[0].hold(s.upstreams[0].pick_backend(&bare(None), None).unwrap()))
         .collect();
     // Back up: a tree.
     s.upstreams[0].backends[spare_a].live.set_healthy(true);
@@ -290,11 +315,11 @@ fn least_connections_counts_requests_of_a_smaller_snapshot_in_the_tree() {
     let next = s.rebuilt();
     let up = &next.upstreams[0];
     held.extend((0..2).flat_map(|_| [up.hold(spare_a), up.hold(spare_b)]));
-    drop(up.hold(up.pick_backend(None, None).unwrap()));
+    drop(up.hold(up.pick_backend(&bare(None), None).unwrap()));
     // Requests picked from the smaller snapshot end now: backend 5 alone is idle.
     held.retain(|g| g.backend().address.port() != 9006);
     for step in 0..200 {
-        let b = up.pick_backend(None, None).unwrap();
+        let b = up.pick_backend(&bare(None), None).unwrap();
         assert!(is_least_loaded(&next, b), "step {step}: picked {b}");
         drop(up.hold(b));
     }
@@ -304,16 +329,16 @@ fn least_connections_counts_requests_of_a_smaller_snapshot_in_the_tree() {
 fn least_connections_retries_from_an_old_snapshot_leave_the_new_one_exact() {
     let s = build(&config("least_connections", &[1; 40]), None);
     let mut held: Vec<InFlight> = (0..60)
-        .map(|_| s.upstreams[0].hold(s.upstreams[0].pick_backend(None, None).unwrap()))
+        .map(|_| s.upstreams[0].hold(s.upstreams[0].pick_backend(&bare(None), None).unwrap()))
         .collect();
     let next = s.rebuilt();
     let mut rng = XorShift(11);
     for step in 0..500 {
-        let b = next.upstreams[0].pick_backend(None, None).unwrap();
+        let b = next.upstreams[0].pick_backend(&bare(None), None).unwrap();
         assert!(is_least_loaded(&next, b), "step {step}: picked {b}");
         held.push(next.upstreams[0].hold(b));
         // A retry of a request that began before the swap picks from the old snapshot.
-        let retry = s.upstreams[0].pick_backend(None, Some(b)).unwrap();
+        let retry = s.upstreams[0].pick_backend(&bare(None), Some(b)).unwrap();
         assert!(
             is_least_loaded_but(&s, retry, Some(b)),
             "step {step}: retried on {retry}"
@@ -331,18 +356,18 @@ fn least_connections_falls_back_to_the_least_loaded_usable_backend() {
     let s = build(&config("least_connections", &[1; 40]), None);
     let up = &s.upstreams[0];
     let _held: Vec<InFlight> = (1..40).map(|b| up.hold(b)).collect();
-    assert_eq!(up.pick_backend(None, None), Some(0));
+    assert_eq!(up.pick_backend(&bare(None), None), Some(0));
     // Excluded (a retry) or down before the rebuild: the next least loaded, not any.
     let _more: Vec<InFlight> = (2..40).map(|b| up.hold(b)).collect();
-    assert_eq!(up.pick_backend(None, Some(0)), Some(1));
+    assert_eq!(up.pick_backend(&bare(None), Some(0)), Some(1));
     up.backends[0].live.set_healthy(false);
-    assert_eq!(up.pick_backend(None, None), Some(1));
+    assert_eq!(up.pick_backend(&bare(None), None), Some(1));
 }
 
 #[test]
 fn least_connections_lets_go_of_backends_when_the_upstream_goes() {
     let s = build(&config("least_connections", &[1; SCAN_LIMIT + 8]), None);
-    let b = s.upstreams[0].pick_backend(None, None).unwrap();
+    let b = s.upstreams[0].pick_backend(&bare(None), None).unwrap();
     drop(s.upstreams[0].hold(b));
     let backend = Arc::downgrade(&s.upstreams[0].backends[b].live);
     drop(s);
@@ -362,16 +387,16 @@ fn least_connections_corrects_requests_that_never_reported_within_a_round() {
     let lc = build(&config("least_connections", &vec![1; n]), Some(&rr));
     let up = &lc.upstreams[0];
     let mut held: Vec<InFlight> = (0..n)
-        .map(|_| up.hold(up.pick_backend(None, None).unwrap()))
+        .map(|_| up.hold(up.pick_backend(&bare(None), None).unwrap()))
         .collect();
     // Two backends go idle without a word to the tree.
     silent.retain(|g| ![9003, 9020].contains(&g.backend().address.port()));
     for _ in 0..2 * n {
-        held.push(up.hold(up.pick_backend(None, None).unwrap()));
+        held.push(up.hold(up.pick_backend(&bare(None), None).unwrap()));
         held.swap_remove(0);
     }
     for step in 0..200 {
-        let b = up.pick_backend(None, None).unwrap();
+        let b = up.pick_backend(&bare(None), None).unwrap();
         assert!(is_least_loaded(&lc, b), "step {step}: picked {b}");
         held.push(up.hold(b));
         held.swap_remove(0);
@@ -382,7 +407,7 @@ fn least_connections_corrects_requests_that_never_reported_within_a_round() {
 fn least_connections_lets_go_of_removed_backends_after_a_switch_to_round_robin() {
     let n = SCAN_LIMIT + 8;
     let lc = build(&config("least_connections", &vec![1; n]), None);
-    drop(lc.upstreams[0].hold(lc.upstreams[0].pick_backend(None, None).unwrap()));
+    drop(lc.upstreams[0].hold(lc.upstreams[0].pick_backend(&bare(None), None).unwrap()));
     let last = Arc::downgrade(&lc.upstreams[0].backends[n - 1].live);
     let rr = build(&config("round_robin", &vec![1; n - 1]), Some(&lc));
     drop(lc);
@@ -397,7 +422,9 @@ fn ip(i: u32) -> IpAddr {
 fn assignment(s: &Snapshot, clients: u32) -> Vec<SocketAddr> {
     (0..clients)
         .map(|i| {
-            let b = s.upstreams[0].pick_backend(Some(ip(i)), None).unwrap();
+            let b = s.upstreams[0]
+                .pick_backend(&bare(Some(ip(i))), None)
+                .unwrap();
             s.upstreams[0].backends[b].live.address
         })
         .collect()
@@ -491,11 +518,13 @@ fn unavailable_backends_get_no_new_requests() {
         s.upstreams[0].backends[4].live.set_healthy(false);
         let s = s.rebuilt();
         for i in 0..500 {
-            let b = s.upstreams[0].pick_backend(Some(ip(i)), None).unwrap();
+            let b = s.upstreams[0]
+                .pick_backend(&bare(Some(ip(i))), None)
+                .unwrap();
             assert_eq!(b, 0, "{algorithm} picked backend {b}");
         }
         assert_eq!(
-            s.upstreams[0].pick_backend(Some(ip(1)), Some(0)),
+            s.upstreams[0].pick_backend(&bare(Some(ip(1))), Some(0)),
             None,
             "{algorithm}: nothing left after excluding the only one"
         );
@@ -519,9 +548,11 @@ fn retries_exclude_the_failed_backend() {
     ] {
         let s = build(&config(algorithm, &[1, 1, 1]), None);
         for i in 0..100 {
-            let first = s.upstreams[0].pick_backend(Some(ip(i)), None).unwrap();
+            let first = s.upstreams[0]
+                .pick_backend(&bare(Some(ip(i))), None)
+                .unwrap();
             let second = s.upstreams[0]
-                .pick_backend(Some(ip(i)), Some(first))
+                .pick_backend(&bare(Some(ip(i))), Some(first))
                 .unwrap();
             assert_ne!(first, second, "{algorithm}");
         }
@@ -553,8 +584,15 @@ routes:
 #[test]
 fn split_is_exact_over_every_ten_requests() {
     let s = build(&Config::from_yaml(TWO_UPSTREAMS).unwrap(), None);
-    let web = s.match_route(Some("example.com"), "/").unwrap();
-    let upstreams: Vec<usize> = (0..1000).map(|_| s.pick(web, None).unwrap().0).collect();
+    let web = s.match_route(&at(Some("example.com"), "/")).unwrap();
+    let upstreams: Vec<usize> = (0..1000)
+        .map(|_| {
+            s.pick(web, &bare(None))
+                .map(|p| (p.upstream, p.backend))
+                .unwrap()
+                .0
+        })
+        .collect();
     for window in upstreams.windows(10) {
         assert_eq!(window.iter().filter(|&&u| u == 1).count(), 1, "{window:?}");
     }
@@ -563,13 +601,21 @@ fn split_is_exact_over_every_ten_requests() {
 #[test]
 fn an_upstream_without_backends_gives_its_share_away_and_none_left_is_none() {
     let s = build(&Config::from_yaml(TWO_UPSTREAMS).unwrap(), None);
-    let web = s.match_route(None, "/").unwrap();
+    let web = s.match_route(&at(None, "/")).unwrap();
     s.upstreams[0].backends[0].live.set_healthy(false);
     let s = s.rebuilt();
-    assert!((0..100).all(|_| s.pick(web, None).unwrap().0 == 1));
+    assert!((0..100).all(|_| s
+        .pick(web, &bare(None))
+        .map(|p| (p.upstream, p.backend))
+        .unwrap()
+        .0
+        == 1));
     s.upstreams[1].backends[0].live.set_healthy(false);
     let s = s.rebuilt();
-    assert_eq!(s.pick(web, None), None);
+    assert_eq!(
+        s.pick(web, &bare(None)).map(|p| (p.upstream, p.backend)),
+        None
+    );
 }
 
 #[test]
@@ -577,10 +623,16 @@ fn routes_match_host_without_port_and_path_prefix_in_order() {
     let s = build(&Config::from_yaml(TWO_UPSTREAMS).unwrap(), None);
     // The proxy hands over the name without its port (switchyard-proxy's `host.rs`).
     let host = Some;
-    assert_eq!(s.match_route(host("API.example.com"), "/v1/users"), Some(0));
-    assert_eq!(s.match_route(host("api.example.com"), "/v2/users"), Some(1));
-    assert_eq!(s.match_route(host("other"), "/v1/users"), Some(1));
-    assert_eq!(s.match_route(None, "/v1/users"), Some(1));
+    assert_eq!(
+        s.match_route(&at(host("API.example.com"), "/v1/users")),
+        Some(0)
+    );
+    assert_eq!(
+        s.match_route(&at(host("api.example.com"), "/v2/users")),
+        Some(1)
+    );
+    assert_eq!(s.match_route(&at(host("other"), "/v1/users")), Some(1));
+    assert_eq!(s.match_route(&at(None, "/v1/users")), Some(1));
 }
 
 #[test]
@@ -953,7 +1005,11 @@ fn ip_hash_rings_stay_small_whatever_the_weights() {
     let mut seen = std::collections::HashSet::new();
     for i in 0..20_000u32 {
         let client = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i * 7919));
-        seen.insert(s.upstreams[0].pick_backend(Some(client), None).unwrap());
+        seen.insert(
+            s.upstreams[0]
+                .pick_backend(&bare(Some(client)), None)
+                .unwrap(),
+        );
     }
     assert_eq!(seen.len(), 100, "every backend keeps its share of the ring");
 }
@@ -1121,7 +1177,7 @@ fn analysis_stats_follow_their_pair_through_split_changes_and_reloads() {
     assert_eq!(green.read().requests, 0);
     let ms = Duration::from_millis(1);
     let count = |s: &Snapshot, status: u16, failed: bool| {
-        let web = s.match_route(Some("example.com"), "/").unwrap();
+        let web = s.match_route(&at(Some("example.com"), "/")).unwrap();
         let upstream = s
             .upstreams
             .iter()

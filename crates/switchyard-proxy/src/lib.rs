@@ -11,6 +11,7 @@ mod client_stream;
 mod connection;
 mod handover;
 mod host;
+mod sticky_cookie;
 mod websocket;
 
 pub use client_stream::ClientStream;
@@ -34,7 +35,9 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use switchyard_config::ClientLimits;
 use switchyard_pool::metrics::ErrorKind;
-use switchyard_pool::{local_failure, InFlight, LocalFailure, Pool, Snapshot};
+use switchyard_pool::{local_failure, InFlight, LocalFailure, Pool, Request, Snapshot};
+
+use sticky_cookie::IssuedCookie;
 
 /// Switchyard's `ProxyHttp`: all decisions come from the pool's current snapshot.
 pub struct Proxy {
@@ -84,6 +87,8 @@ pub struct RequestCtx {
     backend: usize,
     in_flight: Option<InFlight>,
     retried: bool,
+    /// A sticky cookie issued with this request (`set_cookie`), sent with the response.
+    issued: Option<IssuedCookie>,
     /// Set when connecting failed on our side (out of descriptors, ...), not the backend's.
     local_failure: Option<LocalFailure>,
 }
@@ -125,6 +130,7 @@ impl ProxyHttp for Proxy {
             backend: 0,
             in_flight: None,
             retried: false,
+            issued: None,
             local_failure: None,
         }
     }
@@ -164,7 +170,12 @@ impl ProxyHttp for Proxy {
                 return Ok(true);
             }
         }
-        let Some(route) = snapshot.match_route(host, req.uri.path()) else {
+        ctx.client = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let request = request_of(req, host, ctx.client, None);
+        let Some(route) = snapshot.match_route(&request) else {
             respond_plain(
                 session,
                 404,
@@ -173,11 +184,16 @@ impl ProxyHttp for Proxy {
             .await?;
             return Ok(true);
         };
-        ctx.client = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
-        let Some((upstream, backend)) = snapshot.pick(route, ctx.client) else {
+        // A sticky route that issues cookies gives a request without one its key now, so
+        // that this request already goes where the key's next requests will.
+        let issued = snapshot.routes[route]
+            .cookie_to_issue(&request)
+            .map(IssuedCookie::new);
+        let request = Request {
+            issued: issued.as_ref().map(IssuedCookie::as_pair),
+            ..request
+        };
+        let Some(pick) = snapshot.pick(route, &request) else {
             self.pool
                 .metrics()
                 .count_unrouted(&snapshot.routes[route].name, 503);
@@ -189,10 +205,11 @@ impl ProxyHttp for Proxy {
             .await?;
             return Ok(true);
         };
-        ctx.in_flight = Some(snapshot.upstreams[upstream].hold(backend));
-        ctx.upstream = upstream;
-        ctx.backend = backend;
+        ctx.in_flight = Some(snapshot.upstreams[pick.upstream].hold(pick.backend));
+        ctx.upstream = pick.upstream;
+        ctx.backend = pick.backend;
         ctx.route = Some(route);
+        ctx.issued = issued;
         ctx.snapshot = Some(snapshot);
         Ok(false)
     }
@@ -219,7 +236,7 @@ impl ProxyHttp for Proxy {
 
     fn fail_to_connect(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         peer: &HttpPeer,
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
@@ -245,7 +262,15 @@ impl ProxyHttp for Proxy {
         if std::mem::replace(&mut ctx.retried, true) {
             return e;
         }
-        match upstream.pick_backend(ctx.client, Some(ctx.backend)) {
+        // The same key as the first pick, so that a `hash` upstream's retry goes to the next
+        // backend on the key's ring (the host does not matter for a backend's pick).
+        let request = request_of(
+            session.req_header(),
+            None,
+            ctx.client,
+            ctx.issued.as_ref().map(IssuedCookie::as_pair),
+        );
+        match upstream.pick_backend(&request, Some(ctx.backend)) {
             Some(next) => {
                 log::warn!(
                     "upstream {}: connect to {peer} failed ({}), retrying on {}",
@@ -397,6 +422,10 @@ impl ProxyHttp for Proxy {
                     .insert_header("X-Switchyard-Upstream", &*snapshot.upstreams[upstream].name)?;
             }
         }
+        if let Some(cookie) = &ctx.issued {
+            // Appended: the backend's own cookies go on as they were.
+            response.append_header(http::header::SET_COOKIE, cookie.header()?)?;
+        }
         // Once a stop or upgrade signal has arrived, tell keep-alive clients to reconnect (to
         // the new process) instead of reusing a connection that is about to be closed.
         // Pingora's own flag is raised only when the listeners stop, 5 s into an upgrade.
@@ -501,6 +530,24 @@ impl ProxyHttp for Proxy {
             error_code: code,
             can_reuse_downstream: false,
         }
+    }
+}
+
+/// What the pool may see of a request head.
+fn request_of<'a>(
+    req: &'a RequestHeader,
+    host: Option<&'a str>,
+    client: Option<IpAddr>,
+    issued: Option<(&'a str, &'a str)>,
+) -> Request<'a> {
+    Request {
+        host,
+        path: req.uri.path(),
+        query: req.uri.query(),
+        method: &req.method,
+        headers: &req.headers,
+        client,
+        issued,
     }
 }
 

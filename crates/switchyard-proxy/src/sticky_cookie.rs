@@ -1,0 +1,58 @@
+//! The cookie a sticky route with `set_cookie: true` gives a request that has none: a fresh
+//! random key, used for that request's pick already, and sent back in `Set-Cookie` so the
+//! user's next requests carry it. Only requests that get a cookie allocate here.
+
+use http::HeaderValue;
+use pingora_core::{ErrorType, OrErr, Result};
+
+/// How long a browser keeps an issued key: 30 days, long enough for a canary or an A/B test
+/// to run its course without users being reshuffled, short enough not to be a tracking id.
+pub const MAX_AGE_SECS: u64 = 30 * 24 * 3600;
+
+/// A key issued with one request.
+pub struct IssuedCookie {
+    name: Box<str>,
+    /// 128 random bits in hex: unguessable, and as evenly spread by the hash as any key.
+    value: String,
+}
+
+impl IssuedCookie {
+    pub fn new(name: &str) -> IssuedCookie {
+        IssuedCookie {
+            name: name.into(),
+            value: format!("{:032x}", rand::random::<u128>()),
+        }
+    }
+
+    /// The cookie as the request's own, for its pick.
+    pub fn as_pair(&self) -> (&str, &str) {
+        (&self.name, &self.value)
+    }
+
+    /// The `Set-Cookie` value: for every path, not readable by scripts, sent on top-level
+    /// navigations from other sites but not on their sub-requests.
+    pub fn header(&self) -> Result<HeaderValue> {
+        HeaderValue::try_from(format!(
+            "{}={}; Path=/; Max-Age={MAX_AGE_SECS}; HttpOnly; SameSite=Lax",
+            self.name, self.value
+        ))
+        .or_err(ErrorType::InternalError, "sticky cookie")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_issued_cookie_is_random_and_well_formed() {
+        let a = IssuedCookie::new("switchyard_user");
+        let b = IssuedCookie::new("switchyard_user");
+        assert_ne!(a.as_pair().1, b.as_pair().1);
+        assert_eq!(a.as_pair().1.len(), 32);
+        let header = a.header().unwrap();
+        let text = header.to_str().unwrap();
+        assert!(text.starts_with(&format!("switchyard_user={}; ", a.as_pair().1)));
+        assert!(text.ends_with("; Path=/; Max-Age=2592000; HttpOnly; SameSite=Lax"));
+    }
+}
