@@ -3,7 +3,9 @@
 //! metrics and the rollout analysis stats when it is answered, per algorithm, as backends grow
 //! from 2 to 1 000 and routes from 1 to 100. Then the counting alone, per answered request:
 //! the Prometheus metrics (`count_request`), the analysis stats (`count_for_analysis`), and
-//! both, as the proxy's logging phase does.
+//! both, as the proxy's logging phase does. And routing by request content: a `match` on a
+//! header, a cookie, a query parameter and the method in front of a sticky split keyed by a
+//! cookie, and a `hash` upstream keyed by a header, over browser-like request heads.
 //! Also counts heap allocations on that path, which must be zero once each route, upstream,
 //! backend and status has been counted once (their metric handles are made on first use).
 //!
@@ -20,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderMap, Method};
 use switchyard_config::Config;
-use switchyard_pool::{Metrics, Pick, Pool, Request, Snapshot};
+use switchyard_pool::{Metrics, Pick, Pool, Request, Routing, Snapshot};
 
 static NO_HEADERS: std::sync::LazyLock<HeaderMap> = std::sync::LazyLock::new(HeaderMap::new);
 
@@ -100,8 +102,14 @@ fn snapshot(yaml: &str) -> Arc<Snapshot> {
 }
 
 /// One request's worth of decisions; returns something so that none is optimised away.
-fn decide(snapshot: &Snapshot, path: &str, client: IpAddr) -> usize {
-    let request = request(path, client, &NO_HEADERS);
+fn decide(snapshot: &Snapshot, path: &str, client: IpAddr, headers: &HeaderMap) -> usize {
+    let (path, query) = path
+        .split_once('?')
+        .map_or((path, None), |(path, query)| (path, Some(query)));
+    let request = Request {
+        query,
+        ..request(path, client, headers)
+    };
     let route = snapshot.match_route(&request).expect("a route matches");
     let Pick {
         upstream, backend, ..
@@ -165,6 +173,67 @@ struct Case {
     name: String,
     snapshot: Arc<Snapshot>,
     path: String,
+    /// Request heads taken in turn (one per simulated user).
+    heads: Vec<HeaderMap>,
+}
+
+/// Browser-like request heads of 64 users: a dozen headers, five cookies of which the
+/// sticky one is the fourth, a user id and a group header.
+fn heads() -> Vec<HeaderMap> {
+    (0..64)
+        .map(|user| {
+            let mut head = HeaderMap::new();
+            for (name, value) in [
+                ("host", "example.com".to_string()),
+                ("user-agent", "Mozilla/5.0 (X11; Linux x86_64) Chrome/120.0".into()),
+                ("accept", "text/html,application/xhtml+xml;q=0.9,*/*;q=0.8".into()),
+                ("accept-language", "en-GB,en;q=0.9".into()),
+                ("accept-encoding", "gzip, deflate, br".into()),
+                ("referer", "https://example.com/".into()),
+                ("x-user-group", "beta".into()),
+                ("x-user-id", format!("user-{user}")),
+                (
+                    "cookie",
+                    format!("_ga=GA1.2.{user}; theme=dark; session=abcdef0123456789; switchyard_user={user:032x}; lang=en"),
+                ),
+            ] {
+                head.append(
+                    http::HeaderName::from_static(name),
+                    value.parse().expect("a valid header value"),
+                );
+            }
+            head
+        })
+        .collect()
+}
+
+/// Two plain routes, then one that matches beta users' GETs with a preview query and splits
+/// them by their sticky cookie; and a `hash` upstream keyed by `X-User-Id`.
+fn routing_config(sticky_routes: usize) -> String {
+    let mut yaml = String::from(
+        "listeners:\n  - address: 127.0.0.1:8080\nupstreams:\n  blue:\n    backends:\n      - address: 127.0.1.1:8000\n  green:\n    algorithm: hash\n    hash_on: {header: X-User-Id}\n    backends:\n",
+    );
+    for i in 0..10 {
+        writeln!(
+            yaml,
+            "      - address: 127.0.2.{}:8000\n        weight: {}",
+            i + 1,
+            1 + i % 3
+        )
+        .unwrap();
+    }
+    yaml.push_str("routes:\n");
+    for r in 0..sticky_routes {
+        writeln!(
+            yaml,
+            "  - name: other{r}\n    path_prefix: /other\n    match: {{headers: {{X-User-Group: alpha}}}}\n    split: {{blue: 1}}"
+        )
+        .unwrap();
+    }
+    yaml.push_str(
+        "  - name: beta\n    path_prefix: /app/\n    match:\n      headers: {X-User-Group: beta}\n      cookies: {session: '*'}\n      query: {preview: '1'}\n      methods: [GET, HEAD]\n    split: {blue: 95, green: 5}\n    sticky: {cookie: switchyard_user}\n",
+    );
+    yaml
 }
 
 fn cases() -> Vec<Case> {
@@ -180,6 +249,7 @@ fn cases() -> Vec<Case> {
                 name: format!("{algorithm}, {backends} backends, 1 route"),
                 snapshot: snapshot(&config(algorithm, backends, 1)),
                 path: "/app/0/x".into(),
+                heads: vec![HeaderMap::new()],
             });
         }
     }
@@ -188,6 +258,15 @@ fn cases() -> Vec<Case> {
             name: format!("round_robin, 2 backends, {routes} routes (last matches)"),
             snapshot: snapshot(&config("round_robin", 2, routes)),
             path: format!("/app/{}/x", routes - 1),
+            heads: vec![HeaderMap::new()],
+        });
+    }
+    for routes in [0, 10] {
+        cases.push(Case {
+            name: format!("match + sticky cookie, hash on header ({routes} routes before)"),
+            snapshot: snapshot(&routing_config(routes)),
+            path: "/app/page?lang=en&preview=1".into(),
+            heads: heads(),
         });
     }
     cases
@@ -210,6 +289,7 @@ fn run(case: &Case, clients: &[IpAddr], iterations: usize) -> (Duration, u64) {
             &case.snapshot,
             black_box(&case.path),
             clients[i % clients.len()],
+            &case.heads[i % case.heads.len()],
         );
     }
     black_box(sink);
@@ -251,6 +331,21 @@ fn main() {
             let (_, allocations) = run(case, &clients, 1000);
             assert_eq!(allocations, 0, "{}: the request path allocated", case.name);
         }
+        for case in cases.iter().filter(|c| c.heads.len() > 1) {
+            let counts = case
+                .snapshot
+                .routes
+                .last()
+                .expect("a route")
+                .routing_counts();
+            assert!(
+                counts
+                    .iter()
+                    .all(|&(how, n)| (how == Routing::Sticky) == (n > 0)),
+                "{}: every request matched and went by its sticky key: {counts:?}",
+                case.name
+            );
+        }
         for how in Count::ALL {
             run_counting(&cases[0], how, 1000);
             let (_, allocations) = run_counting(&cases[0], how, 1000);
@@ -263,10 +358,10 @@ fn main() {
         );
         return;
     }
-    println!("{:<58} {:>10} {:>12}", "case", "ns/request", "allocations");
+    println!("{:<64} {:>10} {:>12}", "case", "ns/request", "allocations");
     for case in &cases {
         let (ns, allocations) = measure(|n| run(case, &clients, n));
-        println!("{:<58} {ns:>10.1} {allocations:>12}", case.name);
+        println!("{:<64} {ns:>10.1} {allocations:>12}", case.name);
     }
     println!();
     println!(
