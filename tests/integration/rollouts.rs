@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::fixtures::{blue_green, sample, wait_until, Switchyard, TestBackend};
+use crate::fixtures::{
+    block_on, blue_green, request_from, sample, wait_until, Switchyard, TestBackend,
+};
 use crate::load::Load;
 
 /// Fast analysis for tests: 250 ms windows, a few requests are enough (a debug build under
@@ -396,6 +398,16 @@ fn bad_rollout_requests_are_400_or_404_naming_what_is_wrong_and_change_nothing()
             400,
             "surprise: unknown field",
         ),
+        (
+            r#"{"to": "green", "steps": [{"match": {}}]}"#,
+            400,
+            "steps[0].match: must hold at least one condition",
+        ),
+        (
+            r#"{"to": "green", "steps": [{"match": {"headers": {"": "beta"}}}]}"#,
+            400,
+            "steps[0].match.headers.: header name must not be empty",
+        ),
         ("not json", 400, "must be a JSON object"),
     ] {
         let r = sy.api("POST", "/api/v1/routes/web/rollout", Some(body));
@@ -415,4 +427,94 @@ fn bad_rollout_requests_are_400_or_404_naming_what_is_wrong_and_change_nothing()
     let r = sy.api("POST", "/api/v1/routes/web/rollout/pause", None);
     assert_eq!(r.status, 404, "{}", r.text());
     assert_eq!(split(&sy), (1, 0));
+}
+
+/// The backend (its `X-Backend`) that answered one `GET /` with `headers`.
+fn answered_by(sy: &Switchyard, headers: &[(&str, &str)]) -> String {
+    let r = block_on(request_from(None, sy.addr, "GET", "/", headers))
+        .unwrap_or_else(|e| panic!("GET / with {headers:?}: {e}"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.header("x-backend").unwrap_or_default().to_string()
+}
+
+fn rollout_matched(sy: &Switchyard) -> f64 {
+    sample(
+        &sy.scrape(),
+        r#"switchyard_route_routing_total{route="web",routing="rollout_match"}"#,
+    )
+    .unwrap_or(0.0)
+}
+
+#[test]
+fn a_beta_first_rollout_sends_only_the_beta_group_to_green_until_it_is_aborted() {
+    const BETA: [(&str, &str); 1] = [("X-User-Group", "beta")];
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let mut sy = start_blue_green(&blue, &green, "state_file: {dir}/state.json\n");
+    let started = start(
+        &sy,
+        r#"{"to": "green", "steps": [{"match": {"headers": {"X-User-Group": "beta"}}, "pause": "1s"}, {"weight": 50, "pause": "manual"}, 100],
+            "step_interval": "500ms", "analysis": {"interval": "400ms", "min_requests": 3}}"#,
+    );
+    // The status shows the steps as they were asked for.
+    assert_eq!(
+        started["steps"],
+        serde_json::json!([{"match": {"headers": {"x-user-group": "beta"}}, "pause": "1s"}, {"weight": 50.0, "pause": "manual"}, 100.0])
+    );
+    wait_until("the match step", Duration::from_secs(5), || {
+        rollout(&sy)["step"] == 1
+    });
+    // At the match step, with weight 0: the beta group reaches green, everyone else blue. (A
+    // request counts for the match step only if the step is still 1 after its answer.)
+    let mut rounds = 0;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        assert_eq!(answered_by(&sy, &BETA), "green");
+        let other = answered_by(&sy, &[("X-User-Group", "staff")]);
+        let now = rollout(&sy);
+        if now["step"] != 1 {
+            break;
+        }
+        assert_eq!(
+            (other.as_str(), now["weight"].as_f64()),
+            ("blue", Some(0.0))
+        );
+        rounds += 1;
+        assert!(
+            Instant::now() < deadline,
+            "still at the match step: {now:#}"
+        );
+    }
+    // It held for its pause and advanced after a passing window (the beta group's requests
+    // are green's counters).
+    let held = wait_for_state(&sy, "paused", Duration::from_secs(5));
+    assert_eq!((held["step"].as_u64(), split(&sy)), (Some(2), (5000, 5000)));
+    let windows = held["windows"].as_array().expect("windows");
+    assert!(
+        windows
+            .iter()
+            .any(|w| w["step"] == 1 && w["verdict"] == "passed"),
+        "{windows:#?}"
+    );
+    assert!(rounds >= 5, "{rounds} rounds at the match step");
+    // At 50% as well, and after a restart (the state file holds the match step), every beta
+    // request goes to green.
+    sy.restart();
+    let back = rollout(&sy);
+    assert_eq!(
+        (back["state"].as_str(), back["step"].as_u64()),
+        (Some("paused"), Some(2))
+    );
+    for _ in 0..10 {
+        assert_eq!(answered_by(&sy, &BETA), "green");
+    }
+    let matched = rollout_matched(&sy);
+    assert_eq!(matched, 10.0, "counted since the restart");
+    // An abort sends the beta group back to blue at once.
+    let aborted = sy.api("POST", "/api/v1/routes/web/rollout/abort", None);
+    assert_eq!(json(&aborted)["state"], "aborted");
+    for _ in 0..10 {
+        assert_eq!(answered_by(&sy, &BETA), "blue");
+    }
+    assert_eq!(rollout_matched(&sy), matched);
 }

@@ -14,6 +14,7 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::duration::{format_duration, parse_duration, YamlDuration};
+use crate::matching::{route_match, RawMatch, RouteMatch};
 use crate::{Problem, Problems};
 
 /// What a rollout does, step by step, and how it judges the new version.
@@ -22,7 +23,8 @@ pub struct RolloutSpec {
     pub to: String,
     /// `None`: the other upstream with the largest weight in the route's split.
     pub from: Option<String>,
-    /// Increasing, the last at 100.
+    /// Weight steps increasing, the last step a weight step at 100; match steps anywhere
+    /// before it.
     pub steps: Vec<Step>,
     /// How long each step holds unless it says otherwise.
     pub step_interval: Duration,
@@ -42,20 +44,44 @@ pub struct Step {
     pub pause: Hold,
 }
 
-/// What a step changes. Match steps (requests that match go to `to` whatever the weights)
-/// will be a second variant once routes can match requests; the engine's step handling is
-/// written against this enum so they slot in.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// What a step changes.
+#[derive(Debug, Clone, PartialEq)]
 pub enum StepTarget {
     /// `to`'s share in percent of the two upstreams' weight, in (0, 100].
     Weight(f64),
+    /// From this step to the end of the rollout, requests that match go to `to` whatever the
+    /// weights; the weight stays where it was. Never empty.
+    Match(RouteMatch),
 }
 
 impl Step {
-    /// The weight this step sets, in percent.
-    pub fn weight(&self) -> f64 {
+    /// The weight a weight step sets, in percent; `None` for a match step (which keeps the
+    /// weight in force).
+    pub fn weight(&self) -> Option<f64> {
         match self.target {
-            StepTarget::Weight(w) => w,
+            StepTarget::Weight(w) => Some(w),
+            StepTarget::Match(_) => None,
+        }
+    }
+
+    /// The conditions a match step adds; `None` for a weight step.
+    pub fn matching(&self) -> Option<&RouteMatch> {
+        match &self.target {
+            StepTarget::Match(m) => Some(m),
+            StepTarget::Weight(_) => None,
+        }
+    }
+}
+
+/// For event and log lines: `25%`, or `match {"headers":{"x-user-group":"beta"}}`.
+impl fmt::Display for StepTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StepTarget::Weight(w) => write!(f, "{w}%"),
+            StepTarget::Match(m) => {
+                let json = serde_json::to_string(m).map_err(|_| fmt::Error)?;
+                write!(f, "match {json}")
+            }
         }
     }
 }
@@ -237,14 +263,16 @@ fn strip_position(message: &str) -> String {
     }
 }
 
+/// The body as written. Read with its steps as written ([`RawStep`]), and written from a
+/// validated spec with its typed [`Step`]s, which serialize in the same shape.
 #[derive(Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-struct RawSpec {
+#[serde(deny_unknown_fields, bound(deserialize = "S: Deserialize<'de>"))]
+struct RawSpec<S = RawStep> {
     to: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     from: Option<String>,
     #[serde(default)]
-    steps: Option<Vec<RawStep>>,
+    steps: Option<Vec<S>>,
     #[serde(default, with = "opt_duration")]
     step_interval: Option<Duration>,
     #[serde(default)]
@@ -292,13 +320,14 @@ struct RawCheck {
     timeout: Option<Duration>,
 }
 
-/// A step as written: a bare percentage, or an object with its own hold.
-#[derive(Debug, Clone, PartialEq)]
+/// A step as written: a bare percentage, or an object with a weight or a match, and its own
+/// hold.
+#[derive(Debug)]
 struct RawStep {
     weight: Option<f64>,
     pause: Option<Hold>,
-    /// A match step's `match`, refused until routes can match requests.
-    has_match: bool,
+    /// A match step's `match`, validated with the rest of the spec.
+    matching: Option<RawMatch>,
     /// Written as an object: a problem with its weight is at `steps[i].weight`.
     object: bool,
 }
@@ -310,14 +339,14 @@ impl<'de> Deserialize<'de> for RawStep {
             type Value = RawStep;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str(
-                    "a percentage such as 25, or an object such as {\"weight\": 25, \"pause\": \"2m\"}",
+                    "a percentage such as 25, or an object such as {\"weight\": 25, \"pause\": \"2m\"} or {\"match\": {\"headers\": {\"X-User-Group\": \"beta\"}}}",
                 )
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<RawStep, E> {
                 Ok(RawStep {
                     weight: Some(v),
                     pause: None,
-                    has_match: false,
+                    matching: None,
                     object: false,
                 })
             }
@@ -331,17 +360,14 @@ impl<'de> Deserialize<'de> for RawStep {
                 let mut step = RawStep {
                     weight: None,
                     pause: None,
-                    has_match: false,
+                    matching: None,
                     object: true,
                 };
                 while let Some(key) = map.next_key::<String>()? {
                     match key.as_str() {
                         "weight" => step.weight = Some(map.next_value()?),
                         "pause" => step.pause = Some(map.next_value::<RawHold>()?.0),
-                        "match" => {
-                            map.next_value::<de::IgnoredAny>()?;
-                            step.has_match = true;
-                        }
+                        "match" => step.matching = Some(map.next_value()?),
                         other => {
                             return Err(de::Error::unknown_field(
                                 other,
@@ -360,22 +386,23 @@ impl<'de> Deserialize<'de> for RawStep {
     }
 }
 
-impl Serialize for RawStep {
+/// In the request's shape: a bare percentage when the step holds for `step_interval`, else
+/// an object with its `weight` or `match` and its `pause`.
+impl Serialize for Step {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
-        match (self.weight, self.pause) {
-            (Some(w), None) => s.serialize_f64(w),
-            (weight, pause) => {
-                let mut map = s.serialize_map(None)?;
-                if let Some(w) = weight {
-                    map.serialize_entry("weight", &w)?;
-                }
-                if let Some(pause) = pause {
-                    map.serialize_entry("pause", &hold_text(pause))?;
-                }
-                map.end()
-            }
+        if let (StepTarget::Weight(w), Hold::Interval) = (&self.target, self.pause) {
+            return s.serialize_f64(*w);
         }
+        let mut map = s.serialize_map(None)?;
+        match &self.target {
+            StepTarget::Weight(w) => map.serialize_entry("weight", w)?,
+            StepTarget::Match(m) => map.serialize_entry("match", m)?,
+        }
+        if self.pause != Hold::Interval {
+            map.serialize_entry("pause", &hold_text(self.pause))?;
+        }
+        map.end()
     }
 }
 
@@ -417,7 +444,7 @@ mod opt_duration {
     }
 }
 
-impl RawSpec {
+impl RawSpec<RawStep> {
     fn validate(self) -> Result<RolloutSpec, Problems> {
         let mut problems = Vec::new();
         let mut problem = |path: &str, message: String| {
@@ -445,7 +472,7 @@ impl RawSpec {
                 .map(|w| RawStep {
                     weight: Some(*w),
                     pause: None,
-                    has_match: false,
+                    matching: None,
                     object: false,
                 })
                 .collect()
@@ -467,18 +494,48 @@ impl RawSpec {
             );
         }
         let mut previous: Option<f64> = None;
-        for (i, step) in raw_steps.iter().enumerate() {
+        for (i, step) in raw_steps.into_iter().enumerate() {
             let path = format!("steps[{i}]");
-            if step.has_match {
-                problem(
-                    &format!("{path}.match"),
-                    "match steps need request matching, which this version does not have yet"
-                        .into(),
-                );
+            let pause = step.pause.unwrap_or(Hold::Interval);
+            if let Some(raw) = step.matching {
+                if step.weight.is_some() {
+                    problem(
+                        &path,
+                        "a step either sets a weight or adds a match, not both; make them two steps"
+                            .into(),
+                    );
+                    continue;
+                }
+                let match_path = format!("{path}.match");
+                let mut found = Vec::new();
+                let matching = route_match(raw, &match_path, &mut found);
+                if previous == Some(100.0) {
+                    problem(
+                        &match_path,
+                        "comes after the 100% step, where \"to\" already has every request; put it before"
+                            .into(),
+                    );
+                } else if found.is_empty() && matching.is_empty() {
+                    problem(
+                        &match_path,
+                        "must hold at least one condition (headers, cookies, query or methods): an empty match would send every request to \"to\""
+                            .into(),
+                    );
+                }
+                for p in found {
+                    problem(&p.path, p.message);
+                }
+                steps.push(Step {
+                    target: StepTarget::Match(matching),
+                    pause,
+                });
                 continue;
             }
             let Some(weight) = step.weight else {
-                problem(&format!("{path}.weight"), "is required".into());
+                problem(
+                    &format!("{path}.weight"),
+                    "is required (or \"match\", for a match step)".into(),
+                );
                 continue;
             };
             let weight_path = if step.object {
@@ -493,19 +550,21 @@ impl RawSpec {
                 );
                 continue;
             }
+            // Match steps in between do not count: they leave the weight where it was.
             if let Some(before) = previous.filter(|before| weight <= *before) {
                 problem(
                     &weight_path,
-                    format!("{weight} does not increase on the step before it ({before}); steps must increase"),
+                    format!("{weight} does not increase on the weight step before it ({before}); weight steps must increase"),
                 );
             }
             previous = Some(weight);
             steps.push(Step {
                 target: StepTarget::Weight(weight),
-                pause: step.pause.unwrap_or(Hold::Interval),
+                pause,
             });
         }
-        if steps.last().is_some_and(|s| s.weight() < 100.0) {
+        // The last step gives `to` the whole share; a match step is never last.
+        if steps.last().is_some_and(|s| s.weight() != Some(100.0)) {
             steps.push(Step {
                 target: StepTarget::Weight(100.0),
                 pause: Hold::Interval,
@@ -629,23 +688,13 @@ impl RawSpec {
     }
 }
 
-impl From<&RolloutSpec> for RawSpec {
-    fn from(spec: &RolloutSpec) -> RawSpec {
+impl From<&RolloutSpec> for RawSpec<Step> {
+    fn from(spec: &RolloutSpec) -> RawSpec<Step> {
         let a = &spec.analysis;
         RawSpec {
             to: spec.to.clone(),
             from: spec.from.clone(),
-            steps: Some(
-                spec.steps
-                    .iter()
-                    .map(|s| RawStep {
-                        weight: Some(s.weight()),
-                        pause: (s.pause != Hold::Interval).then_some(s.pause),
-                        has_match: false,
-                        object: s.pause != Hold::Interval,
-                    })
-                    .collect(),
-            ),
+            steps: Some(spec.steps.clone()),
             step_interval: Some(spec.step_interval),
             analysis: Some(RawAnalysis {
                 interval: Some(a.interval),
@@ -676,14 +725,14 @@ impl From<&RolloutSpec> for RawSpec {
 /// Written in the request's own shape, defaults filled in.
 impl Serialize for RolloutSpec {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        RawSpec::from(self).serialize(s)
+        RawSpec::<Step>::from(self).serialize(s)
     }
 }
 
 /// Read back through the same validation as a request (a state file may have been edited).
 impl<'de> Deserialize<'de> for RolloutSpec {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        RawSpec::deserialize(d)?
+        RawSpec::<RawStep>::deserialize(d)?
             .validate()
             .map_err(|problems| de::Error::custom(problems.to_string().replace('\n', "; ")))
     }
@@ -709,7 +758,7 @@ mod tests {
         .unwrap();
         assert_eq!(spec.to, "green");
         assert_eq!(spec.from.as_deref(), Some("blue"));
-        let weights: Vec<f64> = spec.steps.iter().map(Step::weight).collect();
+        let weights: Vec<f64> = spec.steps.iter().filter_map(Step::weight).collect();
         assert_eq!(weights, [1.0, 5.0, 25.0, 50.0, 100.0]);
         assert_eq!(
             spec.analysis.max_p99_latency,
@@ -723,7 +772,7 @@ mod tests {
     #[test]
     fn defaults_follow_the_contract() {
         let spec = parse(r#"{"to": "green"}"#).unwrap();
-        let weights: Vec<f64> = spec.steps.iter().map(Step::weight).collect();
+        let weights: Vec<f64> = spec.steps.iter().filter_map(Step::weight).collect();
         assert_eq!(weights, DEFAULT_STEPS);
         assert_eq!(spec.analysis, Analysis::default());
         assert_eq!(spec.progress_deadline, Duration::from_secs(1800));
@@ -737,7 +786,7 @@ mod tests {
             r#"{"to": "g", "steps": [0.5, {"weight": 5, "pause": "2m"}, {"weight": 50, "pause": "manual"}]}"#,
         )
         .unwrap();
-        let weights: Vec<f64> = spec.steps.iter().map(Step::weight).collect();
+        let weights: Vec<f64> = spec.steps.iter().filter_map(Step::weight).collect();
         assert_eq!(weights, [0.5, 5.0, 50.0, 100.0]);
         assert_eq!(spec.hold(1), Hold::For(Duration::from_secs(120)));
         assert_eq!(spec.hold(2), Hold::Manual);
@@ -780,15 +829,89 @@ mod tests {
                 "steps[0].pause: invalid duration",
             ),
             (
-                r#"{"to": "g", "steps": [{"match": {"headers": {"X": "y"}}}]}"#,
-                "steps[0].match: match steps need request matching",
-            ),
-            (
                 r#"{"to": "g", "on_failure": "panic"}"#,
                 "on_failure: unknown variant `panic`",
             ),
             (r#"{"from": "b"}"#, "missing field `to`"),
             (r#"[1]"#, "the body must be a JSON object"),
+        ] {
+            let got = parse(body).unwrap_err();
+            assert!(got.contains(want), "{body}: {got}");
+        }
+    }
+
+    #[test]
+    fn a_match_step_adds_its_conditions_and_keeps_the_weight_steps_rules() {
+        let spec = parse(
+            r#"{"to": "g", "steps": [{"match": {"headers": {"X-User-Group": "beta"}, "methods": ["get"]}, "pause": "5m"}, 10, {"match": {"cookies": {"plan": "pro"}}}, 50]}"#,
+        )
+        .unwrap();
+        assert_eq!(spec.steps.len(), 5, "{:?}", spec.steps);
+        let beta = spec.steps[0].matching().expect("a match step");
+        assert_eq!(
+            beta.headers,
+            [(
+                "x-user-group".to_string(),
+                crate::ValueMatch::Exact("beta".into())
+            )]
+        );
+        assert_eq!(beta.methods, ["GET"]);
+        assert_eq!(spec.steps[0].weight(), None);
+        assert_eq!(spec.hold(0), Hold::For(Duration::from_secs(300)));
+        assert!(spec.steps[2].matching().is_some());
+        // Weights increase among weight steps; the last 100 is added after them.
+        let weights: Vec<f64> = spec.steps.iter().filter_map(Step::weight).collect();
+        assert_eq!(weights, [10.0, 50.0, 100.0]);
+        // A list of match steps alone still ends at 100.
+        let only =
+            parse(r#"{"to": "g", "steps": [{"match": {"query": {"preview": "1"}}}]}"#).unwrap();
+        assert_eq!(only.steps.len(), 2);
+        assert_eq!(only.steps[1].weight(), Some(100.0));
+        assert_eq!(
+            only.steps[0].target.to_string(),
+            "match {\"query\":{\"preview\":\"1\"}}"
+        );
+    }
+
+    #[test]
+    fn bad_match_steps_name_their_fields() {
+        for (body, want) in [
+            (
+                r#"{"to": "g", "steps": [{"match": {"headers": {"": "beta"}}}]}"#,
+                "steps[0].match.headers.: header name must not be empty",
+            ),
+            (
+                r#"{"to": "g", "steps": [5, {"match": {"cookies": {"a;b": "x"}}}]}"#,
+                "steps[1].match.cookies.a;b: cookie name \"a;b\" has ';'",
+            ),
+            (
+                r#"{"to": "g", "steps": [{"match": {"methods": ["FETCH"]}}]}"#,
+                "steps[0].match.methods[0]: \"FETCH\" is not an HTTP method",
+            ),
+            (
+                r#"{"to": "g", "steps": [{"match": {}}]}"#,
+                "steps[0].match: must hold at least one condition",
+            ),
+            (
+                r#"{"to": "g", "steps": [{"match": {"header": {"X": "y"}}}]}"#,
+                "steps[0].match.header: unknown field `header`",
+            ),
+            (
+                r#"{"to": "g", "steps": [{"weight": 5, "match": {"headers": {"X": "y"}}}]}"#,
+                "steps[0]: a step either sets a weight or adds a match",
+            ),
+            (
+                r#"{"to": "g", "steps": [50, {"match": {"headers": {"X": "y"}}}, 20]}"#,
+                "steps[2]: 20 does not increase on the weight step before it (50)",
+            ),
+            (
+                r#"{"to": "g", "steps": [100, {"match": {"headers": {"X": "y"}}}]}"#,
+                "steps[1].match: comes after the 100% step",
+            ),
+            (
+                r#"{"to": "g", "steps": [{"pause": "1m"}]}"#,
+                "steps[0].weight: is required (or \"match\", for a match step)",
+            ),
         ] {
             let got = parse(body).unwrap_err();
             assert!(got.contains(want), "{body}: {got}");
@@ -822,12 +945,25 @@ mod tests {
     #[test]
     fn a_spec_round_trips_through_its_json() {
         let spec = parse(
-            r#"{"to": "g", "steps": [1, {"weight": 50, "pause": "manual"}], "analysis": {"max_latency_ratio": 2},
+            r#"{"to": "g", "steps": [{"match": {"headers": {"X-User-Group": "beta", "X-Debug": "*"}, "cookies": {"plan": "pro"}, "query": {"preview": "1"}, "methods": ["GET"]}, "pause": "5m"},
+                                     1, {"match": {"headers": {"X-Group": "b"}}}, {"weight": 50, "pause": "manual"}], "analysis": {"max_latency_ratio": 2},
                 "checks": [{"url": "http://127.0.0.1:1/", "expect_body": "ok"}], "notify": "http://127.0.0.1:2/hook"}"#,
         )
         .unwrap();
         let json = serde_json::to_string(&spec).unwrap();
         let back: RolloutSpec = serde_json::from_str(&json).unwrap();
         assert_eq!(back, spec);
+        // Written as requested: a match step as its `match` and `pause`, a bare weight as a
+        // number.
+        let steps = &serde_json::to_value(&spec).unwrap()["steps"];
+        assert_eq!(
+            steps[0],
+            serde_json::json!({"match": {"headers": {"x-debug": "*", "x-user-group": "beta"}, "cookies": {"plan": "pro"}, "query": {"preview": "1"}, "methods": ["GET"]}, "pause": "5m"})
+        );
+        assert_eq!(steps[1], serde_json::json!(1.0));
+        assert_eq!(
+            steps[2],
+            serde_json::json!({"match": {"headers": {"x-group": "b"}}})
+        );
     }
 }

@@ -224,10 +224,11 @@ impl Pool {
                 Err(e) => return Err(Rejection::Storage(e)),
             }
         }
-        // A rollout's progress that leaves every split as it was (a judged window, hold
-        // time) needs no new snapshot: selection would be rebuilt for nothing.
-        let rebuild =
-            next.splits != desired.state.splits || next.upstreams != desired.state.upstreams;
+        // A rollout's progress that leaves every split and match step as it was (a judged
+        // window, hold time) needs no new snapshot: selection would be rebuilt for nothing.
+        let rebuild = next.splits != desired.state.splits
+            || next.upstreams != desired.state.upstreams
+            || next.match_steps_in_force() != desired.state.match_steps_in_force();
         let rollouts_moved = next.rollouts != desired.state.rollouts;
         let events = state::change_event(&desired.config, &desired.state, &next, change, source);
         if rebuild {

@@ -3,13 +3,13 @@
 //! [`RuntimeState`](crate::RuntimeState), so it is saved, survives restart and upgrade, and
 //! every move of it goes through `Pool::apply` like any other change. The timing and the
 //! judgement (when a step advances, what a window says) belong to the rollout engine; this
-//! module only knows what each state means for the split.
+//! module only knows what each state means for the split and for the match steps in force.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use switchyard_config::rollout::RolloutSpec;
-use switchyard_config::Config;
+use switchyard_config::rollout::{RolloutSpec, Step};
+use switchyard_config::{Config, RouteMatch};
 
 use serde_json::json;
 
@@ -197,6 +197,21 @@ impl Rollout {
         };
     }
 
+    /// The match steps in force: every one taken so far, while the rollout runs. Once it
+    /// ended there are none: a rollback or abort sends the matched users back with everyone
+    /// else, and after success `to` has the whole share anyway.
+    pub fn matches_in_force(&self) -> impl Iterator<Item = &RouteMatch> {
+        let taken = match (self.state.is_active(), self.step) {
+            (true, Some(i)) => i + 1,
+            _ => 0,
+        };
+        self.spec
+            .steps
+            .iter()
+            .take(taken)
+            .filter_map(Step::matching)
+    }
+
     /// The 1-based number of the step in force (0 before the first).
     pub fn step_number(&self) -> usize {
         self.step.map_or(0, |i| i + 1)
@@ -324,7 +339,12 @@ impl RuntimeState {
             )));
         }
         let weight = f64::from(base[&spec.to]) * 100.0 / f64::from(total);
-        if spec.steps.iter().all(|s| s.weight() <= weight) {
+        if spec
+            .steps
+            .iter()
+            .filter_map(Step::weight)
+            .all(|w| w <= weight)
+        {
             return Err(Rejection::Invalid(format!(
                 "to: {:?} already has the whole share of {from:?} and itself; there is nothing to roll out",
                 spec.to
@@ -446,6 +466,22 @@ impl RuntimeState {
         }
     }
 
+    /// Each route's match steps in force with its `to`: what a snapshot's routes hold of the
+    /// rollouts besides their splits, so a change of it needs a new snapshot.
+    pub(crate) fn match_steps_in_force(&self) -> Vec<(&str, &str, Vec<&RouteMatch>)> {
+        self.rollouts
+            .values()
+            .map(|r| {
+                (
+                    r.route.as_str(),
+                    r.to.as_str(),
+                    r.matches_in_force().collect(),
+                )
+            })
+            .filter(|(_, _, matches): &(_, _, Vec<_>)| !matches.is_empty())
+            .collect()
+    }
+
     /// Stores the record and writes the split it stands for as the route's override.
     fn set_rollout(&mut self, config: &Config, rollout: Rollout) -> Result<(), Rejection> {
         let split = rollout.split();
@@ -479,13 +515,20 @@ pub(crate) fn rollout_events(
                 .upstream(&now.to)
         };
         let Some(was) = was else {
-            let steps: Vec<f64> = now.spec.steps.iter().map(|s| s.weight()).collect();
+            let steps: Vec<String> = now
+                .spec
+                .steps
+                .iter()
+                .map(|s| s.target.to_string())
+                .collect();
             events.push(
                 draft(
                     "rollout_started",
                     format!(
-                        "rollout {} → {} started on route {route}, steps {steps:?}",
-                        now.from, now.to
+                        "rollout {} → {} started on route {route}, steps [{}]",
+                        now.from,
+                        now.to,
+                        steps.join(", ")
                     ),
                 )
                 .after(view(now)),
@@ -515,11 +558,19 @@ pub(crate) fn rollout_events(
                 draft(
                     "rollout_step",
                     format!(
-                        "rollout on route {route}: step {}/{}, {} at {}%",
+                        "rollout on route {route}: step {}/{}, {} at {}%{}",
                         now.step_number(),
                         now.spec.steps.len(),
                         now.to,
-                        now.weight
+                        now.weight,
+                        now.step
+                            .and_then(|i| now.spec.steps.get(i))
+                            .and_then(Step::matching)
+                            .map(|m| format!(
+                                ", and requests that match {} go to it",
+                                serde_json::to_string(m).unwrap_or_default()
+                            ))
+                            .unwrap_or_default()
                     ),
                 )
                 .before(view(was))
@@ -805,6 +856,113 @@ mod tests {
             route_split(&ended, &edited),
             pairs(&[("blue", 1), ("green", 1)])
         );
+    }
+
+    /// Where the pool's snapshot sends a GET with `headers` on route `web`, and how.
+    fn routed(pool: &crate::Pool, headers: &[(&str, &str)]) -> (String, crate::Routing) {
+        let mut map = http::HeaderMap::new();
+        for (name, value) in headers {
+            map.append(
+                http::HeaderName::from_bytes(name.as_bytes()).expect("name"),
+                value.parse().expect("value"),
+            );
+        }
+        let request = crate::Request {
+            host: None,
+            path: "/",
+            query: None,
+            method: &http::Method::GET,
+            headers: &map,
+            client: None,
+            issued: None,
+        };
+        let snapshot = pool.snapshot();
+        let pick = snapshot.pick(0, &request).expect("a pick");
+        (
+            snapshot.upstreams[pick.upstream].name.to_string(),
+            pick.routing,
+        )
+    }
+
+    #[test]
+    fn match_steps_send_matching_requests_to_to_while_the_rollout_runs() {
+        use crate::Routing::{RolloutMatch, Split};
+        let pool = crate::Pool::new(
+            config("{blue: 1, green: 0}"),
+            std::sync::Arc::new(crate::Metrics::new()),
+            None,
+        )
+        .expect("pool");
+        pool.apply(
+            &start(
+                r#"{"to": "green", "steps": [{"match": {"headers": {"X-User-Group": "beta"}}}, {"match": {"cookies": {"plan": "pro"}}}, 50]}"#,
+            ),
+            Source::Api,
+        )
+        .unwrap();
+        let beta = [("x-user-group", "beta")];
+        let pro = [("cookie", "plan=pro")];
+        let take = |step: usize, weight: f64| {
+            let mut next = pool.rollout("web").expect("a rollout");
+            next.step = Some(step);
+            next.weight = weight;
+            pool.apply_rollout_update(&Change::RolloutUpdate {
+                route: "web".into(),
+                next: Box::new(next),
+            })
+            .unwrap();
+        };
+        // Before the match step is taken, nobody is matched.
+        assert_eq!(routed(&pool, &beta), ("blue".into(), Split));
+        // Taking it leaves the split as it was, and still the snapshot follows.
+        take(0, 0.0);
+        assert_eq!(routed(&pool, &beta), ("green".into(), RolloutMatch));
+        assert_eq!(routed(&pool, &pro), ("blue".into(), Split));
+        assert_eq!(routed(&pool, &[]), ("blue".into(), Split));
+        // A later match step adds its users; the earlier ones stay matched at every weight.
+        take(1, 0.0);
+        take(2, 50.0);
+        for _ in 0..10 {
+            assert_eq!(routed(&pool, &beta), ("green".into(), RolloutMatch));
+            assert_eq!(routed(&pool, &pro), ("green".into(), RolloutMatch));
+        }
+        // With no backend in `to`, matched requests take the split (which then has only blue).
+        let green_backend = |state| Change::UpdateBackend {
+            upstream: "green".into(),
+            address: "127.0.0.1:9002".parse().expect("address"),
+            weight: None,
+            state: Some(state),
+        };
+        pool.apply(&green_backend(crate::BackendState::Disabled), Source::Api)
+            .unwrap();
+        assert_eq!(routed(&pool, &beta), ("blue".into(), Split));
+        let counts = |pool: &crate::Pool| {
+            pool.snapshot().routes[0].routing_counts()[RolloutMatch as usize].1
+        };
+        assert_eq!(counts(&pool), 21);
+        // An abort sends every matched user back at once.
+        pool.apply(&green_backend(crate::BackendState::Active), Source::Api)
+            .unwrap();
+        assert_eq!(routed(&pool, &beta), ("green".into(), RolloutMatch));
+        pool.apply(&command(RolloutCommand::Abort), Source::Api)
+            .unwrap();
+        for _ in 0..10 {
+            assert_eq!(routed(&pool, &beta), ("blue".into(), Split));
+        }
+        assert_eq!(counts(&pool), 22);
+        // Ended at the match step itself, where the split does not change: still at once.
+        pool.apply(
+            &start(
+                r#"{"to": "green", "steps": [{"match": {"headers": {"X-User-Group": "beta"}}}]}"#,
+            ),
+            Source::Api,
+        )
+        .unwrap();
+        take(0, 0.0);
+        assert_eq!(routed(&pool, &beta), ("green".into(), RolloutMatch));
+        pool.apply(&command(RolloutCommand::Abort), Source::Api)
+            .unwrap();
+        assert_eq!(routed(&pool, &beta), ("blue".into(), Split));
     }
 
     fn split(pairs: &[(&str, u32)]) -> BTreeMap<String, u32> {

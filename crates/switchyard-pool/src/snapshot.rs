@@ -1,5 +1,6 @@
 //! One immutable view of routes, upstreams and backends, with everything a request needs
-//! precomputed: route order, split sequences, and each upstream's selector.
+//! precomputed: route order, split sequences, a running rollout's match steps, and each
+//! upstream's selector.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -278,6 +279,15 @@ struct StickyPick {
     available: Layout,
 }
 
+/// A running rollout's match steps on a route: a request that matches one of them goes to
+/// `to` whatever the weights.
+struct MatchSteps {
+    /// One per match step taken so far; any of them suffices.
+    matchers: Box<[Matcher]>,
+    /// `to`'s upstream index (in the route's split).
+    to: usize,
+}
+
 pub struct Route {
     pub name: Arc<str>,
     /// Lower-cased, without port.
@@ -288,6 +298,8 @@ pub struct Route {
     matcher: Option<Matcher>,
     pub sticky: Option<switchyard_config::Sticky>,
     sticky_pick: Option<StickyPick>,
+    /// Shared by the snapshots that rebuild this one for health: they have the same rollout.
+    match_steps: Option<Arc<MatchSteps>>,
     /// Upstream index and weight, as configured.
     pub split: Vec<(usize, u32)>,
     /// One smooth period over the upstreams that had an available backend at build time.
@@ -303,6 +315,7 @@ struct RouteSpec {
     path_prefix: Option<Box<str>>,
     matching: switchyard_config::RouteMatch,
     sticky: Option<switchyard_config::Sticky>,
+    match_steps: Option<Arc<MatchSteps>>,
     split: Vec<(usize, u32)>,
 }
 
@@ -334,6 +347,7 @@ impl Route {
             sequence: Rotation::new(&available),
             matcher: Matcher::new(&spec.matching),
             sticky_pick,
+            match_steps: spec.match_steps,
             name: spec.name,
             host: spec.host,
             path_prefix: spec.path_prefix,
@@ -380,6 +394,7 @@ impl Route {
                 path_prefix: self.path_prefix.clone(),
                 matching: self.matching.clone(),
                 sticky: self.sticky.clone(),
+                match_steps: self.match_steps.clone(),
                 split: self.split.clone(),
             },
             upstreams,
@@ -483,6 +498,16 @@ impl Snapshot {
                     .and_then(|p| p.routes.iter().find(|old| *old.name == *r.name))
                     .map(|old| Arc::clone(&old.cursor))
                     .unwrap_or_default();
+                let match_steps = state.rollouts.get(&r.name).and_then(|rollout| {
+                    let to = upstreams.iter().position(|u| *u.name == *rollout.to)?;
+                    let matchers: Box<[Matcher]> = rollout
+                        .matches_in_force()
+                        .filter_map(Matcher::new)
+                        .collect();
+                    let in_split = split.iter().any(|&(u, _)| u == to);
+                    (in_split && !matchers.is_empty())
+                        .then(|| Arc::new(MatchSteps { matchers, to }))
+                });
                 let name: Arc<str> = r.name.as_str().into();
                 let metrics = Arc::new(metrics.route(
                     Arc::clone(&name),
@@ -495,6 +520,7 @@ impl Snapshot {
                         path_prefix: r.path_prefix.as_deref().map(Into::into),
                         matching: r.matching.clone(),
                         sticky: r.sticky.clone(),
+                        match_steps,
                         split,
                     },
                     &upstreams,
@@ -577,11 +603,26 @@ impl Snapshot {
         self.routes.iter().position(|r| r.matches(request))
     }
 
-    /// Picks upstream and backend for a request on `route`: by its sticky key when the route
-    /// is sticky and the request has one, else by the smooth split, moving to the route's
-    /// next upstream when one has no backend left to give. Counts how it chose.
+    /// Picks upstream and backend for a request on `route`: `to` when it matches a running
+    /// rollout's match step (and `to` has a backend to give), else by its sticky key when the
+    /// route is sticky and the request has one, else by the smooth split, moving to the
+    /// route's next upstream when one has no backend left to give. Counts how it chose.
     pub fn pick(&self, route: usize, request: &Request) -> Option<Pick> {
         let route = &self.routes[route];
+        if let Some(steps) = &route.match_steps {
+            if steps.matchers.iter().any(|m| m.is_match(request)) {
+                // With no backend in `to`, the request is better served by the split than
+                // refused: a matched user is one who may try the new version, not must.
+                if let Some(backend) = self.upstreams[steps.to].pick_backend(request, None) {
+                    route.metrics.routed(Routing::RolloutMatch);
+                    return Some(Pick {
+                        upstream: steps.to,
+                        backend,
+                        routing: Routing::RolloutMatch,
+                    });
+                }
+            }
+        }
         let mut routing = Routing::Split;
         if let Some(sticky) = &route.sticky_pick {
             match sticky.key.of(request) {

@@ -21,9 +21,10 @@ use crate::rollout::{Rollout, RolloutCommand};
 use crate::snapshot::BackendState;
 use switchyard_config::rollout::RolloutSpec;
 
-/// The state file's format: 1 had no rollouts (and no `format` field); 2 added them. A file of
-/// a newer format than this binary knows is refused at start, never set aside as corrupt.
-pub const STATE_FORMAT: u32 = 2;
+/// The state file's format: 1 had no rollouts (and no `format` field); 2 added them; 3 added
+/// match steps to their specs. A file of a newer format than this binary knows is refused at
+/// start, never set aside as corrupt.
+pub const STATE_FORMAT: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -44,6 +45,22 @@ pub struct RuntimeState {
 
 fn format_1() -> u32 {
     1
+}
+
+impl RuntimeState {
+    /// The oldest format that holds this state: what a save writes, so that a downgrade
+    /// keeps what the older binary can read (and a state it cannot is refused by it clearly).
+    pub(crate) fn oldest_format(&self) -> u32 {
+        let match_steps = self
+            .rollouts
+            .values()
+            .any(|r| r.spec.steps.iter().any(|s| s.matching().is_some()));
+        match (self.rollouts.is_empty(), match_steps) {
+            (true, _) => 1,
+            (false, false) => 2,
+            (false, true) => 3,
+        }
+    }
 }
 
 impl Default for RuntimeState {

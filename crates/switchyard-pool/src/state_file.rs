@@ -116,11 +116,13 @@ impl StateFile {
         };
         let target = target(&self.path).map_err(|e| fail("follow symbolic link", e))?;
         let mut value = serde_json::to_value(state).map_err(|e| e.to_string())?;
-        // Without rollouts the state is written in format 1 (no `format` field), which the
-        // binaries from before rollouts read: a downgrade keeps splits and drains.
-        if state.rollouts.is_empty() {
-            if let Some(fields) = value.as_object_mut() {
-                fields.remove("format");
+        // In the oldest format that holds the state: without rollouts format 1 (no `format`
+        // field), which the binaries from before rollouts read, so a downgrade keeps splits
+        // and drains; without match steps format 2.
+        if let Some(fields) = value.as_object_mut() {
+            match state.oldest_format() {
+                1 => drop(fields.remove("format")),
+                format => drop(fields.insert("format".into(), format.into())),
             }
         }
         let body = serde_json::to_vec_pretty(&value).map_err(|e| e.to_string())?;
@@ -513,6 +515,28 @@ mod tests {
         file.save(&RuntimeState::default()).expect("save");
         // Without rollouts it stays readable by binaries of format 1.
         assert!(!fs::read_to_string(&path).expect("read").contains("format"));
+        // A rollout is format 2, and one with a match step format 3 (which the binaries of
+        // format 2 would take for corrupt).
+        let config = switchyard_config::Config::from_yaml("listeners:\n  - address: 127.0.0.1:8080\nupstreams:\n  blue:\n    backends:\n      - address: 127.0.0.1:9001\n  green:\n    backends:\n      - address: 127.0.0.1:9002\nroutes:\n  - name: web\n    split: {blue: 1, green: 0}\n").expect("config");
+        for (steps, want) in [
+            ("[50]", 2),
+            (r#"[{"match": {"headers": {"X-User-Group": "beta"}}}]"#, 3),
+        ] {
+            let spec = format!(r#"{{"to": "green", "steps": {steps}}}"#);
+            let start = crate::Change::StartRollout {
+                route: "web".into(),
+                spec: Box::new(
+                    switchyard_config::rollout::RolloutSpec::from_json(spec.as_bytes())
+                        .expect("spec"),
+                ),
+            };
+            let state = RuntimeState::default()
+                .with_change(&config, &start, |_, _| 0)
+                .expect("started");
+            file.save(&state).expect("save");
+            let back = file.load().expect("load");
+            assert_eq!((back.format, &back.rollouts), (want, &state.rollouts));
+        }
         // A newer format is refused, named, and left where it is.
         let newer = format!(
             r#"{{"format": {}, "splits": {{}}, "shiny": true}}"#,

@@ -466,28 +466,38 @@ fn next_step(rollout: &mut Rollout) -> Option<usize> {
             rollout.end(RolloutState::Succeeded, reason);
             None
         }
-        Some(i) => Some(i + 1),
-        // Steps at or below `to`'s share at start are skipped.
-        None => Some(
-            rollout
-                .spec
-                .steps
-                .iter()
-                .position(|s| s.weight() > rollout.weight)
-                .unwrap_or(rollout.spec.last_step()),
-        ),
+        // Weight steps at or below `to`'s share at start are skipped (after the first weight
+        // step taken, every later one is above it). Match steps never are: each adds users
+        // who go to `to`, whatever its share.
+        Some(i) => Some(next_step_after(rollout, i + 1)),
+        None => Some(next_step_after(rollout, 0)),
     }
+}
+
+/// The first step from index `from` on that changes something at `to`'s current share.
+fn next_step_after(rollout: &Rollout, from: usize) -> usize {
+    rollout
+        .spec
+        .steps
+        .iter()
+        .enumerate()
+        .skip(from)
+        .find(|(_, s)| s.weight().is_none_or(|w| w > rollout.weight))
+        .map_or(rollout.spec.last_step(), |(i, _)| i)
 }
 
 /// Moves the rollout to step `next` (its checks have passed).
 fn take_step(rollout: &mut Rollout, next: usize) {
     let steps = &rollout.spec.steps;
-    let weight = steps[next].weight();
+    // A match step leaves the weight where the last weight step put it (or where it was at
+    // start: 0 unless `to` had a share then).
+    let weight = steps[next].weight().unwrap_or(rollout.weight);
     info!(
-        "rollout {}: step {}/{}, {:?} at {weight}%",
+        "rollout {}: step {}/{} ({}), {:?} at {weight}%",
         rollout.route,
         next + 1,
         steps.len(),
+        steps[next].target,
         rollout.to
     );
     let manual = rollout.spec.hold(next) == Hold::Manual;
@@ -665,6 +675,27 @@ mod tests {
             }
         }
 
+        /// Where the pool sends a request of the beta group now, and how.
+        fn beta_goes_to(&self) -> (String, switchyard_pool::Routing) {
+            let mut headers = http::HeaderMap::new();
+            headers.insert("x-user-group", http::HeaderValue::from_static("beta"));
+            let request = switchyard_pool::Request {
+                host: None,
+                path: "/",
+                query: None,
+                method: &http::Method::GET,
+                headers: &headers,
+                client: None,
+                issued: None,
+            };
+            let snapshot = self.pool.snapshot();
+            let pick = snapshot.pick(0, &request).expect("a pick");
+            (
+                snapshot.upstreams[pick.upstream].name.to_string(),
+                pick.routing,
+            )
+        }
+
         /// Serves healthy traffic until the rollout is no longer active, or `limit` passes.
         async fn until_ended(&self, limit: Duration) -> Duration {
             let began = Instant::now();
@@ -704,6 +735,90 @@ mod tests {
         // Checks ran before each of the three steps.
         assert_eq!(h.prober.runs.load(Ordering::Relaxed), 3);
         assert!(rollout.windows.iter().all(|w| w.verdict == Verdict::Passed));
+    }
+
+    const BETA_FIRST: &str = r#"{"match": {"headers": {"X-User-Group": "beta"}}, "pause": "2s"}"#;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_match_step_holds_its_pause_at_the_weight_before_it() {
+        let h = harness();
+        h.start(&format!(
+            r#"{{"to": "green", "steps": [10, {BETA_FIRST}, 50], {FAST}}}"#
+        ));
+        h.traffic(Duration::from_millis(1100), 10, 0, Duration::ZERO)
+            .await;
+        assert_eq!((h.rollout().step_number(), h.green()), (2, 1000));
+        assert_eq!(h.rollout().weight, 10.0);
+        assert_eq!(
+            h.beta_goes_to(),
+            ("green".into(), switchyard_pool::Routing::RolloutMatch)
+        );
+        // Windows pass all along, but the step holds for its own 2 s, not step_interval's 1 s.
+        h.traffic(Duration::from_millis(1600), 10, 0, Duration::ZERO)
+            .await;
+        let rollout = h.rollout();
+        assert_eq!((rollout.step_number(), h.green()), (2, 1000));
+        assert!(rollout.windows.iter().all(|w| w.verdict == Verdict::Passed));
+        h.traffic(Duration::from_millis(700), 10, 0, Duration::ZERO)
+            .await;
+        assert_eq!((h.rollout().step_number(), h.green()), (3, 5000));
+        assert_eq!(
+            h.beta_goes_to(),
+            ("green".into(), switchyard_pool::Routing::RolloutMatch)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_match_step_needs_a_passing_window_and_a_rollback_ends_its_match() {
+        let h = harness();
+        h.start(&format!(
+            r#"{{"to": "green", "steps": [{BETA_FIRST}, 50], {FAST}}}"#
+        ));
+        // Taken at once, at weight 0: only the beta group goes to green.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!((h.rollout().step_number(), h.green()), (1, 0));
+        assert_eq!(
+            h.beta_goes_to(),
+            ("green".into(), switchyard_pool::Routing::RolloutMatch)
+        );
+        // Its hold ends, but with no traffic no window passes: it stays.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let rollout = h.rollout();
+        assert_eq!((rollout.step_number(), h.green()), (1, 0));
+        assert!(rollout
+            .windows
+            .iter()
+            .all(|w| w.verdict == Verdict::Inconclusive));
+        // The matched requests' errors are green's: they fail the rollout, and the beta group
+        // goes back to blue with it.
+        h.traffic(Duration::from_millis(700), 10, 3, Duration::ZERO)
+            .await;
+        let rollout = h.rollout();
+        assert_eq!(
+            (rollout.state, rollout.step_number()),
+            (RolloutState::RolledBack, 1)
+        );
+        assert_eq!(
+            h.beta_goes_to(),
+            ("blue".into(), switchyard_pool::Routing::Split)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn weight_steps_below_the_share_at_start_are_skipped_and_match_steps_kept() {
+        let h = harness_with("listeners:\n  - address: 127.0.0.1:8080\nupstreams:\n  blue:\n    backends:\n      - address: 127.0.0.1:9001\n  green:\n    backends:\n      - address: 127.0.0.1:9002\nroutes:\n  - name: web\n    split: {blue: 70, green: 30}\n");
+        h.start(&format!(
+            r#"{{"to": "green", "steps": [10, {{"match": {{"headers": {{"X-User-Group": "beta"}}}}}}, 20, 50], {FAST}}}"#
+        ));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // 10 is skipped; the match step is taken, and green keeps its 30%.
+        let rollout = h.rollout();
+        assert_eq!((rollout.step_number(), rollout.weight), (2, 30.0));
+        assert_eq!(h.green(), 3000);
+        // After it, 20 is skipped too: the next step is 50.
+        h.traffic(Duration::from_millis(1100), 10, 0, Duration::ZERO)
+            .await;
+        assert_eq!((h.rollout().step_number(), h.green()), (4, 5000));
     }
 
     #[tokio::test(start_paused = true)]
