@@ -21,7 +21,8 @@ pub const MAX_MATCH_TEXT: usize = 256;
 /// Conditions on a request; every entry must hold. Empty: matches every request.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RouteMatch {
-    /// Lower-cased names (header names are case-insensitive), sorted.
+    /// Lower-cased names (header names are case-insensitive), in the order of the names as
+    /// written, sorted.
     pub headers: Vec<(String, ValueMatch)>,
     /// Cookie names are case-sensitive; sorted.
     pub cookies: Vec<(String, ValueMatch)>,
@@ -75,17 +76,6 @@ pub enum RequestKey {
     Header(String),
     /// The client's IP address.
     ClientIp,
-}
-
-impl RequestKey {
-    /// `cookie:NAME`, `header:NAME` or `client_ip`, for logs and the admin API.
-    pub fn describe(&self) -> String {
-        match self {
-            RequestKey::Cookie(name) => format!("cookie:{name}"),
-            RequestKey::Header(name) => format!("header:{name}"),
-            RequestKey::ClientIp => "client_ip".to_string(),
-        }
-    }
 }
 
 /// A route's sticky split: the key's hash picks the upstream from the split's weights.
@@ -208,6 +198,11 @@ pub fn route_match(raw: RawMatch, path: &str, problems: &mut Vec<Problem>) -> Ro
             ) {
                 (Some(why), _) => problem(field, format!("header name {why}")),
                 (_, Some(why)) => problem(field, format!("header value {why}")),
+                // HTTP drops the spaces around a header's value, so such a value never arrives.
+                _ if value.trim() != value => problem(
+                    field,
+                    format!("header value {value:?} starts or ends with a space, which a request's header value never does"),
+                ),
                 // Two spellings of one header would be two conditions on one value.
                 _ if seen => problem(
                     field,

@@ -409,3 +409,35 @@ fn route_backend_pairs_are_bounded_as_they_bound_the_metrics() {
         ["routes: 110000 route/backend pairs (for every route, the backends of the upstreams it splits to), over the limit of 100000 (see docs/configuration.md, \"Limits\")"]
     );
 }
+
+#[test]
+fn hash_upstreams_need_their_key_and_routes_check_match_and_sticky() {
+    let yaml = "listeners:\n  - address: 127.0.0.1:8080\nupstreams:\n  a:\n    algorithm: hash\n    backends:\n      - address: 127.0.0.1:9001\n  b:\n    hash_on: {header: X-User}\n    backends:\n      - address: 127.0.0.1:9002\n  c:\n    algorithm: hash\n    hash_on: {header: 'X User'}\n    backends:\n      - address: 127.0.0.1:9003\nroutes:\n  - name: web\n    match:\n      headers: {X-Group: ' beta'}\n      methods: [FETCH]\n    split: {a: 1}\n    sticky: {cookie: app_session, set_cookie: true}\n";
+    let got = problems(yaml);
+    let expected = [
+        "upstreams.a.hash_on: is required with algorithm hash",
+        "upstreams.b.hash_on: applies only to algorithm hash, not round_robin",
+        "upstreams.c.hash_on.header: header name \"X User\" has ' '",
+        "routes[0].match.headers.X-Group: header value \" beta\" starts or ends with a space",
+        "routes[0].match.methods[0]: \"FETCH\" is not an HTTP method",
+        "routes[0].sticky.cookie: \"app_session\": set_cookie issues cookies",
+    ];
+    assert_eq!(got.len(), expected.len(), "{got:#?}");
+    for (got, want) in got.iter().zip(expected) {
+        assert!(got.starts_with(want), "{got:?} should start with {want:?}");
+    }
+    let good = yaml
+        .replace("algorithm: hash\n    backends:\n      - address: 127.0.0.1:9001", "algorithm: hash\n    hash_on: {cookie: uid}\n    backends:\n      - address: 127.0.0.1:9001")
+        .replace("    hash_on: {header: X-User}\n", "")
+        .replace("'X User'", "X-User")
+        .replace("' beta'", "beta")
+        .replace("FETCH", "get")
+        .replace("app_session", "switchyard_user");
+    let config = Config::from_yaml(&good).unwrap();
+    assert_eq!(
+        config.upstream("a").unwrap().hash_on,
+        Some(crate::RequestKey::Cookie("uid".into()))
+    );
+    assert_eq!(config.routes[0].matching.methods, vec!["GET".to_string()]);
+    assert!(config.routes[0].sticky.as_ref().unwrap().set_cookie);
+}

@@ -13,32 +13,31 @@ pub struct Matcher {
     cookies: Box<[(Box<str>, ValueMatch)]>,
     query: Box<[(Box<str>, ValueMatch)]>,
     methods: Box<[Method]>,
+    /// A condition could not be compiled: nothing matches.
+    never: bool,
 }
 
 impl Matcher {
-    /// `None` for a match without conditions. Names the config validated but `http` refuses
-    /// (there should be none) are left out with an error in the log.
+    /// `None` for a match without conditions. A name the config validated but `http` refuses
+    /// (there should be none) makes a matcher that matches nothing, with an error in the
+    /// log: left out, the condition would let through requests it was written to keep out.
     pub fn new(spec: &RouteMatch) -> Option<Matcher> {
         if spec.is_empty() {
             return None;
         }
-        let headers = spec
+        let headers: Result<Box<[_]>, String> = spec
             .headers
             .iter()
-            .filter_map(
-                |(name, value)| match HeaderName::from_bytes(name.as_bytes()) {
-                    Ok(header) => Some((header, value.clone())),
-                    Err(e) => {
-                        log::error!("match: header name {name:?} left out: {e}");
-                        None
-                    }
-                },
-            )
+            .map(|(name, value)| {
+                HeaderName::from_bytes(name.as_bytes())
+                    .map(|header| (header, value.clone()))
+                    .map_err(|e| format!("header name {name:?}: {e}"))
+            })
             .collect();
-        let methods = spec
+        let methods: Result<Box<[_]>, String> = spec
             .methods
             .iter()
-            .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
+            .map(|m| Method::from_bytes(m.as_bytes()).map_err(|e| format!("method {m:?}: {e}")))
             .collect();
         let named = |entries: &[(String, ValueMatch)]| {
             entries
@@ -46,18 +45,27 @@ impl Matcher {
                 .map(|(name, value)| (name.as_str().into(), value.clone()))
                 .collect()
         };
+        let (headers, methods, never) = match (headers, methods) {
+            (Ok(headers), Ok(methods)) => (headers, methods, false),
+            (Err(e), _) | (_, Err(e)) => {
+                log::error!("match: {e}; the match takes no request");
+                (Box::default(), Box::default(), true)
+            }
+        };
         Some(Matcher {
             headers,
             cookies: named(&spec.cookies),
             query: named(&spec.query),
             methods,
+            never,
         })
     }
 
     /// Whether every condition holds for `request`. A header matches when any of its values
     /// does (a header sent twice); a cookie or query parameter by its first occurrence.
     pub fn is_match(&self, request: &Request) -> bool {
-        (self.methods.is_empty() || self.methods.contains(request.method))
+        !self.never
+            && (self.methods.is_empty() || self.methods.contains(request.method))
             && self.headers.iter().all(|(name, want)| {
                 let mut values = request.headers.get_all(name).iter();
                 match want {
@@ -167,6 +175,16 @@ mod tests {
             None
         ));
         assert!(!check(&m, Method::GET, &[("x-group", "b")], None));
+    }
+
+    #[test]
+    fn a_condition_that_cannot_be_compiled_matches_nothing() {
+        let spec = RouteMatch {
+            headers: vec![("bad name".into(), ValueMatch::Present)],
+            ..RouteMatch::default()
+        };
+        let m = Matcher::new(&spec).unwrap();
+        assert!(!check(&m, Method::GET, &[("x", "y")], None));
     }
 
     #[test]

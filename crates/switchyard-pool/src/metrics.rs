@@ -16,7 +16,8 @@ use prometheus::{
 };
 
 use crate::rollout::{Rollout, RolloutState, Verdict};
-use crate::snapshot::{Routing, Upstream};
+use crate::route::Routing;
+use crate::snapshot::Upstream;
 use crate::stats::{PairRegistry, PairStats};
 use crate::Snapshot;
 

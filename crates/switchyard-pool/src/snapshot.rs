@@ -1,20 +1,18 @@
 //! One immutable view of routes, upstreams and backends, with everything a request needs
-//! precomputed: route order, split sequences, a running rollout's match steps, and each
-//! upstream's selector.
+//! precomputed: route order and each route's picking ([`crate::route`]), and each upstream's
+//! selector.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_config::{Algorithm, Config, HealthCheck, PassiveCheck, RequestKey, Timeouts};
 
 use crate::live::{BackendLive, InFlight};
-use crate::matcher::Matcher;
-use crate::metrics::{ErrorCounters, Metrics, RouteMetrics};
+use crate::metrics::{ErrorCounters, Metrics};
 use crate::request::{Key, KeyField, Request};
-use crate::select::{ring_divisor, Rotation, Selector, Shared};
+use crate::route::{MatchSteps, Pick, Route, RouteSpec};
+use crate::select::{ring_divisor, Selector, Shared};
 use crate::state::RuntimeState;
-use crate::sticky::{key_point, Layout};
 
 /// What the operator wants of a backend, apart from its health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -224,186 +222,6 @@ impl Upstream {
     }
 }
 
-/// How a request's upstream was chosen, for `switchyard_route_routing_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Routing {
-    /// The route's smooth split (the route is not sticky).
-    Split,
-    /// The sticky key's hash.
-    Sticky,
-    /// A sticky route, but the request had no key: the smooth split.
-    StickyMissing,
-    /// A sticky cookie was issued with this request, and its key placed it.
-    CookieIssued,
-    /// A rollout's match step sent it to the new version.
-    RolloutMatch,
-}
-
-impl Routing {
-    pub const ALL: [Routing; 5] = [
-        Routing::Split,
-        Routing::Sticky,
-        Routing::StickyMissing,
-        Routing::CookieIssued,
-        Routing::RolloutMatch,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Routing::Split => "split",
-            Routing::Sticky => "sticky",
-            Routing::StickyMissing => "sticky_missing",
-            Routing::CookieIssued => "cookie_issued",
-            Routing::RolloutMatch => "rollout_match",
-        }
-    }
-}
-
-/// Where a request goes: indices of this snapshot, and how the upstream was chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Pick {
-    pub upstream: usize,
-    pub backend: usize,
-    pub routing: Routing,
-}
-
-/// A route's sticky split, laid out for picking.
-struct StickyPick {
-    key: KeyField,
-    /// The cookie `set_cookie` issues, if it does.
-    issues: Option<Box<str>>,
-    /// Every upstream of the split by weight; a key's first choice.
-    layout: Layout,
-    /// Only the upstreams that had an available backend at build time: where the users of
-    /// one that had none go.
-    available: Layout,
-}
-
-/// A running rollout's match steps on a route: a request that matches one of them goes to
-/// `to` whatever the weights.
-struct MatchSteps {
-    /// One per match step taken so far; any of them suffices.
-    matchers: Box<[Matcher]>,
-    /// `to`'s upstream index (in the route's split).
-    to: usize,
-}
-
-pub struct Route {
-    pub name: Arc<str>,
-    /// Lower-cased, without port.
-    pub host: Option<Box<str>>,
-    pub path_prefix: Option<Box<str>>,
-    /// The `match` conditions, as configured (the admin API shows them).
-    pub matching: switchyard_config::RouteMatch,
-    matcher: Option<Matcher>,
-    pub sticky: Option<switchyard_config::Sticky>,
-    sticky_pick: Option<StickyPick>,
-    /// Shared by the snapshots that rebuild this one for health: they have the same rollout.
-    match_steps: Option<Arc<MatchSteps>>,
-    /// Upstream index and weight, as configured.
-    pub split: Vec<(usize, u32)>,
-    /// One smooth period over the upstreams that had an available backend at build time.
-    sequence: Rotation<usize>,
-    cursor: Arc<AtomicUsize>,
-    metrics: Arc<RouteMetrics>,
-}
-
-/// What a route is made of, apart from its live state.
-struct RouteSpec {
-    name: Arc<str>,
-    host: Option<Box<str>>,
-    path_prefix: Option<Box<str>>,
-    matching: switchyard_config::RouteMatch,
-    sticky: Option<switchyard_config::Sticky>,
-    match_steps: Option<Arc<MatchSteps>>,
-    split: Vec<(usize, u32)>,
-}
-
-impl Route {
-    fn new(
-        spec: RouteSpec,
-        upstreams: &[Upstream],
-        cursor: Arc<AtomicUsize>,
-        metrics: Arc<RouteMetrics>,
-    ) -> Route {
-        let available: Vec<(usize, u32)> = spec
-            .split
-            .iter()
-            .copied()
-            .filter(|&(u, _)| upstreams[u].has_available())
-            .collect();
-        let sticky_pick = spec.sticky.as_ref().and_then(|sticky| {
-            Some(StickyPick {
-                key: KeyField::new(&sticky.key)?,
-                issues: match (&sticky.key, sticky.set_cookie) {
-                    (RequestKey::Cookie(name), true) => Some(name.as_str().into()),
-                    _ => None,
-                },
-                layout: Layout::new(spec.split.iter().copied()),
-                available: Layout::new(available.iter().copied()),
-            })
-        });
-        Route {
-            sequence: Rotation::new(&available),
-            matcher: Matcher::new(&spec.matching),
-            sticky_pick,
-            match_steps: spec.match_steps,
-            name: spec.name,
-            host: spec.host,
-            path_prefix: spec.path_prefix,
-            matching: spec.matching,
-            sticky: spec.sticky,
-            split: spec.split,
-            cursor,
-            metrics,
-        }
-    }
-
-    fn matches(&self, request: &Request) -> bool {
-        let host_ok = match (&self.host, request.host) {
-            (None, _) => true,
-            (Some(want), Some(got)) => want.eq_ignore_ascii_case(got),
-            (Some(_), None) => false,
-        };
-        host_ok
-            && self
-                .path_prefix
-                .as_deref()
-                .is_none_or(|prefix| request.path.starts_with(prefix))
-            && self.matcher.as_ref().is_none_or(|m| m.is_match(request))
-    }
-
-    /// The cookie to issue with `request` (`set_cookie`, and the request has none): its name.
-    /// The caller puts a fresh value into [`Request::issued`] before it picks.
-    pub fn cookie_to_issue(&self, request: &Request) -> Option<&str> {
-        let sticky = self.sticky_pick.as_ref()?;
-        let name = sticky.issues.as_deref()?;
-        sticky.key.of(request).is_none().then_some(name)
-    }
-
-    /// Requests routed so far, by how.
-    pub fn routing_counts(&self) -> [(Routing, u64); Routing::ALL.len()] {
-        self.metrics.routing_counts()
-    }
-
-    fn rebuilt(&self, upstreams: &[Upstream]) -> Route {
-        Route::new(
-            RouteSpec {
-                name: Arc::clone(&self.name),
-                host: self.host.clone(),
-                path_prefix: self.path_prefix.clone(),
-                matching: self.matching.clone(),
-                sticky: self.sticky.clone(),
-                match_steps: self.match_steps.clone(),
-                split: self.split.clone(),
-            },
-            upstreams,
-            Arc::clone(&self.cursor),
-            Arc::clone(&self.metrics),
-        )
-    }
-}
-
 pub struct Snapshot {
     pub routes: Vec<Route>,
     pub upstreams: Vec<Upstream>,
@@ -498,16 +316,11 @@ impl Snapshot {
                     .and_then(|p| p.routes.iter().find(|old| *old.name == *r.name))
                     .map(|old| Arc::clone(&old.cursor))
                     .unwrap_or_default();
-                let match_steps = state.rollouts.get(&r.name).and_then(|rollout| {
-                    let to = upstreams.iter().position(|u| *u.name == *rollout.to)?;
-                    let matchers: Box<[Matcher]> = rollout
-                        .matches_in_force()
-                        .filter_map(Matcher::new)
-                        .collect();
-                    let in_split = split.iter().any(|&(u, _)| u == to);
-                    (in_split && !matchers.is_empty())
-                        .then(|| Arc::new(MatchSteps { matchers, to }))
-                });
+                let rollout = state.rollouts.get(&r.name);
+                let index_of = |name: &str| upstreams.iter().position(|u| *u.name == *name);
+                let rollout_pair =
+                    rollout.and_then(|r| Some((index_of(&r.from)?, index_of(&r.to)?)));
+                let match_steps = rollout.and_then(|r| MatchSteps::of(r, rollout_pair?.1, &split));
                 let name: Arc<str> = r.name.as_str().into();
                 let metrics = Arc::new(metrics.route(
                     Arc::clone(&name),
@@ -521,6 +334,7 @@ impl Snapshot {
                         matching: r.matching.clone(),
                         sticky: r.sticky.clone(),
                         match_steps,
+                        rollout_pair,
                         split,
                     },
                     &upstreams,
@@ -603,84 +417,8 @@ impl Snapshot {
         self.routes.iter().position(|r| r.matches(request))
     }
 
-    /// Picks upstream and backend for a request on `route`: `to` when it matches a running
-    /// rollout's match step (and `to` has a backend to give), else by its sticky key when the
-    /// route is sticky and the request has one, else by the smooth split, moving to the
-    /// route's next upstream when one has no backend left to give. Counts how it chose.
+    /// Picks upstream and backend for a request on `route` (see [`Route::pick`]).
     pub fn pick(&self, route: usize, request: &Request) -> Option<Pick> {
-        let route = &self.routes[route];
-        if let Some(steps) = &route.match_steps {
-            if steps.matchers.iter().any(|m| m.is_match(request)) {
-                // With no backend in `to`, the request is better served by the split than
-                // refused: a matched user is one who may try the new version, not must.
-                if let Some(backend) = self.upstreams[steps.to].pick_backend(request, None) {
-                    route.metrics.routed(Routing::RolloutMatch);
-                    return Some(Pick {
-                        upstream: steps.to,
-                        backend,
-                        routing: Routing::RolloutMatch,
-                    });
-                }
-            }
-        }
-        let mut routing = Routing::Split;
-        if let Some(sticky) = &route.sticky_pick {
-            match sticky.key.of(request) {
-                Some(key) => {
-                    routing = if request.issued.is_some() {
-                        Routing::CookieIssued
-                    } else {
-                        Routing::Sticky
-                    };
-                    if let Some(pick) = self.pick_sticky(sticky, key_point(key.as_bytes()), request)
-                    {
-                        route.metrics.routed(routing);
-                        return Some(Pick {
-                            upstream: pick.0,
-                            backend: pick.1,
-                            routing,
-                        });
-                    }
-                }
-                None => routing = Routing::StickyMissing,
-            }
-        }
-        let sequence = &route.sequence;
-        if sequence.is_empty() {
-            return None;
-        }
-        let start = route.cursor.fetch_add(1, Ordering::Relaxed);
-        let (upstream, backend) = sequence.candidates(start).find_map(|upstream| {
-            self.upstreams[upstream]
-                .pick_backend(request, None)
-                .map(|backend| (upstream, backend))
-        })?;
-        route.metrics.routed(routing);
-        Some(Pick {
-            upstream,
-            backend,
-            routing,
-        })
-    }
-
-    /// The key's upstream by the split's weights, or, when it has no backend to give, its
-    /// upstream among those that had one at build time. `None`: neither could give one (the
-    /// smooth split then tries every upstream).
-    fn pick_sticky(
-        &self,
-        sticky: &StickyPick,
-        point: u64,
-        request: &Request,
-    ) -> Option<(usize, usize)> {
-        let first = sticky.layout.owner(point)?;
-        let from = |upstream: usize| {
-            self.upstreams[upstream]
-                .pick_backend(request, None)
-                .map(|backend| (upstream, backend))
-        };
-        from(first).or_else(|| {
-            let next = sticky.available.owner(point)?;
-            (next != first).then(|| from(next)).flatten()
-        })
+        self.routes[route].pick(&self.upstreams, request)
     }
 }

@@ -2,14 +2,16 @@
 //! answer for the same split in every process, version and instance.
 //!
 //! The key is hashed with XXH3 (a specified hash, seed 0), which gives each user a fixed point
-//! in `[0, 2^64)`. The split's upstreams own consecutive intervals of that space in name
-//! order, each as wide as its share. When weight moves between two neighbours only the
-//! boundary between them moves, so no user of the growing one leaves it and no user of the
-//! shrinking one goes anywhere else: a canary grows by taking users of the stable version and
-//! keeps every user it has. A split of two upstreams (every rollout's `from` and `to`, when
-//! they are the route's only ones) is always neighbours. With three or more, moving weight
-//! between two that are not neighbours shifts the intervals between them; no fixed function of
-//! the split can keep every user in place for every pair (see docs/configuration.md).
+//! in `[0, 2^64)`. The split's upstreams own consecutive intervals of that space, each as wide
+//! as its share, in name order except that a rollout's `to` comes right after its `from`
+//! ([`crate::route`]). When weight moves between two neighbours only the boundary between
+//! them moves, so no user of the growing one leaves it and no user of the shrinking one goes
+//! anywhere else: a canary grows by taking users of the stable version and keeps every user
+//! it has. A rollout's pair and any split of two upstreams are always neighbours. With three
+//! or more, a PUT moving weight between two that are not neighbours shifts the intervals
+//! between them. No function of the split alone can do better: it would have to keep every
+//! third upstream's users in place for every pair, and for three upstreams the regions that
+//! asks for cannot tile the possible splits (docs/configuration.md says what moves when).
 //!
 //! An upstream with no available backend is skipped for its users: they are placed by the
 //! same points over the upstreams that are available, and come back when it does.

@@ -422,9 +422,20 @@ impl ProxyHttp for Proxy {
                     .insert_header("X-Switchyard-Upstream", &*snapshot.upstreams[upstream].name)?;
             }
         }
-        if let Some(cookie) = &ctx.issued {
+        // On the final head only (a `100 Continue` or `103 Early Hints` comes first; a `101`
+        // is a WebSocket's final answer).
+        let status = response.status;
+        if let (Some(cookie), false) = (
+            &ctx.issued,
+            status.is_informational() && status != http::StatusCode::SWITCHING_PROTOCOLS,
+        ) {
             // Appended: the backend's own cookies go on as they were.
             response.append_header(http::header::SET_COOKIE, cookie.header()?)?;
+            // A shared cache must not hand this user's key to others (HAProxy's `nocache`);
+            // a backend's own caching rules are left as they are.
+            if !response.headers.contains_key(http::header::CACHE_CONTROL) {
+                response.insert_header(http::header::CACHE_CONTROL, "private")?;
+            }
         }
         // Once a stop or upgrade signal has arrived, tell keep-alive clients to reconnect (to
         // the new process) instead of reusing a connection that is about to be closed.
