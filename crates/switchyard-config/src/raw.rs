@@ -93,6 +93,7 @@ pub struct Upstream {
     pub failure_cooldown: Option<YamlDuration>,
     pub slow_start: Option<YamlDuration>,
     pub hash_on: Option<RawKey>,
+    pub retire_timeout: Option<YamlDuration>,
 }
 
 #[derive(Debug, Deserialize)]
