@@ -338,7 +338,7 @@ fn upstream(c: &mut Checker, name: String, raw: raw::Upstream) -> Upstream {
     };
     let retire_path = format!("{path}.retire_timeout");
     let retire_timeout = match (raw.algorithm, raw.retire_timeout) {
-        (Algorithm::IpHash | Algorithm::Hash, timeout) => c.nonzero(
+        (ring, timeout) if ring.is_hash_ring() => c.nonzero(
             &retire_path,
             timeout.map_or(DEFAULT_RETIRE_TIMEOUT, |d| d.0),
         ),

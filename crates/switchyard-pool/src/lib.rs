@@ -13,6 +13,7 @@
 
 pub mod events;
 pub mod health;
+mod keys;
 mod least;
 mod live;
 pub mod local;
@@ -20,6 +21,7 @@ mod matcher;
 pub mod metrics;
 pub mod ramp;
 pub mod request;
+pub mod retire;
 pub mod rollout;
 mod select;
 mod snapshot;
@@ -42,6 +44,7 @@ pub use live::{BackendLive, InFlight};
 pub use local::{local_failure, LocalErrors, LocalFailure};
 pub use metrics::Metrics;
 pub use request::Request;
+pub use retire::Deadline;
 pub use rollout::{Rollout, RolloutCommand, RolloutState, Verdict, WindowRecord};
 pub use select::smooth_sequence;
 pub use snapshot::{Backend, BackendState, Pick, Route, Routing, Snapshot, Upstream};

@@ -16,7 +16,7 @@ use prometheus::{
 };
 
 use crate::rollout::{Rollout, RolloutState, Verdict};
-use crate::snapshot::{Routing, Upstream};
+use crate::snapshot::{BackendState, Routing, Upstream};
 use crate::stats::{PairRegistry, PairStats};
 use crate::Snapshot;
 
@@ -29,6 +29,7 @@ pub struct Metrics {
     healthy: IntGaugeVec,
     in_flight: IntGaugeVec,
     weight: IntGaugeVec,
+    backend_state: IntGaugeVec,
     split_weight: IntGaugeVec,
     reloads: IntCounterVec,
     last_reload: Gauge,
@@ -248,6 +249,11 @@ impl Metrics {
             "The backend's weight (0 takes no new traffic).",
             &["upstream", "backend"],
         );
+        let backend_state = gauge(
+            "switchyard_backend_state",
+            "1 for the state the operator set the backend to (active, draining, disabled, retiring), 0 for the others.",
+            &["upstream", "backend", "state"],
+        );
         let split_weight = gauge(
             "switchyard_route_split_weight",
             "The route's split weight for the upstream.",
@@ -330,6 +336,7 @@ impl Metrics {
             healthy,
             in_flight,
             weight,
+            backend_state,
             split_weight,
             reloads,
             last_reload,
@@ -438,6 +445,7 @@ impl Metrics {
             &self.healthy,
             &self.in_flight,
             &self.weight,
+            &self.backend_state,
             &self.split_weight,
             &self.rollout_state,
         ] {
@@ -468,6 +476,11 @@ impl Metrics {
                 set(&self.healthy, i64::from(backend.live.is_healthy()));
                 set(&self.in_flight, backend.live.in_flight() as i64);
                 set(&self.weight, i64::from(backend.weight));
+                for state in BackendState::NAMES {
+                    self.backend_state
+                        .with_label_values(&[&*upstream.name, address.as_str(), state])
+                        .set(i64::from(state == backend.state.as_str()));
+                }
             }
         }
         for route in &snapshot.routes {

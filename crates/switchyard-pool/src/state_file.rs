@@ -116,11 +116,21 @@ impl StateFile {
         };
         let target = target(&self.path).map_err(|e| fail("follow symbolic link", e))?;
         let mut value = serde_json::to_value(state).map_err(|e| e.to_string())?;
-        // Without rollouts the state is written in format 1 (no `format` field), which the
-        // binaries from before rollouts read: a downgrade keeps splits and drains.
-        if state.rollouts.is_empty() {
-            if let Some(fields) = value.as_object_mut() {
+        // The lowest format that holds the state, so that a downgrade to a binary from before
+        // a feature the state does not use keeps splits and drains: format 1 (no `format`
+        // field) without rollouts and retiring backends, 2 with rollouts only.
+        let format = if state.has_retiring() {
+            STATE_FORMAT
+        } else if !state.rollouts.is_empty() {
+            2
+        } else {
+            1
+        };
+        if let Some(fields) = value.as_object_mut() {
+            if format == 1 {
                 fields.remove("format");
+            } else {
+                fields.insert("format".into(), format.into());
             }
         }
         let body = serde_json::to_vec_pretty(&value).map_err(|e| e.to_string())?;
