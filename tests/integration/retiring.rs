@@ -101,7 +101,7 @@ fn a_retiring_backend_keeps_its_users_until_its_timeout_then_drains() {
         TestBackend::start("c"),
     ];
     let plain = TestBackend::start("plain");
-    let sy = Switchyard::start(&config(&all.iter().collect::<Vec<_>>(), &plain));
+    let mut sy = Switchyard::start(&config(&all.iter().collect::<Vec<_>>(), &plain));
     let old_users = users("user");
     let before = who_answers(sy.addr, &old_users);
     let retiring = &all[1];
@@ -137,6 +137,17 @@ fn a_retiring_backend_keeps_its_users_until_its_timeout_then_drains() {
     );
     // Its users are not forgotten by coming back, and the new ones stay where they went.
     assert_eq!(who_answers(sy.addr, &old_users), before);
+    assert_eq!(who_answers(sy.addr, &users("new")), new_users);
+
+    // A binary upgrade keeps the deadline and the users.
+    let until = view["retiring_until"].clone();
+    sy.upgrade();
+    assert_eq!(backend_view(&sy, retiring.addr)["retiring_until"], until);
+    assert_eq!(
+        who_answers(sy.addr, &old_users),
+        before,
+        "nobody moved at the upgrade"
+    );
     assert_eq!(who_answers(sy.addr, &users("new")), new_users);
 
     let reply = sy.api(

@@ -122,6 +122,38 @@ impl KeyFilter {
     }
 }
 
+/// The bytes [`KeyFilter::encode`] writes.
+pub(crate) const ENCODED_LEN: usize = 8 * (1 + 2 * WORDS);
+
+impl KeyFilter {
+    /// What the filter holds, for the next process at an upgrade: [`ENCODED_LEN`] bytes.
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        let current = self.current.load(Ordering::Relaxed) as u64;
+        out.extend_from_slice(&current.to_le_bytes());
+        for word in &*self.words {
+            out.extend_from_slice(&word.load(Ordering::Relaxed).to_le_bytes());
+        }
+    }
+
+    /// Takes what [`KeyFilter::encode`] wrote at the start of `bytes` (the rotation clock
+    /// starts again); returns the bytes after it, or `None` when there are too few.
+    pub(crate) fn decode<'a>(&self, bytes: &'a [u8]) -> Option<&'a [u8]> {
+        let (mine, rest) = bytes.split_at_checked(ENCODED_LEN)?;
+        let mut words = mine
+            .chunks_exact(8)
+            .map(|c| c.try_into().map(u64::from_le_bytes).unwrap_or_default());
+        let current = words.next()?;
+        for (word, value) in self.words.iter().zip(words) {
+            word.store(value, Ordering::Relaxed);
+        }
+        // Only the parity matters.
+        self.current
+            .store((current & 1) as usize, Ordering::Relaxed);
+        self.since.store(UNSTAMPED, Ordering::Relaxed);
+        Some(rest)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +187,27 @@ mod tests {
             (0.015..0.032).contains(&rate),
             "5 000 keys: {rate}, expected about 0.023"
         );
+    }
+
+    #[test]
+    fn a_filter_is_taken_over_whole() {
+        let filter = KeyFilter::default();
+        filter.record(key(1));
+        filter.rotate_if_due(0, Duration::from_secs(1));
+        filter.rotate_if_due(1_000, Duration::from_secs(1));
+        filter.record(key(2));
+        let mut bytes = Vec::new();
+        filter.encode(&mut bytes);
+        bytes.push(7);
+        assert_eq!(bytes.len(), ENCODED_LEN + 1);
+        let next = KeyFilter::default();
+        assert_eq!(next.decode(&bytes), Some(&[7][..]));
+        assert!(next.knows(key(1)) && next.knows(key(2)));
+        // The generation that records is the same: the next rotation forgets key 1 only.
+        next.rotate_if_due(0, Duration::from_secs(1));
+        next.rotate_if_due(1_000, Duration::from_secs(1));
+        assert!(!next.knows(key(1)) && next.knows(key(2)));
+        assert_eq!(KeyFilter::default().decode(&bytes[..100]), None);
     }
 
     #[test]

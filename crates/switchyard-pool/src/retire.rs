@@ -15,18 +15,22 @@
 //! come, through [`Pool::apply`] like any change (saved, and recorded as an event of source
 //! `retire`). Deadlines are wall-clock times, so they hold across a restart or an upgrade.
 
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use chrono::DateTime;
-use log::{debug, warn};
+use log::{debug, info, warn};
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 
 use crate::events::{format_time, Source};
+use crate::keys::ENCODED_LEN;
 use crate::snapshot::Snapshot;
 use crate::state::{Change, Rejection};
+use crate::state_file::write_whole;
 use crate::Pool;
 
 /// The longest the service sleeps: a wall clock that was set meanwhile is followed by then.
@@ -125,6 +129,131 @@ impl Pool {
         }
         next
     }
+}
+
+/// What starts a file of retiring backends' keys; the number is its format.
+const KEYS_MAGIC: &[u8] = b"switchyard retiring keys 1\n";
+
+/// Where a process hands the keys of its retiring backends to the next one at an upgrade:
+/// next to the hand-over of its state.
+pub fn keys_path(handover: &Path) -> PathBuf {
+    let mut path = handover.as_os_str().to_owned();
+    path.push(".keys");
+    PathBuf::from(path)
+}
+
+impl Pool {
+    /// At an upgrade: writes the key filters of the retiring backends to [`keys_path`] for the
+    /// next process, so that their users stay with them across it (16 KiB each; the other
+    /// backends' filters start empty there and fill within a period). Removes an older file
+    /// when no backend is retiring. Returns how many were written.
+    pub(crate) fn hand_over_keys(&self, handover: &Path) -> Result<usize, String> {
+        let path = keys_path(handover);
+        let snapshot = self.snapshot();
+        let mut bytes = KEYS_MAGIC.to_vec();
+        let mut written = 0;
+        for upstream in &snapshot.upstreams {
+            for backend in &upstream.backends {
+                let (Some(keys), Some(_)) = (&backend.keys, backend.state.retiring_until()) else {
+                    continue;
+                };
+                for field in [
+                    upstream.name.as_bytes(),
+                    backend.live.address.to_string().as_bytes(),
+                ] {
+                    let len = u32::try_from(field.len()).unwrap_or(u32::MAX);
+                    bytes.extend_from_slice(&len.to_le_bytes());
+                    bytes.extend_from_slice(field);
+                }
+                keys.encode(&mut bytes);
+                written += 1;
+            }
+        }
+        let result = if written == 0 {
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        } else {
+            write_whole(&path, &bytes)
+        };
+        result.map(|()| written).map_err(|e| {
+            format!(
+                "cannot hand over the retiring backends' users in {}: {e}",
+                path.display()
+            )
+        })
+    }
+
+    /// In the process that took over: gives its retiring backends the keys the previous one
+    /// handed over, once (the file is removed). A file that cannot be read is a warning: those
+    /// backends' users then move as if they were draining.
+    pub(crate) fn take_over_keys(&self, handover: &Path) {
+        let path = keys_path(handover);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                warn!(
+                    "cannot read the retiring backends' users from {}: {e}",
+                    path.display()
+                );
+                return;
+            }
+        };
+        if let Err(e) = std::fs::remove_file(&path) {
+            warn!("cannot remove {}: {e}", path.display());
+        }
+        match self.take_keys(&bytes) {
+            Ok(taken) => info!("{taken} retiring backends kept their users across the upgrade"),
+            Err(taken) => warn!(
+                "{} is damaged: {taken} retiring backends kept their users across the upgrade, the users of any other move",
+                path.display()
+            ),
+        }
+    }
+
+    /// Restores the filters in `bytes` into the retiring backends they name; how many, `Err`
+    /// when the bytes are not all as [`Pool::hand_over_keys`] writes them.
+    fn take_keys(&self, bytes: &[u8]) -> Result<usize, usize> {
+        let snapshot = self.snapshot();
+        let mut rest = bytes.strip_prefix(KEYS_MAGIC).ok_or(0usize)?;
+        let mut taken = 0;
+        while !rest.is_empty() {
+            let (upstream, address, after) = two_fields(rest).ok_or(taken)?;
+            let keys = snapshot
+                .upstream(&String::from_utf8_lossy(upstream))
+                .and_then(|u| {
+                    let address = std::str::from_utf8(address).ok()?;
+                    let address = address.parse::<SocketAddr>().ok()?;
+                    u.backends.iter().find(|b| b.live.address == address)
+                })
+                .filter(|b| b.state.retiring_until().is_some())
+                .and_then(|b| b.keys.as_ref());
+            // A backend that is gone or no longer retiring has no use for them.
+            rest = match keys {
+                Some(keys) => keys.decode(after),
+                None => after.get(ENCODED_LEN..),
+            }
+            .ok_or(taken)?;
+            taken += usize::from(keys.is_some());
+        }
+        Ok(taken)
+    }
+}
+
+/// Two length-prefixed fields at the start of `bytes`, and what follows them.
+fn two_fields(bytes: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
+    let (first, rest) = field(bytes)?;
+    let (second, rest) = field(rest)?;
+    Some((first, second, rest))
+}
+
+/// A field of a little-endian `u32` length and as many bytes, and what follows it.
+fn field(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (len, rest) = bytes.split_first_chunk::<4>()?;
+    let len = usize::try_from(u32::from_le_bytes(*len)).ok()?;
+    rest.split_at_checked(len)
 }
 
 /// Rotates the key filters of every ring backend that is not retiring, at `now_ms` of the

@@ -164,6 +164,20 @@ impl StateFile {
     }
 }
 
+/// Writes `bytes` to `path` whole or not at all (temp file created exclusively, fsync, rename),
+/// for the other files one process hands the next.
+pub(crate) fn write_whole(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let (temp, mut file) = create_temp(path)?;
+    let written = file
+        .write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| fs::rename(&temp, path));
+    if written.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    written
+}
+
 /// The format of a state file newer than [`STATE_FORMAT`], read before the rest, whose fields
 /// this binary may not know.
 fn newer_format(text: &[u8]) -> Option<u32> {

@@ -374,3 +374,38 @@ fn filters_rotate_each_retire_timeout_except_a_retiring_backends() {
     );
     assert_eq!(picks(&pool, 0..200), old);
 }
+
+#[test]
+fn a_retiring_backends_users_are_handed_over_at_an_upgrade() {
+    let dir =
+        std::env::temp_dir().join(format!("switchyard-retire-handover-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let handover = dir.join("upgrade.sock.state.json");
+    let old = pool();
+    let before = picks(&old, 0..300);
+    old.apply(&retire(9002, None), Source::Api).expect("retire");
+    old.hand_over(&handover).expect("handed over");
+    assert!(super::keys_path(&handover).exists());
+
+    let new = Pool::new(config(), Arc::new(Metrics::new()), Some(&handover)).expect("pool");
+    assert!(!super::keys_path(&handover).exists(), "taken over once");
+    assert!(state_of(&new, 9002).retiring_until().is_some());
+    assert_eq!(picks(&new, 0..300), before, "its users are still its users");
+    assert!(picks(&new, 10_000..10_300).values().all(|&p| p != 9002));
+
+    // Nothing retiring: nothing handed over, and an older file is not left for a later one.
+    std::fs::write(super::keys_path(&handover), b"stale").expect("write");
+    new.apply(&set_state(9002, BackendState::Active), Source::Api)
+        .expect("active");
+    new.hand_over(&handover).expect("handed over");
+    assert!(!super::keys_path(&handover).exists());
+    // A damaged file is a warning, not a failed start.
+    std::fs::write(
+        super::keys_path(&handover),
+        b"switchyard retiring keys 1\n\x05",
+    )
+    .expect("write");
+    Pool::new(config(), Arc::new(Metrics::new()), Some(&handover)).expect("starts anyway");
+    std::fs::remove_dir_all(dir).expect("clean up");
+}
