@@ -124,12 +124,12 @@ fn every_endpoint_answers_and_a_refused_call_changes_nothing() {
     for (body, want) in [
         (
             r#"{"state": "sleeping"}"#,
-            "state: must be \"active\", \"draining\" or \"disabled\"",
+            "state: must be \"active\", \"draining\", \"disabled\" or \"retiring\"",
         ),
         (r#"{"weight": 1001}"#, "weight: must be an integer 0..=1000"),
         (
             r#"{"colour": "red"}"#,
-            "colour: unknown field; expected \"weight\" and/or \"state\"",
+            "colour: unknown field; expected \"weight\" and/or \"state\" (with \"retire_timeout\" for \"retiring\")",
         ),
         (r#"{}"#, "give \"weight\" and/or \"state\" to change"),
     ] {

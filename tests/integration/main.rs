@@ -18,6 +18,7 @@ mod limits;
 mod load;
 mod metrics;
 mod proxying;
+mod retiring;
 mod rollout_lifecycle;
 mod rollouts;
 mod state;

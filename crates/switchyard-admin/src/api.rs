@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
@@ -12,7 +13,7 @@ use log::info;
 use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 use serde_json::{json, Map, Value};
-use switchyard_config::{MAX_BACKEND_WEIGHT, MAX_SPLIT_WEIGHT};
+use switchyard_config::{parse_duration, MAX_BACKEND_WEIGHT, MAX_SPLIT_WEIGHT};
 use switchyard_pool::{BackendState, Change, Rejection, Snapshot, Source, Upstream};
 
 use crate::control::Control;
@@ -331,6 +332,7 @@ impl AdminApi {
         };
         let mut weight = None;
         let mut state = None;
+        let mut retire_timeout = None;
         for (field, value) in &fields {
             match field.as_str() {
                 "weight" => match backend_weight(value) {
@@ -342,23 +344,59 @@ impl AdminApi {
                     None => {
                         return Reply::error(
                             StatusCode::BAD_REQUEST,
-                            "state: must be \"active\", \"draining\" or \"disabled\"",
+                            "state: must be \"active\", \"draining\", \"disabled\" or \"retiring\"",
+                        )
+                    }
+                },
+                "retire_timeout" => match value.as_str().map(parse_duration) {
+                    Some(Ok(timeout)) => retire_timeout = Some(timeout),
+                    Some(Err(why)) => {
+                        return Reply::error(
+                            StatusCode::BAD_REQUEST,
+                            format!("retire_timeout: {why}"),
+                        )
+                    }
+                    None => {
+                        return Reply::error(
+                            StatusCode::BAD_REQUEST,
+                            format!("retire_timeout: must be a duration string such as \"10m\", got {value}"),
                         )
                     }
                 },
                 other => {
                     return Reply::error(
                         StatusCode::BAD_REQUEST,
-                        format!("{other}: unknown field; expected \"weight\" and/or \"state\""),
+                        format!("{other}: unknown field; expected \"weight\" and/or \"state\" (with \"retire_timeout\" for \"retiring\")"),
                     )
                 }
             }
         }
-        let change = Change::UpdateBackend {
-            upstream: upstream.to_string(),
-            address,
-            weight,
-            state,
+        let upstream_name = upstream.to_string();
+        let change = match (state, retire_timeout) {
+            (Some(Wanted::Retiring), timeout) => Change::RetireBackend {
+                upstream: upstream_name,
+                address,
+                weight,
+                timeout,
+            },
+            (_, Some(_)) => {
+                return Reply::error(
+                    StatusCode::BAD_REQUEST,
+                    "retire_timeout: applies only with \"state\": \"retiring\"",
+                )
+            }
+            (Some(Wanted::Is(state)), None) => Change::UpdateBackend {
+                upstream: upstream_name,
+                address,
+                weight,
+                state: Some(state),
+            },
+            (None, None) => Change::UpdateBackend {
+                upstream: upstream_name,
+                address,
+                weight,
+                state: None,
+            },
         };
         self.apply(&change).map_or_else(
             |r| r,
@@ -524,11 +562,19 @@ fn backend_weight(value: &Value) -> Result<u32, Reply> {
     })
 }
 
-fn parse_state(text: &str) -> Option<BackendState> {
+/// A `state` field: a state as it is, or `retiring`, whose deadline the pool sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wanted {
+    Is(BackendState),
+    Retiring,
+}
+
+fn parse_state(text: &str) -> Option<Wanted> {
     match text {
-        "active" => Some(BackendState::Active),
-        "draining" => Some(BackendState::Draining),
-        "disabled" => Some(BackendState::Disabled),
+        "active" => Some(Wanted::Is(BackendState::Active)),
+        "draining" => Some(Wanted::Is(BackendState::Draining)),
+        "disabled" => Some(Wanted::Is(BackendState::Disabled)),
+        "retiring" => Some(Wanted::Retiring),
         _ => None,
     }
 }
@@ -579,14 +625,22 @@ fn route_view(snapshot: &Snapshot, index: usize) -> Value {
 
 fn backend_view(upstream: &Upstream, i: usize) -> Value {
     let backend = &upstream.backends[i];
-    json!({
+    let mut view = json!({
         "address": backend.live.address.to_string(),
         "weight": backend.weight,
         "effective_weight": upstream.effective_weight(i),
         "healthy": backend.live.is_healthy(),
         "state": backend.state.as_str(),
         "in_flight": backend.live.in_flight(),
-    })
+    });
+    if let Some(until) = backend.state.retiring_until() {
+        let remaining = until.remaining(SystemTime::now());
+        view["retiring_until"] = until.to_string().into();
+        view["retire_remaining_ms"] = u64::try_from(remaining.as_millis())
+            .unwrap_or(u64::MAX)
+            .into();
+    }
+    view
 }
 
 fn upstream_view(upstream: &Upstream) -> Value {

@@ -118,6 +118,10 @@ pub struct Upstream {
     /// `hash`: the request key hashed onto the ring; a request without it hashes its client
     /// IP instead, as `ip_hash` does.
     pub hash_on: Option<RequestKey>,
+    /// `ip_hash` and `hash`: how long a backend set to `retiring` keeps the users it has when
+    /// the admin change names no timeout, and how recently a user must have been seen on a
+    /// backend to count as one of them (see docs/configuration.md, "Retiring a backend").
+    pub retire_timeout: Duration,
 }
 
 /// Passive failure detection: taking out a backend that keeps refusing connections between

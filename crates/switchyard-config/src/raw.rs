@@ -69,6 +69,11 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
+    /// `ip_hash` and `hash`: a consistent-hashing ring, on which a backend's users are keys.
+    pub fn is_hash_ring(self) -> bool {
+        matches!(self, Algorithm::IpHash | Algorithm::Hash)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Algorithm::RoundRobin => "round_robin",
@@ -93,6 +98,7 @@ pub struct Upstream {
     pub failure_cooldown: Option<YamlDuration>,
     pub slow_start: Option<YamlDuration>,
     pub hash_on: Option<RawKey>,
+    pub retire_timeout: Option<YamlDuration>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -241,6 +241,45 @@ fn names_defined_twice_are_errors() {
 }
 
 #[test]
+fn retire_timeout_is_for_hash_rings_and_nonzero() {
+    let yaml = VALID.replace(
+        "    algorithm: least_connections\n",
+        "    algorithm: least_connections\n    retire_timeout: 5m\n",
+    );
+    assert_eq!(
+        problems(&yaml),
+        vec!["upstreams.green.retire_timeout: applies only to algorithms ip_hash and hash (a backend's users are its keys), not least_connections"]
+    );
+    let yaml = VALID.replace(
+        "    algorithm: least_connections\n",
+        "    algorithm: ip_hash\n    retire_timeout: 0s\n",
+    );
+    assert_eq!(
+        problems(&yaml),
+        vec!["upstreams.green.retire_timeout: must be longer than 0s"]
+    );
+    let yaml = VALID.replace(
+        "    algorithm: least_connections\n",
+        "    algorithm: ip_hash\n    retire_timeout: 5m\n",
+    );
+    let config = Config::from_yaml(&yaml).expect("valid");
+    assert_eq!(
+        config.upstream("green").unwrap().retire_timeout,
+        Duration::from_secs(300)
+    );
+    let yaml = VALID.replace(
+        "    algorithm: least_connections\n",
+        "    algorithm: ip_hash\n",
+    );
+    let config = Config::from_yaml(&yaml).expect("valid");
+    assert_eq!(
+        config.upstream("green").unwrap().retire_timeout,
+        Duration::from_secs(600),
+        "the default"
+    );
+}
+
+#[test]
 fn slow_start_needs_a_weighted_algorithm() {
     let yaml = VALID.replace(
         "    algorithm: least_connections\n",

@@ -26,6 +26,9 @@ const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 const DEFAULT_RISE: u32 = 2;
 const DEFAULT_MAX_CONNECT_FAILURES: u32 = 3;
 const DEFAULT_FAILURE_COOLDOWN: Duration = Duration::from_secs(10);
+/// nginx Plus's `sticky learn` keeps a session for as long as it is idle less than its
+/// timeout; ten minutes covers a user between two clicks without holding a backend for long.
+const DEFAULT_RETIRE_TIMEOUT: Duration = Duration::from_secs(600);
 const DEFAULT_FALL: u32 = 3;
 const DEFAULT_TIMEOUTS: Timeouts = Timeouts {
     connect: Duration::from_secs(5),
@@ -333,6 +336,24 @@ fn upstream(c: &mut Checker, name: String, raw: raw::Upstream) -> Upstream {
         }
         (_, None) => None,
     };
+    let retire_path = format!("{path}.retire_timeout");
+    let retire_timeout = match (raw.algorithm, raw.retire_timeout) {
+        (ring, timeout) if ring.is_hash_ring() => c.nonzero(
+            &retire_path,
+            timeout.map_or(DEFAULT_RETIRE_TIMEOUT, |d| d.0),
+        ),
+        (other, Some(_)) => {
+            c.problem(
+                retire_path,
+                format!(
+                    "applies only to algorithms ip_hash and hash (a backend's users are its keys), not {}",
+                    other.as_str()
+                ),
+            );
+            DEFAULT_RETIRE_TIMEOUT
+        }
+        (_, None) => DEFAULT_RETIRE_TIMEOUT,
+    };
     Upstream {
         name,
         algorithm: raw.algorithm,
@@ -342,6 +363,7 @@ fn upstream(c: &mut Checker, name: String, raw: raw::Upstream) -> Upstream {
         passive,
         slow_start,
         hash_on,
+        retire_timeout,
     }
 }
 

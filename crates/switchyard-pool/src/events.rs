@@ -39,6 +39,8 @@ pub enum Source {
     Startup,
     Upgrade,
     Store,
+    /// A retiring backend's timeout ran out (it became draining).
+    Retire,
 }
 
 impl Source {
@@ -52,6 +54,7 @@ impl Source {
             Source::Startup => "startup",
             Source::Upgrade => "upgrade",
             Source::Store => "store",
+            Source::Retire => "retire",
         }
     }
 }
@@ -362,6 +365,7 @@ mod tests {
             Source::Startup,
             Source::Upgrade,
             Source::Store,
+            Source::Retire,
         ] {
             assert_eq!(serde_json::to_value(source).expect("json"), source.as_str());
             assert_eq!(source.as_str(), format!("{source:?}").to_lowercase());

@@ -13,6 +13,7 @@
 
 pub mod events;
 pub mod health;
+mod keys;
 mod least;
 mod live;
 pub mod local;
@@ -20,6 +21,7 @@ mod matcher;
 pub mod metrics;
 pub mod ramp;
 pub mod request;
+pub mod retire;
 pub mod rollout;
 mod route;
 mod select;
@@ -43,6 +45,7 @@ pub use live::{BackendLive, InFlight};
 pub use local::{local_failure, LocalErrors, LocalFailure};
 pub use metrics::Metrics;
 pub use request::Request;
+pub use retire::Deadline;
 pub use rollout::{Rollout, RolloutCommand, RolloutState, Verdict, WindowRecord};
 pub use route::{Pick, Route, Routing};
 pub use select::smooth_sequence;
@@ -131,7 +134,7 @@ impl Pool {
             }
         }
         let snapshot = Snapshot::build(&config, &state, &metrics, None);
-        Ok(Pool {
+        let pool = Pool {
             current: ArcSwap::from_pointee(snapshot),
             desired: Mutex::new(Desired {
                 config,
@@ -144,7 +147,11 @@ impl Pool {
             version: watch::Sender::new(0),
             rollouts_moved: watch::Sender::new(0),
             events,
-        })
+        };
+        if let Some(handover) = handover {
+            pool.take_over_keys(handover);
+        }
+        Ok(pool)
     }
 
     /// What changed, and when: every change made through the pool is recorded here.
@@ -334,6 +341,12 @@ impl Pool {
                 .map(|()| "the runtime state was written for it"),
         };
         drop(desired);
+        // Handed over even when the state was not: the deadlines may be in the state file.
+        match self.hand_over_keys(path) {
+            Ok(0) => {}
+            Ok(n) => info!("the users of {n} retiring backends handed over"),
+            Err(e) => warn!("{e}; their users move at the upgrade as if they were draining"),
+        }
         let message = match &result {
             Ok(how) => format!("handing the listening sockets over to a new process; {how}"),
             Err(e) => format!(

@@ -17,7 +17,7 @@ use prometheus::{
 
 use crate::rollout::{Rollout, RolloutState, Verdict};
 use crate::route::Routing;
-use crate::snapshot::Upstream;
+use crate::snapshot::{BackendState, Upstream};
 use crate::stats::{PairRegistry, PairStats};
 use crate::Snapshot;
 
@@ -30,6 +30,7 @@ pub struct Metrics {
     healthy: IntGaugeVec,
     in_flight: IntGaugeVec,
     weight: IntGaugeVec,
+    backend_state: IntGaugeVec,
     split_weight: IntGaugeVec,
     reloads: IntCounterVec,
     last_reload: Gauge,
@@ -249,6 +250,11 @@ impl Metrics {
             "The backend's weight (0 takes no new traffic).",
             &["upstream", "backend"],
         );
+        let backend_state = gauge(
+            "switchyard_backend_state",
+            "1 for the state the operator set the backend to (active, draining, disabled, retiring), 0 for the others.",
+            &["upstream", "backend", "state"],
+        );
         let split_weight = gauge(
             "switchyard_route_split_weight",
             "The route's split weight for the upstream.",
@@ -331,6 +337,7 @@ impl Metrics {
             healthy,
             in_flight,
             weight,
+            backend_state,
             split_weight,
             reloads,
             last_reload,
@@ -439,6 +446,7 @@ impl Metrics {
             &self.healthy,
             &self.in_flight,
             &self.weight,
+            &self.backend_state,
             &self.split_weight,
             &self.rollout_state,
         ] {
@@ -469,6 +477,11 @@ impl Metrics {
                 set(&self.healthy, i64::from(backend.live.is_healthy()));
                 set(&self.in_flight, backend.live.in_flight() as i64);
                 set(&self.weight, i64::from(backend.weight));
+                for state in BackendState::NAMES {
+                    self.backend_state
+                        .with_label_values(&[&*upstream.name, address.as_str(), state])
+                        .set(i64::from(state == backend.state.as_str()));
+                }
             }
         }
         for route in &snapshot.routes {

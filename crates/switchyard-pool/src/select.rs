@@ -49,7 +49,8 @@ pub(crate) enum Selector {
     /// weight wins.
     LeastConnections(Arc<LoadTree>),
     /// Ketama ring over available backends' addresses, weighted, and the index of each
-    /// address, sorted by address: the ring gives addresses. `ip_hash` and `hash`.
+    /// address, sorted by address: the ring gives addresses. `ip_hash` and `hash`. Retiring
+    /// backends that can serve their users are on it too, as they were before they retired.
     Ketama(Continuum, Box<[(SocketAddr, usize)]>),
 }
 
@@ -112,13 +113,15 @@ impl Selector {
 
     /// Picks a backend for which `usable` holds, trying further candidates in the algorithm's
     /// own order when the first is not usable (a health flip not yet rebuilt, a retry). `key`
-    /// is what a ring hashes (requests without one share the empty key).
+    /// is what a ring hashes (requests without one share the empty key); `keeps` tells
+    /// whether a retiring backend on the ring keeps this key.
     pub(crate) fn pick(
         &self,
         backends: &[Backend],
         shared: &Shared,
         key: &[u8],
         usable: impl Fn(usize) -> bool,
+        keeps: impl Fn(usize) -> bool,
     ) -> Option<usize> {
         match self {
             Selector::Empty => None,
@@ -140,13 +143,22 @@ impl Selector {
                 // Walking the ring finds the next backend clockwise, which keeps other
                 // clients in place; the walk is bounded because a heavy backend owns long runs
                 // of points, and past the bound any available backend will do.
-                ring.node_iter(key)
+                let mut walk = ring
+                    .node_iter(key)
                     .take(RING_WALK_LIMIT)
                     .filter_map(|addr| index_of(index, addr))
-                    .find(|&i| usable(i))
-                    .or_else(|| {
-                        (0..backends.len()).find(|&i| backends[i].takes_traffic() && usable(i))
-                    })
+                    .filter(|&i| usable(i));
+                // The key's first owner, as before any backend retired. A retiring one
+                // serves the keys it has; past it, retiring backends' points are skipped,
+                // which is the ring without them: a new key goes where it will stay, and
+                // no other backend's key moves.
+                let retiring = |i: usize| backends[i].state.retiring_until().is_some();
+                match walk.next() {
+                    Some(i) if !retiring(i) || keeps(i) => Some(i),
+                    Some(_) => walk.find(|&i| !retiring(i)),
+                    None => None,
+                }
+                .or_else(|| (0..backends.len()).find(|&i| backends[i].takes_traffic() && usable(i)))
             }
         }
     }

@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use switchyard_config::{Algorithm, Config, HealthCheck, PassiveCheck, RequestKey, Timeouts};
 
+use crate::keys::{KeyFilter, KeyHash};
 use crate::live::{BackendLive, InFlight};
 use crate::metrics::{ErrorCounters, Metrics};
 use crate::request::{Key, KeyField, Request};
+use crate::retire::Deadline;
 use crate::route::{MatchSteps, Pick, Route, RouteSpec};
 use crate::select::{ring_divisor, Selector, Shared};
 use crate::state::RuntimeState;
@@ -23,14 +25,31 @@ pub enum BackendState {
     Draining,
     /// No requests at all, as if removed, but kept in the list.
     Disabled,
+    /// `ip_hash` and `hash` only: the users it has (keys it was recently picked for) keep
+    /// coming until `until`, new keys go elsewhere; then it is draining (see [`crate::retire`]).
+    Retiring {
+        until: Deadline,
+    },
 }
 
 impl BackendState {
+    /// Every state's [`BackendState::as_str`].
+    pub const NAMES: [&'static str; 4] = ["active", "draining", "disabled", "retiring"];
+
     pub fn as_str(self) -> &'static str {
         match self {
             BackendState::Active => "active",
             BackendState::Draining => "draining",
             BackendState::Disabled => "disabled",
+            BackendState::Retiring { .. } => "retiring",
+        }
+    }
+
+    /// When a retiring backend becomes draining.
+    pub fn retiring_until(self) -> Option<Deadline> {
+        match self {
+            BackendState::Retiring { until } => Some(until),
+            _ => None,
         }
     }
 }
@@ -41,6 +60,9 @@ pub struct Backend {
     pub weight: u32,
     pub state: BackendState,
     pub errors: ErrorCounters,
+    /// Backends of `ip_hash` and `hash` upstreams: the keys it was recently picked for, kept
+    /// across snapshots like `live`.
+    pub(crate) keys: Option<Arc<KeyFilter>>,
 }
 
 impl Backend {
@@ -51,6 +73,20 @@ impl Backend {
 
     fn available(&self) -> bool {
         self.takes_traffic() && self.live.is_healthy()
+    }
+
+    /// A retiring backend that can still serve the users it has: it stays on the ring, as
+    /// the first owner of their keys only.
+    fn keeps_users(&self) -> bool {
+        self.state.retiring_until().is_some() && self.weight > 0 && self.live.is_healthy()
+    }
+
+    /// The backend is retiring and was recently picked for `key`.
+    fn keeps(&self, key: Option<KeyHash>) -> bool {
+        match (key, &self.keys) {
+            (Some(key), Some(keys)) => self.keeps_users() && keys.knows(key),
+            _ => false,
+        }
     }
 }
 
@@ -100,6 +136,9 @@ pub struct Upstream {
     /// `hash`: the key hashed onto the ring.
     pub hash_on: Option<RequestKey>,
     hash_field: Option<KeyField>,
+    /// `ip_hash` and `hash`: a retiring backend's default timeout, and how long its keys
+    /// filter's generations last.
+    pub retire_timeout: Duration,
     /// Every backend's weight when this snapshot was built (lower during slow start).
     weights: Vec<u32>,
     /// Whether a backend was still ramping up when this snapshot was built.
@@ -124,11 +163,15 @@ impl Upstream {
         passive: PassiveCheck,
         slow_start: Option<Duration>,
         hash_on: Option<RequestKey>,
+        retire_timeout: Duration,
         selection: Arc<Shared>,
         ring_divisor: u32,
     ) -> Upstream {
+        // A ring keeps its retiring backends' points, so that their users' keys still find
+        // them first; new keys pass them by (see `Selector::pick`).
+        let ring = algorithm.is_hash_ring();
         let available: Vec<usize> = (0..backends.len())
-            .filter(|&i| backends[i].available())
+            .filter(|&i| backends[i].available() || (ring && backends[i].keeps_users()))
             .collect();
         let (weights, ramping) = current_weights(&backends, slow_start);
         if !matches!(algorithm, Algorithm::LeastConnections) {
@@ -143,6 +186,7 @@ impl Upstream {
             slow_start,
             hash_field: hash_on.as_ref().and_then(KeyField::new),
             hash_on,
+            retire_timeout,
             weights,
             ramping,
             name,
@@ -172,19 +216,32 @@ impl Upstream {
         }
     }
 
-    /// Whether any backend could take a request when this snapshot was built.
+    /// Whether any backend could take a request when this snapshot was built (on a ring, a
+    /// retiring backend counts: it takes its users' requests).
     pub fn has_available(&self) -> bool {
         !self.selector.is_empty()
     }
 
-    /// Picks a backend for a new request; `exclude` is a backend that just failed.
+    /// Picks a backend for a new request; `exclude` is a backend that just failed. On a ring,
+    /// the picked backend remembers the key (a retiring one keeps what it has).
     pub fn pick_backend(&self, request: &Request, exclude: Option<usize>) -> Option<usize> {
         let key = self.ring_key(request);
+        let hash = key.as_ref().map(|k| KeyHash::of(k.as_bytes()));
         let key = key.as_ref().map_or(&[][..], Key::as_bytes);
-        self.selector
-            .pick(&self.backends, &self.selection, key, |i| {
-                Some(i) != exclude && self.backends[i].live.is_healthy()
-            })
+        let picked = self.selector.pick(
+            &self.backends,
+            &self.selection,
+            key,
+            |i| Some(i) != exclude && self.backends[i].live.is_healthy(),
+            |i| self.backends[i].keeps(hash),
+        )?;
+        let backend = &self.backends[picked];
+        if let (Some(keys), Some(hash), None) =
+            (&backend.keys, hash, backend.state.retiring_until())
+        {
+            keys.record(hash);
+        }
+        Some(picked)
     }
 
     /// What a ring hashes: `ip_hash` the client IP; `hash` its key, or the client IP for a
@@ -216,6 +273,7 @@ impl Upstream {
             self.passive,
             self.slow_start,
             self.hash_on.clone(),
+            self.retire_timeout,
             Arc::clone(&self.selection),
             self.ring_divisor,
         )
@@ -248,6 +306,8 @@ impl Snapshot {
                 // Unchecked backends are healthy; checked ones earn it. A backend whose check
                 // was removed has no watcher left to mark it healthy.
                 let unchecked = u.health_check.is_none();
+                // Only rings remember keys: 16 KiB a backend (see `keys`).
+                let ring = u.algorithm.is_hash_ring();
                 let backends = state
                     .backends(config, &u.name)
                     .into_iter()
@@ -277,11 +337,14 @@ impl Snapshot {
                                 metrics.error_counters(&u.name, &b.address.to_string()),
                             ),
                         };
+                        let keys =
+                            ring.then(|| reused.and_then(|ob| ob.keys.clone()).unwrap_or_default());
                         Backend {
                             live,
                             weight: b.weight,
                             state: b.state,
                             errors,
+                            keys,
                         }
                     })
                     .collect();
@@ -294,6 +357,7 @@ impl Snapshot {
                     u.passive,
                     u.slow_start,
                     u.hash_on.clone(),
+                    u.retire_timeout,
                     selection,
                     ring_divisor(&u.backends.iter().map(|b| b.weight).collect::<Vec<_>>()),
                 )

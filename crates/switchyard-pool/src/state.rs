@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use switchyard_config::limits::{
@@ -17,13 +18,16 @@ use switchyard_config::limits::{
 use switchyard_config::{Config, MAX_BACKEND_WEIGHT, MAX_SPLIT_WEIGHT};
 
 use crate::events::{Draft, Source};
+use crate::retire::Deadline;
 use crate::rollout::{Rollout, RolloutCommand};
 use crate::snapshot::BackendState;
 use switchyard_config::rollout::RolloutSpec;
 
 /// The state file's format: 1 had no rollouts (and no `format` field); 2 added them; 3 added
-/// match steps to their specs. A file of a newer format than this binary knows is refused at
-/// start, never set aside as corrupt.
+/// match steps to their specs and retiring backends. A file is written in the oldest format
+/// that holds what it has, so a binary from before a feature still reads a state that does
+/// not use it. A file of a newer format than this binary knows is refused at start, never set
+/// aside as corrupt.
 pub const STATE_FORMAT: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,10 +59,10 @@ impl RuntimeState {
             .rollouts
             .values()
             .any(|r| r.spec.steps.iter().any(|s| s.matching().is_some()));
-        match (self.rollouts.is_empty(), match_steps) {
-            (true, _) => 1,
+        match (self.rollouts.is_empty(), match_steps || self.has_retiring()) {
+            (_, true) => 3,
+            (true, false) => 1,
             (false, false) => 2,
-            (false, true) => 3,
         }
     }
 }
@@ -136,6 +140,21 @@ pub enum Change {
         address: SocketAddr,
         weight: Option<u32>,
         state: Option<BackendState>,
+    },
+    /// Sets a backend of an `ip_hash` or `hash` upstream to `retiring` for `timeout` from
+    /// now (`None`: the upstream's `retire_timeout`), and its weight when given.
+    RetireBackend {
+        upstream: String,
+        address: SocketAddr,
+        weight: Option<u32>,
+        timeout: Option<Duration>,
+    },
+    /// A retiring window ran out: the backend becomes draining. Refused unless it is still
+    /// retiring until `until` (an admin change in between decides).
+    EndRetiring {
+        upstream: String,
+        address: SocketAddr,
+        until: Deadline,
     },
     AddBackend {
         upstream: String,
@@ -298,23 +317,43 @@ impl RuntimeState {
                         "give \"weight\" and/or \"state\" to change".into(),
                     ));
                 }
-                check_weight(*weight)?;
-                let changes = next.upstreams.entry(upstream.clone()).or_default();
-                if let Some(added) = changes.added.iter_mut().find(|a| a.address == *address) {
-                    added.weight = weight.unwrap_or(added.weight);
-                    added.state = state.unwrap_or(added.state);
-                } else {
-                    let file_weight = config
-                        .upstream(upstream)
-                        .and_then(|u| u.backends.iter().find(|b| b.address == *address))
-                        .map(|b| b.weight);
-                    let entry = changes.changed.entry(*address).or_default();
-                    if weight.is_some() {
-                        entry.weight = *weight;
-                        entry.file_weight = file_weight;
+                next.update_backend(config, upstream, *address, *weight, *state)?;
+            }
+            Change::RetireBackend {
+                upstream,
+                address,
+                weight,
+                timeout,
+            } => {
+                self.backend(config, upstream, *address)?;
+                let timeout = match (timeout, config.upstream(upstream)) {
+                    (Some(t), _) if t.is_zero() => {
+                        return Err(Rejection::Invalid(
+                            "retire_timeout: must be longer than 0s".into(),
+                        ))
                     }
-                    entry.state = state.or(entry.state);
+                    (Some(t), _) => *t,
+                    (None, Some(u)) => u.retire_timeout,
+                    (None, None) => return Err(no_upstream(upstream)),
+                };
+                let until = Deadline::after(SystemTime::now(), timeout);
+                let state = BackendState::Retiring { until };
+                next.update_backend(config, upstream, *address, *weight, Some(state))?;
+            }
+            Change::EndRetiring {
+                upstream,
+                address,
+                until,
+            } => {
+                let current = self.backend(config, upstream, *address)?;
+                if current.state != (BackendState::Retiring { until: *until }) {
+                    return Err(Rejection::Conflict(format!(
+                        "upstream {upstream:?} backend {address} is no longer retiring until {until}: it is {}",
+                        current.state.as_str()
+                    )));
                 }
+                let draining = Some(BackendState::Draining);
+                next.update_backend(config, upstream, *address, None, draining)?;
             }
             Change::AddBackend {
                 upstream,
@@ -384,6 +423,11 @@ impl RuntimeState {
                         "backend {address} is active; set its state to \"draining\" or \"disabled\" first"
                     )));
                 }
+                if let Some(until) = current.state.retiring_until() {
+                    return Err(Rejection::Conflict(format!(
+                        "backend {address} is retiring until {until}: its users still reach it; it can be removed once it is draining (at that time, or set \"state\": \"draining\" now) with nothing in flight"
+                    )));
+                }
                 let busy = in_flight(upstream, *address);
                 if busy > 0 {
                     return Err(Rejection::Conflict(format!(
@@ -401,6 +445,56 @@ impl RuntimeState {
         }
         next.upstreams.retain(|_, c| !c.is_empty());
         Ok(next)
+    }
+
+    /// Sets a backend's weight and/or state, as a change of the file's backend or of an
+    /// added one. `retiring` needs a ring upstream.
+    fn update_backend(
+        &mut self,
+        config: &Config,
+        upstream: &str,
+        address: SocketAddr,
+        weight: Option<u32>,
+        state: Option<BackendState>,
+    ) -> Result<(), Rejection> {
+        check_weight(weight)?;
+        let Some(up) = config.upstream(upstream) else {
+            return Err(no_upstream(upstream));
+        };
+        if state.is_some_and(|s| s.retiring_until().is_some()) && !up.algorithm.is_hash_ring() {
+            return Err(Rejection::Invalid(format!(
+                "state: \"retiring\" keeps the users (hash keys) a backend has, for upstreams with algorithm ip_hash or hash; upstream {upstream:?} is {}, which has no key to keep: use \"draining\"",
+                up.algorithm.as_str()
+            )));
+        }
+        let changes = self.upstreams.entry(upstream.to_string()).or_default();
+        if let Some(added) = changes.added.iter_mut().find(|a| a.address == address) {
+            added.weight = weight.unwrap_or(added.weight);
+            added.state = state.unwrap_or(added.state);
+        } else {
+            let file_weight = up
+                .backends
+                .iter()
+                .find(|b| b.address == address)
+                .map(|b| b.weight);
+            let entry = changes.changed.entry(address).or_default();
+            if weight.is_some() {
+                entry.weight = weight;
+                entry.file_weight = file_weight;
+            }
+            entry.state = state.or(entry.state);
+        }
+        Ok(())
+    }
+
+    /// Whether a backend is retiring: the state file is then written in format 3.
+    pub(crate) fn has_retiring(&self) -> bool {
+        self.upstreams.values().any(|c| {
+            c.changed
+                .values()
+                .any(|b| b.state.is_some_and(|s| s.retiring_until().is_some()))
+                || c.added.iter().any(|a| a.state.retiring_until().is_some())
+        })
     }
 
     /// Refuses a change after which the backends of all upstreams would pass [`MAX_BACKENDS`],
@@ -494,6 +588,9 @@ impl RuntimeState {
                     continue;
                 };
                 let mut change = *change;
+                change.state = change
+                    .state
+                    .map(|s| fit_retiring(s, upstream, *address, &mut warnings));
                 if change.weight.is_some_and(|w| w > MAX_BACKEND_WEIGHT) {
                     warnings.push(format!(
                         "state: weight of backend {address} of {name:?} dropped: out of range 0..={MAX_BACKEND_WEIGHT}"
@@ -539,12 +636,13 @@ impl RuntimeState {
                     ));
                 } else if let Some(in_file) = file_weight(&added.address) {
                     // The file has it now: what the operator set stays as a change on it.
+                    let state = fit_retiring(added.state, upstream, added.address, &mut warnings);
                     kept.changed.insert(
                         added.address,
                         BackendChange {
                             weight: Some(added.weight),
                             file_weight: Some(in_file),
-                            state: Some(added.state),
+                            state: Some(state),
                         },
                     );
                 } else if kept.added.iter().any(|a| a.address == added.address) {
@@ -553,7 +651,8 @@ impl RuntimeState {
                         added.address
                     ));
                 } else {
-                    kept.added.push(*added);
+                    let state = fit_retiring(added.state, upstream, added.address, &mut warnings);
+                    kept.added.push(AddedBackend { state, ..*added });
                 }
             }
             if !kept.is_empty() {
@@ -602,9 +701,7 @@ impl RuntimeState {
     fn upstream_exists(&self, config: &Config, upstream: &str) -> Result<(), Rejection> {
         match config.upstream(upstream) {
             Some(_) => Ok(()),
-            None => Err(Rejection::NotFound(format!(
-                "no upstream named {upstream:?}"
-            ))),
+            None => Err(no_upstream(upstream)),
         }
     }
 
@@ -653,8 +750,12 @@ pub(crate) fn change_event(
             .into_iter()
             .find(|b| b.address == address)
             .map(|b| {
-                let text = format!("weight {} {}", b.weight, b.state.as_str());
-                let json = serde_json::json!({ "weight": b.weight, "state": b.state });
+                let mut text = format!("weight {} {}", b.weight, b.state.as_str());
+                let mut json = serde_json::json!({ "weight": b.weight, "state": b.state.as_str() });
+                if let Some(until) = b.state.retiring_until() {
+                    text.push_str(&format!(" until {until}"));
+                    json["retiring_until"] = until.to_string().into();
+                }
                 (text, json)
             })
             .unwrap_or_default()
@@ -679,13 +780,23 @@ pub(crate) fn change_event(
         }
         Change::UpdateBackend {
             upstream, address, ..
+        }
+        | Change::RetireBackend {
+            upstream, address, ..
+        }
+        | Change::EndRetiring {
+            upstream, address, ..
         } => {
             let (was, before) = backend(before, upstream, *address);
             let (now, after) = backend(after, upstream, *address);
+            let why = match change {
+                Change::EndRetiring { .. } => "its retire_timeout is over, its users move now: ",
+                _ => "",
+            };
             Draft::new(
                 source,
                 "backend_changed",
-                format!("upstream {upstream} backend {address} set to {now} (was {was})"),
+                format!("upstream {upstream} backend {address} {why}set to {now} (was {was})"),
             )
             .upstream(upstream)
             .backend(address)
@@ -718,6 +829,30 @@ pub(crate) fn change_event(
         }
     };
     vec![draft]
+}
+
+/// A backend's saved state as `upstream` allows it: retiring needs a ring, and a backend of
+/// an upstream that no longer hashes has no keys to keep, so it is draining (with a warning).
+fn fit_retiring(
+    state: BackendState,
+    upstream: &switchyard_config::Upstream,
+    address: SocketAddr,
+    warnings: &mut Vec<String>,
+) -> BackendState {
+    match state {
+        BackendState::Retiring { until } if !upstream.algorithm.is_hash_ring() => {
+            warnings.push(format!(
+                "state: backend {address} of {:?} was retiring until {until}, but the upstream's algorithm is no longer ip_hash or hash: it is draining",
+                upstream.name
+            ));
+            BackendState::Draining
+        }
+        other => other,
+    }
+}
+
+fn no_upstream(upstream: &str) -> Rejection {
+    Rejection::NotFound(format!("no upstream named {upstream:?}"))
 }
 
 /// A route's split as the config file has it.

@@ -116,9 +116,9 @@ impl StateFile {
         };
         let target = target(&self.path).map_err(|e| fail("follow symbolic link", e))?;
         let mut value = serde_json::to_value(state).map_err(|e| e.to_string())?;
-        // In the oldest format that holds the state: without rollouts format 1 (no `format`
-        // field), which the binaries from before rollouts read, so a downgrade keeps splits
-        // and drains; without match steps format 2.
+        // In the oldest format that holds the state: without rollouts and retiring backends
+        // format 1 (no `format` field), which the binaries from before rollouts read, so a
+        // downgrade keeps splits and drains; without match steps and retiring backends 2.
         if let Some(fields) = value.as_object_mut() {
             match state.oldest_format() {
                 1 => drop(fields.remove("format")),
@@ -154,6 +154,20 @@ impl StateFile {
         }
         Ok(())
     }
+}
+
+/// Writes `bytes` to `path` whole or not at all (temp file created exclusively, fsync, rename),
+/// for the other files one process hands the next.
+pub(crate) fn write_whole(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let (temp, mut file) = create_temp(path)?;
+    let written = file
+        .write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| fs::rename(&temp, path));
+    if written.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    written
 }
 
 /// The format of a state file newer than [`STATE_FORMAT`], read before the rest, whose fields

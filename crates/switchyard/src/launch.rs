@@ -17,6 +17,7 @@ use switchyard_admin::{AdminApi, Control, MetricsEndpoint};
 use switchyard_config::Config;
 use switchyard_pool::health::HealthChecks;
 use switchyard_pool::ramp::SlowStart;
+use switchyard_pool::retire::Retirement;
 use switchyard_pool::{Draft, Metrics, Pool, Source};
 use switchyard_proxy::{ClientApp, ClientCounters, Connections, Proxy, Watched};
 use switchyard_rollout::{Engine, HttpProber, RolloutService, SingleNode};
@@ -77,6 +78,7 @@ pub fn run(
     if !upgrade {
         // Left by a SIGQUIT that had no successor: stale for a process that did not take over.
         let _ = std::fs::remove_file(&handover);
+        let _ = std::fs::remove_file(switchyard_pool::retire::keys_path(&handover));
     }
     let pool = Arc::new(Pool::new(
         config,
@@ -160,6 +162,10 @@ pub fn run(
     server.add_service(background_service(
         "slow start",
         SlowStart::new(Arc::clone(&pool)),
+    ));
+    server.add_service(background_service(
+        "retiring backends",
+        Retirement::new(Arc::clone(&pool)),
     ));
     let engine = Arc::new(Engine::new(
         Arc::clone(&pool),

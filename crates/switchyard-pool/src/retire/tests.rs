@@ -1,0 +1,411 @@
+//! Retiring, proven on a pool built from a real config: who stays, who moves, and when.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, HeaderValue};
+use switchyard_config::Config;
+
+use crate::{BackendState, Change, Deadline, Metrics, Pool, Rejection, Request, Source};
+
+const CONFIG: &str = "
+listeners:
+  - address: 127.0.0.1:8080
+upstreams:
+  users:
+    algorithm: hash
+    hash_on: {header: X-User-Id}
+    backends:
+      - address: 127.0.0.1:9001
+      - address: 127.0.0.1:9002
+      - address: 127.0.0.1:9003
+  plain:
+    backends:
+      - address: 127.0.0.1:9101
+routes:
+  - name: all
+    split:
+      users: 1
+";
+
+fn config() -> Config {
+    Config::from_yaml(CONFIG).expect("valid test config")
+}
+
+fn pool() -> Pool {
+    Pool::new(config(), Arc::new(Metrics::new()), None).expect("no state file")
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// The port of the backend that user `id`'s request is sent to now.
+fn pick(pool: &Pool, id: u32) -> Option<u16> {
+    let mut headers = HeaderMap::new();
+    headers.insert("x-user-id", HeaderValue::from(id));
+    let request = Request {
+        host: None,
+        path: "/",
+        query: None,
+        method: &http::Method::GET,
+        headers: &headers,
+        client: None,
+        issued: None,
+    };
+    let snapshot = pool.snapshot();
+    let users = snapshot.upstream("users").expect("upstream");
+    let backend = users.pick_backend(&request, None)?;
+    Some(users.backends[backend].live.address.port())
+}
+
+fn picks(pool: &Pool, ids: std::ops::Range<u32>) -> BTreeMap<u32, u16> {
+    ids.map(|id| (id, pick(pool, id).expect("a backend")))
+        .collect()
+}
+
+fn retire(port: u16, timeout: Option<Duration>) -> Change {
+    Change::RetireBackend {
+        upstream: "users".into(),
+        address: addr(port),
+        weight: None,
+        timeout,
+    }
+}
+
+fn set_state(port: u16, state: BackendState) -> Change {
+    Change::UpdateBackend {
+        upstream: "users".into(),
+        address: addr(port),
+        weight: None,
+        state: Some(state),
+    }
+}
+
+fn state_of(pool: &Pool, port: u16) -> BackendState {
+    let snapshot = pool.snapshot();
+    let users = snapshot.upstream("users").expect("upstream");
+    let backend = users.backends.iter().find(|b| b.live.address == addr(port));
+    backend.expect("backend").state
+}
+
+/// Where each user goes once `port` is gone from the ring: a pool of its own in which the
+/// backend is draining (its filter is empty: nothing was sent through it).
+fn without(port: u16, ids: std::ops::Range<u32>) -> BTreeMap<u32, u16> {
+    let pool = pool();
+    pool.apply(&set_state(port, BackendState::Draining), Source::Api)
+        .expect("drain");
+    picks(&pool, ids)
+}
+
+#[test]
+fn users_of_a_retiring_backend_stay_new_ones_avoid_it_and_no_one_else_moves() {
+    let pool = pool();
+    let old = picks(&pool, 0..300);
+    let retiring = 9002;
+    let its_users = old.values().filter(|&&p| p == retiring).count();
+    assert!(its_users > 50, "{its_users} of 300 users on {retiring}");
+    let gone = without(retiring, 0..300);
+    let new_users = without(retiring, 10_000..10_300);
+
+    pool.apply(&retire(retiring, None), Source::Api)
+        .expect("retire");
+    let until = state_of(&pool, retiring)
+        .retiring_until()
+        .expect("retiring");
+    let ten_minutes = until.remaining(SystemTime::now());
+    assert!(
+        ten_minutes > Duration::from_secs(590) && ten_minutes <= Duration::from_secs(600),
+        "the upstream's retire_timeout: {ten_minutes:?}"
+    );
+    // Twice: a retiring backend's users are not forgotten by being served.
+    for _ in 0..2 {
+        assert_eq!(picks(&pool, 0..300), old, "every user where it was");
+    }
+    // New users go where they will stay, and never to the retiring backend.
+    let fresh = picks(&pool, 10_000..10_300);
+    assert_eq!(fresh, new_users);
+    assert!(fresh.values().all(|&p| p != retiring));
+
+    // Before the deadline nothing ends; at it the backend drains.
+    assert_eq!(
+        pool.end_due_retirements(until.time() - Duration::from_millis(1)),
+        Some(until)
+    );
+    assert_eq!(state_of(&pool, retiring), BackendState::Retiring { until });
+    assert_eq!(pool.end_due_retirements(until.time()), None);
+    assert_eq!(state_of(&pool, retiring), BackendState::Draining);
+    // Its users move once, to where the ring without it sends them; nobody else moves.
+    assert_eq!(picks(&pool, 0..300), gone);
+    for (id, port) in &gone {
+        if old[id] != retiring {
+            assert_eq!(*port, old[id], "user {id} was not on the retiring backend");
+        }
+    }
+    assert_eq!(picks(&pool, 10_000..10_300), fresh);
+
+    let event = pool.events().since(0, 100).pop().expect("an event");
+    assert_eq!(
+        (event.source, &*event.kind),
+        (Source::Retire, "backend_changed")
+    );
+    assert_eq!(
+        event.before,
+        Some(
+            serde_json::json!({"weight": 1, "state": "retiring", "retiring_until": until.to_string()})
+        )
+    );
+    assert_eq!(
+        event.after,
+        Some(serde_json::json!({"weight": 1, "state": "draining"}))
+    );
+    assert!(
+        event.message.contains("retire_timeout is over"),
+        "{}",
+        event.message
+    );
+    // Draining and idle: it may go.
+    let remove = Change::RemoveBackend {
+        upstream: "users".into(),
+        address: addr(retiring),
+    };
+    pool.apply(&remove, Source::Api).expect("removed");
+}
+
+#[test]
+fn a_retiring_backend_that_fails_loses_its_users() {
+    let pool = pool();
+    let old = picks(&pool, 0..200);
+    let retiring = 9001;
+    pool.apply(
+        &retire(retiring, Some(Duration::from_secs(60))),
+        Source::Api,
+    )
+    .expect("retire");
+    let snapshot = pool.snapshot();
+    let live = Arc::clone(&snapshot.upstream("users").unwrap().backends[0].live);
+    assert_eq!(live.address, addr(retiring));
+    live.set_healthy(false);
+    let gone = without(retiring, 0..200);
+    // At once (the snapshot is not rebuilt yet), and after the rebuild.
+    assert_eq!(picks(&pool, 0..200), gone);
+    pool.refresh();
+    assert_eq!(picks(&pool, 0..200), gone);
+    // Back in health before the deadline, its users come back.
+    live.set_healthy(true);
+    pool.refresh();
+    assert_eq!(picks(&pool, 0..200), old);
+}
+
+#[test]
+fn retiring_is_refused_where_there_is_no_key_and_ends_only_as_set() {
+    let pool = pool();
+    let plain = Change::RetireBackend {
+        upstream: "plain".into(),
+        address: addr(9101),
+        weight: None,
+        timeout: None,
+    };
+    match pool.apply(&plain, Source::Api) {
+        Err(Rejection::Invalid(why)) => {
+            assert!(why.starts_with("state: \"retiring\""), "{why}");
+            assert!(
+                why.contains("round_robin") && why.contains("use \"draining\""),
+                "{why}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        pool.apply(&retire(9001, Some(Duration::ZERO)), Source::Api),
+        Err(Rejection::Invalid(
+            "retire_timeout: must be longer than 0s".into()
+        ))
+    );
+
+    pool.apply(&retire(9001, Some(Duration::from_secs(5))), Source::Api)
+        .expect("retire");
+    let until = state_of(&pool, 9001).retiring_until().expect("retiring");
+    let remove = Change::RemoveBackend {
+        upstream: "users".into(),
+        address: addr(9001),
+    };
+    match pool.apply(&remove, Source::Api) {
+        Err(Rejection::Conflict(why)) => assert!(why.contains("is retiring until"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    // Retired again, to a later deadline: the first one ends nothing.
+    pool.apply(&retire(9001, Some(Duration::from_secs(3600))), Source::Api)
+        .expect("retire again");
+    let later = state_of(&pool, 9001).retiring_until().expect("retiring");
+    assert!(later > until);
+    let stale = Change::EndRetiring {
+        upstream: "users".into(),
+        address: addr(9001),
+        until,
+    };
+    assert!(matches!(
+        pool.apply(&stale, Source::Retire),
+        Err(Rejection::Conflict(_))
+    ));
+    assert_eq!(
+        pool.end_due_retirements(until.time() + Duration::from_secs(1)),
+        Some(later)
+    );
+    // Set active by the operator: nothing is left to end.
+    pool.apply(&set_state(9001, BackendState::Active), Source::Api)
+        .expect("active");
+    assert_eq!(
+        pool.end_due_retirements(later.time() + Duration::from_secs(1)),
+        None
+    );
+    assert_eq!(state_of(&pool, 9001), BackendState::Active);
+}
+
+#[test]
+fn a_saved_retiring_backend_survives_a_restart_and_a_file_that_stopped_hashing() {
+    let dir = std::env::temp_dir().join(format!("switchyard-retire-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("state.json");
+    let mut with_file = config();
+    with_file.state_file = Some(path.clone());
+    let pool = Pool::new(with_file.clone(), Arc::new(Metrics::new()), None).expect("pool");
+    pool.apply(&retire(9003, Some(Duration::from_secs(120))), Source::Api)
+        .expect("retire");
+    let until = state_of(&pool, 9003).retiring_until().expect("retiring");
+
+    let text = std::fs::read_to_string(&path).expect("saved");
+    let saved: serde_json::Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(saved["format"], 3, "{text}");
+    assert_eq!(
+        saved["upstreams"]["users"]["changed"]["127.0.0.1:9003"]["state"],
+        serde_json::json!({"retiring": {"until": until.to_string()}})
+    );
+    let restarted = Pool::new(with_file.clone(), Arc::new(Metrics::new()), None).expect("pool");
+    assert_eq!(state_of(&restarted, 9003), BackendState::Retiring { until });
+    let metrics = restarted
+        .metrics()
+        .render(&restarted.snapshot(), &restarted.rollouts());
+    let metrics = String::from_utf8(metrics).expect("text");
+    assert!(
+        metrics.contains(
+            "switchyard_backend_state{backend=\"127.0.0.1:9003\",state=\"retiring\",upstream=\"users\"} 1"
+        ),
+        "{metrics}"
+    );
+    // Back to active: written in the format older binaries read.
+    restarted
+        .apply(&set_state(9003, BackendState::Active), Source::Api)
+        .expect("active");
+    assert!(!std::fs::read_to_string(&path)
+        .expect("saved")
+        .contains("format"));
+
+    // A state file whose retiring backend's upstream no longer hashes: it drains.
+    restarted
+        .apply(&retire(9003, None), Source::Api)
+        .expect("retire");
+    let mut round_robin = with_file;
+    round_robin.upstreams.retain(|u| u.name != "users");
+    let mut users = config().upstream("users").expect("users").clone();
+    users.algorithm = switchyard_config::Algorithm::RoundRobin;
+    users.hash_on = None;
+    round_robin.upstreams.push(users);
+    round_robin.upstreams.sort_by(|a, b| a.name.cmp(&b.name));
+    let warnings = restarted.reload(round_robin);
+    assert_eq!(state_of(&restarted, 9003), BackendState::Draining);
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("no longer ip_hash or hash: it is draining")),
+        "{warnings:?}"
+    );
+    std::fs::remove_dir_all(dir).expect("clean up");
+}
+
+#[test]
+fn deadlines_are_whole_milliseconds_in_rfc3339() {
+    let at = SystemTime::UNIX_EPOCH + Duration::from_nanos(1_796_119_200_123_456_789);
+    let deadline = Deadline::after(at, Duration::from_secs(2));
+    assert_eq!(deadline.to_string(), "2026-12-01T10:00:02.123Z");
+    let json = serde_json::to_value(deadline).expect("json");
+    assert_eq!(json, "2026-12-01T10:00:02.123Z");
+    assert_eq!(
+        serde_json::from_value::<Deadline>(json).expect("reads back"),
+        deadline
+    );
+    assert_eq!(deadline.remaining(at), Duration::from_nanos(1_999_543_211));
+    assert_eq!(deadline.remaining(deadline.time()), Duration::ZERO);
+    assert!(serde_json::from_value::<Deadline>("tomorrow".into()).is_err());
+}
+
+#[test]
+fn filters_rotate_each_retire_timeout_except_a_retiring_backends() {
+    let pool = pool();
+    let period = Duration::from_secs(600);
+    // The first pass starts every filter's clock.
+    assert_eq!(super::rotate_filters(&pool.snapshot(), 0), Some(period));
+    let old = picks(&pool, 0..200);
+    let retiring = 9003;
+    pool.apply(&retire(retiring, None), Source::Api)
+        .expect("retire");
+    let minute = Duration::from_secs(60);
+    assert_eq!(
+        super::rotate_filters(&pool.snapshot(), 540_000),
+        Some(minute),
+        "the next rotation of the others"
+    );
+    // Long after its users' last requests, they are still its users: what it has is what it
+    // had when it started to retire.
+    for periods in 1..=3 {
+        super::rotate_filters(&pool.snapshot(), periods * 600_000);
+    }
+    let snapshot = pool.snapshot();
+    let users = snapshot.upstream("users").expect("upstream");
+    let forgotten = users.backends[0].keys.as_ref().expect("a filter");
+    let of_9001 = old.iter().find(|(_, &p)| p == 9001).map(|(&id, _)| id);
+    let key = crate::keys::KeyHash::of(of_9001.expect("a user").to_string().as_bytes());
+    assert!(
+        !forgotten.knows(key),
+        "an active backend's filter forgets in two periods"
+    );
+    assert_eq!(picks(&pool, 0..200), old);
+}
+
+#[test]
+fn a_retiring_backends_users_are_handed_over_at_an_upgrade() {
+    let dir =
+        std::env::temp_dir().join(format!("switchyard-retire-handover-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let handover = dir.join("upgrade.sock.state.json");
+    let old = pool();
+    let before = picks(&old, 0..300);
+    old.apply(&retire(9002, None), Source::Api).expect("retire");
+    old.hand_over(&handover).expect("handed over");
+    assert!(super::keys_path(&handover).exists());
+
+    let new = Pool::new(config(), Arc::new(Metrics::new()), Some(&handover)).expect("pool");
+    assert!(!super::keys_path(&handover).exists(), "taken over once");
+    assert!(state_of(&new, 9002).retiring_until().is_some());
+    assert_eq!(picks(&new, 0..300), before, "its users are still its users");
+    assert!(picks(&new, 10_000..10_300).values().all(|&p| p != 9002));
+
+    // Nothing retiring: nothing handed over, and an older file is not left for a later one.
+    std::fs::write(super::keys_path(&handover), b"stale").expect("write");
+    new.apply(&set_state(9002, BackendState::Active), Source::Api)
+        .expect("active");
+    new.hand_over(&handover).expect("handed over");
+    assert!(!super::keys_path(&handover).exists());
+    // A damaged file is a warning, not a failed start.
+    std::fs::write(
+        super::keys_path(&handover),
+        b"switchyard retiring keys 1\n\x05",
+    )
+    .expect("write");
+    Pool::new(config(), Arc::new(Metrics::new()), Some(&handover)).expect("starts anyway");
+    std::fs::remove_dir_all(dir).expect("clean up");
+}
