@@ -253,6 +253,9 @@ fn parse_headers(lines: &[String]) -> Vec<(String, String)> {
 }
 
 async fn serve_connection(stream: TcpStream, shared: Arc<BackendShared>) {
+    // An answer is written as head, then body: with Nagle's algorithm the body would wait for
+    // the proxy's delayed ACK of the head, 40 ms per request on a reused connection.
+    let _ = stream.set_nodelay(true);
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     let mut served = 0;
