@@ -224,6 +224,94 @@ fn every_endpoint_answers_and_a_refused_call_changes_nothing() {
 }
 
 #[test]
+fn routes_show_their_match_sticky_key_and_routing_counts_and_hash_upstreams_their_key() {
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let yaml = format!(
+        r#"
+server:
+  threads: 2
+  upgrade_socket: {{upgrade_socket}}
+listeners:
+  - address: {{listen}}
+admin:
+  address: {{admin}}
+upstreams:
+  blue:
+    backends: [{{address: "{}"}}]
+  green:
+    algorithm: hash
+    hash_on: {{cookie: session}}
+    backends: [{{address: "{}"}}]
+routes:
+  - name: beta
+    match:
+      headers: {{X-User-Group: beta, X-Debug: "*"}}
+      cookies: {{plan: pro}}
+      query: {{preview: "1"}}
+      methods: [get, HEAD]
+    split: {{green: 1}}
+  - name: plain
+    path_prefix: /plain
+    split: {{blue: 1}}
+  - name: web
+    sticky: {{cookie: switchyard_user, set_cookie: true}}
+    split: {{blue: 90, green: 10}}
+"#,
+        blue.addr, green.addr
+    );
+    let sy = Switchyard::start(&yaml);
+    // Two requests on web: one is issued a cookie, one brings its own.
+    for cookie in [None, Some("switchyard_user=u1")] {
+        let headers: Vec<(&str, &str)> = cookie.iter().map(|c| ("Cookie", *c)).collect();
+        let r = block_on(request_from(None, sy.addr, "GET", "/", &headers)).expect("request");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("set-cookie").is_some(), cookie.is_none());
+    }
+    let routes = json_of(&sy.api("GET", "/api/v1/routes", None));
+    assert_eq!(
+        routes[0]["match"],
+        json!({
+            "headers": {"x-debug": "*", "x-user-group": "beta"},
+            "cookies": {"plan": "pro"},
+            "query": {"preview": "1"},
+            "methods": ["GET", "HEAD"]
+        })
+    );
+    assert_eq!(routes[0]["sticky"], Value::Null);
+    assert_eq!(
+        json_of(&sy.api("GET", "/api/v1/routes/web", None)),
+        json!({
+            "name": "web",
+            "host": null,
+            "path_prefix": null,
+            "match": {},
+            "sticky": {"cookie": "switchyard_user", "set_cookie": true},
+            "split": {"blue": 90, "green": 10},
+            "routing": {"split": 0, "sticky": 1, "sticky_missing": 0, "cookie_issued": 1, "rollout_match": 0}
+        })
+    );
+    get(sy.addr, "/plain");
+    assert_eq!(
+        json_of(&sy.api("GET", "/api/v1/routes/plain", None))["routing"],
+        json!({"split": 1, "sticky": 0, "sticky_missing": 0, "cookie_issued": 0, "rollout_match": 0})
+    );
+    let upstreams = json_of(&sy.api("GET", "/api/v1/upstreams", None));
+    assert_eq!(upstreams[0]["hash_on"], Value::Null);
+    assert_eq!(upstreams[1]["algorithm"], "hash");
+    assert_eq!(upstreams[1]["hash_on"], json!({"cookie": "session"}));
+    // A split change answers with the whole route view, the counts kept.
+    let r = sy.api(
+        "PUT",
+        "/api/v1/routes/web/split",
+        Some(r#"{"blue": 50, "green": 50}"#),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(json_of(&r)["routing"]["cookie_issued"], 1);
+    assert_eq!(json_of(&r)["sticky"]["cookie"], "switchyard_user");
+}
+
+#[test]
 fn a_token_guards_the_api_but_not_healthz_and_never_reaches_the_log() {
     let blue = TestBackend::start("blue");
     let green = TestBackend::start("green");

@@ -86,7 +86,6 @@ struct BackendShared {
     close_silently: AtomicBool,
     delay_ms: AtomicU64,
     failing_percent: AtomicU64,
-    nodelay: AtomicBool,
     last_headers: Mutex<Vec<(String, String)>>,
 }
 
@@ -115,7 +114,6 @@ impl TestBackend {
             close_silently: AtomicBool::new(false),
             delay_ms: AtomicU64::new(0),
             failing_percent: AtomicU64::new(0),
-            nodelay: AtomicBool::new(false),
             last_headers: Mutex::new(Vec::new()),
         });
         let listener = block_on(TcpListener::bind(address)).expect("bind backend");
@@ -182,15 +180,6 @@ impl TestBackend {
     /// ten requests, the same three at 30.
     pub fn set_failing_percent(&self, percent: u64) {
         self.shared.failing_percent.store(percent, Ordering::SeqCst);
-    }
-
-    /// Sends answers without waiting (`TCP_NODELAY`) on connections accepted from now on.
-    /// Off by default: an answer's head and body are two writes, so Nagle's algorithm holds
-    /// the body until the balancer acknowledges the head, which its delayed ACK does only
-    /// after about 40 ms; a keep-alive client then gets about 25 answers a second per
-    /// connection. Tests that need many requests from few connections turn it on.
-    pub fn set_nodelay(&self, on: bool) {
-        self.shared.nodelay.store(on, Ordering::SeqCst);
     }
 
     /// Headers of the last request that was not a health check.
@@ -264,9 +253,9 @@ fn parse_headers(lines: &[String]) -> Vec<(String, String)> {
 }
 
 async fn serve_connection(stream: TcpStream, shared: Arc<BackendShared>) {
-    if shared.nodelay.load(Ordering::SeqCst) {
-        let _ = stream.set_nodelay(true);
-    }
+    // An answer is written as head, then body: with Nagle's algorithm the body would wait for
+    // the proxy's delayed ACK of the head, 40 ms per request on a reused connection.
+    let _ = stream.set_nodelay(true);
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     let mut served = 0;

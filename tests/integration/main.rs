@@ -16,6 +16,7 @@ mod health;
 mod lifecycle;
 mod limits;
 mod load;
+mod matching;
 mod metrics;
 mod proxying;
 mod retiring;

@@ -734,9 +734,6 @@ fn sticky_rollout_keeps_canary_users(by: StickyBy, sticky: &str, tolerance: f64)
     let began = Instant::now();
     let blue = TestBackend::start("blue");
     let green = TestBackend::start("green");
-    // Six keep-alive connections carry 300 users: answers must not wait for Nagle.
-    blue.set_nodelay(true);
-    green.set_nodelay(true);
     let sy = Switchyard::start(&sticky_blue_green(&blue, &green, sticky));
     let users = Users::start(sy.addr, by);
     users.wait_all_seen_since(began, "every user once before the rollout");

@@ -615,11 +615,22 @@ fn route_view(snapshot: &Snapshot, index: usize) -> Value {
         .iter()
         .map(|&(u, w)| (snapshot.upstreams[u].name.to_string(), json!(w)))
         .collect();
+    // How each request was routed, one count per way, zeros included: a script can read
+    // `routing.sticky_missing` without asking whether it exists yet.
+    let routing: Map<String, Value> = route
+        .routing_counts()
+        .iter()
+        .map(|&(how, count)| (how.as_str().to_string(), json!(count)))
+        .collect();
     json!({
         "name": &*route.name,
         "host": route.host.as_deref(),
         "path_prefix": route.path_prefix.as_deref(),
+        // Always present, `{}` for a route without conditions: the same shape as written.
+        "match": &route.matching,
+        "sticky": &route.sticky,
         "split": split,
+        "routing": routing,
     })
 }
 
@@ -647,6 +658,8 @@ fn upstream_view(upstream: &Upstream) -> Value {
     json!({
         "name": &*upstream.name,
         "algorithm": upstream.algorithm.as_str(),
+        // The key a `hash` upstream hashes on; null for every other algorithm.
+        "hash_on": &upstream.hash_on,
         "health_checked": upstream.health_check.is_some(),
         "backends": (0..upstream.backends.len())
             .map(|i| backend_view(upstream, i))

@@ -77,16 +77,66 @@ pub fn status(routes: &Value, rollouts: Option<&Value>, upstreams: &Value) -> St
 }
 
 fn routes_table(routes: &Value) -> Table {
-    let mut table = Table::new(&["ROUTE", "HOST", "PATH", "SPLIT"]);
+    let mut table = Table::new(&["ROUTE", "HOST", "PATH", "MATCH", "STICKY", "SPLIT"]);
     for route in items(routes) {
         table.row(vec![
             text(route, "name"),
             text(route, "host"),
             text(route, "path_prefix"),
+            conditions(route.get("match")),
+            sticky(route.get("sticky")),
             split(route.get("split")),
         ]);
     }
     table
+}
+
+/// `header:x-user-group=beta cookie:group=beta method:GET,HEAD`: a route's `match` on one line,
+/// `-` for none.
+fn conditions(spec: Option<&Value>) -> String {
+    let Some(Value::Object(kinds)) = spec else {
+        return "-".into();
+    };
+    let mut parts = Vec::new();
+    for (field, kind) in [
+        ("headers", "header"),
+        ("cookies", "cookie"),
+        ("query", "query"),
+    ] {
+        if let Some(Value::Object(entries)) = kinds.get(field) {
+            parts.extend(
+                entries
+                    .iter()
+                    .map(|(name, value)| format!("{kind}:{name}={}", plain(value))),
+            );
+        }
+    }
+    if let Some(Value::Array(methods)) = kinds.get("methods") {
+        let methods: Vec<String> = methods.iter().map(plain).collect();
+        parts.push(format!("method:{}", methods.join(",")));
+    }
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
+/// `header:x-user-id`, `cookie:switchyard_user (set_cookie)`, `client_ip`; `-` when not sticky.
+fn sticky(spec: Option<&Value>) -> String {
+    let Some(Value::Object(fields)) = spec else {
+        return "-".into();
+    };
+    let key = ["cookie", "header"]
+        .iter()
+        .find_map(|kind| Some(format!("{kind}:{}", plain(fields.get(*kind)?))))
+        .or_else(|| fields.contains_key("client_ip").then(|| "client_ip".into()))
+        .unwrap_or_else(|| "-".into());
+    if fields.get("set_cookie") == Some(&Value::Bool(true)) {
+        format!("{key} (set_cookie)")
+    } else {
+        key
+    }
 }
 
 /// `blue=90 (90%) green=10 (10%)`: the weights as the API has them, and what they come to.
@@ -350,8 +400,10 @@ mod tests {
     #[test]
     fn status_shows_routes_rollouts_and_every_backend() {
         let routes = json!([
-            {"name": "web", "host": null, "path_prefix": "/", "split": {"blue": 9500, "green": 500}},
-            {"name": "api", "host": "api.example.com", "path_prefix": null, "split": {"blue": 1}}
+            {"name": "web", "host": null, "path_prefix": "/", "match": {}, "sticky": {"cookie": "switchyard_user", "set_cookie": true}, "split": {"blue": 9500, "green": 500}},
+            {"name": "api", "host": "api.example.com", "path_prefix": null, "split": {"blue": 1}},
+            {"name": "beta", "host": null, "path_prefix": null, "sticky": {"client_ip": true, "set_cookie": false},
+             "match": {"headers": {"x-user-group": "beta"}, "cookies": {"group": "*"}, "methods": ["GET", "HEAD"]}, "split": {"green": 1}}
         ]);
         let rollouts = json!([{
             "route": "web", "from": "blue", "to": "green", "state": "progressing",
@@ -368,9 +420,10 @@ mod tests {
         assert_eq!(
             status(&routes, Some(&rollouts), &upstreams),
             "Routes\n\
-             ROUTE  HOST             PATH  SPLIT\n\
-             web    -                /     blue=9500 (95%) green=500 (5%)\n\
-             api    api.example.com  -     blue=1 (100%)\n\
+             ROUTE  HOST             PATH  MATCH                                                    STICKY                               SPLIT\n\
+             web    -                /     -                                                        cookie:switchyard_user (set_cookie)  blue=9500 (95%) green=500 (5%)\n\
+             api    api.example.com  -     -                                                        -                                    blue=1 (100%)\n\
+             beta   -                -     header:x-user-group=beta cookie:group=* method:GET,HEAD  client_ip                            green=1 (100%)\n\
              \n\
              Rollouts\n\
              ROUTE  FROM → TO     STATE        STEP  WEIGHT  LAST_VERDICT\n\
@@ -387,7 +440,7 @@ mod tests {
     #[test]
     fn status_without_the_rollouts_endpoint_has_no_rollouts_section() {
         let text = status(&json!([]), None, &json!([]));
-        assert_eq!(text, "Routes\nROUTE  HOST  PATH  SPLIT\n\nUpstreams\nUPSTREAM  ALGORITHM  BACKEND  HEALTHY  STATE  WEIGHT  IN_FLIGHT\n");
+        assert_eq!(text, "Routes\nROUTE  HOST  PATH  MATCH  STICKY  SPLIT\n\nUpstreams\nUPSTREAM  ALGORITHM  BACKEND  HEALTHY  STATE  WEIGHT  IN_FLIGHT\n");
         assert!(status(&json!([]), Some(&json!([])), &json!([])).contains("Rollouts\nnone\n"));
     }
 
