@@ -24,11 +24,12 @@ use crate::snapshot::BackendState;
 use switchyard_config::rollout::RolloutSpec;
 
 /// The state file's format: 1 had no rollouts (and no `format` field); 2 added them; 3 added
-/// match steps to their specs and retiring backends. A file is written in the oldest format
+/// match steps to their specs; 4 retiring backends. A file is written in the oldest format
 /// that holds what it has, so a binary from before a feature still reads a state that does
 /// not use it. A file of a newer format than this binary knows is refused at start, never set
-/// aside as corrupt.
-pub const STATE_FORMAT: u32 = 3;
+/// aside as corrupt: a binary of format 3 refuses a file with a retiring backend instead of
+/// taking it for corrupt (it has no `retiring` state) and starting without the file.
+pub const STATE_FORMAT: u32 = 4;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -59,10 +60,14 @@ impl RuntimeState {
             .rollouts
             .values()
             .any(|r| r.spec.steps.iter().any(|s| s.matching().is_some()));
-        match (self.rollouts.is_empty(), match_steps || self.has_retiring()) {
-            (_, true) => 3,
-            (true, false) => 1,
-            (false, false) => 2,
+        if self.has_retiring() {
+            4
+        } else if match_steps {
+            3
+        } else if self.rollouts.is_empty() {
+            1
+        } else {
+            2
         }
     }
 }
@@ -487,7 +492,7 @@ impl RuntimeState {
         Ok(())
     }
 
-    /// Whether a backend is retiring: the state file is then written in format 3.
+    /// Whether a backend is retiring: the state file is then written in format 4.
     pub(crate) fn has_retiring(&self) -> bool {
         self.upstreams.values().any(|c| {
             c.changed

@@ -116,9 +116,9 @@ impl StateFile {
         };
         let target = target(&self.path).map_err(|e| fail("follow symbolic link", e))?;
         let mut value = serde_json::to_value(state).map_err(|e| e.to_string())?;
-        // In the oldest format that holds the state: without rollouts and retiring backends
-        // format 1 (no `format` field), which the binaries from before rollouts read, so a
-        // downgrade keeps splits and drains; without match steps and retiring backends 2.
+        // In the oldest format that holds the state (see `STATE_FORMAT`): without rollouts and
+        // retiring backends format 1 (no `format` field), which the binaries from before
+        // rollouts read, so a downgrade keeps splits and drains.
         if let Some(fields) = value.as_object_mut() {
             match state.oldest_format() {
                 1 => drop(fields.remove("format")),
@@ -551,6 +551,29 @@ mod tests {
             let back = file.load().expect("load");
             assert_eq!((back.format, &back.rollouts), (want, &state.rollouts));
         }
+        // A retiring backend is format 4: format 3 already meant match steps, and its
+        // binaries would take a `retiring` state for corruption and set the file aside.
+        let mut retiring = RuntimeState::default();
+        let deadline =
+            crate::Deadline::after(SystemTime::now(), std::time::Duration::from_secs(60));
+        retiring
+            .upstreams
+            .entry("blue".into())
+            .or_default()
+            .changed
+            .insert(
+                "127.0.0.1:9001".parse().expect("address"),
+                crate::state::BackendChange {
+                    state: Some(crate::BackendState::Retiring { until: deadline }),
+                    ..Default::default()
+                },
+            );
+        file.save(&retiring).expect("save");
+        let text = fs::read_to_string(&path).expect("read");
+        assert!(text.contains("\"format\": 4"), "{text}");
+        let back = file.load().expect("load");
+        assert_eq!((back.format, &back.upstreams), (4, &retiring.upstreams));
+        assert_eq!(STATE_FORMAT, 4);
         // A newer format is refused, named, and left where it is.
         let newer = format!(
             r#"{{"format": {}, "splits": {{}}, "shiny": true}}"#,

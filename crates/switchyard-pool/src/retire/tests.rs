@@ -279,7 +279,7 @@ fn a_saved_retiring_backend_survives_a_restart_and_a_file_that_stopped_hashing()
 
     let text = std::fs::read_to_string(&path).expect("saved");
     let saved: serde_json::Value = serde_json::from_str(&text).expect("json");
-    assert_eq!(saved["format"], 3, "{text}");
+    assert_eq!(saved["format"], 4, "{text}");
     assert_eq!(
         saved["upstreams"]["users"]["changed"]["127.0.0.1:9003"]["state"],
         serde_json::json!({"retiring": {"until": until.to_string()}})
