@@ -260,6 +260,12 @@ fn retiring_is_refused_where_it_has_no_meaning() {
         "retire_timeout",
         "longer than 0s",
     );
+    refused(
+        &users_path,
+        r#"{"state": "retiring", "retire_timeout": "100000000h"}"#,
+        "retire_timeout",
+        "longer than the limit of 168h",
+    );
     refused(&users_path, r#"{"state": "gone"}"#, "state", "\"retiring\"");
     // Nothing changed.
     assert_eq!(backend_view(&sy, all[0].addr)["state"], "active");

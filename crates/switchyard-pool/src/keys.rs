@@ -112,8 +112,10 @@ impl KeyFilter {
     pub(crate) fn rotate_if_due(&self, now_ms: u64, period: Duration) -> Duration {
         let period_ms = u64::try_from(period.as_millis()).unwrap_or(u64::MAX).max(1);
         let since = self.since.load(Ordering::Relaxed);
-        if since != UNSTAMPED && now_ms < since.saturating_add(period_ms) {
-            return Duration::from_millis(since + period_ms - now_ms);
+        // Saturating: a period past u64 milliseconds is `u64::MAX` above.
+        let due = since.saturating_add(period_ms);
+        if since != UNSTAMPED && now_ms < due {
+            return Duration::from_millis(due - now_ms);
         }
         if since != UNSTAMPED {
             let next = self.current.load(Ordering::Relaxed).wrapping_add(1);
@@ -214,6 +216,19 @@ mod tests {
         next.rotate_if_due(1_000, Duration::from_secs(1));
         assert!(!next.knows(key(1)) && next.knows(key(2)));
         assert_eq!(KeyFilter::default().decode(&bytes[..100]), None);
+    }
+
+    #[test]
+    fn a_period_too_long_for_milliseconds_never_overflows() {
+        let filter = KeyFilter::default();
+        filter.record(key(1));
+        assert_eq!(
+            filter.rotate_if_due(5_000, Duration::MAX),
+            Duration::from_millis(u64::MAX)
+        );
+        let wait = filter.rotate_if_due(10_000, Duration::MAX);
+        assert_eq!(wait, Duration::from_millis(u64::MAX - 10_000));
+        assert!(filter.knows(key(1)));
     }
 
     #[test]

@@ -36,20 +36,28 @@ use crate::Pool;
 /// The longest the service sleeps: a wall clock that was set meanwhile is followed by then.
 const MAX_WAIT: Duration = Duration::from_secs(60);
 
-/// When a retiring backend becomes draining: a wall-clock time in whole milliseconds,
-/// written in RFC 3339 (UTC) in the state file and the API.
+/// The latest deadline, 9999-12-31T23:59:59.999Z: the last time RFC 3339's four-digit years
+/// can write, so that every deadline written reads back (and formats without panicking).
+const LATEST_UNIX_MS: u64 = 253_402_300_799_999;
+
+/// When a retiring backend becomes draining: a wall-clock time in whole milliseconds from
+/// 1970 to [`LATEST_UNIX_MS`], written in RFC 3339 (UTC) in the state file and the API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Deadline {
     unix_ms: u64,
 }
 
 impl Deadline {
-    /// `timeout` after `now`.
+    /// `timeout` after `now`, or the latest deadline.
     pub fn after(now: SystemTime, timeout: Duration) -> Deadline {
         let now = now.duration_since(UNIX_EPOCH).unwrap_or_default();
         let ms = now.saturating_add(timeout).as_millis();
+        Deadline::at(u64::try_from(ms).unwrap_or(u64::MAX))
+    }
+
+    fn at(unix_ms: u64) -> Deadline {
         Deadline {
-            unix_ms: u64::try_from(ms).unwrap_or(u64::MAX),
+            unix_ms: unix_ms.min(LATEST_UNIX_MS),
         }
     }
 
@@ -85,9 +93,12 @@ impl<'de> serde::Deserialize<'de> for Deadline {
         let time = DateTime::parse_from_rfc3339(&text).map_err(|e| {
             serde::de::Error::custom(format!("until: {text:?} is not an RFC 3339 time: {e}"))
         })?;
-        let unix_ms = u64::try_from(time.timestamp_millis())
-            .map_err(|_| serde::de::Error::custom(format!("until: {text:?} is before 1970")))?;
-        Ok(Deadline { unix_ms })
+        // A time before 1970 has passed like any other (the backend drains at once); an
+        // offset can carry one past the latest deadline, which is then where it ends. Neither
+        // is worth setting the whole state file aside for.
+        Ok(Deadline::at(
+            u64::try_from(time.timestamp_millis()).unwrap_or_default(),
+        ))
     }
 }
 

@@ -15,7 +15,7 @@ use switchyard_config::limits::{
     backend_address_problem, MAX_BACKENDS, MAX_BACKENDS_PER_UPSTREAM, MAX_ROUTE_BACKEND_PAIRS,
     MAX_ROUTE_UPSTREAM_PAIRS,
 };
-use switchyard_config::{Config, MAX_BACKEND_WEIGHT, MAX_SPLIT_WEIGHT};
+use switchyard_config::{retire_timeout_problem, Config, MAX_BACKEND_WEIGHT, MAX_SPLIT_WEIGHT};
 
 use crate::events::{Draft, Source};
 use crate::retire::Deadline;
@@ -332,12 +332,12 @@ impl RuntimeState {
             } => {
                 self.backend(config, upstream, *address)?;
                 let timeout = match (timeout, config.upstream(upstream)) {
-                    (Some(t), _) if t.is_zero() => {
-                        return Err(Rejection::Invalid(
-                            "retire_timeout: must be longer than 0s".into(),
-                        ))
-                    }
-                    (Some(t), _) => *t,
+                    (Some(t), _) => match retire_timeout_problem(*t) {
+                        Some(why) => {
+                            return Err(Rejection::Invalid(format!("retire_timeout: {why}")))
+                        }
+                        None => *t,
+                    },
                     (None, Some(u)) => u.retire_timeout,
                     (None, None) => return Err(no_upstream(upstream)),
                 };

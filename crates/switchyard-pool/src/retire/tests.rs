@@ -224,6 +224,15 @@ fn retiring_is_refused_where_there_is_no_key_and_ends_only_as_set() {
             "retire_timeout: must be longer than 0s".into()
         ))
     );
+    // Nor past a week: a deadline must be a time the state file can hold.
+    let too_long = Duration::from_secs(100_000_000 * 3600);
+    assert_eq!(
+        pool.apply(&retire(9001, Some(too_long)), Source::Api),
+        Err(Rejection::Invalid(
+            "retire_timeout: 100000000h is longer than the limit of 168h (7 days)".into()
+        ))
+    );
+    assert_eq!(state_of(&pool, 9001), BackendState::Active);
 
     pool.apply(&retire(9001, Some(Duration::from_secs(5))), Source::Api)
         .expect("retire");
@@ -340,6 +349,57 @@ fn deadlines_are_whole_milliseconds_in_rfc3339() {
     assert_eq!(deadline.remaining(at), Duration::from_nanos(1_999_543_211));
     assert_eq!(deadline.remaining(deadline.time()), Duration::ZERO);
     assert!(serde_json::from_value::<Deadline>("tomorrow".into()).is_err());
+
+    // However far off, a deadline formats, and what it writes reads back.
+    let latest = Deadline::after(SystemTime::now(), Duration::MAX);
+    assert_eq!(latest.to_string(), "9999-12-31T23:59:59.999Z");
+    let json = serde_json::to_value(latest).expect("json");
+    assert_eq!(
+        serde_json::from_value::<Deadline>(json).expect("reads back"),
+        latest
+    );
+    let past_it = serde_json::json!("9999-12-31T23:59:59-23:59");
+    assert_eq!(
+        serde_json::from_value::<Deadline>(past_it).expect("reads"),
+        latest
+    );
+    let before_1970 = serde_json::json!("1960-01-01T00:00:00Z");
+    let passed = serde_json::from_value::<Deadline>(before_1970).expect("reads");
+    assert_eq!(passed.time(), SystemTime::UNIX_EPOCH);
+}
+
+#[test]
+fn a_state_file_with_absurd_deadlines_loads_and_ends_the_passed_one() {
+    let dir = std::env::temp_dir().join(format!("switchyard-retire-absurd-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("state.json");
+    std::fs::write(
+        &path,
+        r#"{"format": 4, "upstreams": {"users": {"changed": {
+            "127.0.0.1:9001": {"state": {"retiring": {"until": "9999-12-31T23:59:59-23:59"}}},
+            "127.0.0.1:9002": {"state": {"retiring": {"until": "1960-01-01T00:00:00Z"}}}}}}}"#,
+    )
+    .expect("write");
+    let mut with_file = config();
+    with_file.state_file = Some(path.clone());
+    let pool = Pool::new(with_file.clone(), Arc::new(Metrics::new()), None).expect("pool");
+    let latest = Deadline::after(SystemTime::now(), Duration::MAX);
+    assert_eq!(
+        state_of(&pool, 9001),
+        BackendState::Retiring { until: latest }
+    );
+    assert!(state_of(&pool, 9002).retiring_until().is_some());
+    assert_eq!(pool.end_due_retirements(SystemTime::now()), Some(latest));
+    assert_eq!(state_of(&pool, 9002), BackendState::Draining);
+    // What the change saved reads back whole at the next start.
+    let restarted = Pool::new(with_file, Arc::new(Metrics::new()), None).expect("pool");
+    assert_eq!(
+        state_of(&restarted, 9001),
+        BackendState::Retiring { until: latest }
+    );
+    assert_eq!(state_of(&restarted, 9002), BackendState::Draining);
+    std::fs::remove_dir_all(dir).expect("clean up");
 }
 
 #[test]
