@@ -175,6 +175,30 @@ fn users_of_a_retiring_backend_stay_new_ones_avoid_it_and_no_one_else_moves() {
 }
 
 #[test]
+fn a_user_that_moved_past_one_retiring_backend_stays_when_the_next_one_retires() {
+    let full_ring = picks(&pool(), 10_000..10_600);
+    let pool = pool();
+    pool.apply(&retire(9001, None), Source::Api)
+        .expect("retire 9001");
+    // New users whose key finds 9001 first go past it; some to 9002, which records them.
+    let on_9002 = picks(&pool, 10_000..10_600);
+    let past_9001: Vec<u32> = (10_000..10_600)
+        .filter(|id| full_ring[id] == 9001 && on_9002[id] == 9002)
+        .collect();
+    assert!(
+        past_9001.len() > 20,
+        "{} users went past 9001 to 9002",
+        past_9001.len()
+    );
+    pool.apply(&retire(9002, None), Source::Api)
+        .expect("retire 9002");
+    // Both retire: each keeps its users, 9002 those that came past 9001 too.
+    assert_eq!(picks(&pool, 10_000..10_600), on_9002);
+    // Users neither has go to the one backend left.
+    assert!(picks(&pool, 20_000..20_200).values().all(|&p| p == 9003));
+}
+
+#[test]
 fn a_retiring_backend_that_fails_loses_its_users() {
     let pool = pool();
     let old = picks(&pool, 0..200);
