@@ -104,8 +104,12 @@ impl<'de> serde::Deserialize<'de> for Deadline {
 
 impl Pool {
     /// Ends every retiring window due at `now`: its backend becomes draining (source
-    /// `retire`). Returns the first deadline still to come.
+    /// `retire`). Returns the first deadline still to come; none once the state is handed
+    /// over at an upgrade (the next process ends them).
     pub fn end_due_retirements(&self, now: SystemTime) -> Option<Deadline> {
+        if self.is_handed_over() {
+            return None;
+        }
         let snapshot = self.snapshot();
         let mut next = None;
         for upstream in &snapshot.upstreams {
@@ -125,7 +129,7 @@ impl Pool {
                 match self.apply(&change, Source::Retire) {
                     Ok(()) => {}
                     // An admin change came first (the backend is no longer retiring, or to
-                    // another deadline): it decides.
+                    // another deadline): it decides. Or the state was just handed over.
                     Err(Rejection::Conflict(why) | Rejection::NotFound(why)) => {
                         debug!("retire: {why}")
                     }
@@ -303,6 +307,10 @@ impl BackgroundService for Retirement {
         let clock = tokio::time::Instant::now();
         let mut changes = self.pool.subscribe();
         loop {
+            // Handed over at an upgrade: the next process's service has taken over.
+            if self.pool.is_handed_over() {
+                return;
+            }
             let now = SystemTime::now();
             let deadline = self.pool.end_due_retirements(now);
             let now_ms = u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);

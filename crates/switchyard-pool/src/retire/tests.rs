@@ -493,3 +493,32 @@ fn a_retiring_backends_users_are_handed_over_at_an_upgrade() {
     Pool::new(config(), Arc::new(Metrics::new()), Some(&handover)).expect("starts anyway");
     std::fs::remove_dir_all(dir).expect("clean up");
 }
+
+#[test]
+fn a_process_that_handed_over_ends_no_retiring_window() {
+    let dir =
+        std::env::temp_dir().join(format!("switchyard-retire-stopped-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let old = pool();
+    old.apply(&retire(9002, Some(Duration::from_secs(5))), Source::Api)
+        .expect("retire");
+    let until = state_of(&old, 9002).retiring_until().expect("retiring");
+    old.hand_over(&dir.join("upgrade.sock.state.json"))
+        .expect("handed over");
+    // Past the deadline, the old process (still running for Pingora's shutdown) leaves the
+    // window to the new one, which has the state.
+    let later = until.time() + Duration::from_secs(1);
+    assert_eq!(old.end_due_retirements(later), None);
+    assert_eq!(state_of(&old, 9002), BackendState::Retiring { until });
+    let end = Change::EndRetiring {
+        upstream: "users".into(),
+        address: addr(9002),
+        until,
+    };
+    assert!(matches!(
+        old.apply(&end, Source::Retire),
+        Err(Rejection::Conflict(_))
+    ));
+    std::fs::remove_dir_all(dir).expect("clean up");
+}
