@@ -28,7 +28,6 @@ use pingora_core::services::background::BackgroundService;
 
 use crate::events::{format_time, Source};
 use crate::keys::ENCODED_LEN;
-use crate::snapshot::Snapshot;
 use crate::state::{Change, Rejection};
 use crate::state_file::write_whole;
 use crate::Pool;
@@ -271,23 +270,30 @@ fn field(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
     rest.split_at_checked(len)
 }
 
-/// Rotates the key filters of every ring backend that is not retiring, at `now_ms` of the
-/// service's monotonic clock. Returns how long until the next rotation, if any filter has one.
-fn rotate_filters(snapshot: &Snapshot, now_ms: u64) -> Option<Duration> {
-    let mut next: Option<Duration> = None;
-    for upstream in &snapshot.upstreams {
-        for backend in &upstream.backends {
-            let Some(keys) = &backend.keys else {
-                continue;
-            };
-            if backend.state.retiring_until().is_some() {
-                continue;
+impl Pool {
+    /// Rotates the key filters of every ring backend that is not retiring, at `now_ms` of the
+    /// service's monotonic clock. Returns how long until the next rotation, if any filter has
+    /// one. Under the writer lock, with the snapshot current under it: a backend that starts
+    /// to retire meanwhile must not lose half its users to a rotation that had not seen it.
+    /// Requests never take the lock; a change waits for at most one pass over the filters.
+    fn rotate_filters(&self, now_ms: u64) -> Option<Duration> {
+        let _desired = self.lock();
+        let snapshot = self.current.load();
+        let mut next: Option<Duration> = None;
+        for upstream in &snapshot.upstreams {
+            for backend in &upstream.backends {
+                let Some(keys) = &backend.keys else {
+                    continue;
+                };
+                if backend.state.retiring_until().is_some() {
+                    continue;
+                }
+                let due = keys.rotate_if_due(now_ms, upstream.retire_timeout);
+                next = Some(next.map_or(due, |n| n.min(due)));
             }
-            let due = keys.rotate_if_due(now_ms, upstream.retire_timeout);
-            next = Some(next.map_or(due, |n| n.min(due)));
         }
+        next
     }
-    next
 }
 
 /// The background service that rotates key filters and ends retiring windows.
@@ -314,7 +320,7 @@ impl BackgroundService for Retirement {
             let now = SystemTime::now();
             let deadline = self.pool.end_due_retirements(now);
             let now_ms = u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
-            let rotation = rotate_filters(&self.pool.snapshot(), now_ms);
+            let rotation = self.pool.rotate_filters(now_ms);
             let wait = [rotation, deadline.map(|d| d.remaining(now))]
                 .into_iter()
                 .flatten()

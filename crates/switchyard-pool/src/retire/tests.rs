@@ -431,21 +431,21 @@ fn filters_rotate_each_retire_timeout_except_a_retiring_backends() {
     let pool = pool();
     let period = Duration::from_secs(600);
     // The first pass starts every filter's clock.
-    assert_eq!(super::rotate_filters(&pool.snapshot(), 0), Some(period));
+    assert_eq!(pool.rotate_filters(0), Some(period));
     let old = picks(&pool, 0..200);
     let retiring = 9003;
     pool.apply(&retire(retiring, None), Source::Api)
         .expect("retire");
     let minute = Duration::from_secs(60);
     assert_eq!(
-        super::rotate_filters(&pool.snapshot(), 540_000),
+        pool.rotate_filters(540_000),
         Some(minute),
         "the next rotation of the others"
     );
     // Long after its users' last requests, they are still its users: what it has is what it
     // had when it started to retire.
     for periods in 1..=3 {
-        super::rotate_filters(&pool.snapshot(), periods * 600_000);
+        pool.rotate_filters(periods * 600_000);
     }
     let snapshot = pool.snapshot();
     let users = snapshot.upstream("users").expect("upstream");
