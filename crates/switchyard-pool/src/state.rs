@@ -331,6 +331,10 @@ impl RuntimeState {
                 timeout,
             } => {
                 self.backend(config, upstream, *address)?;
+                // Before the timeout: on an upstream without keys no timeout is right.
+                if let Some(up) = config.upstream(upstream) {
+                    check_ring(upstream, up)?;
+                }
                 let timeout = match (timeout, config.upstream(upstream)) {
                     (Some(t), _) => match retire_timeout_problem(*t) {
                         Some(why) => {
@@ -466,10 +470,27 @@ impl RuntimeState {
         let Some(up) = config.upstream(upstream) else {
             return Err(no_upstream(upstream));
         };
-        if state.is_some_and(|s| s.retiring_until().is_some()) && !up.algorithm.is_hash_ring() {
-            return Err(Rejection::Invalid(format!(
-                "state: \"retiring\" keeps the users (hash keys) a backend has, for upstreams with algorithm ip_hash or hash; upstream {upstream:?} is {}, which has no key to keep: use \"draining\"",
-                up.algorithm.as_str()
+        let current = self.backend(config, upstream, address)?;
+        let retiring = state.unwrap_or(current.state).retiring_until().is_some();
+        if retiring {
+            check_ring(upstream, up)?;
+            if weight.unwrap_or(current.weight) == 0 {
+                return Err(Rejection::Invalid(
+                    "weight: a retiring backend with weight 0 would serve none of its users; give it a weight above 0, or set \"state\": \"draining\" to move them now".into(),
+                ));
+            }
+        }
+        // A draining or disabled backend's users have moved on already, but its filter still
+        // names them: retiring it would take them back until the deadline, then move them again.
+        if state.is_some_and(|s| s.retiring_until().is_some())
+            && matches!(
+                current.state,
+                BackendState::Draining | BackendState::Disabled
+            )
+        {
+            return Err(Rejection::Conflict(format!(
+                "backend {address} is {}: its users have moved to other backends already, and retiring it would call some of them back; only an active (or retiring) backend can retire",
+                current.state.as_str()
             )));
         }
         let changes = self.upstreams.entry(upstream.to_string()).or_default();
@@ -854,6 +875,17 @@ fn fit_retiring(
         }
         other => other,
     }
+}
+
+/// Refuses `retiring` on an upstream that hashes no key.
+fn check_ring(name: &str, upstream: &switchyard_config::Upstream) -> Result<(), Rejection> {
+    if upstream.algorithm.is_hash_ring() {
+        return Ok(());
+    }
+    Err(Rejection::Invalid(format!(
+        "state: \"retiring\" keeps the users (hash keys) a backend has, for upstreams with algorithm ip_hash or hash; upstream {name:?} is {}, which has no key to keep: use \"draining\"",
+        upstream.algorithm.as_str()
+    )))
 }
 
 fn no_upstream(upstream: &str) -> Rejection {

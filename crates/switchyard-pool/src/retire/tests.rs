@@ -224,7 +224,7 @@ fn a_retiring_backend_that_fails_loses_its_users() {
 }
 
 #[test]
-fn retiring_is_refused_where_there_is_no_key_and_ends_only_as_set() {
+fn retiring_is_refused_without_a_key_a_weight_or_from_draining_and_ends_only_as_set() {
     let pool = pool();
     let plain = Change::RetireBackend {
         upstream: "plain".into(),
@@ -258,9 +258,60 @@ fn retiring_is_refused_where_there_is_no_key_and_ends_only_as_set() {
     );
     assert_eq!(state_of(&pool, 9001), BackendState::Active);
 
+    // The algorithm decides first: no timeout is right where there is no key.
+    let plain_zero = Change::RetireBackend {
+        upstream: "plain".into(),
+        address: addr(9101),
+        weight: None,
+        timeout: Some(Duration::ZERO),
+    };
+    match pool.apply(&plain_zero, Source::Api) {
+        Err(Rejection::Invalid(why)) => assert!(why.contains("use \"draining\""), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    // Weight 0 would serve none of its users: that is draining, said so.
+    let weightless = Change::RetireBackend {
+        upstream: "users".into(),
+        address: addr(9001),
+        weight: Some(0),
+        timeout: None,
+    };
+    match pool.apply(&weightless, Source::Api) {
+        Err(Rejection::Invalid(why)) => {
+            assert!(
+                why.starts_with("weight: ") && why.contains("\"draining\""),
+                "{why}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    // A draining or disabled backend's users have moved away: retiring would call them back.
+    for state in [BackendState::Draining, BackendState::Disabled] {
+        pool.apply(&set_state(9003, state), Source::Api)
+            .expect("set");
+        match pool.apply(&retire(9003, None), Source::Api) {
+            Err(Rejection::Conflict(why)) => {
+                assert!(why.contains(&format!("is {}", state.as_str())), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(state_of(&pool, 9003), state);
+    }
+
     pool.apply(&retire(9001, Some(Duration::from_secs(5))), Source::Api)
         .expect("retire");
     let until = state_of(&pool, 9001).retiring_until().expect("retiring");
+    // Nor can a retiring backend's weight go to 0.
+    let zero = Change::UpdateBackend {
+        upstream: "users".into(),
+        address: addr(9001),
+        weight: Some(0),
+        state: None,
+    };
+    assert!(matches!(
+        pool.apply(&zero, Source::Api),
+        Err(Rejection::Invalid(why)) if why.starts_with("weight: ")
+    ));
     let remove = Change::RemoveBackend {
         upstream: "users".into(),
         address: addr(9001),
