@@ -25,11 +25,12 @@ use chrono::DateTime;
 use log::{debug, info, warn};
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
+use switchyard_config::limits::MAX_BACKENDS;
 
 use crate::events::{format_time, Source};
 use crate::keys::ENCODED_LEN;
 use crate::state::{Change, Rejection};
-use crate::state_file::write_whole;
+use crate::state_file::{read_whole, remove_stale_temp_files, target, write_whole};
 use crate::Pool;
 
 /// The longest the service sleeps: a wall clock that was set meanwhile is followed by then.
@@ -148,12 +149,37 @@ impl Pool {
 /// What starts a file of retiring backends' keys; the number is its format.
 const KEYS_MAGIC: &[u8] = b"switchyard retiring keys 1\n";
 
+/// The largest keys file read: every backend the limits allow, each with its filter and room
+/// for its two length-prefixed fields (8 bytes, an address of at most 60 as text, an upstream
+/// name of a couple of hundred). Anything larger was not written by a previous process.
+const MAX_KEYS_BYTES: u64 = (KEYS_MAGIC.len() + MAX_BACKENDS * (ENCODED_LEN + 300)) as u64;
+
 /// Where a process hands the keys of its retiring backends to the next one at an upgrade:
 /// next to the hand-over of its state.
 pub fn keys_path(handover: &Path) -> PathBuf {
     let mut path = handover.as_os_str().to_owned();
     path.push(".keys");
     PathBuf::from(path)
+}
+
+/// At a start that takes nothing over: removes a keys file a previous process left (a
+/// SIGQUIT without a successor: stale for any later process), and the temp files of one that
+/// died writing it.
+pub fn discard_keys(handover: &Path) {
+    let path = keys_path(handover);
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            warn!("cannot remove {}: {e}", path.display())
+        }
+        _ => {}
+    }
+    remove_stale_keys_temp_files(&path);
+}
+
+fn remove_stale_keys_temp_files(path: &Path) {
+    if let Ok(target) = target(path) {
+        remove_stale_temp_files(&target);
+    }
 }
 
 impl Pool {
@@ -204,19 +230,20 @@ impl Pool {
     /// backends' users then move as if they were draining.
     pub(crate) fn take_over_keys(&self, handover: &Path) {
         let path = keys_path(handover);
-        let bytes = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        remove_stale_keys_temp_files(&path);
+        let (target, bytes) = match read_whole(&path, MAX_KEYS_BYTES) {
+            Ok(Some(read)) => read,
+            Ok(None) => return,
             Err(e) => {
                 warn!(
-                    "cannot read the retiring backends' users from {}: {e}",
+                    "cannot read the retiring backends' users from {}: {e}; their users move as if they were draining",
                     path.display()
                 );
                 return;
             }
         };
-        if let Err(e) = std::fs::remove_file(&path) {
-            warn!("cannot remove {}: {e}", path.display());
+        if let Err(e) = std::fs::remove_file(&target) {
+            warn!("cannot remove {}: {e}", target.display());
         }
         match self.take_keys(&bytes) {
             Ok(taken) => info!("{taken} retiring backends kept their users across the upgrade"),

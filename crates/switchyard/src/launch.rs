@@ -78,7 +78,7 @@ pub fn run(
     if !upgrade {
         // Left by a SIGQUIT that had no successor: stale for a process that did not take over.
         let _ = std::fs::remove_file(&handover);
-        let _ = std::fs::remove_file(switchyard_pool::retire::keys_path(&handover));
+        switchyard_pool::retire::discard_keys(&handover);
     }
     let pool = Arc::new(Pool::new(
         config,

@@ -542,6 +542,27 @@ fn a_retiring_backends_users_are_handed_over_at_an_upgrade() {
     )
     .expect("write");
     Pool::new(config(), Arc::new(Metrics::new()), Some(&handover)).expect("starts anyway");
+
+    // The temp files of a process that died writing one go at the next start, an upgrade's
+    // or not; a live writer's stay.
+    let mut child = std::process::Command::new("true").spawn().expect("true");
+    let dead = child.id();
+    child.wait().expect("wait");
+    let temp = |pid: u32| {
+        let mut name = super::keys_path(&handover).into_os_string();
+        name.push(format!(".tmp-{pid}-00ff"));
+        std::path::PathBuf::from(name)
+    };
+    for pid in [dead, 1] {
+        std::fs::write(temp(pid), b"half").expect("temp");
+    }
+    Pool::new(config(), Arc::new(Metrics::new()), Some(&handover)).expect("pool");
+    assert!(!temp(dead).exists() && temp(1).exists());
+    std::fs::write(temp(dead), b"half").expect("temp");
+    std::fs::write(super::keys_path(&handover), b"stale").expect("write");
+    super::discard_keys(&handover);
+    assert!(!temp(dead).exists() && temp(1).exists());
+    assert!(!super::keys_path(&handover).exists());
     std::fs::remove_dir_all(dir).expect("clean up");
 }
 
