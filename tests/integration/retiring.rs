@@ -260,7 +260,31 @@ fn retiring_is_refused_where_it_has_no_meaning() {
         "retire_timeout",
         "longer than 0s",
     );
+    refused(
+        &users_path,
+        r#"{"state": "retiring", "retire_timeout": "100000000h"}"#,
+        "retire_timeout",
+        "longer than the limit of 168h",
+    );
     refused(&users_path, r#"{"state": "gone"}"#, "state", "\"retiring\"");
+    refused(
+        &plain_path,
+        r#"{"state": "retiring", "retire_timeout": "0s"}"#,
+        "state",
+        "use \"draining\"",
+    );
+    refused(
+        &users_path,
+        r#"{"state": "retiring", "weight": 0}"#,
+        "weight",
+        "\"draining\"",
+    );
     // Nothing changed.
     assert_eq!(backend_view(&sy, all[0].addr)["state"], "active");
+    // A draining backend's users have moved on: it does not retire.
+    let drain = sy.api("PATCH", &users_path, Some(r#"{"state": "draining"}"#));
+    assert_eq!(drain.status, 200, "{}", drain.text());
+    let reply = sy.api("PATCH", &users_path, Some(r#"{"state": "retiring"}"#));
+    assert_eq!(reply.status, 409, "{}", reply.text());
+    assert_eq!(backend_view(&sy, all[0].addr)["state"], "draining");
 }

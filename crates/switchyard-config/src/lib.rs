@@ -200,6 +200,25 @@ pub const MAX_BACKEND_WEIGHT: u32 = 1000;
 /// Largest route split weight the contract allows.
 pub const MAX_SPLIT_WEIGHT: u32 = 10_000;
 
+/// Longest `retire_timeout`, in the file and the admin API: a week outlasts any session a
+/// backend keeps for its users, and keeps every deadline a time the state file can hold.
+pub const MAX_RETIRE_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Why `timeout` cannot be a `retire_timeout`, if it cannot.
+pub fn retire_timeout_problem(timeout: Duration) -> Option<String> {
+    if timeout.is_zero() {
+        Some("must be longer than 0s".into())
+    } else if timeout > MAX_RETIRE_TIMEOUT {
+        Some(format!(
+            "{} is longer than the limit of {} (7 days)",
+            format_duration(timeout),
+            format_duration(MAX_RETIRE_TIMEOUT)
+        ))
+    } else {
+        None
+    }
+}
+
 /// One thing wrong with a config, about one field.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {

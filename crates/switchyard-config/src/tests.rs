@@ -241,7 +241,7 @@ fn names_defined_twice_are_errors() {
 }
 
 #[test]
-fn retire_timeout_is_for_hash_rings_and_nonzero() {
+fn retire_timeout_is_for_hash_rings_nonzero_and_at_most_a_week() {
     let yaml = VALID.replace(
         "    algorithm: least_connections\n",
         "    algorithm: least_connections\n    retire_timeout: 5m\n",
@@ -257,6 +257,30 @@ fn retire_timeout_is_for_hash_rings_and_nonzero() {
     assert_eq!(
         problems(&yaml),
         vec!["upstreams.green.retire_timeout: must be longer than 0s"]
+    );
+    // A deadline a week away at most: one further off than the state file's times can hold
+    // would set the whole file aside at the next start.
+    let yaml = VALID.replace(
+        "    algorithm: least_connections\n",
+        "    algorithm: ip_hash\n    retire_timeout: 100000000h\n",
+    );
+    assert_eq!(
+        problems(&yaml),
+        vec![
+            "upstreams.green.retire_timeout: 100000000h is longer than the limit of 168h (7 days)"
+        ]
+    );
+    let yaml = VALID.replace(
+        "    algorithm: least_connections\n",
+        "    algorithm: ip_hash\n    retire_timeout: 168h\n",
+    );
+    assert_eq!(
+        Config::from_yaml(&yaml)
+            .expect("a week is allowed")
+            .upstream("green")
+            .unwrap()
+            .retire_timeout,
+        crate::MAX_RETIRE_TIMEOUT
     );
     let yaml = VALID.replace(
         "    algorithm: least_connections\n",

@@ -13,10 +13,10 @@ use crate::limits::{
 use crate::matching;
 use crate::raw::{self, Algorithm, HealthCheckType};
 use crate::{
-    format_duration, Admin, Backend, ClientLimits, Config, HealthCheck, Listener, Metrics,
-    PassiveCheck, Probe, Problem, Problems, Route, Server, SplitWeight, Timeouts, Upstream,
-    MAX_BACKEND_WEIGHT, MAX_CLIENT_CONNECTIONS, MAX_REQUEST_HEADER_BYTES, MAX_SPLIT_WEIGHT,
-    MIN_REQUEST_HEADER_BYTES,
+    format_duration, retire_timeout_problem, Admin, Backend, ClientLimits, Config, HealthCheck,
+    Listener, Metrics, PassiveCheck, Probe, Problem, Problems, Route, Server, SplitWeight,
+    Timeouts, Upstream, MAX_BACKEND_WEIGHT, MAX_CLIENT_CONNECTIONS, MAX_REQUEST_HEADER_BYTES,
+    MAX_SPLIT_WEIGHT, MIN_REQUEST_HEADER_BYTES,
 };
 
 const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
@@ -338,10 +338,13 @@ fn upstream(c: &mut Checker, name: String, raw: raw::Upstream) -> Upstream {
     };
     let retire_path = format!("{path}.retire_timeout");
     let retire_timeout = match (raw.algorithm, raw.retire_timeout) {
-        (ring, timeout) if ring.is_hash_ring() => c.nonzero(
-            &retire_path,
-            timeout.map_or(DEFAULT_RETIRE_TIMEOUT, |d| d.0),
-        ),
+        (ring, timeout) if ring.is_hash_ring() => {
+            let timeout = timeout.map_or(DEFAULT_RETIRE_TIMEOUT, |d| d.0);
+            if let Some(why) = retire_timeout_problem(timeout) {
+                c.problem(retire_path, why);
+            }
+            timeout
+        }
         (other, Some(_)) => {
             c.problem(
                 retire_path,

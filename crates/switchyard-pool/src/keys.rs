@@ -13,7 +13,8 @@
 //! one and makes it current, so a key counts as known for one to two periods after its last
 //! request. Rotation needs no lock: a request racing a rotation records into either
 //! generation, and a key asked during the clearing may be forgotten a moment early, which is
-//! what the rotation does anyway.
+//! what the rotation does anyway. The clearing writes only the words that have bits, so the
+//! filter of a backend that takes no request stays untouched memory.
 //!
 //! False positives with `n` distinct keys per generation (`f(n)` for one generation; both
 //! together `1 - (1 - f)^2`), computed for this layout and checked by the tests below:
@@ -92,7 +93,9 @@ impl KeyFilter {
     /// The backend was picked for `key`. Lock- and allocation-free; a key already recorded
     /// in this generation writes nothing.
     pub(crate) fn record(&self, key: KeyHash) {
-        let word = self.word(self.current.load(Ordering::Relaxed), key);
+        // Acquire, with the rotation's Release: a record into the generation a rotation just
+        // made current comes after that rotation's clearing, never before it (and lost).
+        let word = self.word(self.current.load(Ordering::Acquire), key);
         let mask = key.mask();
         if word.load(Ordering::Relaxed) & mask != mask {
             word.fetch_or(mask, Ordering::Relaxed);
@@ -112,16 +115,23 @@ impl KeyFilter {
     pub(crate) fn rotate_if_due(&self, now_ms: u64, period: Duration) -> Duration {
         let period_ms = u64::try_from(period.as_millis()).unwrap_or(u64::MAX).max(1);
         let since = self.since.load(Ordering::Relaxed);
-        if since != UNSTAMPED && now_ms < since.saturating_add(period_ms) {
-            return Duration::from_millis(since + period_ms - now_ms);
+        // Saturating: a period past u64 milliseconds is `u64::MAX` above.
+        let due = since.saturating_add(period_ms);
+        if since != UNSTAMPED && now_ms < due {
+            return Duration::from_millis(due - now_ms);
         }
         if since != UNSTAMPED {
             let next = self.current.load(Ordering::Relaxed).wrapping_add(1);
-            // The older generation is forgotten, then records start into it.
+            // The older generation is forgotten, then records start into it. Only words with
+            // bits are written: a store to every word would make the whole filter resident,
+            // even a backend's that never took a request (a load of untouched memory maps the
+            // shared zero page).
             for word in &self.words[(next & 1) * WORDS..][..WORDS] {
-                word.store(0, Ordering::Relaxed);
+                if word.load(Ordering::Relaxed) != 0 {
+                    word.store(0, Ordering::Relaxed);
+                }
             }
-            self.current.store(next, Ordering::Relaxed);
+            self.current.store(next, Ordering::Release);
         }
         self.since.store(now_ms, Ordering::Relaxed);
         Duration::from_millis(period_ms)
@@ -154,7 +164,7 @@ impl KeyFilter {
         }
         // Only the parity matters.
         self.current
-            .store((current & 1) as usize, Ordering::Relaxed);
+            .store((current & 1) as usize, Ordering::Release);
         self.since.store(UNSTAMPED, Ordering::Relaxed);
         Some(rest)
     }
@@ -214,6 +224,82 @@ mod tests {
         next.rotate_if_due(1_000, Duration::from_secs(1));
         assert!(!next.knows(key(1)) && next.knows(key(2)));
         assert_eq!(KeyFilter::default().decode(&bytes[..100]), None);
+    }
+
+    /// Words of generation `g` that have bits.
+    fn set_words(filter: &KeyFilter, g: usize) -> usize {
+        let words = &filter.words[(g & 1) * WORDS..][..WORDS];
+        words
+            .iter()
+            .filter(|w| w.load(Ordering::Relaxed) != 0)
+            .count()
+    }
+
+    #[test]
+    fn a_rotation_clears_the_older_generation_whole_and_leaves_an_unused_one_zero() {
+        let period = Duration::from_secs(1);
+        let filter = KeyFilter::default();
+        filter.rotate_if_due(0, period);
+        for i in 0..3000 {
+            filter.record(key(i));
+        }
+        assert!(set_words(&filter, 0) > 900, "{}", set_words(&filter, 0));
+        filter.rotate_if_due(1_000, period);
+        filter.record(key(5000));
+        assert_eq!(set_words(&filter, 1), 1);
+        filter.rotate_if_due(2_000, period);
+        assert_eq!(
+            set_words(&filter, 0),
+            0,
+            "the older generation is cleared whole"
+        );
+        assert!((0..3000).all(|i| !filter.knows(key(i))));
+        assert!(filter.knows(key(5000)));
+        // A filter nobody recorded into stays all zero through its rotations.
+        let unused = KeyFilter::default();
+        for n in 0..4 {
+            unused.rotate_if_due(n * 1_000, period);
+        }
+        assert_eq!(set_words(&unused, 0) + set_words(&unused, 1), 0);
+    }
+
+    /// Resident memory of this process, from /proc.
+    fn resident_bytes() -> usize {
+        let status = std::fs::read_to_string("/proc/self/status").expect("status");
+        let kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok());
+        kib.expect("VmRSS in kB") * 1024
+    }
+
+    #[test]
+    fn rotating_unused_filters_leaves_them_untouched_memory() {
+        let period = Duration::from_secs(1);
+        let filters: Vec<KeyFilter> = (0..4000).map(|_| KeyFilter::default()).collect();
+        let before = resident_bytes();
+        for n in 0..3 {
+            for filter in &filters {
+                filter.rotate_if_due(n * 1_000, period);
+            }
+        }
+        let grown = resident_bytes().saturating_sub(before);
+        // Up to 64 MiB if every word were written (less where the allocator had already
+        // written the memory it gave); other tests running meanwhile stay well below the bound.
+        assert!(grown < 16 << 20, "rotations made {grown} bytes resident");
+    }
+
+    #[test]
+    fn a_period_too_long_for_milliseconds_never_overflows() {
+        let filter = KeyFilter::default();
+        filter.record(key(1));
+        assert_eq!(
+            filter.rotate_if_due(5_000, Duration::MAX),
+            Duration::from_millis(u64::MAX)
+        );
+        let wait = filter.rotate_if_due(10_000, Duration::MAX);
+        assert_eq!(wait, Duration::from_millis(u64::MAX - 10_000));
+        assert!(filter.knows(key(1)));
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub mod stats;
 pub mod sticky;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -67,6 +68,10 @@ pub struct Pool {
     /// Bumped after every change of a rollout record, for the rollout engine.
     rollouts_moved: watch::Sender<u64>,
     events: Events,
+    /// Set by [`Pool::hand_over`] under the writer lock: from then on the next process ends
+    /// retiring windows, and one ended here would save this process's stale state over its
+    /// changes (Pingora keeps this one running for seconds after the hand-over).
+    handed_over: AtomicBool,
 }
 
 struct Desired {
@@ -147,6 +152,7 @@ impl Pool {
             version: watch::Sender::new(0),
             rollouts_moved: watch::Sender::new(0),
             events,
+            handed_over: AtomicBool::new(false),
         };
         if let Some(handover) = handover {
             pool.take_over_keys(handover);
@@ -208,6 +214,13 @@ impl Pool {
         even_unsaved: bool,
     ) -> Result<(), Rejection> {
         let mut desired = self.lock();
+        // Only the retire service is stopped here: the admin API refuses changes once the
+        // process is closing, and the rollout engine is stopped before the hand-over.
+        if source == Source::Retire && self.handed_over.load(Ordering::Relaxed) {
+            return Err(Rejection::Conflict(
+                "this process handed its state over to a new one, which ends retiring windows from now on".into(),
+            ));
+        }
         let current = self.current.load_full();
         let in_flight = |upstream: &str, address| {
             current
@@ -330,6 +343,8 @@ impl Pool {
     /// Records a `handed_over` event either way.
     pub fn hand_over(&self, path: &Path) -> Result<(), String> {
         let desired = self.lock();
+        // Under the writer lock, so that no retiring window ends after the state written here.
+        self.handed_over.store(true, Ordering::Relaxed);
         let result = match &self.store {
             // A state the file is behind gets one more try: the new process reads the file.
             Some(store) if desired.unsaved => store
@@ -419,6 +434,11 @@ impl Pool {
                 });
             }
         }
+    }
+
+    /// Whether [`Pool::hand_over`] ran: the next process has the state from then on.
+    pub fn is_handed_over(&self) -> bool {
+        self.handed_over.load(Ordering::Relaxed)
     }
 
     /// Follows swaps: the receiver sees a new value after each one.

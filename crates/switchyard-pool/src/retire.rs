@@ -25,31 +25,39 @@ use chrono::DateTime;
 use log::{debug, info, warn};
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
+use switchyard_config::limits::MAX_BACKENDS;
 
 use crate::events::{format_time, Source};
 use crate::keys::ENCODED_LEN;
-use crate::snapshot::Snapshot;
 use crate::state::{Change, Rejection};
-use crate::state_file::write_whole;
+use crate::state_file::{read_whole, remove_stale_temp_files, target, write_whole};
 use crate::Pool;
 
 /// The longest the service sleeps: a wall clock that was set meanwhile is followed by then.
 const MAX_WAIT: Duration = Duration::from_secs(60);
 
-/// When a retiring backend becomes draining: a wall-clock time in whole milliseconds,
-/// written in RFC 3339 (UTC) in the state file and the API.
+/// The latest deadline, 9999-12-31T23:59:59.999Z: the last time RFC 3339's four-digit years
+/// can write, so that every deadline written reads back (and formats without panicking).
+const LATEST_UNIX_MS: u64 = 253_402_300_799_999;
+
+/// When a retiring backend becomes draining: a wall-clock time in whole milliseconds from
+/// 1970 to [`LATEST_UNIX_MS`], written in RFC 3339 (UTC) in the state file and the API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Deadline {
     unix_ms: u64,
 }
 
 impl Deadline {
-    /// `timeout` after `now`.
+    /// `timeout` after `now`, or the latest deadline.
     pub fn after(now: SystemTime, timeout: Duration) -> Deadline {
         let now = now.duration_since(UNIX_EPOCH).unwrap_or_default();
         let ms = now.saturating_add(timeout).as_millis();
+        Deadline::at(u64::try_from(ms).unwrap_or(u64::MAX))
+    }
+
+    fn at(unix_ms: u64) -> Deadline {
         Deadline {
-            unix_ms: u64::try_from(ms).unwrap_or(u64::MAX),
+            unix_ms: unix_ms.min(LATEST_UNIX_MS),
         }
     }
 
@@ -85,16 +93,23 @@ impl<'de> serde::Deserialize<'de> for Deadline {
         let time = DateTime::parse_from_rfc3339(&text).map_err(|e| {
             serde::de::Error::custom(format!("until: {text:?} is not an RFC 3339 time: {e}"))
         })?;
-        let unix_ms = u64::try_from(time.timestamp_millis())
-            .map_err(|_| serde::de::Error::custom(format!("until: {text:?} is before 1970")))?;
-        Ok(Deadline { unix_ms })
+        // A time before 1970 has passed like any other (the backend drains at once); an
+        // offset can carry one past the latest deadline, which is then where it ends. Neither
+        // is worth setting the whole state file aside for.
+        Ok(Deadline::at(
+            u64::try_from(time.timestamp_millis()).unwrap_or_default(),
+        ))
     }
 }
 
 impl Pool {
     /// Ends every retiring window due at `now`: its backend becomes draining (source
-    /// `retire`). Returns the first deadline still to come.
+    /// `retire`). Returns the first deadline still to come; none once the state is handed
+    /// over at an upgrade (the next process ends them).
     pub fn end_due_retirements(&self, now: SystemTime) -> Option<Deadline> {
+        if self.is_handed_over() {
+            return None;
+        }
         let snapshot = self.snapshot();
         let mut next = None;
         for upstream in &snapshot.upstreams {
@@ -114,7 +129,7 @@ impl Pool {
                 match self.apply(&change, Source::Retire) {
                     Ok(()) => {}
                     // An admin change came first (the backend is no longer retiring, or to
-                    // another deadline): it decides.
+                    // another deadline): it decides. Or the state was just handed over.
                     Err(Rejection::Conflict(why) | Rejection::NotFound(why)) => {
                         debug!("retire: {why}")
                     }
@@ -134,12 +149,37 @@ impl Pool {
 /// What starts a file of retiring backends' keys; the number is its format.
 const KEYS_MAGIC: &[u8] = b"switchyard retiring keys 1\n";
 
+/// The largest keys file read: every backend the limits allow, each with its filter and room
+/// for its two length-prefixed fields (8 bytes, an address of at most 60 as text, an upstream
+/// name of a couple of hundred). Anything larger was not written by a previous process.
+const MAX_KEYS_BYTES: u64 = (KEYS_MAGIC.len() + MAX_BACKENDS * (ENCODED_LEN + 300)) as u64;
+
 /// Where a process hands the keys of its retiring backends to the next one at an upgrade:
 /// next to the hand-over of its state.
 pub fn keys_path(handover: &Path) -> PathBuf {
     let mut path = handover.as_os_str().to_owned();
     path.push(".keys");
     PathBuf::from(path)
+}
+
+/// At a start that takes nothing over: removes a keys file a previous process left (a
+/// SIGQUIT without a successor: stale for any later process), and the temp files of one that
+/// died writing it.
+pub fn discard_keys(handover: &Path) {
+    let path = keys_path(handover);
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            warn!("cannot remove {}: {e}", path.display())
+        }
+        _ => {}
+    }
+    remove_stale_keys_temp_files(&path);
+}
+
+fn remove_stale_keys_temp_files(path: &Path) {
+    if let Ok(target) = target(path) {
+        remove_stale_temp_files(&target);
+    }
 }
 
 impl Pool {
@@ -190,19 +230,20 @@ impl Pool {
     /// backends' users then move as if they were draining.
     pub(crate) fn take_over_keys(&self, handover: &Path) {
         let path = keys_path(handover);
-        let bytes = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        remove_stale_keys_temp_files(&path);
+        let (target, bytes) = match read_whole(&path, MAX_KEYS_BYTES) {
+            Ok(Some(read)) => read,
+            Ok(None) => return,
             Err(e) => {
                 warn!(
-                    "cannot read the retiring backends' users from {}: {e}",
+                    "cannot read the retiring backends' users from {}: {e}; their users move as if they were draining",
                     path.display()
                 );
                 return;
             }
         };
-        if let Err(e) = std::fs::remove_file(&path) {
-            warn!("cannot remove {}: {e}", path.display());
+        if let Err(e) = std::fs::remove_file(&target) {
+            warn!("cannot remove {}: {e}", target.display());
         }
         match self.take_keys(&bytes) {
             Ok(taken) => info!("{taken} retiring backends kept their users across the upgrade"),
@@ -256,23 +297,30 @@ fn field(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
     rest.split_at_checked(len)
 }
 
-/// Rotates the key filters of every ring backend that is not retiring, at `now_ms` of the
-/// service's monotonic clock. Returns how long until the next rotation, if any filter has one.
-fn rotate_filters(snapshot: &Snapshot, now_ms: u64) -> Option<Duration> {
-    let mut next: Option<Duration> = None;
-    for upstream in &snapshot.upstreams {
-        for backend in &upstream.backends {
-            let Some(keys) = &backend.keys else {
-                continue;
-            };
-            if backend.state.retiring_until().is_some() {
-                continue;
+impl Pool {
+    /// Rotates the key filters of every ring backend that is not retiring, at `now_ms` of the
+    /// service's monotonic clock. Returns how long until the next rotation, if any filter has
+    /// one. Under the writer lock, with the snapshot current under it: a backend that starts
+    /// to retire meanwhile must not lose half its users to a rotation that had not seen it.
+    /// Requests never take the lock; a change waits for at most one pass over the filters.
+    fn rotate_filters(&self, now_ms: u64) -> Option<Duration> {
+        let _desired = self.lock();
+        let snapshot = self.current.load();
+        let mut next: Option<Duration> = None;
+        for upstream in &snapshot.upstreams {
+            for backend in &upstream.backends {
+                let Some(keys) = &backend.keys else {
+                    continue;
+                };
+                if backend.state.retiring_until().is_some() {
+                    continue;
+                }
+                let due = keys.rotate_if_due(now_ms, upstream.retire_timeout);
+                next = Some(next.map_or(due, |n| n.min(due)));
             }
-            let due = keys.rotate_if_due(now_ms, upstream.retire_timeout);
-            next = Some(next.map_or(due, |n| n.min(due)));
         }
+        next
     }
-    next
 }
 
 /// The background service that rotates key filters and ends retiring windows.
@@ -292,10 +340,14 @@ impl BackgroundService for Retirement {
         let clock = tokio::time::Instant::now();
         let mut changes = self.pool.subscribe();
         loop {
+            // Handed over at an upgrade: the next process's service has taken over.
+            if self.pool.is_handed_over() {
+                return;
+            }
             let now = SystemTime::now();
             let deadline = self.pool.end_due_retirements(now);
             let now_ms = u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
-            let rotation = rotate_filters(&self.pool.snapshot(), now_ms);
+            let rotation = self.pool.rotate_filters(now_ms);
             let wait = [rotation, deadline.map(|d| d.remaining(now))]
                 .into_iter()
                 .flatten()

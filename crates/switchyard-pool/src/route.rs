@@ -65,9 +65,13 @@ struct StickyPick {
     issues: Option<Box<str>>,
     /// Every upstream of the split by weight; a key's first choice.
     layout: Layout,
-    /// Only the upstreams that had an available backend at build time: where the users of
-    /// one that had none go.
+    /// Only the upstreams that had an available backend at build time (a retiring one counts):
+    /// where the users of one that had none go.
     available: Layout,
+    /// Only the upstreams that had a backend for new users at build time: where a new user
+    /// goes whose upstream by the layouts above has only retiring backends, which do not know
+    /// it. Without them it is where their users go once they are gone, so it moves no more.
+    open: Layout,
 }
 
 /// A running rollout's match steps on a route: a request that matches one of them goes to
@@ -145,6 +149,11 @@ impl Route {
             .copied()
             .filter(|&(u, _)| upstreams[u].has_available())
             .collect();
+        let open: Vec<(usize, u32)> = available
+            .iter()
+            .copied()
+            .filter(|&(u, _)| upstreams[u].takes_new_keys())
+            .collect();
         let sticky_pick = spec.sticky.as_ref().and_then(|sticky| {
             Some(StickyPick {
                 key: KeyField::new(&sticky.key)?,
@@ -154,6 +163,7 @@ impl Route {
                 },
                 layout: Layout::new(sticky_order(&spec.split, spec.rollout_pair)),
                 available: Layout::new(sticky_order(&available, spec.rollout_pair)),
+                open: Layout::new(sticky_order(&open, spec.rollout_pair)),
             })
         });
         Route {
@@ -304,9 +314,10 @@ fn sticky_order(split: &[(usize, u32)], rollout: Option<(usize, usize)>) -> Vec<
     order
 }
 
-/// The key's upstream by the split's weights, or, when it has no backend to give, its upstream
-/// among those that had one at build time. `None`: neither could give one (the smooth split
-/// then tries every upstream).
+/// The key's upstream by the split's weights; when it has no backend to give, its upstream
+/// among those that had one at build time; when that has none for it either (its backends
+/// retire, and none knows the key), its upstream among those that take new users. `None`: none
+/// could give one (the smooth split then tries every upstream).
 fn pick_sticky(
     upstreams: &[Upstream],
     sticky: &StickyPick,
@@ -319,15 +330,22 @@ fn pick_sticky(
             .pick_backend(request, None)
             .map(|backend| (upstream, backend))
     };
-    from(first).or_else(|| {
-        let next = sticky.available.owner(point)?;
-        (next != first).then(|| from(next)).flatten()
-    })
+    if let Some(pick) = from(first) {
+        return Some(pick);
+    }
+    let available = sticky.available.owner(point);
+    if let Some(pick) = available.filter(|&u| u != first).and_then(from) {
+        return Some(pick);
+    }
+    let open = sticky.open.owner(point)?;
+    (open != first && Some(open) != available)
+        .then(|| from(open))
+        .flatten()
 }
 
 #[cfg(test)]
 mod tests {
-    use std::net::{IpAddr, Ipv4Addr};
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
     use http::{HeaderMap, HeaderValue, Method};
     use switchyard_config::Config;
@@ -450,6 +468,59 @@ mod tests {
             assert_eq!(now.routing, Routing::Sticky);
             if before.upstream == 0 {
                 assert_eq!(now.upstream, 0);
+            }
+        }
+    }
+
+    #[test]
+    fn an_upstream_whose_backends_all_retire_keeps_its_users_and_places_new_ones_by_key() {
+        let yaml = STICKY.replace(
+            "split: {blue: 50, green: 50}",
+            "split: {blue: 30, green: 30, hashed: 40}",
+        );
+        let config = Config::from_yaml(&yaml.replace("WEIGHT", "1")).unwrap();
+        let metrics = Metrics::new();
+        let before = Snapshot::build(&config, &RuntimeState::default(), &metrics, None);
+        let users: Vec<String> = (0..300).map(|i| format!("user-{i}")).collect();
+        let placed: Vec<Pick> = users
+            .iter()
+            .map(|u| pick(&before, "/web", Some(u), 1))
+            .collect();
+        let hashed = 2;
+        assert!(placed.iter().filter(|p| p.upstream == hashed).count() > 60);
+        let mut state = RuntimeState::default();
+        for port in [9101, 9102, 9103] {
+            let retire = crate::Change::RetireBackend {
+                upstream: "hashed".into(),
+                address: SocketAddr::from(([127, 0, 0, 1], port)),
+                weight: None,
+                timeout: None,
+            };
+            state = state.with_change(&config, &retire, |_, _| 0).unwrap();
+        }
+        let retiring = Snapshot::build(&config, &state, &metrics, Some(&before));
+        assert!(retiring.upstreams[hashed].has_available());
+        assert!(!retiring.upstreams[hashed].takes_new_keys());
+        // Its users stay on their backends, by their sticky key.
+        for (user, was) in users.iter().zip(&placed) {
+            let now = pick(&retiring, "/web", Some(user), 1);
+            assert_eq!(
+                (now.upstream, now.backend),
+                (was.upstream, was.backend),
+                "{user}"
+            );
+            assert_eq!(now.routing, Routing::Sticky);
+        }
+        // New users it would have had go by their key to the upstreams that take new users,
+        // the same one every time, never by the smooth split.
+        for i in 1000..1300 {
+            let user = format!("new-{i}");
+            let first = pick(&retiring, "/web", Some(&user), 1);
+            assert_eq!(first.routing, Routing::Sticky, "{user}");
+            assert_ne!(first.upstream, hashed, "{user}");
+            for client in 2..5 {
+                let again = pick(&retiring, "/web", Some(&user), client);
+                assert_eq!(again.upstream, first.upstream, "{user}");
             }
         }
     }

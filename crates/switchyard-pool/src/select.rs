@@ -148,17 +148,14 @@ impl Selector {
                     .take(RING_WALK_LIMIT)
                     .filter_map(|addr| index_of(index, addr))
                     .filter(|&i| usable(i));
-                // The key's first owner, as before any backend retired. A retiring one
-                // serves the keys it has; past it, retiring backends' points are skipped,
-                // which is the ring without them: a new key goes where it will stay, and
-                // no other backend's key moves.
+                // The first backend clockwise that takes new keys or, retiring, has this one:
+                // the ring without the retiring backends that do not know the key. A new key
+                // goes where it will stay, no other backend's key moves, and a key that moved
+                // past one retiring backend to the next stays there when that one retires too.
                 let retiring = |i: usize| backends[i].state.retiring_until().is_some();
-                match walk.next() {
-                    Some(i) if !retiring(i) || keeps(i) => Some(i),
-                    Some(_) => walk.find(|&i| !retiring(i)),
-                    None => None,
-                }
-                .or_else(|| (0..backends.len()).find(|&i| backends[i].takes_traffic() && usable(i)))
+                walk.find(|&i| !retiring(i) || keeps(i)).or_else(|| {
+                    (0..backends.len()).find(|&i| backends[i].takes_traffic() && usable(i))
+                })
             }
         }
     }

@@ -146,6 +146,9 @@ pub struct Upstream {
     /// `ip_hash`: what weights are divided by for ring units, from the config file's weights.
     ring_divisor: u32,
     selector: Selector,
+    /// Whether a backend could take a new key at build time (active, weight > 0, healthy):
+    /// a ring whose backends all retire serves only the users they have.
+    takes_new_keys: bool,
     /// Selection state shared by all threads and kept across snapshots.
     selection: Arc<Shared>,
 }
@@ -170,6 +173,7 @@ impl Upstream {
         // A ring keeps its retiring backends' points, so that their users' keys still find
         // them first; new keys pass them by (see `Selector::pick`).
         let ring = algorithm.is_hash_ring();
+        let takes_new_keys = backends.iter().any(Backend::available);
         let available: Vec<usize> = (0..backends.len())
             .filter(|&i| backends[i].available() || (ring && backends[i].keeps_users()))
             .collect();
@@ -183,6 +187,7 @@ impl Upstream {
         Upstream {
             selector: Selector::build(algorithm, &backends, &weights, available, ring_divisor),
             ring_divisor,
+            takes_new_keys,
             slow_start,
             hash_field: hash_on.as_ref().and_then(KeyField::new),
             hash_on,
@@ -220,6 +225,12 @@ impl Upstream {
     /// retiring backend counts: it takes its users' requests).
     pub fn has_available(&self) -> bool {
         !self.selector.is_empty()
+    }
+
+    /// Whether a backend could take a request of a new user when this snapshot was built:
+    /// [`Upstream::has_available`] without the retiring backends, which take only their own.
+    pub fn takes_new_keys(&self) -> bool {
+        self.takes_new_keys
     }
 
     /// Picks a backend for a new request; `exclude` is a backend that just failed. On a ring,

@@ -15,7 +15,7 @@ use switchyard_config::limits::{
     backend_address_problem, MAX_BACKENDS, MAX_BACKENDS_PER_UPSTREAM, MAX_ROUTE_BACKEND_PAIRS,
     MAX_ROUTE_UPSTREAM_PAIRS,
 };
-use switchyard_config::{Config, MAX_BACKEND_WEIGHT, MAX_SPLIT_WEIGHT};
+use switchyard_config::{retire_timeout_problem, Config, MAX_BACKEND_WEIGHT, MAX_SPLIT_WEIGHT};
 
 use crate::events::{Draft, Source};
 use crate::retire::Deadline;
@@ -24,11 +24,12 @@ use crate::snapshot::BackendState;
 use switchyard_config::rollout::RolloutSpec;
 
 /// The state file's format: 1 had no rollouts (and no `format` field); 2 added them; 3 added
-/// match steps to their specs and retiring backends. A file is written in the oldest format
+/// match steps to their specs; 4 retiring backends. A file is written in the oldest format
 /// that holds what it has, so a binary from before a feature still reads a state that does
 /// not use it. A file of a newer format than this binary knows is refused at start, never set
-/// aside as corrupt.
-pub const STATE_FORMAT: u32 = 3;
+/// aside as corrupt: a binary of format 3 refuses a file with a retiring backend instead of
+/// taking it for corrupt (it has no `retiring` state) and starting without the file.
+pub const STATE_FORMAT: u32 = 4;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -59,10 +60,14 @@ impl RuntimeState {
             .rollouts
             .values()
             .any(|r| r.spec.steps.iter().any(|s| s.matching().is_some()));
-        match (self.rollouts.is_empty(), match_steps || self.has_retiring()) {
-            (_, true) => 3,
-            (true, false) => 1,
-            (false, false) => 2,
+        if self.has_retiring() {
+            4
+        } else if match_steps {
+            3
+        } else if self.rollouts.is_empty() {
+            1
+        } else {
+            2
         }
     }
 }
@@ -326,13 +331,17 @@ impl RuntimeState {
                 timeout,
             } => {
                 self.backend(config, upstream, *address)?;
+                // Before the timeout: on an upstream without keys no timeout is right.
+                if let Some(up) = config.upstream(upstream) {
+                    check_ring(upstream, up)?;
+                }
                 let timeout = match (timeout, config.upstream(upstream)) {
-                    (Some(t), _) if t.is_zero() => {
-                        return Err(Rejection::Invalid(
-                            "retire_timeout: must be longer than 0s".into(),
-                        ))
-                    }
-                    (Some(t), _) => *t,
+                    (Some(t), _) => match retire_timeout_problem(*t) {
+                        Some(why) => {
+                            return Err(Rejection::Invalid(format!("retire_timeout: {why}")))
+                        }
+                        None => *t,
+                    },
                     (None, Some(u)) => u.retire_timeout,
                     (None, None) => return Err(no_upstream(upstream)),
                 };
@@ -461,10 +470,27 @@ impl RuntimeState {
         let Some(up) = config.upstream(upstream) else {
             return Err(no_upstream(upstream));
         };
-        if state.is_some_and(|s| s.retiring_until().is_some()) && !up.algorithm.is_hash_ring() {
-            return Err(Rejection::Invalid(format!(
-                "state: \"retiring\" keeps the users (hash keys) a backend has, for upstreams with algorithm ip_hash or hash; upstream {upstream:?} is {}, which has no key to keep: use \"draining\"",
-                up.algorithm.as_str()
+        let current = self.backend(config, upstream, address)?;
+        let retiring = state.unwrap_or(current.state).retiring_until().is_some();
+        if retiring {
+            check_ring(upstream, up)?;
+            if weight.unwrap_or(current.weight) == 0 {
+                return Err(Rejection::Invalid(
+                    "weight: a retiring backend with weight 0 would serve none of its users; give it a weight above 0, or set \"state\": \"draining\" to move them now".into(),
+                ));
+            }
+        }
+        // A draining or disabled backend's users have moved on already, but its filter still
+        // names them: retiring it would take them back until the deadline, then move them again.
+        if state.is_some_and(|s| s.retiring_until().is_some())
+            && matches!(
+                current.state,
+                BackendState::Draining | BackendState::Disabled
+            )
+        {
+            return Err(Rejection::Conflict(format!(
+                "backend {address} is {}: its users have moved to other backends already, and retiring it would call some of them back; only an active (or retiring) backend can retire",
+                current.state.as_str()
             )));
         }
         let changes = self.upstreams.entry(upstream.to_string()).or_default();
@@ -487,7 +513,7 @@ impl RuntimeState {
         Ok(())
     }
 
-    /// Whether a backend is retiring: the state file is then written in format 3.
+    /// Whether a backend is retiring: the state file is then written in format 4.
     pub(crate) fn has_retiring(&self) -> bool {
         self.upstreams.values().any(|c| {
             c.changed
@@ -849,6 +875,17 @@ fn fit_retiring(
         }
         other => other,
     }
+}
+
+/// Refuses `retiring` on an upstream that hashes no key.
+fn check_ring(name: &str, upstream: &switchyard_config::Upstream) -> Result<(), Rejection> {
+    if upstream.algorithm.is_hash_ring() {
+        return Ok(());
+    }
+    Err(Rejection::Invalid(format!(
+        "state: \"retiring\" keeps the users (hash keys) a backend has, for upstreams with algorithm ip_hash or hash; upstream {name:?} is {}, which has no key to keep: use \"draining\"",
+        upstream.algorithm.as_str()
+    )))
 }
 
 fn no_upstream(upstream: &str) -> Rejection {

@@ -19,7 +19,7 @@
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::hash::{BuildHasher, RandomState};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -116,9 +116,9 @@ impl StateFile {
         };
         let target = target(&self.path).map_err(|e| fail("follow symbolic link", e))?;
         let mut value = serde_json::to_value(state).map_err(|e| e.to_string())?;
-        // In the oldest format that holds the state: without rollouts and retiring backends
-        // format 1 (no `format` field), which the binaries from before rollouts read, so a
-        // downgrade keeps splits and drains; without match steps and retiring backends 2.
+        // In the oldest format that holds the state (see `STATE_FORMAT`): without rollouts and
+        // retiring backends format 1 (no `format` field), which the binaries from before
+        // rollouts read, so a downgrade keeps splits and drains.
         if let Some(fields) = value.as_object_mut() {
             match state.oldest_format() {
                 1 => drop(fields.remove("format")),
@@ -156,18 +156,70 @@ impl StateFile {
     }
 }
 
-/// Writes `bytes` to `path` whole or not at all (temp file created exclusively, fsync, rename),
-/// for the other files one process hands the next.
+/// Writes `bytes` to `path` whole or not at all, as a save writes the state file (its links
+/// followed as `target` allows, temp file created exclusively, fsync, rename, fsync of the
+/// directory), for the other files one process hands the next.
 pub(crate) fn write_whole(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let (temp, mut file) = create_temp(path)?;
+    let target = target(path)?;
+    let (temp, mut file) = create_temp(&target)?;
     let written = file
         .write_all(bytes)
         .and_then(|()| file.sync_all())
-        .and_then(|()| fs::rename(&temp, path));
+        .and_then(|()| fs::rename(&temp, &target));
     if written.is_err() {
         let _ = fs::remove_file(&temp);
+        return written;
     }
-    written
+    // In place already: a failed sync only weakens durability across a power cut.
+    if let Err(e) = File::open(directory(&target)).and_then(|d| d.sync_all()) {
+        warn!("cannot sync the directory of {}: {e}", target.display());
+    }
+    Ok(())
+}
+
+/// Reads what [`write_whole`] wrote at `path`, if anything: the target it read (to remove
+/// once taken) and at most `max` bytes of it (a larger file is an error, not read whole).
+/// Only a regular file of this user or root, reached through the links `target` allows and
+/// opened without following a link put in their place meanwhile: a file planted in a shared
+/// directory, a device or a FIFO (which would block the start) is refused.
+pub(crate) fn read_whole(path: &Path, max: u64) -> io::Result<Option<(PathBuf, Vec<u8>)>> {
+    let target = target(path)?;
+    let file = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&target)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let meta = file.metadata()?;
+    let euid = effective_uid();
+    if !meta.is_file() {
+        return Err(io::Error::other(format!(
+            "{} is not a regular file",
+            target.display()
+        )));
+    }
+    if meta.uid() != euid && meta.uid() != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is owned by uid {}, not by this process's uid {euid} or root; refusing to read it",
+                target.display(),
+                meta.uid()
+            ),
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.take(max.saturating_add(1)).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is larger than {max} bytes", target.display()),
+        ));
+    }
+    Ok(Some((target, bytes)))
 }
 
 /// The format of a state file newer than [`STATE_FORMAT`], read before the rest, whose fields
@@ -183,7 +235,7 @@ fn newer_format(text: &[u8]) -> Option<u32> {
 
 /// Where reads and writes of `path` go: its last component's links followed to the end (the
 /// last one may dangle: a save creates its target).
-fn target(path: &Path) -> io::Result<PathBuf> {
+pub(crate) fn target(path: &Path) -> io::Result<PathBuf> {
     let euid = effective_uid();
     let mut current = path.to_path_buf();
     for _ in 0..MAX_LINKS {
@@ -270,7 +322,7 @@ fn create_temp(target: &Path) -> io::Result<(PathBuf, File)> {
 }
 
 /// Removes `target`'s temp files whose writer is no longer running (killed mid-save).
-fn remove_stale_temp_files(target: &Path) {
+pub(crate) fn remove_stale_temp_files(target: &Path) {
     let (Some(prefix), Ok(entries)) = (temp_prefix(target), fs::read_dir(directory(target))) else {
         return;
     };
@@ -448,6 +500,35 @@ mod tests {
     }
 
     #[test]
+    fn a_handed_file_is_read_only_when_regular_ours_and_small_enough() {
+        let dir = temp_dir("read-whole");
+        let path = dir.join("upgrade.sock.state.json.keys");
+        assert!(read_whole(&path, 10).expect("none yet").is_none());
+        write_whole(&path, b"0123456789").expect("written");
+        let (read, bytes) = read_whole(&path, 10).expect("read").expect("there");
+        assert_eq!((read, &bytes[..]), (path.clone(), &b"0123456789"[..]));
+        let too_large = read_whole(&path, 9).unwrap_err();
+        assert_eq!(too_large.kind(), io::ErrorKind::InvalidData, "{too_large}");
+        // A link of this user's is followed to its target, which a write keeps a link.
+        fs::rename(&path, dir.join("real")).expect("move");
+        symlink("real", &path).expect("link");
+        write_whole(&path, b"again").expect("written through the link");
+        assert!(fs::symlink_metadata(&path)
+            .expect("link")
+            .file_type()
+            .is_symlink());
+        let (read, bytes) = read_whole(&path, 10).expect("read").expect("there");
+        assert_eq!((read, &bytes[..]), (dir.join("real"), &b"again"[..]));
+        // A FIFO would block a plain open until someone writes to it.
+        fs::remove_file(&path).expect("unlink");
+        let made = std::process::Command::new("mkfifo").arg(&path).status();
+        assert!(made.expect("mkfifo").success());
+        let fifo = read_whole(&path, 10).unwrap_err();
+        assert!(fifo.to_string().contains("not a regular file"), "{fifo}");
+        fs::remove_dir_all(dir).expect("clean up");
+    }
+
+    #[test]
     fn an_existing_file_keeps_its_mode() {
         let dir = temp_dir("mode");
         let path = dir.join("state.json");
@@ -551,6 +632,29 @@ mod tests {
             let back = file.load().expect("load");
             assert_eq!((back.format, &back.rollouts), (want, &state.rollouts));
         }
+        // A retiring backend is format 4: format 3 already meant match steps, and its
+        // binaries would take a `retiring` state for corruption and set the file aside.
+        let mut retiring = RuntimeState::default();
+        let deadline =
+            crate::Deadline::after(SystemTime::now(), std::time::Duration::from_secs(60));
+        retiring
+            .upstreams
+            .entry("blue".into())
+            .or_default()
+            .changed
+            .insert(
+                "127.0.0.1:9001".parse().expect("address"),
+                crate::state::BackendChange {
+                    state: Some(crate::BackendState::Retiring { until: deadline }),
+                    ..Default::default()
+                },
+            );
+        file.save(&retiring).expect("save");
+        let text = fs::read_to_string(&path).expect("read");
+        assert!(text.contains("\"format\": 4"), "{text}");
+        let back = file.load().expect("load");
+        assert_eq!((back.format, &back.upstreams), (4, &retiring.upstreams));
+        assert_eq!(STATE_FORMAT, 4);
         // A newer format is refused, named, and left where it is.
         let newer = format!(
             r#"{{"format": {}, "splits": {{}}, "shiny": true}}"#,

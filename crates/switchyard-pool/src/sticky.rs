@@ -14,7 +14,9 @@
 //! asks for cannot tile the possible splits (docs/configuration.md says what moves when).
 //!
 //! An upstream with no available backend is skipped for its users: they are placed by the
-//! same points over the upstreams that are available, and come back when it does.
+//! same points over the upstreams that are available, and come back when it does. One whose
+//! backends all retire keeps the users they know, and its new users are placed the same way
+//! over the upstreams that take new users ([`crate::route`]).
 
 use xxhash_rust::xxh3::xxh3_64;
 

@@ -78,7 +78,7 @@ pub fn run(
     if !upgrade {
         // Left by a SIGQUIT that had no successor: stale for a process that did not take over.
         let _ = std::fs::remove_file(&handover);
-        let _ = std::fs::remove_file(switchyard_pool::retire::keys_path(&handover));
+        switchyard_pool::retire::discard_keys(&handover);
     }
     let pool = Arc::new(Pool::new(
         config,
@@ -189,7 +189,8 @@ pub fn run(
     };
     let hand_over = move || {
         // Before the state goes: two processes must never drive one rollout, and the state
-        // handed over must be the engine's last word.
+        // handed over must be the engine's last word. The pool's hand-over stops the ending
+        // of retiring windows itself, for the same reason.
         engine.stop();
         if let Err(e) = pool.hand_over(&handover) {
             log::error!("runtime state not handed over: {e}");

@@ -175,6 +175,30 @@ fn users_of_a_retiring_backend_stay_new_ones_avoid_it_and_no_one_else_moves() {
 }
 
 #[test]
+fn a_user_that_moved_past_one_retiring_backend_stays_when_the_next_one_retires() {
+    let full_ring = picks(&pool(), 10_000..10_600);
+    let pool = pool();
+    pool.apply(&retire(9001, None), Source::Api)
+        .expect("retire 9001");
+    // New users whose key finds 9001 first go past it; some to 9002, which records them.
+    let on_9002 = picks(&pool, 10_000..10_600);
+    let past_9001: Vec<u32> = (10_000..10_600)
+        .filter(|id| full_ring[id] == 9001 && on_9002[id] == 9002)
+        .collect();
+    assert!(
+        past_9001.len() > 20,
+        "{} users went past 9001 to 9002",
+        past_9001.len()
+    );
+    pool.apply(&retire(9002, None), Source::Api)
+        .expect("retire 9002");
+    // Both retire: each keeps its users, 9002 those that came past 9001 too.
+    assert_eq!(picks(&pool, 10_000..10_600), on_9002);
+    // Users neither has go to the one backend left.
+    assert!(picks(&pool, 20_000..20_200).values().all(|&p| p == 9003));
+}
+
+#[test]
 fn a_retiring_backend_that_fails_loses_its_users() {
     let pool = pool();
     let old = picks(&pool, 0..200);
@@ -200,7 +224,7 @@ fn a_retiring_backend_that_fails_loses_its_users() {
 }
 
 #[test]
-fn retiring_is_refused_where_there_is_no_key_and_ends_only_as_set() {
+fn retiring_is_refused_without_a_key_a_weight_or_from_draining_and_ends_only_as_set() {
     let pool = pool();
     let plain = Change::RetireBackend {
         upstream: "plain".into(),
@@ -224,10 +248,70 @@ fn retiring_is_refused_where_there_is_no_key_and_ends_only_as_set() {
             "retire_timeout: must be longer than 0s".into()
         ))
     );
+    // Nor past a week: a deadline must be a time the state file can hold.
+    let too_long = Duration::from_secs(100_000_000 * 3600);
+    assert_eq!(
+        pool.apply(&retire(9001, Some(too_long)), Source::Api),
+        Err(Rejection::Invalid(
+            "retire_timeout: 100000000h is longer than the limit of 168h (7 days)".into()
+        ))
+    );
+    assert_eq!(state_of(&pool, 9001), BackendState::Active);
+
+    // The algorithm decides first: no timeout is right where there is no key.
+    let plain_zero = Change::RetireBackend {
+        upstream: "plain".into(),
+        address: addr(9101),
+        weight: None,
+        timeout: Some(Duration::ZERO),
+    };
+    match pool.apply(&plain_zero, Source::Api) {
+        Err(Rejection::Invalid(why)) => assert!(why.contains("use \"draining\""), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    // Weight 0 would serve none of its users: that is draining, said so.
+    let weightless = Change::RetireBackend {
+        upstream: "users".into(),
+        address: addr(9001),
+        weight: Some(0),
+        timeout: None,
+    };
+    match pool.apply(&weightless, Source::Api) {
+        Err(Rejection::Invalid(why)) => {
+            assert!(
+                why.starts_with("weight: ") && why.contains("\"draining\""),
+                "{why}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    // A draining or disabled backend's users have moved away: retiring would call them back.
+    for state in [BackendState::Draining, BackendState::Disabled] {
+        pool.apply(&set_state(9003, state), Source::Api)
+            .expect("set");
+        match pool.apply(&retire(9003, None), Source::Api) {
+            Err(Rejection::Conflict(why)) => {
+                assert!(why.contains(&format!("is {}", state.as_str())), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(state_of(&pool, 9003), state);
+    }
 
     pool.apply(&retire(9001, Some(Duration::from_secs(5))), Source::Api)
         .expect("retire");
     let until = state_of(&pool, 9001).retiring_until().expect("retiring");
+    // Nor can a retiring backend's weight go to 0.
+    let zero = Change::UpdateBackend {
+        upstream: "users".into(),
+        address: addr(9001),
+        weight: Some(0),
+        state: None,
+    };
+    assert!(matches!(
+        pool.apply(&zero, Source::Api),
+        Err(Rejection::Invalid(why)) if why.starts_with("weight: ")
+    ));
     let remove = Change::RemoveBackend {
         upstream: "users".into(),
         address: addr(9001),
@@ -279,7 +363,7 @@ fn a_saved_retiring_backend_survives_a_restart_and_a_file_that_stopped_hashing()
 
     let text = std::fs::read_to_string(&path).expect("saved");
     let saved: serde_json::Value = serde_json::from_str(&text).expect("json");
-    assert_eq!(saved["format"], 3, "{text}");
+    assert_eq!(saved["format"], 4, "{text}");
     assert_eq!(
         saved["upstreams"]["users"]["changed"]["127.0.0.1:9003"]["state"],
         serde_json::json!({"retiring": {"until": until.to_string()}})
@@ -340,6 +424,57 @@ fn deadlines_are_whole_milliseconds_in_rfc3339() {
     assert_eq!(deadline.remaining(at), Duration::from_nanos(1_999_543_211));
     assert_eq!(deadline.remaining(deadline.time()), Duration::ZERO);
     assert!(serde_json::from_value::<Deadline>("tomorrow".into()).is_err());
+
+    // However far off, a deadline formats, and what it writes reads back.
+    let latest = Deadline::after(SystemTime::now(), Duration::MAX);
+    assert_eq!(latest.to_string(), "9999-12-31T23:59:59.999Z");
+    let json = serde_json::to_value(latest).expect("json");
+    assert_eq!(
+        serde_json::from_value::<Deadline>(json).expect("reads back"),
+        latest
+    );
+    let past_it = serde_json::json!("9999-12-31T23:59:59-23:59");
+    assert_eq!(
+        serde_json::from_value::<Deadline>(past_it).expect("reads"),
+        latest
+    );
+    let before_1970 = serde_json::json!("1960-01-01T00:00:00Z");
+    let passed = serde_json::from_value::<Deadline>(before_1970).expect("reads");
+    assert_eq!(passed.time(), SystemTime::UNIX_EPOCH);
+}
+
+#[test]
+fn a_state_file_with_absurd_deadlines_loads_and_ends_the_passed_one() {
+    let dir = std::env::temp_dir().join(format!("switchyard-retire-absurd-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("state.json");
+    std::fs::write(
+        &path,
+        r#"{"format": 4, "upstreams": {"users": {"changed": {
+            "127.0.0.1:9001": {"state": {"retiring": {"until": "9999-12-31T23:59:59-23:59"}}},
+            "127.0.0.1:9002": {"state": {"retiring": {"until": "1960-01-01T00:00:00Z"}}}}}}}"#,
+    )
+    .expect("write");
+    let mut with_file = config();
+    with_file.state_file = Some(path.clone());
+    let pool = Pool::new(with_file.clone(), Arc::new(Metrics::new()), None).expect("pool");
+    let latest = Deadline::after(SystemTime::now(), Duration::MAX);
+    assert_eq!(
+        state_of(&pool, 9001),
+        BackendState::Retiring { until: latest }
+    );
+    assert!(state_of(&pool, 9002).retiring_until().is_some());
+    assert_eq!(pool.end_due_retirements(SystemTime::now()), Some(latest));
+    assert_eq!(state_of(&pool, 9002), BackendState::Draining);
+    // What the change saved reads back whole at the next start.
+    let restarted = Pool::new(with_file, Arc::new(Metrics::new()), None).expect("pool");
+    assert_eq!(
+        state_of(&restarted, 9001),
+        BackendState::Retiring { until: latest }
+    );
+    assert_eq!(state_of(&restarted, 9002), BackendState::Draining);
+    std::fs::remove_dir_all(dir).expect("clean up");
 }
 
 #[test]
@@ -347,21 +482,21 @@ fn filters_rotate_each_retire_timeout_except_a_retiring_backends() {
     let pool = pool();
     let period = Duration::from_secs(600);
     // The first pass starts every filter's clock.
-    assert_eq!(super::rotate_filters(&pool.snapshot(), 0), Some(period));
+    assert_eq!(pool.rotate_filters(0), Some(period));
     let old = picks(&pool, 0..200);
     let retiring = 9003;
     pool.apply(&retire(retiring, None), Source::Api)
         .expect("retire");
     let minute = Duration::from_secs(60);
     assert_eq!(
-        super::rotate_filters(&pool.snapshot(), 540_000),
+        pool.rotate_filters(540_000),
         Some(minute),
         "the next rotation of the others"
     );
     // Long after its users' last requests, they are still its users: what it has is what it
     // had when it started to retire.
     for periods in 1..=3 {
-        super::rotate_filters(&pool.snapshot(), periods * 600_000);
+        pool.rotate_filters(periods * 600_000);
     }
     let snapshot = pool.snapshot();
     let users = snapshot.upstream("users").expect("upstream");
@@ -407,5 +542,55 @@ fn a_retiring_backends_users_are_handed_over_at_an_upgrade() {
     )
     .expect("write");
     Pool::new(config(), Arc::new(Metrics::new()), Some(&handover)).expect("starts anyway");
+
+    // The temp files of a process that died writing one go at the next start, an upgrade's
+    // or not; a live writer's stay.
+    let mut child = std::process::Command::new("true").spawn().expect("true");
+    let dead = child.id();
+    child.wait().expect("wait");
+    let temp = |pid: u32| {
+        let mut name = super::keys_path(&handover).into_os_string();
+        name.push(format!(".tmp-{pid}-00ff"));
+        std::path::PathBuf::from(name)
+    };
+    for pid in [dead, 1] {
+        std::fs::write(temp(pid), b"half").expect("temp");
+    }
+    Pool::new(config(), Arc::new(Metrics::new()), Some(&handover)).expect("pool");
+    assert!(!temp(dead).exists() && temp(1).exists());
+    std::fs::write(temp(dead), b"half").expect("temp");
+    std::fs::write(super::keys_path(&handover), b"stale").expect("write");
+    super::discard_keys(&handover);
+    assert!(!temp(dead).exists() && temp(1).exists());
+    assert!(!super::keys_path(&handover).exists());
+    std::fs::remove_dir_all(dir).expect("clean up");
+}
+
+#[test]
+fn a_process_that_handed_over_ends_no_retiring_window() {
+    let dir =
+        std::env::temp_dir().join(format!("switchyard-retire-stopped-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let old = pool();
+    old.apply(&retire(9002, Some(Duration::from_secs(5))), Source::Api)
+        .expect("retire");
+    let until = state_of(&old, 9002).retiring_until().expect("retiring");
+    old.hand_over(&dir.join("upgrade.sock.state.json"))
+        .expect("handed over");
+    // Past the deadline, the old process (still running for Pingora's shutdown) leaves the
+    // window to the new one, which has the state.
+    let later = until.time() + Duration::from_secs(1);
+    assert_eq!(old.end_due_retirements(later), None);
+    assert_eq!(state_of(&old, 9002), BackendState::Retiring { until });
+    let end = Change::EndRetiring {
+        upstream: "users".into(),
+        address: addr(9002),
+        until,
+    };
+    assert!(matches!(
+        old.apply(&end, Source::Retire),
+        Err(Rejection::Conflict(_))
+    ));
     std::fs::remove_dir_all(dir).expect("clean up");
 }
