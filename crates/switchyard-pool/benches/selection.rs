@@ -207,7 +207,7 @@ fn heads() -> Vec<HeaderMap> {
         .collect()
 }
 
-/// Two plain routes, then one that matches beta users' GETs with a preview query and splits
+/// `sticky_routes` routes that each check (and miss) a header, then one that matches beta users' GETs with a preview query and splits
 /// them by their sticky cookie; and a `hash` upstream keyed by `X-User-Id`.
 fn routing_config(sticky_routes: usize) -> String {
     let mut yaml = String::from(
@@ -226,7 +226,7 @@ fn routing_config(sticky_routes: usize) -> String {
     for r in 0..sticky_routes {
         writeln!(
             yaml,
-            "  - name: other{r}\n    path_prefix: /other\n    match: {{headers: {{X-User-Group: alpha}}}}\n    split: {{blue: 1}}"
+            "  - name: other{r}\n    match: {{headers: {{X-User-Group: alpha}}}}\n    split: {{blue: 1}}"
         )
         .unwrap();
     }

@@ -246,11 +246,12 @@ impl Pool {
                 Err(e) => return Err(Rejection::Storage(e)),
             }
         }
-        // A rollout's progress that leaves every split and match step as it was (a judged
-        // window, hold time) needs no new snapshot: selection would be rebuilt for nothing.
+        // A rollout's progress that leaves every split, rollout pair and match step as it was
+        // (a judged window, hold time) needs no new snapshot: selection would be rebuilt for
+        // nothing.
         let rebuild = next.splits != desired.state.splits
             || next.upstreams != desired.state.upstreams
-            || next.match_steps_in_force() != desired.state.match_steps_in_force();
+            || next.rollouts_in_snapshot() != desired.state.rollouts_in_snapshot();
         let rollouts_moved = next.rollouts != desired.state.rollouts;
         let events = state::change_event(&desired.config, &desired.state, &next, change, source);
         if rebuild {

@@ -466,19 +466,20 @@ impl RuntimeState {
         }
     }
 
-    /// Each route's match steps in force with its `to`: what a snapshot's routes hold of the
-    /// rollouts besides their splits, so a change of it needs a new snapshot.
-    pub(crate) fn match_steps_in_force(&self) -> Vec<(&str, &str, Vec<&RouteMatch>)> {
+    /// What a snapshot's routes hold of the rollouts besides their splits: each route's
+    /// rollout pair (the sticky layout's order) and its match steps in force, so a change of
+    /// it needs a new snapshot.
+    pub(crate) fn rollouts_in_snapshot(&self) -> Vec<(&str, &str, &str, Vec<&RouteMatch>)> {
         self.rollouts
             .values()
             .map(|r| {
                 (
                     r.route.as_str(),
+                    r.from.as_str(),
                     r.to.as_str(),
                     r.matches_in_force().collect(),
                 )
             })
-            .filter(|(_, _, matches): &(_, _, Vec<_>)| !matches.is_empty())
             .collect()
     }
 

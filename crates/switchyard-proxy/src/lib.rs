@@ -431,10 +431,10 @@ impl ProxyHttp for Proxy {
         ) {
             // Appended: the backend's own cookies go on as they were.
             response.append_header(http::header::SET_COOKIE, cookie.header()?)?;
-            // A shared cache must not hand this user's key to others (HAProxy's `nocache`);
-            // a backend's own caching rules are left as they are.
-            if !response.headers.contains_key(http::header::CACHE_CONTROL) {
-                response.insert_header(http::header::CACHE_CONTROL, "private")?;
+            if let Some(value) = sticky_cookie::private_cache_control(
+                response.headers.get(http::header::CACHE_CONTROL),
+            ) {
+                response.insert_header(http::header::CACHE_CONTROL, value)?;
             }
         }
         // Once a stop or upgrade signal has arrived, tell keep-alive clients to reconnect (to

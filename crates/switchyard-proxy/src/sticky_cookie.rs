@@ -40,9 +40,62 @@ impl IssuedCookie {
     }
 }
 
+/// The `Cache-Control` an answer carrying an issued cookie must have, so that no shared cache
+/// hands this user's key to others (as HAProxy's `cookie ... nocache` does): `private`, on top
+/// of the backend's other directives, without `public` and `s-maxage` (which are for shared
+/// caches). `None`: the backend's value already keeps shared caches out (`private` or
+/// `no-store`).
+pub fn private_cache_control(existing: Option<&HeaderValue>) -> Option<HeaderValue> {
+    let existing = existing.and_then(|v| v.to_str().ok()).unwrap_or("");
+    let directives: Vec<&str> = existing
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    let name = |d: &str| {
+        d.split('=')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase()
+    };
+    if directives
+        .iter()
+        .any(|d| matches!(name(d).as_str(), "private" | "no-store"))
+    {
+        return None;
+    }
+    let mut kept: Vec<&str> = directives
+        .into_iter()
+        .filter(|d| !matches!(name(d).as_str(), "public" | "s-maxage"))
+        .collect();
+    kept.insert(0, "private");
+    HeaderValue::from_str(&kept.join(", ")).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_with_a_cookie_is_private_to_caches() {
+        let value = |text: &str| HeaderValue::from_str(text).unwrap();
+        let private = |existing: Option<&str>| {
+            private_cache_control(existing.map(value).as_ref())
+                .map(|v| v.to_str().unwrap().to_string())
+        };
+        assert_eq!(private(None).as_deref(), Some("private"));
+        assert_eq!(
+            private(Some("public, max-age=300, s-maxage=600")).as_deref(),
+            Some("private, max-age=300")
+        );
+        assert_eq!(private(Some("Private, max-age=60")), None);
+        assert_eq!(private(Some("no-store")), None);
+        assert_eq!(
+            private(Some("no-cache")).as_deref(),
+            Some("private, no-cache")
+        );
+    }
 
     #[test]
     fn an_issued_cookie_is_random_and_well_formed() {
