@@ -482,6 +482,28 @@ mod tests {
     }
 
     #[test]
+    fn a_client_ip_key_keeps_each_address_on_its_upstream() {
+        let yaml = STICKY
+            .replace("WEIGHT", "1")
+            .replace("sticky: {header: X-User-Id}", "sticky: {client_ip: true}");
+        let config = Config::from_yaml(&yaml).unwrap();
+        let s = Snapshot::build(&config, &RuntimeState::default(), &Metrics::new(), None);
+        let mut seen = [0; 2];
+        for client in 1..=100 {
+            let first = pick(&s, "/web", None, client);
+            assert_eq!(first.routing, Routing::Sticky);
+            for _ in 0..3 {
+                assert_eq!(
+                    pick(&s, "/web", Some("ignored"), client).upstream,
+                    first.upstream
+                );
+            }
+            seen[first.upstream] += 1;
+        }
+        assert!(seen[0] > 25 && seen[1] > 25, "{seen:?}");
+    }
+
+    #[test]
     fn users_of_an_upstream_without_a_backend_go_to_the_others_and_no_one_else_moves() {
         let three = |c_weight: u32| {
             let yaml = format!(
