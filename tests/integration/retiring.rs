@@ -229,6 +229,22 @@ fn retiring_is_refused_where_it_has_no_meaning() {
     let sy = Switchyard::start(&config(&all.iter().collect::<Vec<_>>(), &plain));
     let plain_path = format!("/api/v1/upstreams/plain/backends/{}", plain.addr);
     let users_path = format!("/api/v1/upstreams/users/backends/{}", all[0].addr);
+    // Every backend of both upstreams as the API shows them (weight, state, health, in
+    // flight, any retiring_until); nothing is sent through the proxy, so nothing may differ.
+    let backends = || {
+        ["users", "plain"].map(|upstream| {
+            json(&sy.api("GET", &format!("/api/v1/upstreams/{upstream}"), None))["backends"].clone()
+        })
+    };
+    let before = backends();
+    for view in before.iter().flat_map(|b| b.as_array().expect("backends")) {
+        assert_eq!(
+            (&view["state"], &view["weight"]),
+            (&Value::from("active"), &Value::from(1)),
+            "{view}"
+        );
+        assert!(view.get("retiring_until").is_none(), "{view}");
+    }
     let refused = |path: &str, body: &str, field: &str, says: &str| {
         let reply = sy.api("PATCH", path, Some(body));
         assert_eq!(reply.status, 400, "{body}: {}", reply.text());
@@ -279,12 +295,14 @@ fn retiring_is_refused_where_it_has_no_meaning() {
         "weight",
         "\"draining\"",
     );
-    // Nothing changed.
-    assert_eq!(backend_view(&sy, all[0].addr)["state"], "active");
+    // Nothing changed: the rejected requests left every field of every backend as it was.
+    assert_eq!(backends(), before);
     // A draining backend's users have moved on: it does not retire.
     let drain = sy.api("PATCH", &users_path, Some(r#"{"state": "draining"}"#));
     assert_eq!(drain.status, 200, "{}", drain.text());
+    let draining = backends();
+    assert_eq!(backend_view(&sy, all[0].addr)["state"], "draining");
     let reply = sy.api("PATCH", &users_path, Some(r#"{"state": "retiring"}"#));
     assert_eq!(reply.status, 409, "{}", reply.text());
-    assert_eq!(backend_view(&sy, all[0].addr)["state"], "draining");
+    assert_eq!(backends(), draining);
 }
