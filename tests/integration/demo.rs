@@ -63,6 +63,22 @@ fn start_demo() -> (Demo, String) {
             .iter()
             .all(|a| std::net::TcpStream::connect(addr(a)).is_ok())
     });
+    // Both demo upstreams are health-checked: a backend serves once its first check passed,
+    // which on a loaded machine can come after the sockets listen.
+    wait_until(
+        "the demo's backends to pass their checks",
+        Duration::from_secs(30),
+        || {
+            ["blue", "green"].iter().all(|upstream| {
+                let view = get(addr(ADMIN), &format!("/api/v1/upstreams/{upstream}"));
+                serde_json::from_str::<serde_json::Value>(&view.text()).is_ok_and(|v| {
+                    v["backends"]
+                        .as_array()
+                        .is_some_and(|b| b.iter().all(|b| b["healthy"] == true))
+                })
+            })
+        },
+    );
     (demo, printed)
 }
 
