@@ -276,6 +276,15 @@ async fn serve_connection(stream: TcpStream, shared: Arc<BackendShared>) {
             .header("content-length")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
+        // The whole body first, as an application does: a chunked one too, so that an answer
+        // never races the rest of its request.
+        if request
+            .header("transfer-encoding")
+            .is_some_and(|v| v.contains("chunked"))
+            && read_chunked(&mut reader).await.is_err()
+        {
+            return;
+        }
         let mut received = 0u64;
         let mut buf = vec![0u8; 64 * 1024];
         while received < length {
@@ -475,18 +484,7 @@ pub async fn read_response<R: AsyncRead + Unpin>(
         .get("transfer-encoding")
         .is_some_and(|v| v.contains("chunked"))
     {
-        loop {
-            let mut size = String::new();
-            reader.read_line(&mut size).await?;
-            let size = usize::from_str_radix(size.trim(), 16)
-                .map_err(|_| std::io::Error::other("bad chunk size"))?;
-            let mut chunk = vec![0u8; size + 2];
-            reader.read_exact(&mut chunk).await?;
-            body.extend_from_slice(&chunk[..size]);
-            if size == 0 {
-                break;
-            }
-        }
+        body = read_chunked(reader).await?;
     } else if status != 101 && status != 204 && status != 304 {
         reader.read_to_end(&mut body).await?;
     }
@@ -495,6 +493,23 @@ pub async fn read_response<R: AsyncRead + Unpin>(
         headers,
         body,
     })
+}
+
+/// A chunked body (without trailers), chunk by chunk up to the last.
+async fn read_chunked<R: AsyncRead + Unpin>(reader: &mut BufReader<R>) -> std::io::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let mut size = String::new();
+        reader.read_line(&mut size).await?;
+        let size = usize::from_str_radix(size.trim(), 16)
+            .map_err(|_| std::io::Error::other("bad chunk size"))?;
+        let mut chunk = vec![0u8; size + 2];
+        reader.read_exact(&mut chunk).await?;
+        body.extend_from_slice(&chunk[..size]);
+        if size == 0 {
+            return Ok(body);
+        }
+    }
 }
 
 pub fn get(addr: SocketAddr, path: &str) -> Response {
