@@ -512,6 +512,23 @@ async fn read_chunked<R: AsyncRead + Unpin>(reader: &mut BufReader<R>) -> std::i
     }
 }
 
+/// The body `times` GETs of `/` from client `ip` all get, which must be the same each time:
+/// what a key-hashed upstream (`ip_hash`, `hash` without its key) keeps for one client.
+pub fn same_answer_for_client(addr: SocketAddr, ip: IpAddr, times: usize) -> String {
+    let answers: Vec<String> = (0..times)
+        .map(|_| {
+            block_on(request_from(Some(ip), addr, "GET", "/", &[]))
+                .expect("request")
+                .text()
+        })
+        .collect();
+    assert!(
+        answers.iter().all(|a| *a == answers[0]),
+        "{ip}: {answers:?}"
+    );
+    answers[0].clone()
+}
+
 pub fn get(addr: SocketAddr, path: &str) -> Response {
     block_on(request_from(None, addr, "GET", path, &[]))
         .unwrap_or_else(|e| panic!("GET {path} via {addr}: {e}"))
