@@ -10,6 +10,7 @@ pub mod limits;
 pub mod matching;
 mod raw;
 pub mod rollout;
+pub mod tls;
 mod validate;
 
 use std::fmt;
@@ -21,6 +22,9 @@ use std::time::Duration;
 pub use duration::{format_duration, parse_duration};
 pub use matching::{RequestKey, RouteMatch, Sticky, ValueMatch};
 pub use raw::{Algorithm, HealthCheckType};
+pub use tls::{
+    CertificateFiles, Hsts, ListenerKind, ListenerTls, TlsVersion, UpstreamProtocol, UpstreamTls,
+};
 
 /// A validated configuration: every address parsed, every reference resolved.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,6 +95,16 @@ pub const MAX_CLIENT_CONNECTIONS: usize = 500_000;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Listener {
     pub address: SocketAddr,
+    pub kind: ListenerKind,
+}
+
+impl Listener {
+    pub fn tls(&self) -> Option<&ListenerTls> {
+        match &self.kind {
+            ListenerKind::Tls(tls) => Some(tls),
+            ListenerKind::Plain { .. } => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -122,6 +136,9 @@ pub struct Upstream {
     /// the admin change names no timeout, and how recently a user must have been seen on a
     /// backend to count as one of them (see docs/configuration.md, "Retiring a backend").
     pub retire_timeout: Duration,
+    /// What the backends speak; `h2` needs `tls`.
+    pub protocol: UpstreamProtocol,
+    pub tls: Option<UpstreamTls>,
 }
 
 /// Passive failure detection: taking out a backend that keeps refusing connections between

@@ -7,13 +7,14 @@ use std::path::PathBuf;
 
 use crate::duration::YamlDuration;
 use crate::matching::{RawKey, RawMatch, RawSticky};
+use crate::tls::{RawListener, RawUpstreamTls, UpstreamProtocol};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct File {
     #[serde(default)]
     pub server: Server,
-    pub listeners: Option<Vec<Listener>>,
+    pub listeners: Option<Vec<RawListener>>,
     pub admin: Option<Admin>,
     pub metrics: Option<Metrics>,
     pub state_file: Option<PathBuf>,
@@ -35,12 +36,6 @@ pub struct Server {
     pub body_timeout: Option<YamlDuration>,
     pub send_timeout: Option<YamlDuration>,
     pub max_request_body_bytes: Option<u64>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Listener {
-    pub address: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -99,6 +94,9 @@ pub struct Upstream {
     pub slow_start: Option<YamlDuration>,
     pub hash_on: Option<RawKey>,
     pub retire_timeout: Option<YamlDuration>,
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    pub tls: Option<RawUpstreamTls>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -12,6 +12,7 @@ use crate::limits::{
 };
 use crate::matching;
 use crate::raw::{self, Algorithm, HealthCheckType};
+use crate::tls;
 use crate::{
     format_duration, retire_timeout_problem, Admin, Backend, ClientLimits, Config, HealthCheck,
     Listener, Metrics, PassiveCheck, Probe, Problem, Problems, Route, Server, SplitWeight,
@@ -196,14 +197,21 @@ fn client_limits(c: &mut Checker, raw: &raw::Server) -> ClientLimits {
     }
 }
 
-fn listeners(c: &mut Checker, raw: Vec<raw::Listener>) -> Vec<Listener> {
+fn listeners(c: &mut Checker, raw: Vec<tls::RawListener>) -> Vec<Listener> {
     if raw.is_empty() {
         c.problem("listeners", "at least one listener is required");
     }
     raw.iter()
         .enumerate()
-        .filter_map(|(i, l)| c.address(&format!("listeners[{i}].address"), &l.address))
-        .map(|address| Listener { address })
+        .filter_map(|(i, l)| {
+            let path = format!("listeners[{i}]");
+            let address = c.address(&format!("{path}.address"), &l.address);
+            let kind = tls::listener_kind(l, &path, &mut c.problems);
+            Some(Listener {
+                address: address?,
+                kind: kind?,
+            })
+        })
         .collect()
 }
 
@@ -357,6 +365,7 @@ fn upstream(c: &mut Checker, name: String, raw: raw::Upstream) -> Upstream {
         }
         (_, None) => DEFAULT_RETIRE_TIMEOUT,
     };
+    let tls = tls::upstream_tls(raw.protocol, raw.tls, &path, &mut c.problems);
     Upstream {
         name,
         algorithm: raw.algorithm,
@@ -367,6 +376,8 @@ fn upstream(c: &mut Checker, name: String, raw: raw::Upstream) -> Upstream {
         slow_start,
         hash_on,
         retire_timeout,
+        protocol: raw.protocol,
+        tls,
     }
 }
 
