@@ -46,12 +46,16 @@ upgrade-stress: build nginx-dep
 # Switchyard against nginx and HAProxy on this machine (tests/bench/bench.py): results between
 # the markers of docs/benchmarks.md and in docs/benchmarks.png. BENCH_DURATION (seconds per
 # run, default 5) and BENCH_ROUNDS (default 3) tune it. perf is optional (syscall counts).
+# The TLS and HTTP/2 scenarios need openssl (certificates), cc (deps: wrk's no-resume shim)
+# and h2load (nghttp2-client).
 nginx-dep:
 	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { $(SUDO) apt-get update -qq && { $(SUDO) apt-get install -y -qq nginx-light || $(SUDO) apt-get install -y -qq nginx; }; }
 
 bench-deps: nginx-dep
 	@command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq haproxy; }
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk; }
+	@command -v h2load >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nghttp2-client; }
+	@command -v openssl >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq openssl; }
 	@command -v perf >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq linux-perf; } || echo "perf not available: syscall counts will be skipped"
 	@python3 -c "import matplotlib" 2>/dev/null || python3 -m pip install --quiet matplotlib
 

@@ -14,6 +14,7 @@ Exits 1 when a run saw any error (a failed request), 2 when it could not run.
 """
 import argparse
 import atexit
+import ctypes
 import datetime
 import json
 import os
@@ -24,10 +25,13 @@ import shutil
 import shlex
 import signal
 import socket
+import ssl
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,11 +47,16 @@ PENDING_HEAD_BYTES = 6000
 ALLOC_REQUESTS = (2000, 22000)
 BODY_16K = 16 * 1024
 WARMUP_SECONDS = 1
+# h2-streams: h2load -c H2_CLIENTS -m H2_STREAMS
+H2_CLIENTS = 10
+H2_STREAMS = 32
+# The name in the benchmark certificate (SAN DNS:bench.local and IP:127.0.0.1).
+TLS_NAME = "bench.local"
 
 
 class Scenario:
     def __init__(self, letter, name, title, kind="wrk", threads=1, backends=1, algorithm="rr",
-                 routes=0, path="/", big=False, close=False):
+                 routes=0, path="/", big=False, close=False, tls=None, resume=False, h2=False):
         self.letter = letter
         self.name = name
         self.title = title
@@ -60,6 +69,21 @@ class Scenario:
         self.path = path
         self.big = big
         self.close = close
+        # TLS on the client side of the balancer: None (plain HTTP) | "ecdsa" | "rsa" (which
+        # certificate every balancer serves). With close=True every request is a new TLS
+        # connection; resume says whether the client offers the session it got from the
+        # previous one (wrk keeps it; the no-resume shim makes it forget it).
+        self.tls = tls
+        self.resume = resume
+        self.h2 = h2  # HTTP/2 over TLS (ALPN h2), loaded by h2load instead of wrk
+        self.client = "h2load" if h2 else "wrk"
+        self.connections = H2_CLIENTS if h2 else CLIENT_CONNECTIONS
+
+    @property
+    def handshakes(self):
+        """Every request is one TLS handshake (full or resumed): CPU per request is CPU per
+        handshake."""
+        return bool(self.tls) and self.close
 
 
 SCENARIOS = [
@@ -77,6 +101,17 @@ SCENARIOS = [
              algorithm="ip_hash"),
     Scenario("k", "shared-pool-2t", "2 threads, 100 backends, a new client connection per request "
              "(nothing pinned)", threads=2, backends=100, close=True),
+    Scenario("l", "tls-handshake-ecdsa", "a new TLS connection per request, full TLS 1.3 "
+             "handshake (no resumption), ECDSA P-256 certificate, 1 thread", close=True,
+             tls="ecdsa"),
+    Scenario("m", "tls-handshake-rsa", "a new TLS connection per request, full TLS 1.3 "
+             "handshake (no resumption), RSA 2048 certificate, 1 thread", close=True, tls="rsa"),
+    Scenario("n", "tls-resume", "a new TLS connection per request, resumed TLS 1.3 handshake "
+             "(session ticket), ECDSA P-256, 1 thread", close=True, tls="ecdsa", resume=True),
+    Scenario("o", "tls-keepalive", "HTTPS/1.1 keep-alive, tiny responses, ECDSA P-256, "
+             "1 thread", tls="ecdsa"),
+    Scenario("q", "h2-streams", "HTTP/2 over TLS, 10 connections x 32 concurrent streams, tiny "
+             "responses, ECDSA P-256, 1 thread", tls="ecdsa", h2=True),
     Scenario("i", "idle-1000", "resident memory per idle client connection (1 000 connections)",
              kind="idle"),
     Scenario("p", "pending-heads", "resident memory per client connection holding an unfinished "
@@ -242,9 +277,12 @@ def rss_kib(pids):
 
 
 class HttpConn:
-    def __init__(self, port, timeout=5.0):
+    def __init__(self, port, timeout=5.0, tls=None):
+        """tls: an ssl.SSLContext (client_tls_context) for HTTPS, None for plain HTTP."""
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            self.sock = tls.wrap_socket(self.sock, server_hostname=TLS_NAME)
         self.port = port
         self.buf = b""
 
@@ -308,15 +346,24 @@ class HttpConn:
         return self.read_response()
 
 
-def http_get_once(port, path, timeout=2.0):
-    conn = HttpConn(port, timeout)
+def client_tls_context(cafile):
+    """Python's OpenSSL client for readiness and sanity checks: verifies the benchmark
+    certificate (its own CA) for bench.local, HTTP/1.1 only."""
+    ctx = ssl.create_default_context(cafile=cafile)
+    ctx.check_hostname = True
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def http_get_once(port, path, timeout=2.0, tls=None):
+    conn = HttpConn(port, timeout, tls)
     try:
         return conn.get(path, close=True)
     finally:
         conn.close()
 
 
-def wait_ready(proc, port, path, limit=30.0):
+def wait_ready(proc, port, path, limit=30.0, tls=None):
     deadline = time.monotonic() + limit
     last = "no answer"
     while time.monotonic() < deadline:
@@ -325,14 +372,15 @@ def wait_ready(proc, port, path, limit=30.0):
                              f"answered.\ncommand: {' '.join(proc.cmd)}\n--- its output ---\n"
                              f"{proc.stderr_tail()}")
         try:
-            status, _, body = http_get_once(port, path)
+            status, _, body = http_get_once(port, path, tls=tls)
             if status == 200:
                 return
             last = f"status {status}: {body[:200]!r}"
-        except (OSError, ValueError, IndexError) as e:
+        except (OSError, ValueError, IndexError) as e:  # ssl.SSLError is an OSError
             last = str(e)
         time.sleep(0.05)
-    raise BenchError(f"{proc.name} did not answer 200 on 127.0.0.1:{port}{path} within "
+    raise BenchError(f"{proc.name} did not answer 200 on {'https' if tls else 'http'}://"
+                     f"127.0.0.1:{port}{path} within "
                      f"{limit:.0f} s (last: {last}).\n--- its output ---\n{proc.stderr_tail()}")
 
 
@@ -405,7 +453,7 @@ def upstream_names(sc):
     return [f"u{i}" for i in range(sc.routes)] if sc.routes else ["pool"]
 
 
-def switchyard_conf(work, sc, layout):
+def switchyard_conf(work, sc, layout, cert=None):
     algorithm = {"rr": "round_robin", "least_conn": "least_connections",
                  "ip_hash": "ip_hash"}[sc.algorithm]
     out = [
@@ -418,6 +466,20 @@ def switchyard_conf(work, sc, layout):
         f"  upgrade_socket: {work}/sy.sock",
         "listeners:",
         f"  - address: 127.0.0.1:{layout.lb_port['switchyard']}",
+    ]
+    if sc.tls:
+        # TLS 1.2 and 1.3 (min_version default "1.2"), session tickets on (the default), and
+        # the session cache rustls keeps anyway; ALPN h2 only where the scenario is HTTP/2.
+        out += [
+            "    tls:",
+            "      certificates:",
+            f"        - cert: {cert['cert']}",
+            f"          key: {cert['key']}",
+            '      min_version: "1.2"',
+            "      session_tickets: true",
+            f"    http2: {'true' if sc.h2 else 'false'}",
+        ]
+    out += [
         "upstreams:",
     ]
     for name in upstream_names(sc):
@@ -439,7 +501,7 @@ def nginx_keepalive(sc):
     return max(64, 4 * sc.backends)
 
 
-def nginx_lb_conf(work, sc, layout, name):
+def nginx_lb_conf(work, sc, layout, name, cert=None):
     method = {"rr": "", "least_conn": "    least_conn;\n", "ip_hash": "    ip_hash;\n"}
     servers = "".join(f"    server 127.0.0.1:{p};\n" for p in layout.backend_ports[:sc.backends])
     upstreams = "".join(
@@ -452,6 +514,15 @@ def nginx_lb_conf(work, sc, layout, name):
                             for i in range(sc.routes))
     else:
         locations = "    location / { proxy_pass http://pool; }\n"
+    listen_opts = ""
+    tls = ""
+    if sc.tls:
+        listen_opts = " ssl http2" if sc.h2 else " ssl"
+        tls = (f"    ssl_certificate {cert['cert']};\n"
+               f"    ssl_certificate_key {cert['key']};\n"
+               f"    ssl_protocols TLSv1.2 TLSv1.3;\n"
+               f"    ssl_session_cache shared:SSL:10m;\n"
+               f"    ssl_session_tickets on;\n")
     return f"""# nginx as the load balancer: {sc.name}
 {user_line()}daemon off;
 master_process on;
@@ -465,8 +536,8 @@ http {{
   keepalive_requests 1000000;
   keepalive_timeout 300s;
 {upstreams}  server {{
-    listen 127.0.0.1:{layout.lb_port['nginx']} backlog=4096;
-    proxy_http_version 1.1;
+    listen 127.0.0.1:{layout.lb_port['nginx']}{listen_opts} backlog=4096;
+{tls}    proxy_http_version 1.1;
     proxy_set_header Connection "";
     proxy_set_header Host $http_host;
     proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
@@ -477,7 +548,7 @@ http {{
 """
 
 
-def haproxy_conf(work, sc, layout):
+def haproxy_conf(work, sc, layout, cert=None):
     balance = {"rr": "roundrobin", "least_conn": "leastconn",
                "ip_hash": "source\n  hash-type consistent"}[sc.algorithm]
     servers = "".join(f"  server s{i} 127.0.0.1:{p}\n"
@@ -489,11 +560,22 @@ def haproxy_conf(work, sc, layout):
                         for i in range(sc.routes))
     else:
         rules = "  default_backend pool\n"
+    bind_tls = ""
+    global_tls = ""
+    if sc.tls:
+        # HAProxy's defaults keep a session cache (tune.ssl.cachesize 20000) and send TLS
+        # 1.3 session tickets; ALPN h2 only where the scenario is HTTP/2.
+        alpn = "h2,http/1.1" if sc.h2 else "http/1.1"
+        bind_tls = f" ssl crt {cert['pem']} alpn {alpn}"
+        # prefer-client-ciphers: the client's order picks the TLS 1.3 cipher, as nginx
+        # (ssl_prefer_server_ciphers off) and rustls do; HAProxy's default is its own order
+        global_tls = "  ssl-default-bind-options ssl-min-ver TLSv1.2 prefer-client-ciphers\n"
+    proto = "https" if sc.tls else "http"
     return f"""# HAProxy as the load balancer: {sc.name}
 global
   nbthread {sc.threads}
   maxconn 4000
-
+{global_tls}
 defaults
   mode http
   timeout connect 5s
@@ -504,11 +586,280 @@ defaults
   option forwardfor
 
 frontend fe
-  bind 127.0.0.1:{layout.lb_port['haproxy']} backlog 4096
-  http-request set-header X-Forwarded-Proto http
+  bind 127.0.0.1:{layout.lb_port['haproxy']}{bind_tls} backlog 4096
+  http-request set-header X-Forwarded-Proto {proto}
   http-request set-header X-Forwarded-Host %[req.hdr(host)]
 {rules}
 {backends}"""
+
+
+# --------------------------------------------------------------------------------------------
+# TLS: certificates, the no-resume shim for wrk, a capture of the handshakes
+
+
+def make_certs(tools, work):
+    """One self-signed certificate per key type, made once per run with the openssl CLI and
+    served by all three balancers: {"ecdsa"|"rsa": {"cert", "key", "pem" (cert + key, for
+    HAProxy), "ca" (the certificate itself: what the sanity checks trust)}}."""
+    d = os.path.join(work, "tls")
+    os.makedirs(d, exist_ok=True)
+    out = {}
+    for kind, newkey in (("ecdsa", ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]),
+                         ("rsa", ["-newkey", "rsa:2048"])):
+        cert, key, pem = (os.path.join(d, f"{kind}.{ext}") for ext in ("crt", "key", "pem"))
+        cmd = [tools.openssl, "req", "-x509", *newkey, "-nodes", "-keyout", key, "-out", cert,
+               "-days", "30", "-subj", f"/CN={TLS_NAME}",
+               "-addext", f"subjectAltName=DNS:{TLS_NAME},IP:127.0.0.1"]
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if r.returncode != 0:
+            raise BenchError(f"openssl req failed: {shlex.join(cmd)}\n{r.stdout}")
+        with open(pem, "w") as f:
+            f.write(open(cert).read() + open(key).read())
+        os.chmod(key, 0o644)  # nginx workers may run as another user
+        os.chmod(pem, 0o644)
+        text = run_text([tools.openssl, "x509", "-in", cert, "-noout", "-text"])
+        algo = first_match(r"Public Key Algorithm: (\S+)", text)
+        bits = first_match(r"Public-Key: \((\d+) bit\)", text)
+        curve = first_match(r"NIST CURVE: (\S+)", text) if kind == "ecdsa" else ""
+        out[kind] = {"cert": cert, "key": key, "pem": pem, "ca": cert,
+                     "describe": f"{algo} {bits} bit{' ' + curve if curve else ''}"}
+    return out
+
+
+# wrk keeps one SSL object per connection and reconnects with SSL_shutdown + SSL_clear, which
+# keeps the session: its next handshake offers it (TLS 1.3 PSK from the server's ticket) and
+# every server here resumes it. This shim, LD_PRELOADed into wrk, drops the session after
+# SSL_clear, so every reconnect is a full handshake; the capture checks that it is.
+NO_RESUME_C = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stddef.h>
+typedef struct ssl_st SSL;
+typedef struct ssl_session_st SSL_SESSION;
+int SSL_clear(SSL *s) {
+    static int (*real_clear)(SSL *);
+    static int (*set_session)(SSL *, SSL_SESSION *);
+    if (!real_clear) {
+        real_clear = (int (*)(SSL *))dlsym(RTLD_NEXT, "SSL_clear");
+        set_session = (int (*)(SSL *, SSL_SESSION *))dlsym(RTLD_NEXT, "SSL_set_session");
+    }
+    int r = real_clear(s);
+    set_session(s, NULL);
+    return r;
+}
+"""
+
+
+def build_no_resume(tools, work):
+    src = write(os.path.join(work, "wrk-no-resume.c"), NO_RESUME_C)
+    lib = os.path.join(work, "wrk-no-resume.so")
+    r = subprocess.run([tools.cc, "-shared", "-fPIC", "-O2", "-o", lib, src, "-ldl"],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if r.returncode != 0:
+        raise BenchError(f"could not build the no-resume shim: {r.stdout}")
+    return lib
+
+
+TLS_VERSIONS = {0x0304: "TLSv1.3", 0x0303: "TLSv1.2", 0x0302: "TLSv1.1", 0x0301: "TLSv1.0"}
+TLS_CIPHERS = {0x1301: "TLS_AES_128_GCM_SHA256", 0x1302: "TLS_AES_256_GCM_SHA384",
+               0x1303: "TLS_CHACHA20_POLY1305_SHA256", 0xc02b: "ECDHE-ECDSA-AES128-GCM-SHA256",
+               0xc02c: "ECDHE-ECDSA-AES256-GCM-SHA384", 0xc02f: "ECDHE-RSA-AES128-GCM-SHA256",
+               0xc030: "ECDHE-RSA-AES256-GCM-SHA384", 0xcca8: "ECDHE-RSA-CHACHA20-POLY1305",
+               0xcca9: "ECDHE-ECDSA-CHACHA20-POLY1305"}
+TLS_GROUPS = {0x001d: "X25519", 0x0017: "P-256", 0x0018: "P-384", 0x0019: "P-521",
+              0x001e: "X448", 0x11ec: "X25519MLKEM768", 0x0100: "ffdhe2048"}
+# ServerHello.random of a HelloRetryRequest (RFC 8446 4.1.3)
+HRR_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
+
+
+def _bpf_tls_hellos():
+    """Classic BPF for an AF_PACKET socket on lo (14-byte Ethernet header): IPv4 TCP segments
+    whose payload starts with a TLS handshake record holding a ClientHello (1) or a
+    ServerHello (2). Everything else stays in the kernel."""
+    ins = [
+        (0x28, 0, 0, 12),          # ldh [12]            ethertype
+        (0x15, 0, 15, 0x0800),     # jeq IPv4 else drop
+        (0x30, 0, 0, 23),          # ldb [23]            IP protocol
+        (0x15, 0, 13, 6),          # jeq TCP else drop
+        (0x28, 0, 0, 20),          # ldh [20]            fragment offset
+        (0x45, 11, 0, 0x1fff),     # jset -> drop
+        (0xb1, 0, 0, 14),          # ldxb 4*([14]&0xf)   X = IP header length
+        (0x50, 0, 0, 26),          # ldb [x+26]          TCP data offset byte
+        (0x74, 0, 0, 4),           # rsh #4
+        (0x64, 0, 0, 2),           # lsh #2              A = TCP header length
+        (0x0c, 0, 0, 0),           # add x
+        (0x07, 0, 0, 0),           # tax                 X = IP + TCP header length
+        (0x50, 0, 0, 14),          # ldb [x+14]          payload[0]: record type
+        (0x15, 0, 3, 0x16),        # jeq handshake else drop
+        (0x50, 0, 0, 19),          # ldb [x+19]          payload[5]: handshake type
+        (0x15, 2, 0, 1),           # jeq ClientHello -> accept
+        (0x15, 1, 0, 2),           # jeq ServerHello -> accept
+        (0x06, 0, 0, 0),           # drop: ret #0
+        (0x06, 0, 0, 0x40000),     # accept: ret whole packet
+    ]
+    return b"".join(struct.pack("HBBI", *i) for i in ins), len(ins)
+
+
+def _extensions(body, pos):
+    exts = {}
+    if pos + 2 > len(body):
+        return exts
+    end = min(len(body), pos + 2 + struct.unpack_from("!H", body, pos)[0])
+    pos += 2
+    while pos + 4 <= end:
+        typ, ln = struct.unpack_from("!HH", body, pos)
+        exts[typ] = body[pos + 4:pos + 4 + ln]
+        pos += 4 + ln
+    return exts
+
+
+class TlsCapture:
+    """Counts the TLS handshakes on 127.0.0.1:port while it runs: ClientHellos (one per new
+    TLS connection), whether they offer a session (TLS 1.3 pre_shared_key, TLS 1.2 session
+    ticket or id), and from the ServerHellos (cleartext in TLS 1.3 too) the version, cipher
+    suite, key-exchange group and whether the server resumed (pre_shared_key; TLS 1.2: the
+    client's session id echoed). The same count for every balancer, seen from the wire,
+    independent of the client and the server. Root only (AF_PACKET); the BPF filter keeps
+    it to two packets per handshake."""
+
+    def __init__(self, port):
+        self.port = port
+        self.stats = {"client_hellos": 0, "offered_session": 0, "server_hellos": 0,
+                      "resumed": 0, "hello_retry": 0, "versions": {}, "ciphers": {},
+                      "groups": {}, "drops": 0, "unparsed": 0}
+        self._sids = {}
+        prog, n = _bpf_tls_hellos()
+        self._prog = ctypes.create_string_buffer(prog)
+        fprog = struct.pack("HL", n, ctypes.addressof(self._prog))
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        self.sock.setsockopt(socket.SOL_SOCKET, 26, fprog)  # SO_ATTACH_FILTER
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, 33, 16 << 20)  # SO_RCVBUFFORCE
+        except OSError:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
+        self.sock.bind(("lo", 0x0003))  # ETH_P_ALL, bound after the filter is on
+        self.sock.settimeout(0.1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self):
+        while not self._stop.is_set():
+            try:
+                data, addr = self.sock.recvfrom(262144)
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            if addr[2] == 4:  # PACKET_OUTGOING: loopback shows every packet twice
+                continue
+            try:
+                self._packet(data)
+            except (IndexError, struct.error):
+                self.stats["unparsed"] += 1
+
+    def _packet(self, data):
+        ip = 14
+        ihl = (data[ip] & 0x0f) * 4
+        tcp = ip + ihl
+        sport, dport = struct.unpack_from("!HH", data, tcp)
+        pay = tcp + (data[tcp + 12] >> 4) * 4
+        body = data[pay + 9:]  # record header (5) + handshake header (4)
+        st = self.stats
+        if data[pay + 5] == 1 and dport == self.port:
+            st["client_hellos"] += 1
+            sid = body[35:35 + body[34]]
+            pos = 35 + body[34]
+            pos += 2 + struct.unpack_from("!H", body, pos)[0]  # cipher suites
+            pos += 1 + body[pos]  # compression methods
+            exts = _extensions(body, pos)
+            if 41 in exts or exts.get(35):
+                st["offered_session"] += 1
+            self._sids[sport] = sid
+        elif data[pay + 5] == 2 and sport == self.port:
+            st["server_hellos"] += 1
+            legacy = struct.unpack_from("!H", body, 0)[0]
+            random = body[2:34]
+            sid = body[35:35 + body[34]]
+            pos = 35 + body[34]
+            cipher = struct.unpack_from("!H", body, pos)[0]
+            exts = _extensions(body, pos + 3)
+            client_sid = self._sids.pop(dport, None)
+            if random == HRR_RANDOM:
+                st["hello_retry"] += 1
+                return
+            version = struct.unpack_from("!H", exts[43])[0] if 43 in exts else legacy
+            if version == 0x0304:
+                resumed = 41 in exts
+                group = struct.unpack_from("!H", exts[51])[0] if 51 in exts else None
+                gname = TLS_GROUPS.get(group, f"0x{group:04x}") if group is not None else \
+                    "none (PSK only)"
+            else:
+                resumed = bool(sid) and sid == client_sid
+                gname = "(TLS 1.2: in ServerKeyExchange)"
+            st["resumed"] += resumed
+            for key, val in (("versions", TLS_VERSIONS.get(version, f"0x{version:04x}")),
+                             ("ciphers", TLS_CIPHERS.get(cipher, f"0x{cipher:04x}")),
+                             ("groups", gname)):
+                st[key][val] = st[key].get(val, 0) + 1
+
+    def stop(self):
+        time.sleep(0.2)  # the last packets
+        self._stop.set()
+        self._thread.join(2)
+        try:
+            packets, drops = struct.unpack("II", self.sock.getsockopt(263, 6, 8))
+            self.stats["drops"] = drops  # PACKET_STATISTICS
+        except OSError:
+            pass
+        self.sock.close()
+        return self.stats
+
+
+def tls_negotiated(stats):
+    """'TLSv1.3 TLS_AES_256_GCM_SHA384 X25519' (the most frequent of each)."""
+    parts = []
+    for key in ("versions", "ciphers", "groups"):
+        d = stats.get(key) or {}
+        if d:
+            top = max(d, key=d.get)
+            parts.append(top + (f" (+{sum(d.values()) - d[top]} other)"
+                                if sum(d.values()) != d[top] else ""))
+    return " ".join(parts) or "-"
+
+
+def tls_verify(sc, stats, requests):
+    """What the capture says about the scenario's premise; (ok, sentence)."""
+    ch, sh, res = stats["client_hellos"], stats["server_hellos"], stats["resumed"]
+    per_req = ch / max(requests, 1)
+    problems = []
+    if stats["drops"]:
+        problems.append(f"the capture dropped {stats['drops']} packets")
+    if sc.handshakes:
+        # wrk stops with its connections' requests in flight: up to that many more hellos
+        if not requests <= ch <= requests + 2 * sc.connections + 5:
+            problems.append(f"{ch} ClientHellos for {requests} requests: not one new TLS "
+                            f"connection per request")
+        if sc.resume:
+            # the first handshake of each client connection is full, every later one offers
+            # the previous session and must be resumed
+            if res != stats["offered_session"] or sh - res > sc.connections + 5:
+                problems.append(f"{stats['offered_session']} ClientHellos offered a session, "
+                                f"{res} of {sh} handshakes resumed: not every reconnect "
+                                f"resumed")
+        elif res or stats["offered_session"]:
+            problems.append(f"{stats['offered_session']} ClientHellos offered a session and "
+                            f"{res} handshakes were resumed: not all full handshakes")
+    elif ch > 2 * sc.connections + 5:
+        problems.append(f"{ch} ClientHellos for {sc.connections} keep-alive connections: "
+                        f"connections were not kept")
+    text = (f"{requests:,} requests, {ch:,} ClientHellos ({per_req:.3f} per request), "
+            f"{stats['offered_session']:,} offering a session, {sh:,} ServerHellos, "
+            f"{res:,} resumed ({100.0 * res / max(sh, 1):.1f}%), "
+            f"{stats['hello_retry']} HelloRetryRequests; {tls_negotiated(stats)}")
+    if problems:
+        text += "; **" + "; ".join(problems) + "**"
+    return not problems, text
 
 
 # --------------------------------------------------------------------------------------------
@@ -524,6 +875,12 @@ class Tools:
         self.wrk = shutil.which("wrk")
         self.taskset = shutil.which("taskset")
         self.perf = shutil.which("perf")
+        # only for the TLS / HTTP/2 scenarios (Tools.require)
+        self.openssl = shutil.which("openssl")
+        self.h2load = shutil.which("h2load")
+        self.cc = shutil.which("cc") or shutil.which("gcc")
+        self.certs = {}  # make_certs, when a TLS scenario is selected
+        self.no_resume = None  # build_no_resume, when a full-handshake scenario is selected
         missing = [n for n, p in [("nginx", self.nginx), ("haproxy", self.haproxy),
                                   ("wrk", self.wrk), ("taskset", self.taskset)]
                    if not p or not os.path.exists(p)]
@@ -538,8 +895,28 @@ class Tools:
             "haproxy": first_match(r"HAProxy version (\S+)", run_text([self.haproxy, "-v"])),
             "wrk": first_match(r"wrk (\S+)", run_text([self.wrk, "-v"])),
         }
+        if self.h2load:
+            self.versions["h2load"] = first_match(r"h2load (\S+)",
+                                                  run_text([self.h2load, "--version"]))
+        if self.openssl:
+            self.versions["openssl"] = run_text([self.openssl, "version"]).strip()
         m = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", self.versions["nginx"])
         self.nginx_has_e = bool(m) and tuple(map(int, m.groups())) >= (1, 19, 5)
+
+    def require(self, scenarios):
+        """The tools the selected scenarios need beyond nginx, HAProxy, wrk and taskset."""
+        need = set()
+        for sc in scenarios:
+            if sc.tls:
+                need.add("openssl")
+            if sc.handshakes and not sc.resume:
+                need.add("cc")  # builds the no-resume shim for wrk
+            if sc.client == "h2load":
+                need.add("h2load")
+        missing = sorted(n for n in need if not getattr(self, n))
+        if missing:
+            raise BenchError(f"missing tools for the TLS/HTTP/2 scenarios: {', '.join(missing)} "
+                             f"(make bench-deps installs them)")
 
     def pin(self, pinned, cpu):
         return [self.taskset, "-c", str(cpu)] if pinned else []
@@ -568,10 +945,11 @@ def write(path, text):
 class Balancer:
     """A running balancer: the process and the PIDs to measure."""
 
-    def __init__(self, system, proc, port):
+    def __init__(self, system, proc, port, tls=None):
         self.system = system
         self.proc = proc
         self.port = port
+        self.tls = tls  # client ssl.SSLContext for its TLS listener, or None
 
     def cpu_pids(self):
         # nginx: master and workers (the master idles); the others are one process.
@@ -598,20 +976,24 @@ def start_balancer(tools, work, sc, layout, system, binary=None, tag=""):
     name = f"{system}-{sc.name}{tag}"
     pin = tools.pin(sc.pinned, 0)
     env = dict(os.environ)
+    cert = tools.certs.get(sc.tls) if sc.tls else None
+    tls = client_tls_context(cert["ca"]) if cert else None
     if system == "switchyard":
-        conf = write(os.path.join(work, f"{name}.yaml"), switchyard_conf(work, sc, layout))
+        conf = write(os.path.join(work, f"{name}.yaml"),
+                     switchyard_conf(work, sc, layout, cert))
         env["RUST_LOG"] = "warn"
         cmd = pin + [binary or tools.binary, "run", "--config", conf]
     elif system == "nginx":
         d = os.path.join(work, name)
         os.makedirs(d, exist_ok=True)
-        conf = write(os.path.join(work, f"{name}.conf"), nginx_lb_conf(work, sc, layout, name))
+        conf = write(os.path.join(work, f"{name}.conf"),
+                     nginx_lb_conf(work, sc, layout, name, cert))
         cmd = pin + tools.nginx_cmd(d + "/", conf, f"{work}/{name}-error.log")
     else:
-        conf = write(os.path.join(work, f"{name}.cfg"), haproxy_conf(work, sc, layout))
+        conf = write(os.path.join(work, f"{name}.cfg"), haproxy_conf(work, sc, layout, cert))
         cmd = pin + [tools.haproxy, "-db", "-f", conf]
     proc = Proc(name, cmd, work, env=env)
-    wait_ready(proc, port, sc.path)
+    wait_ready(proc, port, sc.path, tls=tls)
     if system == "nginx":
         deadline = time.monotonic() + 10
         while len(proc.children()) < sc.threads and time.monotonic() < deadline:
@@ -619,12 +1001,12 @@ def start_balancer(tools, work, sc, layout, system, binary=None, tag=""):
         if len(proc.children()) != sc.threads:
             raise BenchError(f"nginx should have {sc.threads} worker(s), has "
                              f"{proc.children()}")
-    return Balancer(system, proc, port), cmd
+    return Balancer(system, proc, port, tls), cmd
 
 
 def sanity_check(bal, sc):
     """Right body through one keep-alive connection; how many backends answer 200 requests."""
-    conn = HttpConn(bal.port)
+    conn = HttpConn(bal.port, tls=bal.tls)
     seen = set()
     try:
         for _ in range(200):
@@ -662,7 +1044,9 @@ def run_wrk(tools, work, sc, port, duration, connections=CLIENT_CONNECTIONS):
                                      "--latency", "-s", script]
     if sc.close:
         cmd += ["-H", "Connection: close"]
-    cmd.append(f"http://127.0.0.1:{port}{sc.path}")
+    cmd.append(f"{'https' if sc.tls else 'http'}://127.0.0.1:{port}{sc.path}")
+    if sc.handshakes and not sc.resume:
+        cmd = ["env", f"LD_PRELOAD={tools.no_resume}"] + cmd  # see NO_RESUME_C
     r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                        timeout=duration + 60)
     m = re.search(r"^BENCH requests=(\d+) duration_us=(\d+) bytes=(\d+) connect=(\d+) "
@@ -685,12 +1069,77 @@ def run_wrk(tools, work, sc, port, duration, connections=CLIENT_CONNECTIONS):
     }, cmd
 
 
+def percentile(sorted_values, p):
+    """Nearest-rank percentile of an ascending list."""
+    if not sorted_values:
+        return None
+    k = max(0, min(len(sorted_values) - 1, int(round(p / 100.0 * len(sorted_values) + 0.5)) - 1))
+    return sorted_values[k]
+
+
+def run_h2load(tools, work, sc, port, duration):
+    """h2load -c H2_CLIENTS -m H2_STREAMS for `duration` s over TLS with ALPN h2; latency
+    percentiles from its per-request log. Returns what run_wrk returns."""
+    log = os.path.join(work, "h2load-requests.log")
+    cmd = tools.pin(sc.pinned, 1) + [tools.h2load, "-t1", f"-c{sc.connections}",
+                                     f"-m{H2_STREAMS}", "-D", str(duration),
+                                     f"--log-file={log}",
+                                     f"https://127.0.0.1:{port}{sc.path}"]
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       timeout=duration + 60)
+    out = r.stdout
+    fin = re.search(r"^finished in ([\d.]+)(us|ms|s),", out, re.M)
+    req = re.search(r"^requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+                    r"(\d+) failed, (\d+) errored, (\d+) timeout", out, re.M)
+    codes = re.search(r"^status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out, re.M)
+    if r.returncode != 0 or not (fin and req and codes):
+        raise BenchError(f"h2load failed (exit {r.returncode}): {' '.join(cmd)}\n{out[-3000:]}")
+    secs = float(fin.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[fin.group(2)]
+    _, _, done, ok, failed, errored, timeout = map(int, req.groups())
+    c2, c3, c4, c5 = map(int, codes.groups())
+    lat = []
+    try:
+        with open(log) as f:
+            for line in f:
+                parts = line.split("\t")
+                if len(parts) >= 3:
+                    lat.append(int(parts[2]))
+    except OSError:
+        pass
+    lat.sort()
+    # h2load's `failed` holds the errored and timed-out requests and the 4xx/5xx answers
+    errors = {"failed": failed, "errored": errored, "timeout": timeout, "3xx": c3,
+              "4xx": c4, "5xx": c5}
+    proto = re.search(r"^Application protocol: (\S+)", out, re.M)
+    return {
+        "requests": c2,
+        "duration_s": secs,
+        "rps": c2 / secs if secs else 0.0,
+        "bytes": None,
+        "p50_us": percentile(lat, 50), "p75_us": percentile(lat, 75),
+        "p90_us": percentile(lat, 90), "p99_us": percentile(lat, 99),
+        "p999_us": percentile(lat, 99.9), "max_us": lat[-1] if lat else None,
+        "errors": errors,
+        "error_total": failed + c3,
+        "alpn": proto.group(1) if proto else None,
+        "h2load_tls": " ".join(m.group(1) for m in re.finditer(
+            r"^(?:TLS Protocol|Cipher|Server Temp Key): (.+)$", out, re.M)),
+        "wrk_output": out,
+    }, cmd
+
+
+def run_load(tools, work, sc, port, duration):
+    if sc.client == "h2load":
+        return run_h2load(tools, work, sc, port, duration)
+    return run_wrk(tools, work, sc, port, duration, sc.connections)
+
+
 def measure(tools, work, sc, bal, layout, duration):
     clk = os.sysconf("SC_CLK_TCK")
     pids = bal.cpu_pids()
     acc0 = stub_accepts(layout.stub_port)
     u0, s0 = cpu_ticks(pids)
-    res, cmd = run_wrk(tools, work, sc, bal.port, duration)
+    res, cmd = run_load(tools, work, sc, bal.port, duration)
     u1, s1 = cpu_ticks(pids)
     acc1 = stub_accepts(layout.stub_port)
     n = max(res["requests"], 1)
@@ -864,14 +1313,19 @@ def run_wrk_scenario(tools, work, sc, layout, args, record):
     balancers = {}
     result = {"scenario": sc.name, "title": sc.title, "kind": "wrk", "threads": sc.threads,
               "pinned": sc.pinned, "rounds": {s: [] for s in args.systems}, "commands": {},
-              "backends_seen": {}}
+              "backends_seen": {}, "cert": sc.tls, "client": sc.client, "h2": sc.h2,
+              "unit": ("resumed handshake" if sc.resume else "full handshake")
+              if sc.handshakes else "request"}
     try:
         for system in args.systems:
             bal, cmd = start_balancer(tools, work, sc, layout, system)
             balancers[system] = bal
             result["commands"][system] = show_cmd(cmd, work)
             result["backends_seen"][system] = sanity_check(bal, sc)
-            run_wrk(tools, work, sc, bal.port, WARMUP_SECONDS)
+            if sc.tls:
+                result.setdefault("tls", {})[system] = tls_warmup(tools, work, sc, bal)
+            else:
+                run_load(tools, work, sc, bal.port, WARMUP_SECONDS)
         for rnd in range(args.rounds):
             for system in args.systems:
                 res, cmd = measure(tools, work, sc, balancers[system], layout, args.duration)
@@ -881,7 +1335,7 @@ def run_wrk_scenario(tools, work, sc, layout, args, record):
                 result["rounds"][system].append(res)
                 flag = f"  !!! {res['error_total']} ERRORS {res['errors']}" \
                     if res["error_total"] else ""
-                print(f"  {sc.name:<13} round {rnd + 1} {LABEL[system]:<10} "
+                print(f"  {sc.name:<19} round {rnd + 1} {LABEL[system]:<10} "
                       f"{res['rps']:>9.0f} req/s  p99 {fmt_ms(res['p99_us'])} ms  "
                       f"cpu {res['cpu_us']:6.1f} us/req (user {res['user_us']:.1f}, "
                       f"kernel {res['sys_us']:.1f}){flag}", flush=True)
@@ -901,6 +1355,40 @@ def run_wrk_scenario(tools, work, sc, layout, args, record):
         backend.stop()
         record(result)
     return result
+
+
+def tls_warmup(tools, work, sc, bal):
+    """The warm-up run of a TLS scenario with its handshakes captured (TlsCapture): the same
+    client and flags as the measured runs, so what they do is counted here."""
+    try:
+        cap = TlsCapture(bal.port)
+    except OSError as e:
+        run_load(tools, work, sc, bal.port, WARMUP_SECONDS)
+        why = f"no handshake capture ({e}; AF_PACKET needs root)"
+        print(f"  {sc.name} {LABEL[bal.system]:<10} TLS check skipped: {why}", flush=True)
+        return {"skipped": why}
+    try:
+        res, _ = run_load(tools, work, sc, bal.port, WARMUP_SECONDS)
+    finally:
+        stats = cap.stop()
+    ok, text = tls_verify(sc, stats, res["requests"])
+    out = {"stats": stats, "requests": res["requests"], "ok": ok,
+           "negotiated": tls_negotiated(stats),
+           "resumed_share": stats["resumed"] / max(stats["server_hellos"], 1),
+           # of the handshakes after each connection's first (only those can resume)
+           "resumed_reconnects": stats["resumed"] / max(
+               stats["server_hellos"] - min(sc.connections, stats["server_hellos"]), 1),
+           "hellos_per_request": stats["client_hellos"] / max(res["requests"], 1)}
+    if sc.client == "h2load":
+        out["alpn"] = res.get("alpn")
+        out["h2load_tls"] = res.get("h2load_tls")
+        text += f"; h2load: application protocol {res.get('alpn')}, {res.get('h2load_tls')}"
+        if res.get("alpn") != "h2":
+            out["ok"] = False
+            text += " **(not h2)**"
+    out["text"] = text
+    print(f"  {sc.name} {LABEL[bal.system]:<10} TLS check: {text}", flush=True)
+    return out
 
 
 def run_memory_scenario(tools, work, sc, layout, args, record, measure, describe):
@@ -1010,6 +1498,10 @@ def any_errors(results):
                     if r["error_total"]:
                         bad.append(f"{res['scenario']} round {r['round']} {LABEL[system]}: "
                                    f"{r['error_total']} errors {r['errors']}")
+            for system, v in res.get("tls", {}).items():
+                if "ok" in v and not v["ok"]:
+                    bad.append(f"{res['scenario']} {LABEL[system]}: TLS check failed: "
+                               f"{v['text']}")
             for system, v in res.get("syscalls", {}).items():
                 if v.get("error_total"):
                     bad.append(f"{res['scenario']} perf run {LABEL[system]}: "
@@ -1024,21 +1516,21 @@ def any_errors(results):
 
 def print_summary(results, systems):
     print("\n" + "=" * 100)
-    head = f"{'scenario':<14}" + "".join(f"{LABEL[s] + ' req/s':>18}" for s in systems) + \
+    head = f"{'scenario':<20}" + "".join(f"{LABEL[s] + ' req/s':>18}" for s in systems) + \
         "".join(f"{LABEL[s] + ' cpu us/req':>22}" for s in systems) + "  errors"
     print(head)
     for res in results:
         if res["kind"] != "wrk" or "median" not in res:
             continue
         med = res["median"]
-        line = f"{res['scenario']:<14}"
+        line = f"{res['scenario']:<20}"
         line += "".join(f"{med[s]['rps']:>18.0f}" for s in systems)
         line += "".join(f"{med[s]['cpu_us']:>22.1f}" for s in systems)
         errs = sum(med[s]["error_total"] for s in systems)
         line += f"  {'!!! ' + str(errs) if errs else 0}"
         print(line)
         for other, r in wrk_ratios(res).items():
-            print(f"{'':<14}Switchyard/{LABEL[other]}: req/s x{r['rps']:.2f}, "
+            print(f"{'':<20}Switchyard/{LABEL[other]}: req/s x{r['rps']:.2f}, "
                   f"CPU per request x{r['cpu']:.2f} (>1: Switchyard better)")
     for res in results:
         if res["kind"] == "idle":
@@ -1058,6 +1550,30 @@ def print_summary(results, systems):
     print("=" * 100)
 
 
+def tls_libraries(tools):
+    """Which TLS library each balancer runs: rustls and its crypto provider from Cargo.lock,
+    the OpenSSL nginx and HAProxy run with (not the one they were built with)."""
+    parts = []
+    try:
+        with open(os.path.join(REPO, "Cargo.lock")) as f:
+            lock = f.read()
+        vers = dict(re.findall(r'^name = "(rustls|ring|aws-lc-rs)"\nversion = "([^"]+)"', lock,
+                               re.M))
+        if "rustls" in vers:
+            provider = ", ".join(f"{k} {v}" for k, v in vers.items() if k != "rustls")
+            parts.append(f"Switchyard: rustls {vers['rustls']} ({provider or '?'})")
+    except OSError:
+        pass
+    ng = re.search(r"running with (OpenSSL \S+)", run_text([tools.nginx, "-V"]))
+    if not ng:
+        ng = re.search(r"built with (OpenSSL \S+)", run_text([tools.nginx, "-V"]))
+    ha = re.search(r"Running on OpenSSL version : (OpenSSL \S+)",
+                   run_text([tools.haproxy, "-vv"]))
+    parts.append(f"nginx: {ng.group(1) if ng else '?'}")
+    parts.append(f"HAProxy: {ha.group(1) if ha else '?'}")
+    return "; ".join(parts)
+
+
 def machine_info(tools):
     model = cores = "?"
     for line in run_text(["lscpu"]).splitlines():
@@ -1068,6 +1584,65 @@ def machine_info(tools):
     return {"cpu": model, "cpus": cores, "kernel": platform.release(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "versions": tools.versions}
+
+
+def tls_summary(tls_results, systems):
+    """The TLS/HTTP/2 table: per handshake or request, against the better of the two peers."""
+    L = ["### TLS and HTTP/2", ""]
+    L.append("One unit is a full handshake (`tls-handshake-*`: every request a new TLS "
+             "connection, no resumption), a resumed handshake (`tls-resume`) or a request "
+             "(`tls-keepalive`, `h2-streams`). CPU ratio vs the better peer = the lower of "
+             "nginx's and HAProxy's CPU per unit / Switchyard's (>= 1.0: Switchyard uses no "
+             "more CPU than the better of them). Negotiated = version, cipher suite and key "
+             "exchange group in the ServerHellos captured during the warm-up run.")
+    L.append("")
+    head = "| scenario | unit | " + " | ".join(f"{LABEL[s]} units/s" for s in systems) + \
+        " | " + " | ".join(f"{LABEL[s]} CPU µs/unit" for s in systems)
+    peers = [o for o in ("nginx", "haproxy") if o in systems]
+    if "switchyard" in systems and peers:
+        head += " | CPU vs better peer"
+    head += (f" | negotiated | resumed ({' / '.join(LABEL[s] for s in systems)}) | "
+             f"checked |")
+    L.append(head)
+    L.append("|---" * (head.count("|") - 1) + "|")
+    for res in tls_results:
+        med = res["median"]
+        row = f"| {res['scenario']} | {res['unit']} | "
+        row += " | ".join(f"{med[s]['rps']:,.0f}" for s in systems) + " | "
+        row += " | ".join(f"{med[s]['cpu_us']:.1f}" for s in systems)
+        if "switchyard" in systems and peers:
+            best = min(med[o]["cpu_us"] for o in peers)
+            r = ratio(best, med["switchyard"]["cpu_us"])
+            row += f" | {fmt(r, '.2f')}"
+        tls = res.get("tls", {})
+        neg = {s: v.get("negotiated", "-") for s, v in tls.items()}
+        row += " | " + (next(iter(neg.values())) if len(set(neg.values())) == 1 else
+                        "; ".join(f"{LABEL[s]}: {n}" for s, n in neg.items()))
+        if res["unit"] == "resumed handshake":
+            row += " | " + ", ".join(f"{100 * v['resumed_reconnects']:.1f}% of reconnects"
+                                     if "resumed_reconnects" in v else "-"
+                                     for v in tls.values())
+        elif res["unit"] == "full handshake":
+            row += " | " + ", ".join(f"{v['stats']['resumed']} of {v['stats']['server_hellos']}"
+                                     if "stats" in v else "-" for v in tls.values())
+        else:
+            row += " | -"
+        ok = [v.get("ok") for v in tls.values()]
+        row += " | " + ("yes" if ok and all(ok) else "**no**" if any(o is False for o in ok)
+                        else "skipped") + " |"
+        L.append(row)
+    L.append("")
+    target = next((r for r in tls_results if r["scenario"] == "tls-handshake-ecdsa"), None)
+    if target and "switchyard" in systems and peers:
+        med = target["median"]
+        best_peer = min(peers, key=lambda o: med[o]["cpu_us"])
+        r = ratio(med[best_peer]["cpu_us"], med["switchyard"]["cpu_us"])
+        L.append(f"Target (CPU per full ECDSA P-256 handshake no more than the better peer's): "
+                 f"Switchyard {med['switchyard']['cpu_us']:.1f} µs, {LABEL[best_peer]} "
+                 f"{med[best_peer]['cpu_us']:.1f} µs: ratio {fmt(r, '.2f')}, "
+                 f"{'met' if r and r >= 1.0 else 'missed'}.")
+        L.append("")
+    return L
 
 
 def markdown(results, meta, args, errors):
@@ -1093,8 +1668,14 @@ def markdown(results, meta, args, errors):
     L.append("|---|---|")
     L.append(f"| CPU | {m['cpu']}, {m['cpus']} CPUs |")
     L.append(f"| kernel | {m['kernel']} |")
-    for k in ("switchyard", "nginx", "haproxy", "wrk"):
-        L.append(f"| {k} | {m['versions'].get(k, '?')} |")
+    for k in ("switchyard", "nginx", "haproxy", "wrk", "h2load", "openssl"):
+        if k in m["versions"] or k in ("switchyard", "nginx", "haproxy", "wrk"):
+            L.append(f"| {k} | {m['versions'].get(k, '?')} |")
+    if meta.get("tls_libraries"):
+        L.append(f"| TLS libraries | {meta['tls_libraries']} |")
+    for kind, desc in meta.get("certificates", {}).items():
+        L.append(f"| certificate `{kind}` | {desc}, self-signed, SAN DNS:{TLS_NAME}, "
+                 f"IP:127.0.0.1 |")
     L.append("")
     L.append("![CPU per request and throughput ratios](benchmarks.png)")
     L.append("")
@@ -1125,6 +1706,9 @@ def markdown(results, meta, args, errors):
             row += f" | {'**' + str(errs) + '**' if errs else 0} |"
             L.append(row)
         L.append("")
+    tls_results = [r for r in wrk_results if r.get("cert")]
+    if tls_results:
+        L += tls_summary(tls_results, systems)
 
     for res in results:
         L.append(f"### `{res['scenario']}`: {res['title']}")
@@ -1136,6 +1720,16 @@ def markdown(results, meta, args, errors):
                    "both CPUs")
             L.append(f"{res['threads']} worker thread(s)/process(es) per balancer; {pin}.")
             L.append("")
+            if res.get("unit", "request") != "request":
+                L.append(f"Every request is a new TLS connection with one {res['unit']} "
+                         f"(checked below), so req/s = {res['unit']}s/s and CPU µs/req = CPU "
+                         f"µs per {res['unit']}.")
+                L.append("")
+            elif res.get("h2"):
+                L.append(f"`h2load -c{H2_CLIENTS} -m{H2_STREAMS}`: {H2_CLIENTS} TLS connections "
+                         f"opened once, up to {H2_STREAMS} concurrent streams on each; latency "
+                         f"percentiles from h2load's per-request log (`--log-file`).")
+                L.append("")
             L.append("| system | req/s | p50 ms | p99 ms | p99.9 ms | CPU µs/req user | "
                      "kernel | total | CPUs busy | backend conns /1k req | errors |")
             L.append("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -1154,6 +1748,16 @@ def markdown(results, meta, args, errors):
                 L.append("Switchyard relative (>1: Switchyard better): " + "; ".join(
                     f"vs {LABEL[o]} req/s ×{r['rps']:.2f}, CPU/req ×{r['cpu']:.2f}"
                     for o, r in rat.items()) + ".")
+                L.append("")
+            tls = res.get("tls")
+            if tls:
+                L.append(f"TLS handshakes on the wire during the {WARMUP_SECONDS} s warm-up "
+                         f"run (same client and flags as the measured runs; ClientHello and "
+                         f"ServerHello records captured on `lo`, see Setup):")
+                L.append("")
+                for s, v in tls.items():
+                    L.append(f"- {LABEL[s]}: " + (v["text"] if "text" in v else
+                                                  f"skipped ({v.get('skipped')})"))
                 L.append("")
             seen = res.get("backends_seen", {})
             if seen:
@@ -1314,6 +1918,50 @@ NOTES = """
 - nginx's `keepalive N` is a per-worker LRU cache shared by all servers of an upstream: 64
   idle connections for 100 servers made nginx open a new backend connection for ~60% of the
   requests, so the configs use `keepalive max(64, 4 × servers)` (400 for `100-backends`).
+- **TLS setup** (`tls-*`, `h2-streams`): one self-signed certificate per key type, made once
+  per run in the temp dir with `openssl req -x509` (ECDSA P-256 or RSA 2048, SAN
+  `DNS:bench.local`, `IP:127.0.0.1`), the same files for all three balancers (HAProxy gets
+  them as one PEM). TLS 1.2 and 1.3 on in all three (nginx `ssl_protocols TLSv1.2 TLSv1.3`,
+  HAProxy `ssl-min-ver TLSv1.2`, Switchyard `min_version: "1.2"`); every client here
+  negotiates TLS 1.3. Resumption on in all three: nginx `ssl_session_cache shared:SSL:10m;
+  ssl_session_tickets on`, HAProxy's defaults (a 20 000-entry cache and tickets), Switchyard
+  `session_tickets: true`. ALPN `h2,http/1.1` only in `h2-streams` (nginx `listen ... ssl
+  http2`, HAProxy `alpn h2,http/1.1`, Switchyard `http2: true`), `http/1.1` elsewhere. The
+  client's preference picks the TLS 1.3 cipher in all three (nginx's and rustls's default;
+  HAProxy `prefer-client-ciphers`, its default being its own order, which gave
+  TLS_AES_256_GCM_SHA384 where the others gave h2load's TLS_AES_128_GCM_SHA256), so one
+  client gets the same cipher and group from all three: the *negotiated* column shows it.
+  Backends stay plain HTTP/1.1 with keep-alive as in the other scenarios; one worker, pinned
+  as in the other 1-thread scenarios; `X-Forwarded-Proto: https`.
+- **Full handshakes** (`tls-handshake-ecdsa`, `tls-handshake-rsa`): `wrk -c50 -H "Connection:
+  close"` over https, a new TCP and TLS connection per request. wrk reconnects with
+  `SSL_shutdown` + `SSL_clear` on the same `SSL` object, which keeps the session, so plain
+  wrk offers the previous connection's ticket on every reconnect and all three servers resume
+  it (that is `tls-resume`). For full handshakes wrk runs with a 15-line `LD_PRELOAD` shim
+  (built with `cc` in the temp dir, `NO_RESUME_C` in the script) that calls
+  `SSL_set_session(ssl, NULL)` after `SSL_clear`. CPU per handshake = the balancer's CPU
+  (`/proc`, as above) / completed requests, each one handshake. The client pays more per full
+  handshake than a server (it verifies the ECDSA/RSA signature and runs OpenSSL 3.0), so on
+  its one CPU it is the bottleneck: handshakes/s say how fast one wrk core connects, CPU per
+  handshake is the comparison (*CPUs busy* well under 1).
+- **Resumed handshakes** (`tls-resume`): plain wrk as above; every reconnect offers the TLS
+  1.3 ticket of the connection before and is resumed (PSK with an X25519 key exchange); the
+  first handshake of each of the 50 connections is full.
+- **How the handshakes are checked**: during each balancer's warm-up run (same client and
+  flags as the measured runs) an `AF_PACKET` socket on `lo` with a classic BPF filter takes
+  every TCP segment to or from the balancer's port that starts with a TLS ClientHello or
+  ServerHello; the script parses them: ClientHellos = new TLS connections (compared with the
+  requests completed: at most the connections in flight more), ClientHellos offering a
+  session (`pre_shared_key`), ServerHellos accepting one (`pre_shared_key`: resumed), and the
+  version, cipher suite and key-share group from the ServerHello (cleartext in TLS 1.3). A
+  scenario whose premise fails (a resumed or offered session in `tls-handshake-*`, a
+  reconnect not resumed in `tls-resume`, reconnects in `tls-keepalive`/`h2-streams`, packets
+  dropped by the capture) is an error of the run. Not captured during the measured runs:
+  the capture costs CPU.
+- **HTTP/2** (`h2-streams`): `h2load -t1 -c10 -m32 -D <duration>` over TLS (ALPN h2, checked
+  in h2load's output), pinned like wrk; req/s = 2xx answers / duration; errors = h2load's
+  failed requests + non-2xx; latency percentiles from `--log-file`. The balancers speak
+  HTTP/1.1 with keep-alive to the backend.
 """
 
 
@@ -1353,31 +2001,50 @@ def write_chart(results, systems, path):
     wrk_results = [r for r in results if r["kind"] == "wrk" and "median" in r]
     if not wrk_results:
         return False
-    names = [r["scenario"] + (" (!)" if sum(r["median"][s]["error_total"] for s in systems)
-                              else "") for r in wrk_results]
     colors = {"switchyard": "#2b7bba", "nginx": "#3a9e4f", "haproxy": "#d9822b"}
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(12, 9), gridspec_kw={"height_ratios": [3, 2]})
-    n = len(systems)
-    width = 0.8 / n
-    xs = range(len(wrk_results))
-    for i, s in enumerate(systems):
-        pos = [x - 0.4 + width * (i + 0.5) for x in xs]
-        user = [r["median"][s]["user_us"] for r in wrk_results]
-        kern = [r["median"][s]["sys_us"] for r in wrk_results]
-        ax1.bar(pos, user, width, color=colors[s], label=f"{LABEL[s]} (user)")
-        ax1.bar(pos, kern, width, bottom=user, color=colors[s], alpha=0.45, hatch="//",
-                edgecolor="white", label=f"{LABEL[s]} (kernel)")
-        for p, u, k in zip(pos, user, kern):
-            ax1.text(p, u + k, f"{u + k:.0f}", ha="center", va="bottom", fontsize=7)
-    ax1.set_xticks(list(xs))
-    ax1.set_xticklabels(names)
-    ax1.set_ylabel("CPU µs per request (lower is better)")
-    ax1.set_title("Balancer CPU per request: solid = user, hatched = kernel")
-    ax1.legend(ncol=3, fontsize=8)
-    ax1.grid(axis="y", alpha=0.3)
 
+    def label(r):
+        return r["scenario"] + (" (!)" if sum(r["median"][s]["error_total"] for s in systems)
+                                else "")
+
+    def cpu_bars(ax, rs, ylabel, title):
+        n = len(systems)
+        width = 0.8 / n
+        xs = range(len(rs))
+        for i, s in enumerate(systems):
+            pos = [x - 0.4 + width * (i + 0.5) for x in xs]
+            user = [r["median"][s]["user_us"] for r in rs]
+            kern = [r["median"][s]["sys_us"] for r in rs]
+            ax.bar(pos, user, width, color=colors[s], label=f"{LABEL[s]} (user)")
+            ax.bar(pos, kern, width, bottom=user, color=colors[s], alpha=0.45, hatch="//",
+                   edgecolor="white", label=f"{LABEL[s]} (kernel)")
+            for p, u, k in zip(pos, user, kern):
+                ax.text(p, u + k, f"{u + k:.0f}", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels([label(r) for r in rs], fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(ncol=3, fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+
+    plain = [r for r in wrk_results if not r.get("cert")]
+    tls = [r for r in wrk_results if r.get("cert")]
+    groups = [g for g in (plain, tls) if g]
+    heights = [3] * len(groups) + [2]
+    fig, axes = plt.subplots(len(heights), 1, figsize=(13, 4.5 * len(heights)),
+                             gridspec_kw={"height_ratios": heights})
+    if plain:
+        cpu_bars(axes[0], plain, "CPU µs per request (lower is better)",
+                 "Balancer CPU per request, plain HTTP: solid = user, hatched = kernel")
+    if tls:
+        cpu_bars(axes[len(groups) - 1], tls,
+                 "CPU µs per handshake / request (lower is better)",
+                 "TLS and HTTP/2: CPU per full handshake (tls-handshake-*), per resumed "
+                 "handshake (tls-resume), per request (tls-keepalive, h2-streams)")
+    ax2 = axes[-1]
     others = [o for o in ("nginx", "haproxy") if o in systems and "switchyard" in systems]
     if others:
+        xs = range(len(wrk_results))
         width2 = 0.8 / len(others)
         for i, o in enumerate(others):
             pos = [x - 0.4 + width2 * (i + 0.5) for x in xs]
@@ -1387,7 +2054,8 @@ def write_chart(results, systems, path):
                 ax2.text(p, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
         ax2.axhline(1.0, color="black", linewidth=1)
         ax2.set_xticks(list(xs))
-        ax2.set_xticklabels(names)
+        ax2.set_xticklabels([label(r) for r in wrk_results], rotation=20, ha="right",
+                            fontsize=8)
         ax2.set_ylabel("requests/s ratio (>1: Switchyard faster)")
         ax2.set_title("Throughput: Switchyard relative to nginx and HAProxy")
         ax2.legend(fontsize=8)
@@ -1395,7 +2063,7 @@ def write_chart(results, systems, path):
     else:
         ax2.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
 
@@ -1500,6 +2168,13 @@ def main():
 
     try:
         ports_free(layout.all_ports())
+        tools.require(args.selected)
+        if any(sc.tls for sc in args.selected):
+            tools.certs = make_certs(tools, work)
+            meta["certificates"] = {k: v["describe"] for k, v in tools.certs.items()}
+            meta["tls_libraries"] = tls_libraries(tools)
+        if any(sc.handshakes and not sc.resume for sc in args.selected):
+            tools.no_resume = build_no_resume(tools, work)
         for sc in args.selected:
             print(f"[{sc.letter}] {sc.name}: {sc.title}", flush=True)
             if sc.kind == "wrk":
@@ -1522,8 +2197,10 @@ def main():
         for run in r.get("rounds", {}).values():
             for x in run:
                 x.pop("wrk_output", None)
-    keep = next((s for s in args.selected if s.kind == "wrk"), None)
-    if keep:
+    keeps = [next((s for s in args.selected if s.kind == "wrk" and not s.tls), None),
+             next((s for s in args.selected if s.h2), None) or
+             next((s for s in args.selected if s.tls), None)]
+    for keep in filter(None, keeps):
         for system, ext in (("switchyard", "yaml"), ("nginx", "conf"), ("haproxy", "cfg")):
             path = os.path.join(work, f"{system}-{keep.name}.{ext}")
             if os.path.exists(path):
