@@ -366,6 +366,7 @@ def http_get_once(port, path, timeout=2.0, tls=None):
 def wait_ready(proc, port, path, limit=30.0, tls=None):
     deadline = time.monotonic() + limit
     last = "no answer"
+    plain = 0
     while time.monotonic() < deadline:
         if not proc.alive():
             raise BenchError(f"{proc.name} exited with code {proc.popen.returncode} before it "
@@ -378,6 +379,12 @@ def wait_ready(proc, port, path, limit=30.0, tls=None):
             last = f"status {status}: {body[:200]!r}"
         except (OSError, ValueError, IndexError) as e:  # ssl.SSLError is an OSError
             last = str(e)
+            # a listener that answers TLS with plain HTTP will not change its mind
+            plain = plain + 1 if isinstance(e, ssl.SSLError) and \
+                "WRONG_VERSION_NUMBER" in str(e).upper() else 0
+            if plain >= 20:
+                raise BenchError(f"{proc.name} answers plain HTTP, not TLS, on 127.0.0.1:{port} "
+                                 f"({last}): no TLS listener")
         time.sleep(0.05)
     raise BenchError(f"{proc.name} did not answer 200 on {'https' if tls else 'http'}://"
                      f"127.0.0.1:{port}{path} within "
@@ -1318,7 +1325,18 @@ def run_wrk_scenario(tools, work, sc, layout, args, record):
               if sc.handshakes else "request"}
     try:
         for system in args.systems:
-            bal, cmd = start_balancer(tools, work, sc, layout, system)
+            try:
+                bal, cmd = start_balancer(tools, work, sc, layout, system)
+            except BenchError as e:
+                # A balancer without TLS support yet (Switchyard's listener before it has
+                # one): the scenario runs with the others and says so.
+                if not sc.tls:
+                    raise
+                for p in [p for p in STARTED if p.name == f"{system}-{sc.name}"]:
+                    p.stop()
+                result.setdefault("not_run", {})[system] = str(e)[:800]
+                print(f"  {sc.name} {LABEL[system]:<10} NOT RUN: {str(e)[:300]}", flush=True)
+                continue
             balancers[system] = bal
             result["commands"][system] = show_cmd(cmd, work)
             result["backends_seen"][system] = sanity_check(bal, sc)
@@ -1326,8 +1344,12 @@ def run_wrk_scenario(tools, work, sc, layout, args, record):
                 result.setdefault("tls", {})[system] = tls_warmup(tools, work, sc, bal)
             else:
                 run_load(tools, work, sc, bal.port, WARMUP_SECONDS)
+        ran = [s for s in args.systems if s in balancers]
+        for s in list(result["rounds"]):
+            if s not in balancers:
+                del result["rounds"][s]
         for rnd in range(args.rounds):
-            for system in args.systems:
+            for system in ran:
                 res, cmd = measure(tools, work, sc, balancers[system], layout, args.duration)
                 result["commands"]["wrk"] = show_cmd(cmd, work).replace(
                     f":{balancers[system].port}/", ":$PORT/")
@@ -1339,7 +1361,7 @@ def run_wrk_scenario(tools, work, sc, layout, args, record):
                       f"{res['rps']:>9.0f} req/s  p99 {fmt_ms(res['p99_us'])} ms  "
                       f"cpu {res['cpu_us']:6.1f} us/req (user {res['user_us']:.1f}, "
                       f"kernel {res['sys_us']:.1f}){flag}", flush=True)
-        result["median"] = {s: summarize(result["rounds"][s]) for s in args.systems}
+        result["median"] = {s: summarize(result["rounds"][s]) for s in ran}
         if sc.name == "keepalive-1t" and not args.no_perf:
             result["syscalls"] = {}
             for system in args.systems:
@@ -1469,6 +1491,11 @@ def fmt_ms(us):
     return "-" if us is None else f"{us / 1000:.2f}"
 
 
+def cell(med, system, key, spec):
+    """A median figure for a table, "-" for a system that did not run the scenario."""
+    return format(med[system][key], spec) if system in med else "-"
+
+
 def fmt(v, spec=".1f"):
     return "-" if v is None else format(v, spec)
 
@@ -1524,9 +1551,11 @@ def print_summary(results, systems):
             continue
         med = res["median"]
         line = f"{res['scenario']:<20}"
-        line += "".join(f"{med[s]['rps']:>18.0f}" for s in systems)
-        line += "".join(f"{med[s]['cpu_us']:>22.1f}" for s in systems)
-        errs = sum(med[s]["error_total"] for s in systems)
+        line += "".join(f"{med[s]['rps']:>18.0f}" if s in med else f"{'-':>18}"
+                        for s in systems)
+        line += "".join(f"{med[s]['cpu_us']:>22.1f}" if s in med else f"{'-':>22}"
+                        for s in systems)
+        errs = sum(med[s]["error_total"] for s in systems if s in med)
         line += f"  {'!!! ' + str(errs) if errs else 0}"
         print(line)
         for other, r in wrk_ratios(res).items():
@@ -1608,11 +1637,12 @@ def tls_summary(tls_results, systems):
     for res in tls_results:
         med = res["median"]
         row = f"| {res['scenario']} | {res['unit']} | "
-        row += " | ".join(f"{med[s]['rps']:,.0f}" for s in systems) + " | "
-        row += " | ".join(f"{med[s]['cpu_us']:.1f}" for s in systems)
+        row += " | ".join(cell(med, s, "rps", ",.0f") for s in systems) + " | "
+        row += " | ".join(cell(med, s, "cpu_us", ".1f") for s in systems)
         if "switchyard" in systems and peers:
-            best = min(med[o]["cpu_us"] for o in peers)
-            r = ratio(best, med["switchyard"]["cpu_us"])
+            ran = [o for o in peers if o in med]
+            best = min(med[o]["cpu_us"] for o in ran) if ran else None
+            r = ratio(best, med["switchyard"]["cpu_us"]) if "switchyard" in med else None
             row += f" | {fmt(r, '.2f')}"
         tls = res.get("tls", {})
         neg = {s: v.get("negotiated", "-") for s, v in tls.items()}
@@ -1632,9 +1662,16 @@ def tls_summary(tls_results, systems):
                         else "skipped") + " |"
         L.append(row)
     L.append("")
+    for res in tls_results:
+        for s, why in res.get("not_run", {}).items():
+            L.append(f"**{LABEL[s]} did not run `{res['scenario']}`**: "
+                     f"{why.splitlines()[0][:300]}")
+            L.append("")
     target = next((r for r in tls_results if r["scenario"] == "tls-handshake-ecdsa"), None)
-    if target and "switchyard" in systems and peers:
+    if target and "switchyard" in target["median"] and \
+            any(o in target["median"] for o in peers):
         med = target["median"]
+        peers = [o for o in peers if o in med]
         best_peer = min(peers, key=lambda o: med[o]["cpu_us"])
         r = ratio(med[best_peer]["cpu_us"], med["switchyard"]["cpu_us"])
         L.append(f"Target (CPU per full ECDSA P-256 handshake no more than the better peer's): "
@@ -1697,12 +1734,14 @@ def markdown(results, meta, args, errors):
         L.append("|---" * (1 + 2 * len(systems) + 2 * len(ratios_cols) + 1) + "|")
         for res in wrk_results:
             med = res["median"]
-            row = f"| {res['scenario']} | " + " | ".join(f"{med[s]['rps']:,.0f}" for s in systems)
-            row += " | " + " | ".join(f"{med[s]['cpu_us']:.1f}" for s in systems)
+            row = f"| {res['scenario']} | " + " | ".join(cell(med, s, "rps", ",.0f")
+                                                         for s in systems)
+            row += " | " + " | ".join(cell(med, s, "cpu_us", ".1f") for s in systems)
             rat = wrk_ratios(res)
             for o in ratios_cols:
-                row += f" | {rat[o]['rps']:.2f} | {rat[o]['cpu']:.2f}"
-            errs = sum(med[s]["error_total"] for s in systems)
+                row += (f" | {rat[o]['rps']:.2f} | {rat[o]['cpu']:.2f}" if o in rat
+                        else " | - | -")
+            errs = sum(med[s]["error_total"] for s in systems if s in med)
             row += f" | {'**' + str(errs) + '**' if errs else 0} |"
             L.append(row)
         L.append("")
@@ -1734,6 +1773,11 @@ def markdown(results, meta, args, errors):
                      "kernel | total | CPUs busy | backend conns /1k req | errors |")
             L.append("|---|---|---|---|---|---|---|---|---|---|---|")
             for s in systems:
+                if s not in med:
+                    why = res.get("not_run", {}).get(s, "not run")
+                    L.append(f"| {LABEL[s]} | not run: {why.splitlines()[0][:200]} |" +
+                             " |" * 9)
+                    continue
                 v = med[s]
                 err = v["error_total"]
                 err_s = f"**{err}** {v['errors']}" if err else "0"
@@ -1779,7 +1823,7 @@ def markdown(results, meta, args, errors):
             L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
             for rnd in range(args.rounds):
                 for s in systems:
-                    if rnd >= len(res["rounds"][s]):
+                    if rnd >= len(res["rounds"].get(s, [])):
                         continue
                     r = res["rounds"][s][rnd]
                     L.append(f"| {r['round']} | {LABEL[s]} | {r['rps']:,.0f} | "
@@ -2004,8 +2048,8 @@ def write_chart(results, systems, path):
     colors = {"switchyard": "#2b7bba", "nginx": "#3a9e4f", "haproxy": "#d9822b"}
 
     def label(r):
-        return r["scenario"] + (" (!)" if sum(r["median"][s]["error_total"] for s in systems)
-                                else "")
+        return r["scenario"] + (" (!)" if sum(r["median"][s]["error_total"] for s in systems
+                                              if s in r["median"]) else "")
 
     def cpu_bars(ax, rs, ylabel, title):
         n = len(systems)
@@ -2013,13 +2057,14 @@ def write_chart(results, systems, path):
         xs = range(len(rs))
         for i, s in enumerate(systems):
             pos = [x - 0.4 + width * (i + 0.5) for x in xs]
-            user = [r["median"][s]["user_us"] for r in rs]
-            kern = [r["median"][s]["sys_us"] for r in rs]
+            user = [r["median"].get(s, {}).get("user_us", 0.0) for r in rs]
+            kern = [r["median"].get(s, {}).get("sys_us", 0.0) for r in rs]
             ax.bar(pos, user, width, color=colors[s], label=f"{LABEL[s]} (user)")
             ax.bar(pos, kern, width, bottom=user, color=colors[s], alpha=0.45, hatch="//",
                    edgecolor="white", label=f"{LABEL[s]} (kernel)")
             for p, u, k in zip(pos, user, kern):
-                ax.text(p, u + k, f"{u + k:.0f}", ha="center", va="bottom", fontsize=7)
+                ax.text(p, u + k, f"{u + k:.0f}" if u + k else "n/a", ha="center",
+                        va="bottom", fontsize=7)
         ax.set_xticks(list(xs))
         ax.set_xticklabels([label(r) for r in rs], fontsize=8)
         ax.set_ylabel(ylabel)
@@ -2048,7 +2093,7 @@ def write_chart(results, systems, path):
         width2 = 0.8 / len(others)
         for i, o in enumerate(others):
             pos = [x - 0.4 + width2 * (i + 0.5) for x in xs]
-            vals = [wrk_ratios(r)[o]["rps"] for r in wrk_results]
+            vals = [wrk_ratios(r).get(o, {}).get("rps", 0.0) for r in wrk_results]
             ax2.bar(pos, vals, width2, color=colors[o], label=f"Switchyard / {LABEL[o]}")
             for p, v in zip(pos, vals):
                 ax2.text(p, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
