@@ -13,7 +13,7 @@
 //!   no count of requests sees it, and a drain that exits when the count is zero kills it.
 //!   [`Connections`] knows instead when the last connection task has ended (see there).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,23 +24,28 @@ use pingora_core::services::{ServiceReadyNotifier, ServiceWithDependents};
 
 /// Whether the proxy may still take or answer a connection, for the drain at shutdown.
 ///
-/// Learns both from the connection app: see its `Drop`.
+/// Learns both from the connection apps, one per listener: see their `Drop`.
 #[derive(Default)]
 pub struct Connections {
     started: AtomicBool,
-    ended: AtomicBool,
+    /// Connection apps not yet dropped.
+    apps: AtomicUsize,
 }
 
 impl Connections {
-    /// The connection app is gone: nothing more is accepted or served.
-    pub(crate) fn end(&self) {
-        self.ended.store(true, Ordering::Release);
+    pub(crate) fn app_created(&self) {
+        self.apps.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A connection app is gone: its listener accepts and serves nothing more.
+    pub(crate) fn app_ended(&self) {
+        self.apps.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// True when the proxy never started, or has stopped and every connection it accepted has
     /// been served or closed.
     pub fn settled(&self) -> bool {
-        !self.started.load(Ordering::Acquire) || self.ended.load(Ordering::Acquire)
+        !self.started.load(Ordering::Acquire) || self.apps.load(Ordering::Acquire) == 0
     }
 }
 
