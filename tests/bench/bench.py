@@ -1864,9 +1864,10 @@ def markdown(results, meta, args, errors):
                     r = res["rounds"][s][rnd]
                     extra = ""
                     if hs:
+                        check = "ok" if r.get("tls_ok") else \
+                            "**failed**: " + r.get("tls_text", "")
                         extra = (f"{r.get('handshakes', 0):,} | "
-                                 f"{fmt(r.get('cpu_per_request_us'))} | "
-                                 f"{'ok' if r.get('tls_ok') else '**failed**: ' + r.get('tls_text', '')} | ")
+                                 f"{fmt(r.get('cpu_per_request_us'))} | {check} | ")
                     L.append(f"| {r['round']} | {LABEL[s]} | {r['rps']:,.0f} | "
                              f"{fmt_ms(r['p50_us'])} | {fmt_ms(r['p75_us'])} | "
                              f"{fmt_ms(r['p90_us'])} | {fmt_ms(r['p99_us'])} | "
