@@ -32,7 +32,7 @@ use crate::metric::{self, ExpiryMetric, Series};
 use crate::resolve::SniResolver;
 
 /// Sessions the stateful cache of one listener keeps; beyond it rustls drops the oldest. The
-/// table is allocated up front (about 1.5 MiB) and each session adds a few hundred bytes:
+/// table is allocated up front (about 2 MiB) and each session adds a few hundred bytes:
 /// a few MiB per listener at most, for the clients of the last minutes to hours. rustls's own
 /// default (256) would turn a busy listener's returning clients into full handshakes.
 pub const SESSION_CACHE_SIZE: usize = 20_000;
