@@ -24,4 +24,5 @@ mod retiring;
 mod rollout_lifecycle;
 mod rollouts;
 mod state;
+mod tls;
 mod websocket;

@@ -84,9 +84,16 @@ pub fn run(
         let _ = std::fs::remove_file(&handover);
         switchyard_pool::retire::discard_keys(&handover);
     }
+    let metrics = Arc::new(Metrics::new());
+    // Every certificate and key file read and checked before anything is served; Pingora's
+    // own TLS settings would panic on a bad one.
+    let tls_fronts = Arc::new(
+        switchyard_tls::TlsFronts::load(&config, &metrics)
+            .map_err(|problems| problems.join("\n"))?,
+    );
     let pool = Arc::new(Pool::new(
         config,
-        Arc::new(Metrics::new()),
+        metrics,
         upgrade.then_some(handover.as_path()),
     )?);
     if upgrade {
@@ -97,7 +104,11 @@ pub fn run(
             "took the listening sockets over from the previous process (binary upgrade)",
         ));
     }
-    let control = Arc::new(Control::new(Arc::clone(&pool), config_path)?);
+    let control = Arc::new(Control::new(
+        Arc::clone(&pool),
+        Arc::clone(&tls_fronts),
+        config_path,
+    )?);
     crate::limits::raise_open_files(client_limits.max_connections)?;
 
     let closing = Arc::new(AtomicBool::new(false));

@@ -44,6 +44,16 @@ fn main() -> ExitCode {
                     eprintln!("{problem}");
                     return ExitCode::from(1);
                 }
+                // The certificate files as a start reads them: what would stop it is a
+                // problem, an expired or expiring certificate only a warning.
+                let tls = switchyard_tls::check(&loaded);
+                for warning in &tls.warnings {
+                    eprintln!("warning: {warning}");
+                }
+                if !tls.errors.is_empty() {
+                    eprintln!("{}", tls.errors.join("\n"));
+                    return ExitCode::from(1);
+                }
                 println!("{}: ok", config.display());
                 ExitCode::SUCCESS
             }
