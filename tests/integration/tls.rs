@@ -306,11 +306,22 @@ fn a_tls_handshake_is_bounded_by_header_timeout_and_max_connections() {
         "  header_timeout: 1s\n  max_connections: 2\n",
     );
     let sy = Switchyard::start(&yaml);
+    // The fixture's probes of the listener are accepted once the proxy runs: a request
+    // served means they have been, and then they are gone.
+    let cacert = cert.cert.display().to_string();
+    let (resolve, url) = https("t.example.com", sy.addr, "/");
+    let (code, _, err) = curl(&["--cacert", &cacert, "--resolve", &resolve, &url]);
+    assert_eq!(code, 0, "{err}");
+    wait_until("no connection open", Duration::from_secs(5), || {
+        sample(&sy.scrape(), "switchyard_client_connections") == Some(0.0)
+    });
     // Two connections that never start their handshake hold the two places...
     let mut idle: Vec<TcpStream> = (0..2)
         .map(|_| TcpStream::connect(sy.addr).expect("connect"))
         .collect();
-    std::thread::sleep(Duration::from_millis(200));
+    wait_until("both counted", Duration::from_secs(5), || {
+        sample(&sy.scrape(), "switchyard_client_connections") == Some(2.0)
+    });
     // ...so a third is closed at once, before any handshake.
     let mut third = TcpStream::connect(sy.addr).expect("connect");
     third
@@ -366,7 +377,7 @@ fn cookies_issued_over_tls_are_secure_and_tls_1_3_can_be_required() {
     let backend = TestBackend::start("app");
     let yaml = tls_config(&[&cert], "      min_version: \"1.3\"\n", "", backend.addr).replace(
         "    split:\n      app: 1\n",
-        "    split:\n      app: 1\n    sticky:\n      key: {cookie: switchyard_user}\n      set_cookie: true\n",
+        "    split:\n      app: 1\n    sticky:\n      cookie: switchyard_user\n      set_cookie: true\n",
     );
     let sy = Switchyard::start(&yaml);
     let (resolve, url) = https("s.example.com", sy.addr, "/");

@@ -198,15 +198,11 @@ impl<A: HttpServerApp + Send + Sync + 'static> ClientApp<A> {
     async fn negotiate(&self, stream: Stream) -> Option<Speaks> {
         let timeout = self.limits.header_timeout;
         if let Some(tls) = &self.front.tls {
-            let stream = match tokio::time::timeout(timeout, tls.handshake(stream)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => {
+            let stream = match self.within(timeout, tls.handshake(stream)).await? {
+                Ok(stream) => stream,
+                Err(e) => {
                     // A client that gave up or speaks no TLS: not worth more than debug.
                     log::debug!("TLS handshake failed: {e}");
-                    return None;
-                }
-                Err(_) => {
-                    self.counters.reject(Rejection::HeaderTimeout);
                     return None;
                 }
             };
@@ -225,11 +221,25 @@ impl<A: HttpServerApp + Send + Sync + 'static> ClientApp<A> {
         // line) waits here for `header_timeout`, as with Pingora's own h2c detection.
         let mut stream = stream;
         let mut preface = [0u8; H2_PREFACE.len()];
-        match tokio::time::timeout(timeout, stream.try_peek(&mut preface)).await {
-            Ok(Ok(true)) if preface == *H2_PREFACE => Some(Speaks::Http2(stream)),
-            Ok(Ok(_)) => Some(Speaks::Http1(stream)),
-            Ok(Err(_)) => None,
-            Err(_) => {
+        match self.within(timeout, stream.try_peek(&mut preface)).await? {
+            Ok(true) if preface == *H2_PREFACE => Some(Speaks::Http2(stream)),
+            Ok(_) => Some(Speaks::Http1(stream)),
+            Err(_) => None,
+        }
+    }
+
+    /// `work`, unless `timeout` passes first: then it counts as a `header_timeout` refusal,
+    /// counted before `work` (and the connection it holds) is dropped, so that a client that
+    /// sees the close finds it counted.
+    async fn within<F: std::future::Future>(
+        &self,
+        timeout: Duration,
+        work: F,
+    ) -> Option<F::Output> {
+        tokio::pin!(work);
+        tokio::select! {
+            done = &mut work => Some(done),
+            _ = tokio::time::sleep(timeout) => {
                 self.counters.reject(Rejection::HeaderTimeout);
                 None
             }

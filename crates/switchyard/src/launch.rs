@@ -5,16 +5,20 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+use http::HeaderValue;
 use log::info;
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::protocols::http::v2::server::H2Options;
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::protocols::Stream;
 use pingora::proxy::HttpProxy;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 use pingora::services::ServiceWithDependents;
+use pingora::ErrorType;
 use switchyard_admin::{AdminApi, Control, MetricsEndpoint};
 use switchyard_config::{ClientLimits, Config, Listener, ListenerKind};
 use switchyard_pool::health::HealthChecks;
@@ -136,7 +140,7 @@ pub fn run(
     let mut listener_services = Vec::new();
     for listener in &listeners {
         let front = ListenerFront {
-            tls: tls_terminator(listener),
+            tls: tls_terminator(listener, &tls_fronts),
             h2c: matches!(listener.kind, ListenerKind::Plain { h2c: true, .. }),
             redirect_https: matches!(
                 listener.kind,
@@ -292,6 +296,34 @@ pub fn ensure_free(field: &str, address: std::net::SocketAddr) -> Result<(), Str
         .map_err(|e| format!("{field}: cannot listen on {address}: {e}"))
 }
 
-fn tls_terminator(_listener: &Listener) -> Option<Arc<dyn TlsTerminator>> {
-    None
+/// The live TLS settings of a TLS listener, as the proxy runs handshakes with them.
+fn tls_terminator(
+    listener: &Listener,
+    fronts: &switchyard_tls::TlsFronts,
+) -> Option<Arc<dyn TlsTerminator>> {
+    listener.tls()?;
+    let front = fronts.front(listener.address)?;
+    Some(Arc::new(Terminator(front)))
+}
+
+struct Terminator(Arc<switchyard_tls::TlsFront>);
+
+#[async_trait::async_trait]
+impl TlsTerminator for Terminator {
+    async fn handshake(&self, stream: Stream) -> pingora::Result<Stream> {
+        // Pingora's TLS runs on the accepted TCP stream itself, which is what a listener
+        // gives the app: unboxed, so that the TLS stream forwards its digests.
+        let tcp = stream
+            .into_any()
+            .downcast::<L4Stream>()
+            .map_err(|_| pingora::Error::explain(ErrorType::InternalError, "not a TCP stream"))?;
+        // Loaded once: a reload during the handshake changes nothing for this connection.
+        let state = self.0.current();
+        let stream = state.acceptor.tls_handshake(*tcp).await?;
+        Ok(Box::new(stream))
+    }
+
+    fn hsts(&self) -> Option<HeaderValue> {
+        self.0.current().hsts.clone()
+    }
 }
