@@ -633,16 +633,24 @@ def make_certs(tools, work):
     return out
 
 
-# wrk keeps one SSL object per connection and reconnects with SSL_shutdown + SSL_clear, which
-# keeps the session: its next handshake offers it (TLS 1.3 PSK from the server's ticket) and
-# every server here resumes it. This shim, LD_PRELOADed into wrk, drops the session after
-# SSL_clear, so every reconnect is a full handshake; the capture checks that it is.
-NO_RESUME_C = r"""
+# Two things wrk does that a browser does not, undone by this shim, LD_PRELOADed into wrk
+# for every https run:
+# - its SNI is the URL's host, here the IP address 127.0.0.1 (RFC 6066 allows only DNS names;
+#   rustls ignores it and logs a warning per handshake): with WRK_SNI set, SSL_ctrl's
+#   SSL_CTRL_SET_TLSEXT_HOSTNAME (55) sends that name instead (bench.local, the
+#   certificate's, as a browser opening https://bench.local/ would);
+# - it reconnects with SSL_shutdown + SSL_clear on the same SSL object, which keeps the
+#   session: its next handshake offers it (TLS 1.3 PSK from the server's ticket) and every
+#   server here resumes it. With WRK_NO_RESUME=1 the session is dropped after SSL_clear, so
+#   every reconnect is a full handshake. The capture checks both.
+WRK_SHIM_C = r"""
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <stddef.h>
+#include <stdlib.h>
 typedef struct ssl_st SSL;
 typedef struct ssl_session_st SSL_SESSION;
+
 int SSL_clear(SSL *s) {
     static int (*real_clear)(SSL *);
     static int (*set_session)(SSL *, SSL_SESSION *);
@@ -651,19 +659,31 @@ int SSL_clear(SSL *s) {
         set_session = (int (*)(SSL *, SSL_SESSION *))dlsym(RTLD_NEXT, "SSL_set_session");
     }
     int r = real_clear(s);
-    set_session(s, NULL);
+    const char *no_resume = getenv("WRK_NO_RESUME");
+    if (no_resume && no_resume[0] == '1')
+        set_session(s, NULL);
     return r;
+}
+
+long SSL_ctrl(SSL *s, int cmd, long larg, void *parg) {
+    static long (*real_ctrl)(SSL *, int, long, void *);
+    if (!real_ctrl)
+        real_ctrl = (long (*)(SSL *, int, long, void *))dlsym(RTLD_NEXT, "SSL_ctrl");
+    const char *sni = getenv("WRK_SNI");
+    if (cmd == 55 /* SSL_CTRL_SET_TLSEXT_HOSTNAME */ && sni && sni[0])
+        parg = (void *)sni;
+    return real_ctrl(s, cmd, larg, parg);
 }
 """
 
 
-def build_no_resume(tools, work):
-    src = write(os.path.join(work, "wrk-no-resume.c"), NO_RESUME_C)
-    lib = os.path.join(work, "wrk-no-resume.so")
+def build_wrk_shim(tools, work):
+    src = write(os.path.join(work, "wrk-tls-shim.c"), WRK_SHIM_C)
+    lib = os.path.join(work, "wrk-tls-shim.so")
     r = subprocess.run([tools.cc, "-shared", "-fPIC", "-O2", "-o", lib, src, "-ldl"],
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if r.returncode != 0:
-        raise BenchError(f"could not build the no-resume shim: {r.stdout}")
+        raise BenchError(f"could not build wrk's TLS shim: {r.stdout}")
     return lib
 
 
@@ -734,7 +754,7 @@ class TlsCapture:
         self.cpu = cpu  # pin the capture thread (the client's CPU), away from the balancer
         self.stats = {"client_hellos": 0, "offered_session": 0, "server_hellos": 0,
                       "resumed": 0, "hello_retry": 0, "versions": {}, "ciphers": {},
-                      "groups": {}, "drops": 0, "unparsed": 0}
+                      "groups": {}, "sni": {}, "drops": 0, "unparsed": 0}
         self._sids = {}
         prog, n = _bpf_tls_hellos()
         self._prog = ctypes.create_string_buffer(prog)
@@ -785,6 +805,10 @@ class TlsCapture:
             exts = _extensions(body, pos)
             if 41 in exts or exts.get(35):
                 st["offered_session"] += 1
+            sni = exts.get(0)  # server_name: list length (2), type (1), length (2), name
+            name = sni[5:5 + struct.unpack_from("!H", sni, 3)[0]].decode("ascii", "replace") \
+                if sni and len(sni) >= 5 else "(none)"
+            st["sni"][name] = st["sni"].get(name, 0) + 1
             self._sids[sport] = sid
         elif data[pay + 5] == 2 and sport == self.port:
             st["server_hellos"] += 1
@@ -866,7 +890,9 @@ def tls_verify(sc, stats, requests):
     text = (f"{requests:,} requests, {ch:,} ClientHellos ({per_req:.3f} per request), "
             f"{stats['offered_session']:,} offering a session, {sh:,} ServerHellos, "
             f"{res:,} resumed ({100.0 * res / max(sh, 1):.1f}%), "
-            f"{stats['hello_retry']} HelloRetryRequests; {tls_negotiated(stats)}")
+            f"{stats['hello_retry']} HelloRetryRequests; SNI "
+            f"{', '.join(f'{k} ({v:,})' for k, v in stats.get('sni', {}).items()) or '-'}; "
+            f"{tls_negotiated(stats)}")
     if problems:
         text += "; **" + "; ".join(problems) + "**"
     return not problems, text
@@ -890,7 +916,7 @@ class Tools:
         self.h2load = shutil.which("h2load")
         self.cc = shutil.which("cc") or shutil.which("gcc")
         self.certs = {}  # make_certs, when a TLS scenario is selected
-        self.no_resume = None  # build_no_resume, when a full-handshake scenario is selected
+        self.wrk_shim = None  # build_wrk_shim, when a TLS scenario loaded by wrk is selected
         missing = [n for n, p in [("nginx", self.nginx), ("haproxy", self.haproxy),
                                   ("wrk", self.wrk), ("taskset", self.taskset)]
                    if not p or not os.path.exists(p)]
@@ -919,8 +945,8 @@ class Tools:
         for sc in scenarios:
             if sc.tls:
                 need.add("openssl")
-            if sc.handshakes and not sc.resume:
-                need.add("cc")  # builds the no-resume shim for wrk
+            if sc.tls and sc.client == "wrk":
+                need.add("cc")  # builds the TLS shim for wrk
             if sc.client == "h2load":
                 need.add("h2load")
         missing = sorted(n for n in need if not getattr(self, n))
@@ -1055,8 +1081,9 @@ def run_wrk(tools, work, sc, port, duration, connections=CLIENT_CONNECTIONS):
     if sc.close:
         cmd += ["-H", "Connection: close"]
     cmd.append(f"{'https' if sc.tls else 'http'}://127.0.0.1:{port}{sc.path}")
-    if sc.handshakes and not sc.resume:
-        cmd = ["env", f"LD_PRELOAD={tools.no_resume}"] + cmd  # see NO_RESUME_C
+    if sc.tls:  # see WRK_SHIM_C
+        cmd = ["env", f"LD_PRELOAD={tools.wrk_shim}", f"WRK_SNI={TLS_NAME}"] + \
+            (["WRK_NO_RESUME=1"] if sc.handshakes and not sc.resume else []) + cmd
     r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                        timeout=duration + 60)
     m = re.search(r"^BENCH requests=(\d+) duration_us=(\d+) bytes=(\d+) connect=(\d+) "
@@ -2024,13 +2051,19 @@ NOTES = """
   close"` over https, a new TCP and TLS connection per request. wrk reconnects with
   `SSL_shutdown` + `SSL_clear` on the same `SSL` object, which keeps the session, so plain
   wrk offers the previous connection's ticket on every reconnect and all three servers resume
-  it (that is `tls-resume`). For full handshakes wrk runs with a 15-line `LD_PRELOAD` shim
-  (built with `cc` in the temp dir, `NO_RESUME_C` in the script) that calls
-  `SSL_set_session(ssl, NULL)` after `SSL_clear`. CPU per handshake = the balancer's CPU
-  (`/proc`, as above) / completed requests, each one handshake. The client pays more per full
-  handshake than a server (it verifies the ECDSA/RSA signature and runs OpenSSL 3.0), so on
-  its one CPU it is the bottleneck: handshakes/s say how fast one wrk core connects, CPU per
-  handshake is the comparison (*CPUs busy* well under 1).
+  it (that is `tls-resume`). wrk runs with a 30-line `LD_PRELOAD` shim (`WRK_SHIM_C` in the
+  script, built with `cc` in the temp dir): with `WRK_NO_RESUME=1` it calls
+  `SSL_set_session(ssl, NULL)` after `SSL_clear`, so every connection is a full handshake;
+  in every https run it sends the SNI `bench.local` where wrk would send the URL's IP
+  address (not a valid SNI: rustls ignores it with a warning logged per handshake, which
+  Switchyard printed at `RUST_LOG=warn`; browsers send no SNI for an IP). The handshakes of
+  a measured run are the ServerHellos the balancer sent in it (captured as below); CPU per
+  handshake = the balancer's CPU over the run (`/proc`, as above) / those handshakes, which
+  includes the connections wrk leaves in flight at its end (per completed request: the
+  per-round table). The client pays more per full handshake than a server (it verifies the
+  signature, and runs OpenSSL 3.0), so with ECDSA its one CPU is often the bottleneck:
+  handshakes/s then say how fast one wrk core connects, CPU per handshake is the comparison
+  (*CPUs busy* under 1).
 - **Resumed handshakes** (`tls-resume`): plain wrk as above; every reconnect offers the TLS
   1.3 ticket of the connection before and is resumed (PSK with an X25519 key exchange); the
   first handshake of each of the 50 connections is full.
@@ -2261,8 +2294,8 @@ def main():
             tools.certs = make_certs(tools, work)
             meta["certificates"] = {k: v["describe"] for k, v in tools.certs.items()}
             meta["tls_libraries"] = tls_libraries(tools)
-        if any(sc.handshakes and not sc.resume for sc in args.selected):
-            tools.no_resume = build_no_resume(tools, work)
+        if any(sc.tls and sc.client == "wrk" for sc in args.selected):
+            tools.wrk_shim = build_wrk_shim(tools, work)
         for sc in args.selected:
             print(f"[{sc.letter}] {sc.name}: {sc.title}", flush=True)
             if sc.kind == "wrk":
