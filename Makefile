@@ -10,10 +10,14 @@ deps:
 	@command -v cmake >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq cmake; }
 	@command -v cc >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq build-essential; }
 
-# promtool (Debian package prometheus) checks the metrics output in the tests.
+# promtool (Debian package prometheus) checks the metrics output in the tests; h2load (Debian
+# package nghttp2-client) is the HTTP/2 load of the deploy suite under TLS; openssl makes and
+# reads the TLS tests' certificates.
 test-deps: deps
 	@command -v curl >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq curl; }
 	@command -v promtool >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
+	@command -v h2load >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nghttp2-client; }
+	@command -v openssl >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq openssl; }
 
 build: deps
 	$(CARGO) build --release --bin switchyard

@@ -167,6 +167,67 @@ fn h2c_speaks_http2_by_prior_knowledge_and_http1_beside_it() {
     let (code, out, err) = curl(&["-i", &url]);
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    // A request shorter than the 24-byte preface (a load balancer's health check) is
+    // answered at once, not after header_timeout.
+    let started = Instant::now();
+    let mut conn = TcpStream::connect(sy.addr).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    conn.write_all(b"GET / HTTP/1.0\r\n\r\n").expect("write");
+    let mut answer = String::new();
+    let _ = conn.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn http2_clients_meet_the_same_limits_as_http1_ones() {
+    let backend = TestBackend::start("app");
+    let yaml = one_upstream("round_robin", &[(backend.addr, 1)], "")
+        .replace("  - address: {listen}\n", "  - address: {listen}\n    h2c: true\n")
+        .replace(
+            "  grace_period: 5s\n",
+            "  grace_period: 5s\n  max_request_header_bytes: 4096\n  keepalive_timeout: 1s\n  header_timeout: 1s\n",
+        );
+    let sy = Switchyard::start(&yaml);
+    let url = format!("http://{}/", sy.addr);
+    let big = format!("X-Big: {}", "a".repeat(6000));
+    let (code, out, err) = curl(&["--http2-prior-knowledge", "-i", "-H", &big, &url]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("HTTP/2 431"), "{out}");
+    // A connection with no stream open is closed after keepalive_timeout; one that never
+    // completes its preface, after header_timeout.
+    let script = r#"
+import socket, sys, time
+port = int(sys.argv[1])
+for hello in (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]), b"PRI * HTTP/2.0\r\n"):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.settimeout(10)
+    s.sendall(hello)
+    started = time.time()
+    while s.recv(4096):
+        pass
+    print("%.1f" % (time.time() - started))
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script, &sy.addr.port().to_string()])
+        .output()
+        .expect("run python3");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let waited: Vec<f64> = text.lines().filter_map(|l| l.parse().ok()).collect();
+    assert_eq!(
+        waited.len(),
+        2,
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for w in waited {
+        assert!((0.9..3.0).contains(&w), "closed after {w} s: {text}");
+    }
 }
 
 #[test]

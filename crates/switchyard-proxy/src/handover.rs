@@ -8,10 +8,15 @@
 //!   yet, or not all of them. Once the process is closing, the connection app
 //!   ([`crate::ClientApp`]) reads a new connection's request head itself and only then hands
 //!   the connection to the proxy, which finds the whole head already read and serves it.
-//!   Before closing, connections go straight through, at no cost.
+//!   Before closing, connections go straight through, at no cost. Over TLS the same holds:
+//!   the app has run the handshake itself, and the [`crate::ClientStream`] it reads the head
+//!   through reads (it does not peek, which a rustls stream cannot), so the head it holds is
+//!   the decrypted one. HTTP/2 needs none of this: Pingora's HTTP/2 server answers a stop
+//!   with a GOAWAY and serves every stream the client opened before it saw it.
 //! - A connection accepted just before the listener stopped gets a task that has not run yet:
 //!   no count of requests sees it, and a drain that exits when the count is zero kills it.
-//!   [`Connections`] knows instead when the last connection task has ended (see there).
+//!   [`Connections`] knows instead when the last connection task of every listener has ended
+//!   (see there).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
