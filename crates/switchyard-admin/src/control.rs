@@ -142,8 +142,9 @@ impl Control {
             }
         }
         let needs_restart = needs_restart(&self.started, &config);
+        let upstream_cas = switchyard_pool::load_upstream_tls(&config)?;
         // The pool records the reload and each warning as events (and so logs them).
-        let dropped_state = self.pool.reload(config);
+        let dropped_state = self.pool.reload(config, upstream_cas);
         self.token.store(token.map(Arc::new));
         Ok(ReloadReport {
             needs_restart,

@@ -8,6 +8,11 @@
 //! ready only when every backend has had its first check, and the proxy service depends on it,
 //! so the listeners accept nothing before the pool knows which backends are up.
 //!
+//! A probe reaches its backend as requests do ([`Connect`]): over TLS with the upstream's
+//! server name, CA certificates and verification when it has `tls` (a `tcp` check then
+//! completes the TLS handshake too), and an `http` check over HTTP/2 for an `h2` or `h2c`
+//! upstream, whose backends may speak nothing else (a gRPC server).
+//!
 //! Each flip is recorded as a `health` event. A first check that passes is not one: the
 //! backend is then as the config has it, and recording it would fill the event log with one
 //! event per backend at every start. A first check that fails is (the operator wants to know
@@ -32,6 +37,7 @@ use tokio::task::JoinHandle;
 
 use crate::events::Source;
 use crate::live::BackendLive;
+use crate::peer::Connect;
 use crate::Pool;
 
 /// The background service that runs every health check of the pool.
@@ -45,11 +51,28 @@ impl HealthChecks {
     }
 }
 
-/// A running check task and what it was started for, to restart it when either changes.
+/// A running check task and what it was started for, to restart it when any changes.
 struct Running {
-    check: HealthCheck,
-    live: Arc<BackendLive>,
+    check: Checked,
     task: JoinHandle<()>,
+}
+
+/// What a backend's check task checks, and how it reaches the backend.
+#[derive(Clone)]
+struct Checked {
+    check: HealthCheck,
+    connect: Arc<Connect>,
+    live: Arc<BackendLive>,
+}
+
+impl Checked {
+    /// The same check of the same backend: a rebuilt snapshot's copy of the settings counts
+    /// as the same (a reload that leaves an upstream as it was keeps its checks' streaks).
+    fn same(&self, other: &Checked) -> bool {
+        self.check == other.check
+            && *self.connect == *other.connect
+            && Arc::ptr_eq(&self.live, &other.live)
+    }
 }
 
 type Key = (Arc<str>, SocketAddr);
@@ -97,7 +120,7 @@ impl HealthChecks {
         first_done: Option<&mpsc::UnboundedSender<()>>,
     ) -> usize {
         let snapshot = self.pool.snapshot();
-        let mut wanted: HashMap<Key, (HealthCheck, Arc<BackendLive>)> = HashMap::new();
+        let mut wanted: HashMap<Key, Checked> = HashMap::new();
         for upstream in &snapshot.upstreams {
             let Some(check) = &upstream.health_check else {
                 continue;
@@ -105,32 +128,41 @@ impl HealthChecks {
             for backend in &upstream.backends {
                 wanted.insert(
                     (Arc::clone(&upstream.name), backend.live.address),
-                    (check.clone(), Arc::clone(&backend.live)),
+                    Checked {
+                        check: check.clone(),
+                        connect: Arc::clone(&upstream.connect),
+                        live: Arc::clone(&backend.live),
+                    },
                 );
             }
         }
         running.retain(|key, r| {
-            let keep = wanted
-                .get(key)
-                .is_some_and(|(check, live)| *check == r.check && Arc::ptr_eq(live, &r.live));
+            let keep = wanted.get(key).is_some_and(|c| c.same(&r.check));
             if !keep {
                 r.task.abort();
             }
             keep
         });
         let mut started = 0;
-        for (key, (check, live)) in wanted {
+        for (key, checked) in wanted {
             if running.contains_key(&key) {
                 continue;
             }
             let watcher = Watcher {
                 pool: Arc::clone(&self.pool),
                 upstream: Arc::clone(&key.0),
-                live: Arc::clone(&live),
-                check: check.clone(),
+                live: Arc::clone(&checked.live),
+                check: checked.check.clone(),
+                connect: Arc::clone(&checked.connect),
             };
             let task = tokio::spawn(watcher.run(first_done.cloned()));
-            running.insert(key, Running { check, live, task });
+            running.insert(
+                key,
+                Running {
+                    check: checked,
+                    task,
+                },
+            );
             started += 1;
         }
         started
@@ -143,11 +175,12 @@ struct Watcher {
     upstream: Arc<str>,
     live: Arc<BackendLive>,
     check: HealthCheck,
+    connect: Arc<Connect>,
 }
 
 impl Watcher {
     async fn run(self, mut first_done: Option<mpsc::UnboundedSender<()>>) {
-        let probe = build_probe(&self.check, self.live.address);
+        let probe = build_probe(&self.check, &self.connect, self.live.address);
         let target = match ProbeTarget::new(&self.live.address.to_string()) {
             Ok(target) => target,
             Err(e) => {
@@ -286,11 +319,15 @@ fn describe(e: &Error) -> String {
     }
 }
 
-fn build_probe(check: &HealthCheck, address: SocketAddr) -> Box<dyn Probe + Send + Sync> {
+fn build_probe(
+    check: &HealthCheck,
+    connect: &Connect,
+    address: SocketAddr,
+) -> Box<dyn Probe + Send + Sync> {
     match &check.probe {
         ProbeConfig::Tcp => {
             let mut tcp = TcpHealthCheck::new();
-            tcp.peer_template.options.connection_timeout = Some(check.timeout);
+            tcp.peer_template = connect.tcp_probe_peer(address, check.timeout);
             tcp
         }
         ProbeConfig::Http {
@@ -300,9 +337,9 @@ fn build_probe(check: &HealthCheck, address: SocketAddr) -> Box<dyn Probe + Send
         } => {
             let host = host.clone().unwrap_or_else(|| address.to_string());
             let mut http = HttpHealthCheck::new(&host, false);
-            http.peer_template.options.connection_timeout = Some(check.timeout);
-            http.peer_template.options.read_timeout = Some(check.timeout);
-            http.peer_template.options.write_timeout = Some(check.timeout);
+            // Pingora's `new` would send the Host header as SNI; the check reaches the backend
+            // as requests do instead (Pingora puts the backend's address into the template).
+            http.peer_template = connect.http_probe_peer(address, check.timeout);
             if let Ok(req) = probe_request(path, &host) {
                 http.req = req;
             }

@@ -1,7 +1,8 @@
 //! The request path: Pingora's proxy phases, each a thin step over the pool.
 //!
 //! `request_filter` matches the route and picks upstream and backend (404/503 when it cannot),
-//! `upstream_peer` hands Pingora that backend with the upstream's timeouts, `fail_to_connect`
+//! `upstream_peer` hands Pingora that backend's peer as the snapshot made it (timeouts,
+//! protocol, TLS; see `switchyard_pool::peer`), `fail_to_connect`
 //! retries a refused or timed-out connect once on another backend of the same upstream, and
 //! `fail_to_proxy` turns the remaining failures into short plain-text 502/504 answers. The
 //! context holds the snapshot the request started with, so a swap mid-request changes nothing
@@ -222,14 +223,7 @@ impl ProxyHttp for Proxy {
         let Some((snapshot, upstream)) = ctx.target() else {
             return Error::e_explain(ErrorType::InternalError, "no backend picked");
         };
-        let upstream = &snapshot.upstreams[upstream];
-        let backend = &upstream.backends[ctx.backend];
-        let mut peer = HttpPeer::new(backend.live.address, false, String::new());
-        let t = &upstream.timeouts;
-        peer.options.connection_timeout = Some(t.connect);
-        peer.options.read_timeout = Some(t.read);
-        peer.options.write_timeout = Some(t.write);
-        peer.options.idle_timeout = Some(t.idle);
+        let mut peer = snapshot.upstreams[upstream].peer(ctx.backend);
         websocket::hold_answer_until_sent(session.req_header(), &mut peer);
         Ok(Box::new(peer))
     }

@@ -44,6 +44,9 @@ fn main() -> ExitCode {
                     eprintln!("{problem}");
                     return ExitCode::from(1);
                 }
+                if let Err(code) = check_upstream_tls(&loaded) {
+                    return code;
+                }
                 println!("{}: ok", config.display());
                 ExitCode::SUCCESS
             }
@@ -64,6 +67,9 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
+            if let Err(code) = check_upstream_tls(&loaded) {
+                return code;
+            }
             exit_on_error(launch::run(loaded, Some(config), upgrade, Vec::new()))
         }
         Command::Demo => {
@@ -73,6 +79,17 @@ fn main() -> ExitCode {
         Command::Status { api } => exit_on_error(remote::status(&api)),
         Command::Rollout(rollout) => exit_on_error(remote::rollout(&rollout)),
     }
+}
+
+/// The CA files the upstreams name, read as the pool reads them at start and at each reload:
+/// `check` and `run` print what is wrong with them as they print any other config problem.
+fn check_upstream_tls(config: &Config) -> Result<(), ExitCode> {
+    switchyard_pool::load_upstream_tls(config)
+        .map(drop)
+        .map_err(|problems| {
+            eprintln!("{}", problems.join("\n"));
+            ExitCode::from(1)
+        })
 }
 
 fn init_logging() {

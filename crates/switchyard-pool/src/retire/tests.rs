@@ -399,7 +399,7 @@ fn a_saved_retiring_backend_survives_a_restart_and_a_file_that_stopped_hashing()
     users.hash_on = None;
     round_robin.upstreams.push(users);
     round_robin.upstreams.sort_by(|a, b| a.name.cmp(&b.name));
-    let warnings = restarted.reload(round_robin);
+    let warnings = restarted.reload(round_robin, crate::UpstreamCas::default());
     assert_eq!(state_of(&restarted, 9003), BackendState::Draining);
     assert!(
         warnings
