@@ -501,7 +501,9 @@ impl Snapshot {
     }
 
     /// Counts a request of `route` answered with `status` by `backend` of `upstream` (indices
-    /// of this snapshot), and how long it took.
+    /// of this snapshot), and how long it took. `status` is the HTTP status, also for a gRPC
+    /// call that failed under a 200 (which [`Snapshot::count_for_analysis`] counts as an
+    /// error).
     pub fn count_request(
         &self,
         route: usize,
@@ -518,18 +520,19 @@ impl Snapshot {
 
     /// Counts a request of `route` to `upstream` (indices of this snapshot) for rollout
     /// analysis, by its final answer: `status`, the time to its response head (`latency`),
-    /// and whether it failed on the upstream's side (`upstream_failed`); see
-    /// [`PairStats::record`](crate::PairStats::record). Lock- and allocation-free.
+    /// and whether it failed whatever its status says (`failed`: broken off by the backend,
+    /// or a gRPC error status); see [`PairStats::record`](crate::PairStats::record). Lock- and
+    /// allocation-free.
     pub fn count_for_analysis(
         &self,
         route: usize,
         upstream: usize,
         status: u16,
         latency: Duration,
-        upstream_failed: bool,
+        failed: bool,
     ) {
         if let Some(r) = self.routes.get(route) {
-            r.metrics.record(upstream, status, latency, upstream_failed);
+            r.metrics.record(upstream, status, latency, failed);
         }
     }
 

@@ -10,6 +10,7 @@
 
 mod client_stream;
 mod connection;
+mod grpc;
 mod handover;
 mod host;
 mod sticky_cookie;
@@ -92,6 +93,9 @@ pub struct RequestCtx {
     issued: Option<IssuedCookie>,
     /// Set when connecting failed on our side (out of descriptors, ...), not the backend's.
     local_failure: Option<LocalFailure>,
+    /// The backend (`h2`/`h2c`) ended a gRPC call with a `grpc-status` other than 0, in the
+    /// response head or trailers: an error for rollout analysis whatever the HTTP status.
+    grpc_failed: bool,
 }
 
 /// Counts a request as active from its first byte to the end of its logging phase.
@@ -133,6 +137,7 @@ impl ProxyHttp for Proxy {
             retried: false,
             issued: None,
             local_failure: None,
+            grpc_failed: false,
         }
     }
 
@@ -390,16 +395,37 @@ impl ProxyHttp for Proxy {
     }
 
     /// A `204` or `1xx` has no body, so no `Content-Length` either (RFC 9110 §8.6), whatever
-    /// the backend sent.
+    /// the backend sent. An HTTP/2 backend's trailers-only gRPC answer has its `grpc-status`
+    /// here.
     async fn upstream_response_filter(
         &self,
         _session: &mut Session,
         response: &mut ResponseHeader,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<()> {
         let status = response.status.as_u16();
         if status == 204 || (100..200).contains(&status) {
             response.remove_header(&http::header::CONTENT_LENGTH);
+        }
+        let h2 = ctx
+            .target()
+            .is_some_and(|(s, u)| s.upstreams[u].connect.protocol.is_h2());
+        if let Some(failed) = h2.then(|| grpc::call_failed(&response.headers)).flatten() {
+            ctx.grpc_failed = failed;
+        }
+        Ok(())
+    }
+
+    /// A gRPC call's `grpc-status` (see [`grpc`]). Pingora reads trailers from HTTP/2
+    /// backends only, and passes them on to HTTP/2 clients only.
+    fn upstream_response_trailer_filter(
+        &self,
+        _session: &mut Session,
+        trailers: &mut HeaderMap,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(failed) = grpc::call_failed(trailers) {
+            ctx.grpc_failed = failed;
         }
         Ok(())
     }
@@ -459,7 +485,9 @@ impl ProxyHttp for Proxy {
         // Latency is to the response head; an answer the balancer made itself (502/504 from
         // `fail_to_proxy`) sent no backend head and takes the whole time. Requests answered
         // 503 in `request_filter` because no backend of the route was available picked no
-        // upstream and never get here: no pair counts them.
+        // upstream and never get here: no pair counts them. A gRPC call the backend ended
+        // with an error status is an error under its HTTP 200 (the `status` label of
+        // `switchyard_requests_total` above stays the HTTP status).
         let upstream_failed =
             e.is_some_and(|e| e.esource() == &ErrorSource::Upstream && ctx.local_failure.is_none());
         snapshot.count_for_analysis(
@@ -467,7 +495,7 @@ impl ProxyHttp for Proxy {
             ctx.upstream,
             status,
             ctx.head_sent.unwrap_or(elapsed),
-            upstream_failed,
+            upstream_failed || ctx.grpc_failed,
         );
         // Connect errors were counted per attempt in `fail_to_connect`; local ones not at all.
         if let Some(e) = e {
