@@ -10,10 +10,17 @@ deps:
 	@command -v cmake >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq cmake; }
 	@command -v cc >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq build-essential; }
 
-# promtool (Debian package prometheus) checks the metrics output in the tests.
+# promtool (Debian package prometheus) checks the metrics output in the tests; openssl makes
+# their certificates; nghttpd (nghttp2-server), Python's http.server and grpcio are their
+# HTTPS, HTTP/2 and gRPC backends (grpcio from PyPI, or Debian's python3-grpcio where pip
+# cannot install into the system's Python).
 test-deps: deps
 	@command -v curl >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq curl; }
 	@command -v promtool >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
+	@command -v openssl >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq openssl; }
+	@command -v nghttpd >/dev/null || [ -x /usr/sbin/nghttpd ] || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nghttp2-server; }
+	@command -v python3 >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3; }
+	@python3 -c "import grpc" 2>/dev/null || python3 -m pip install --quiet grpcio 2>/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-grpcio; }
 
 build: deps
 	$(CARGO) build --release --bin switchyard

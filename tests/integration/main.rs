@@ -23,4 +23,5 @@ mod retiring;
 mod rollout_lifecycle;
 mod rollouts;
 mod state;
+mod upstream_tls;
 mod websocket;
