@@ -1,6 +1,7 @@
 //! Integration tests: the real `switchyard` binary in front of real backends on 127.0.0.1,
 //! driven by a real HTTP client. One test binary, shared fixtures.
 
+mod certs;
 mod fixtures;
 
 mod admin;
@@ -23,5 +24,6 @@ mod retiring;
 mod rollout_lifecycle;
 mod rollouts;
 mod state;
+mod tls;
 mod upstream_tls;
 mod websocket;

@@ -473,6 +473,7 @@ impl AdminApi {
                 "reloaded": true,
                 "needs_restart": report.needs_restart,
                 "dropped_state": report.dropped_state,
+                "warnings": report.warnings,
             })),
             Err(problems) => Reply::with(
                 StatusCode::BAD_REQUEST,

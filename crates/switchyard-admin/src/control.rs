@@ -1,12 +1,13 @@
 //! What the admin API and SIGHUP share: config reload and the admin token.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwapOption;
 use log::warn;
-use switchyard_config::Config;
+use switchyard_config::{Config, Listener, ListenerKind};
 use switchyard_pool::{Draft, Pool, Source};
+use switchyard_tls::TlsFronts;
 
 /// The admin bearer token, compared in constant time.
 pub struct Token(Vec<u8>);
@@ -46,6 +47,8 @@ pub struct ReloadReport {
     pub needs_restart: Vec<String>,
     /// Runtime state dropped because it no longer fits the config.
     pub dropped_state: Vec<String>,
+    /// Certificates now served that are expired, expire soon or are not valid yet.
+    pub warnings: Vec<String>,
 }
 
 pub struct Control {
@@ -55,11 +58,21 @@ pub struct Control {
     token: ArcSwapOption<Token>,
     /// The config at start: what sockets and threads were made from.
     started: Config,
+    /// The certificates of the TLS listeners, re-read by every reload.
+    tls: Arc<TlsFronts>,
+    /// One reload at a time (SIGHUP and the API may ask at once): the TLS side is prepared
+    /// before the pool reloads and committed after it, and two interleaved reloads could
+    /// leave the certificates of one file beside the routes of the other.
+    reloading: Mutex<()>,
 }
 
 impl Control {
     /// Reads the admin token the config names, if any.
-    pub fn new(pool: Arc<Pool>, config_path: Option<PathBuf>) -> Result<Control, String> {
+    pub fn new(
+        pool: Arc<Pool>,
+        tls: Arc<TlsFronts>,
+        config_path: Option<PathBuf>,
+    ) -> Result<Control, String> {
         let started = pool.config();
         let token = read_token(&started)?;
         Ok(Control {
@@ -67,6 +80,8 @@ impl Control {
             config_path,
             token: ArcSwapOption::new(token.map(Arc::new)),
             started,
+            tls,
+            reloading: Mutex::new(()),
         })
     }
 
@@ -89,6 +104,10 @@ impl Control {
     /// Re-reads the config file and runs it; on `Err` (one line per problem) nothing changed.
     /// Either way the outcome is recorded as an event (the pool records a reload it ran).
     pub fn reload(&self) -> Result<ReloadReport, Vec<String>> {
+        let _one_at_a_time = self
+            .reloading
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let result = self.try_reload();
         let metrics = self.pool.metrics();
         match &result {
@@ -141,14 +160,24 @@ impl Control {
                 )]);
             }
         }
+        // Every certificate and key is read and checked before anything changes: a bad file
+        // refuses the reload like a config problem, and the old certificates stay.
+        let tls = self.tls.prepare(&config)?;
         let needs_restart = needs_restart(&self.started, &config);
         let upstream_cas = switchyard_pool::load_upstream_tls(&config)?;
         // The pool records the reload and each warning as events (and so logs them).
         let dropped_state = self.pool.reload(config, upstream_cas);
         self.token.store(token.map(Arc::new));
+        let warnings = tls.commit();
+        for warning in &warnings {
+            self.pool.events().record(
+                Draft::new(Source::Reload, "certificate_warning", warning.clone()).warning(),
+            );
+        }
         Ok(ReloadReport {
             needs_restart,
             dropped_state,
+            warnings,
         })
     }
 }
@@ -172,7 +201,14 @@ fn needs_restart(running: &Config, next: &Config) -> Vec<String> {
             ));
         }
     };
-    differs("listeners", running.listeners != next.listeners);
+    differs(
+        "listeners",
+        !running
+            .listeners
+            .iter()
+            .map(bound_at_start)
+            .eq(next.listeners.iter().map(bound_at_start)),
+    );
     differs(
         "admin.address",
         running.admin.as_ref().map(|a| a.address) != next.admin.as_ref().map(|a| a.address),
@@ -217,9 +253,75 @@ fn needs_restart(running: &Config, next: &Config) -> Vec<String> {
     out
 }
 
+/// What of a listener is fixed when its socket and service are made: its address, plain or
+/// TLS, and a plain one's h2c and redirect. A TLS listener's certificates, versions, ALPN,
+/// tickets and HSTS are in the `ServerConfig` a reload swaps, so they are left out.
+fn bound_at_start(listener: &Listener) -> (std::net::SocketAddr, Option<(bool, bool)>) {
+    let plain = match listener.kind {
+        ListenerKind::Plain {
+            h2c,
+            redirect_https,
+        } => Some((h2c, redirect_https)),
+        ListenerKind::Tls(_) => None,
+    };
+    (listener.address, plain)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn with_listeners(listeners: &str) -> Config {
+        let yaml = format!(
+            "listeners:\n{listeners}upstreams:\n  a:\n    backends:\n      - address: 127.0.0.1:9001\n\
+             routes:\n  - name: r\n    path_prefix: /\n    split: {{a: 100}}\n"
+        );
+        match Config::from_yaml(&yaml) {
+            Ok(config) => config,
+            Err(problems) => panic!("{problems}\n{yaml}"),
+        }
+    }
+
+    #[test]
+    fn tls_settings_reload_and_listener_shapes_need_a_restart() {
+        // A TLS listener on 8443: `listener` and `tls` are extra lines at those levels.
+        let tls = |listener: &str, tls: &str| {
+            format!(
+                "  - address: 127.0.0.1:8443\n{listener}    tls:\n{tls}      certificates:\n        - {{cert: /a.crt, key: /a.key}}\n"
+            )
+        };
+        let plain = "  - address: 127.0.0.1:8080\n";
+        let running = with_listeners(&format!("{}{plain}", tls("", "")));
+        let reloadable = with_listeners(&format!(
+            "{}        - {{cert: /b.crt, key: /b.key}}\n{plain}",
+            tls(
+                "    http2: false\n",
+                "      min_version: \"1.3\"\n      session_tickets: false\n      hsts: {max_age: 1h}\n"
+            )
+        ));
+        assert_ne!(running.listeners, reloadable.listeners);
+        assert!(needs_restart(&running, &reloadable).is_empty());
+        let restart = ["listeners: changed in the file; needs restart or upgrade"];
+        for changed in [
+            format!(
+                "{}  - address: 127.0.0.1:8080\n    h2c: true\n",
+                tls("", "")
+            ),
+            format!(
+                "{}  - address: 127.0.0.1:8080\n    redirect_https: true\n",
+                tls("", "")
+            ),
+            format!("{}  - address: 127.0.0.1:8081\n", tls("", "")),
+            tls("", ""),
+            format!("  - address: 127.0.0.1:8443\n{plain}"),
+        ] {
+            assert_eq!(
+                needs_restart(&running, &with_listeners(&changed)),
+                restart,
+                "{changed}"
+            );
+        }
+    }
 
     #[test]
     fn tokens_match_exactly() {

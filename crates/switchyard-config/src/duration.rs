@@ -1,8 +1,8 @@
-//! Durations as operators write them: `250ms`, `2s`, `1m`, `1h`.
+//! Durations as operators write them: `250ms`, `2s`, `1m`, `1h`, `365d`.
 
 use std::time::Duration;
 
-/// Parses `<integer><unit>` with unit `ms`, `s`, `m` or `h`.
+/// Parses `<integer><unit>` with unit `ms`, `s`, `m`, `h` or `d` (24 h, for HSTS ages).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -10,7 +10,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let invalid = || {
-        format!("invalid duration {text:?}: expected a whole number followed by ms, s, m or h (e.g. 250ms, 2s, 1m)")
+        format!("invalid duration {text:?}: expected a whole number followed by ms, s, m, h or d (e.g. 250ms, 2s, 1m, 7d)")
     };
     let value: u64 = number.parse().map_err(|_| invalid())?;
     let millis_per_unit = match unit {
@@ -18,6 +18,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => 1_000,
         "m" => 60_000,
         "h" => 3_600_000,
+        "d" => 86_400_000,
         _ => return Err(invalid()),
     };
     value

@@ -504,3 +504,82 @@ fn hash_upstreams_need_their_key_and_routes_check_match_and_sticky() {
     assert_eq!(config.routes[0].matching.methods, vec!["GET".to_string()]);
     assert!(config.routes[0].sticky.as_ref().unwrap().set_cookie);
 }
+
+#[test]
+fn tls_listeners_and_upstream_protocols_parse_with_defaults() {
+    let yaml = VALID
+        .replace(
+            "  - address: 127.0.0.1:8080\n",
+            "  - address: 127.0.0.1:8443\n    tls:\n      certificates:\n        - cert: /c/a.crt\n          key: /c/a.key\n      hsts: {max_age: 365d, include_subdomains: true}\n  - address: 127.0.0.1:8080\n    redirect_https: true\n  - address: 127.0.0.1:8081\n    h2c: true\n",
+        )
+        .replace(
+            "  green:\n    algorithm: least_connections\n",
+            "  green:\n    algorithm: least_connections\n    protocol: h2\n    tls: {server_name: api.internal}\n",
+        );
+    let config = Config::from_yaml(&yaml).expect("valid");
+    let tls = config.listeners[0].tls().expect("tls");
+    assert_eq!(tls.certificates[0].cert, PathBuf::from("/c/a.crt"));
+    assert_eq!(tls.min_version, TlsVersion::Tls12);
+    assert!(tls.http2 && tls.session_tickets);
+    assert_eq!(
+        tls.hsts.as_ref().map(Hsts::header_value).as_deref(),
+        Some("max-age=31536000; includeSubDomains")
+    );
+    assert_eq!(
+        config.listeners[1].kind,
+        ListenerKind::Plain {
+            h2c: false,
+            redirect_https: true
+        }
+    );
+    assert_eq!(
+        config.listeners[2].kind,
+        ListenerKind::Plain {
+            h2c: true,
+            redirect_https: false
+        }
+    );
+    let green = config.upstream("green").unwrap();
+    assert_eq!(green.protocol, UpstreamProtocol::H2);
+    let upstream_tls = green.tls.as_ref().expect("tls");
+    assert!(upstream_tls.verify);
+    assert_eq!(upstream_tls.server_name.as_deref(), Some("api.internal"));
+    let blue = config.upstream("blue").unwrap();
+    assert_eq!(
+        (blue.protocol, blue.tls.is_none()),
+        (UpstreamProtocol::Http1, true)
+    );
+}
+
+#[test]
+fn tls_mistakes_are_named() {
+    let yaml = VALID
+        .replace(
+            "  - address: 127.0.0.1:8080\n",
+            "  - address: 127.0.0.1:8443\n    h2c: true\n    redirect_https: true\n    tls:\n      certificates: []\n      min_version: \"1.1\"\n      hsts: {max_age: 1000d, preload: true}\n  - address: 127.0.0.1:8080\n    http2: true\n    h2c: true\n    redirect_https: true\n",
+        )
+        .replace(
+            "  green:\n    algorithm: least_connections\n",
+            "  green:\n    algorithm: least_connections\n    protocol: h2\n",
+        )
+        .replace(
+            "    algorithm: weighted_round_robin\n",
+            "    algorithm: weighted_round_robin\n    protocol: h2c\n    tls: {server_name: \"a b\"}\n",
+        );
+    assert_eq!(
+        problems(&yaml),
+        vec![
+            "listeners[0].h2c: applies to plain listeners; a TLS listener offers HTTP/2 over ALPN (http2)",
+            "listeners[0].redirect_https: applies to plain listeners; this one already is https",
+            "listeners[0].tls.certificates: at least one certificate is required: [{cert: FILE, key: FILE}]",
+            "listeners[0].tls.min_version: \"1.1\" is not a TLS version this listener offers; use \"1.2\" or \"1.3\"",
+            "listeners[0].tls.hsts.max_age: 86400000 s is over the limit of 63072000 s (two years)",
+            "listeners[0].tls.hsts.preload: the preload list requires include_subdomains: true and max_age of at least 365d",
+            "listeners[1].http2: applies to TLS listeners (ALPN h2); for cleartext HTTP/2 by prior knowledge set h2c: true",
+            "listeners[1].h2c: a listener with redirect_https answers every request with a redirect; it has nothing to serve over h2c",
+            "upstreams.blue.tls: h2c is cleartext HTTP/2; for HTTP/2 over TLS use protocol: h2",
+            "upstreams.blue.tls.server_name: \"a b\" is not a DNS name or IP address",
+            "upstreams.green.protocol: h2 is HTTP/2 over TLS and needs tls: {...} (ca_file, server_name); for cleartext HTTP/2 use h2c",
+        ]
+    );
+}

@@ -7,11 +7,13 @@
 //! one place that sees a request end and the next begin: the stream is told, and its own timers
 //! bound the idle wait and the head to any precision.
 //!
-//! One [`ClientApp`] serves all the proxy listeners of a process, so `max_connections` and the
-//! connection gauge count over all of them. A TLS listener fits the same app: Pingora hands
-//! `process_new` the stream after its handshake, and [`ClientStream`] wraps any [`Stream`].
-//! (Refusing past the limit *before* a handshake, and h2 over ALPN, belong to the listener
-//! work of the TLS issue.)
+//! Each proxy listener has its own [`ClientApp`] (it knows whether it is TLS, h2c, ...); they
+//! share one [`ClientCounters`], so `max_connections` and the connection gauge count over all
+//! of them. A TLS listener is a plain TCP listener to Pingora: the app runs the handshake
+//! itself, after taking the connection's slot (a connection past the limit costs no
+//! handshake) and under `header_timeout` (Pingora's own TLS listener allows a fixed 60 s).
+//! Then ALPN (or, with h2c, the preface) decides: HTTP/2 goes to Pingora's HTTP/2 server
+//! in an [`H2Stream`], HTTP/1 through [`ClientStream`] and the keep-alive loop below.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -20,14 +22,19 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pingora_core::apps::{HttpServerApp, ServerApp};
 use pingora_core::protocols::http::ServerSession;
-use pingora_core::protocols::Stream;
+use pingora_core::protocols::{Stream, ALPN};
 use pingora_core::server::ShutdownWatch;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
 use switchyard_config::ClientLimits;
 use switchyard_pool::Metrics;
 
 use crate::client_stream::{ClientStream, HeadLimits};
+use crate::front::ListenerFront;
+use crate::h2_stream::H2Stream;
 use crate::handover::Connections;
+
+/// The HTTP/2 client connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// How long a connection may take to send its request head once the process is closing.
 const HANDOVER_HEAD_TIME: Duration = Duration::from_secs(2);
@@ -133,9 +140,10 @@ impl Drop for Slot {
     }
 }
 
-/// The proxy's listening app: limits, wraps and serves each client connection.
+/// One proxy listener's app: limits, wraps and serves each client connection.
 pub struct ClientApp<A> {
     inner: Arc<A>,
+    front: ListenerFront,
     limits: ClientLimits,
     counters: Arc<ClientCounters>,
     closing: Arc<AtomicBool>,
@@ -144,16 +152,20 @@ pub struct ClientApp<A> {
 
 impl<A> ClientApp<A> {
     /// `closing` is raised when a stop or upgrade begins; `connections` learns when the app,
-    /// and with it the last connection task, is gone.
+    /// and with it the last connection task, is gone. The counters are shared by every
+    /// listener's app, so `max_connections` counts over all of them.
     pub fn new(
         inner: A,
+        front: ListenerFront,
         limits: ClientLimits,
         counters: Arc<ClientCounters>,
         closing: Arc<AtomicBool>,
         connections: Arc<Connections>,
     ) -> Self {
+        connections.app_created();
         ClientApp {
             inner: Arc::new(inner),
+            front,
             limits,
             counters,
             closing,
@@ -168,7 +180,70 @@ impl<A> ClientApp<A> {
 /// any more and none is being served: what the drain at shutdown waits for.
 impl<A> Drop for ClientApp<A> {
     fn drop(&mut self) {
-        self.connections.end();
+        self.connections.app_ended();
+    }
+}
+
+/// What a connection turned out to speak once it was accepted (and its handshake done).
+enum Speaks {
+    Http1(Stream),
+    Http2(Stream),
+}
+
+impl<A: HttpServerApp + Send + Sync + 'static> ClientApp<A> {
+    /// The TLS handshake (on a TLS listener) and the choice between HTTP/1 and HTTP/2: by ALPN
+    /// over TLS, by the preface with h2c. Both are bounded by `header_timeout` from the
+    /// accept, as the first head of a cleartext HTTP/1 connection is: Pingora's own TLS
+    /// listener would give a handshake 60 s, and take it before any connection limit.
+    async fn negotiate(&self, stream: Stream) -> Option<Speaks> {
+        let timeout = self.limits.header_timeout;
+        if let Some(tls) = &self.front.tls {
+            let stream = match self.within(timeout, tls.handshake(stream)).await? {
+                Ok(stream) => stream,
+                Err(e) => {
+                    // A client that gave up or speaks no TLS: not worth more than debug.
+                    log::debug!("TLS handshake failed: {e}");
+                    return None;
+                }
+            };
+            let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
+            return Some(if h2 {
+                Speaks::Http2(stream)
+            } else {
+                Speaks::Http1(stream)
+            });
+        }
+        if !self.front.h2c {
+            return Some(Speaks::Http1(stream));
+        }
+        // Pingora's l4 stream reads the bytes and rewinds them: whichever protocol it is
+        // gets them again. An HTTP/1 request under 24 bytes (`GET / HTTP/1.0` and a blank
+        // line) waits here for `header_timeout`, as with Pingora's own h2c detection.
+        let mut stream = stream;
+        let mut preface = [0u8; H2_PREFACE.len()];
+        match self.within(timeout, stream.try_peek(&mut preface)).await? {
+            Ok(true) if preface == *H2_PREFACE => Some(Speaks::Http2(stream)),
+            Ok(_) => Some(Speaks::Http1(stream)),
+            Err(_) => None,
+        }
+    }
+
+    /// `work`, unless `timeout` passes first: then it counts as a `header_timeout` refusal,
+    /// counted before `work` (and the connection it holds) is dropped, so that a client that
+    /// sees the close finds it counted.
+    async fn within<F: std::future::Future>(
+        &self,
+        timeout: Duration,
+        work: F,
+    ) -> Option<F::Output> {
+        tokio::pin!(work);
+        tokio::select! {
+            done = &mut work => Some(done),
+            _ = tokio::time::sleep(timeout) => {
+                self.counters.reject(Rejection::HeaderTimeout);
+                None
+            }
+        }
     }
 }
 
@@ -179,8 +254,22 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ClientApp<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        // Dropped unread past the limit: no buffer, no parser, no timer for it.
+        // Dropped unread past the limit: no buffer, no parser, no timer, no handshake for it.
         let slot = self.counters.open(self.limits.max_connections)?;
+        let stream = match self.negotiate(stream).await? {
+            Speaks::Http1(stream) => stream,
+            Speaks::Http2(stream) => {
+                let stream = H2Stream::new(
+                    stream,
+                    self.limits.header_timeout,
+                    Arc::clone(&self.counters),
+                    slot,
+                );
+                // Pingora's own HTTP/2 server: the handshake, a task per stream, GOAWAY and
+                // the streams finished at shutdown.
+                return ServerApp::process_new(&self.inner, Box::new(stream), shutdown).await;
+            }
+        };
         let limits = HeadLimits {
             keepalive_timeout: self.limits.keepalive_timeout,
             header_timeout: self.limits.header_timeout,
@@ -190,7 +279,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ClientApp<A> {
         if self.closing.load(Ordering::Relaxed) {
             // When Pingora stops the listener it drops every connection whose head it has not
             // read in full; a client that connected just before has sent its request, but not
-            // all of it may be here yet. Read the head first, then hand it over.
+            // all of it may be here yet. Read the head first, then hand it over. The stream
+            // reads (it does not peek), so this works over TLS as well.
             match tokio::time::timeout(HANDOVER_HEAD_TIME, stream.prefetch_head()).await {
                 Ok(true) => {}
                 _ => return None,

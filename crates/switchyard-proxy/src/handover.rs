@@ -8,12 +8,17 @@
 //!   yet, or not all of them. Once the process is closing, the connection app
 //!   ([`crate::ClientApp`]) reads a new connection's request head itself and only then hands
 //!   the connection to the proxy, which finds the whole head already read and serves it.
-//!   Before closing, connections go straight through, at no cost.
+//!   Before closing, connections go straight through, at no cost. Over TLS the same holds:
+//!   the app has run the handshake itself, and the [`crate::ClientStream`] it reads the head
+//!   through reads (it does not peek, which a rustls stream cannot), so the head it holds is
+//!   the decrypted one. HTTP/2 needs none of this: Pingora's HTTP/2 server answers a stop
+//!   with a GOAWAY and serves every stream the client opened before it saw it.
 //! - A connection accepted just before the listener stopped gets a task that has not run yet:
 //!   no count of requests sees it, and a drain that exits when the count is zero kills it.
-//!   [`Connections`] knows instead when the last connection task has ended (see there).
+//!   [`Connections`] knows instead when the last connection task of every listener has ended
+//!   (see there).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,23 +29,28 @@ use pingora_core::services::{ServiceReadyNotifier, ServiceWithDependents};
 
 /// Whether the proxy may still take or answer a connection, for the drain at shutdown.
 ///
-/// Learns both from the connection app: see its `Drop`.
+/// Learns both from the connection apps, one per listener: see their `Drop`.
 #[derive(Default)]
 pub struct Connections {
     started: AtomicBool,
-    ended: AtomicBool,
+    /// Connection apps not yet dropped.
+    apps: AtomicUsize,
 }
 
 impl Connections {
-    /// The connection app is gone: nothing more is accepted or served.
-    pub(crate) fn end(&self) {
-        self.ended.store(true, Ordering::Release);
+    pub(crate) fn app_created(&self) {
+        self.apps.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A connection app is gone: its listener accepts and serves nothing more.
+    pub(crate) fn app_ended(&self) {
+        self.apps.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// True when the proxy never started, or has stopped and every connection it accepted has
     /// been served or closed.
     pub fn settled(&self) -> bool {
-        !self.started.load(Ordering::Acquire) || self.ended.load(Ordering::Acquire)
+        !self.started.load(Ordering::Acquire) || self.apps.load(Ordering::Acquire) == 0
     }
 }
 

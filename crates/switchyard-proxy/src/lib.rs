@@ -10,14 +10,18 @@
 
 mod client_stream;
 mod connection;
+mod front;
 mod grpc;
+mod h2_stream;
 mod handover;
 mod host;
+mod redirect;
 mod sticky_cookie;
 mod websocket;
 
 pub use client_stream::ClientStream;
 pub use connection::{ClientApp, ClientCounters, Rejection};
+pub use front::{ListenerFront, TlsTerminator};
 pub use handover::{Connections, Watched};
 
 use std::io::Write;
@@ -39,15 +43,22 @@ use switchyard_config::ClientLimits;
 use switchyard_pool::metrics::ErrorKind;
 use switchyard_pool::{local_failure, InFlight, LocalFailure, Pool, Request, Snapshot};
 
+use redirect::Redirect;
 use sticky_cookie::IssuedCookie;
 
-/// Switchyard's `ProxyHttp`: all decisions come from the pool's current snapshot.
+const NO_HOST_TO_REDIRECT: &str =
+    "400 Bad Request: this listener redirects to https and the request names no host\n";
+
+/// Switchyard's `ProxyHttp`: all decisions come from the pool's current snapshot. One per
+/// listener ([`Proxy::on_listener`]), sharing everything but the listener's [`ListenerFront`].
+#[derive(Clone)]
 pub struct Proxy {
     pool: Arc<Pool>,
     active: Arc<AtomicUsize>,
     closing: Arc<AtomicBool>,
     limits: ClientLimits,
     counters: Arc<ClientCounters>,
+    front: ListenerFront,
 }
 
 impl Proxy {
@@ -65,6 +76,15 @@ impl Proxy {
             closing,
             limits,
             counters,
+            front: ListenerFront::plain(),
+        }
+    }
+
+    /// The same proxy for the requests of another listener.
+    pub fn on_listener(&self, front: ListenerFront) -> Proxy {
+        Proxy {
+            front,
+            ..self.clone()
         }
     }
 
@@ -169,6 +189,19 @@ impl ProxyHttp for Proxy {
                 return Ok(true);
             }
         };
+        if self.front.redirect_https {
+            match redirect::https_redirect(req, host) {
+                Redirect::To(location) => {
+                    redirect::respond(session, location).await?;
+                    return Ok(true);
+                }
+                Redirect::NoHost => {
+                    respond_plain(session, 400, NO_HOST_TO_REDIRECT).await?;
+                    return Ok(true);
+                }
+                Redirect::Serve => {}
+            }
+        }
         if let Some(limit) = self.limits.max_request_body_bytes {
             if declared_length(req).is_some_and(|length| length > limit) {
                 self.counters.reject(Rejection::BodyTooLarge);
@@ -341,7 +374,8 @@ impl ProxyHttp for Proxy {
             let value = forwarded_for(&upstream_request.headers, ip)?;
             upstream_request.insert_header("X-Forwarded-For", value)?;
         }
-        upstream_request.insert_header("X-Forwarded-Proto", HeaderValue::from_static("http"))?;
+        let proto = if self.front.is_tls() { "https" } else { "http" };
+        upstream_request.insert_header("X-Forwarded-Proto", HeaderValue::from_static(proto))?;
         // The backend gets the host the request was routed on, as `Host` and as
         // `X-Forwarded-Host`, and never a client's own `X-Forwarded-Host`.
         let req = session.req_header();
@@ -450,11 +484,23 @@ impl ProxyHttp for Proxy {
             status.is_informational() && status != http::StatusCode::SWITCHING_PROTOCOLS,
         ) {
             // Appended: the backend's own cookies go on as they were.
-            response.append_header(http::header::SET_COOKIE, cookie.header()?)?;
+            response.append_header(
+                http::header::SET_COOKIE,
+                cookie.header(self.front.is_tls())?,
+            )?;
             if let Some(value) = sticky_cookie::private_cache_control(
                 response.headers.get(http::header::CACHE_CONTROL),
             ) {
                 response.insert_header(http::header::CACHE_CONTROL, value)?;
+            }
+        }
+        // The backend's own policy, if it has one, stands.
+        if let Some(hsts) = self.front.tls.as_ref().and_then(|tls| tls.hsts()) {
+            if !response
+                .headers
+                .contains_key(http::header::STRICT_TRANSPORT_SECURITY)
+            {
+                response.insert_header(http::header::STRICT_TRANSPORT_SECURITY, hsts)?;
             }
         }
         // Once a stop or upgrade signal has arrived, tell keep-alive clients to reconnect (to

@@ -30,11 +30,14 @@ impl IssuedCookie {
     }
 
     /// The `Set-Cookie` value: for every path, not readable by scripts, sent on top-level
-    /// navigations from other sites but not on their sub-requests.
-    pub fn header(&self) -> Result<HeaderValue> {
+    /// navigations from other sites but not on their sub-requests; over TLS (`secure`), never
+    /// sent in cleartext.
+    pub fn header(&self, secure: bool) -> Result<HeaderValue> {
         HeaderValue::try_from(format!(
-            "{}={}; Path=/; Max-Age={MAX_AGE_SECS}; HttpOnly; SameSite=Lax",
-            self.name, self.value
+            "{}={}; Path=/; Max-Age={MAX_AGE_SECS}; HttpOnly; SameSite=Lax{}",
+            self.name,
+            self.value,
+            if secure { "; Secure" } else { "" }
         ))
         .or_err(ErrorType::InternalError, "sticky cookie")
     }
@@ -103,9 +106,11 @@ mod tests {
         let b = IssuedCookie::new("switchyard_user");
         assert_ne!(a.as_pair().1, b.as_pair().1);
         assert_eq!(a.as_pair().1.len(), 32);
-        let header = a.header().unwrap();
+        let header = a.header(false).unwrap();
         let text = header.to_str().unwrap();
         assert!(text.starts_with(&format!("switchyard_user={}; ", a.as_pair().1)));
         assert!(text.ends_with("; Path=/; Max-Age=2592000; HttpOnly; SameSite=Lax"));
+        let secure = a.header(true).unwrap();
+        assert!(secure.to_str().unwrap().ends_with("; SameSite=Lax; Secure"));
     }
 }

@@ -27,8 +27,10 @@ pub struct RolloutService(pub Arc<Engine>);
 #[async_trait]
 impl BackgroundService for RolloutService {
     async fn start(&self, shutdown: ShutdownWatch) {
-        let notifier = Notifier::new(Arc::clone(self.0.pool()));
+        // Subscribed first: building the notifier's connector loads the system's root
+        // certificates, and an event recorded meanwhile would not be sent.
         let events = self.0.pool().events().subscribe();
+        let notifier = Notifier::new(Arc::clone(self.0.pool()));
         tokio::select! {
             _ = self.0.run(shutdown) => {}
             _ = notifier.run(events) => {}

@@ -5,21 +5,29 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+use http::HeaderValue;
 use log::info;
+use pingora::apps::HttpServerOptions;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
+use pingora::protocols::http::v2::server::H2Options;
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::protocols::Stream;
 use pingora::proxy::HttpProxy;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 use pingora::services::ServiceWithDependents;
+use pingora::ErrorType;
 use switchyard_admin::{AdminApi, Control, MetricsEndpoint};
-use switchyard_config::Config;
+use switchyard_config::{ClientLimits, Config, Listener, ListenerKind};
 use switchyard_pool::health::HealthChecks;
 use switchyard_pool::ramp::SlowStart;
 use switchyard_pool::retire::Retirement;
 use switchyard_pool::{Draft, Metrics, Pool, Source};
-use switchyard_proxy::{ClientApp, ClientCounters, Connections, Proxy, Watched};
+use switchyard_proxy::{
+    ClientApp, ClientCounters, Connections, ListenerFront, Proxy, TlsTerminator, Watched,
+};
 use switchyard_rollout::{Engine, HttpProber, RolloutService, SingleNode};
 
 use crate::signals::{Drain, Signals};
@@ -80,9 +88,16 @@ pub fn run(
         let _ = std::fs::remove_file(&handover);
         switchyard_pool::retire::discard_keys(&handover);
     }
+    let metrics = Arc::new(Metrics::new());
+    // Every certificate and key file read and checked before anything is served; Pingora's
+    // own TLS settings would panic on a bad one.
+    let tls_fronts = Arc::new(
+        switchyard_tls::TlsFronts::load(&config, &metrics)
+            .map_err(|problems| problems.join("\n"))?,
+    );
     let pool = Arc::new(Pool::new(
         config,
-        Arc::new(Metrics::new()),
+        metrics,
         upgrade.then_some(handover.as_path()),
     )?);
     if upgrade {
@@ -93,7 +108,11 @@ pub fn run(
             "took the listening sockets over from the previous process (binary upgrade)",
         ));
     }
-    let control = Arc::new(Control::new(Arc::clone(&pool), config_path)?);
+    let control = Arc::new(Control::new(
+        Arc::clone(&pool),
+        Arc::clone(&tls_fronts),
+        config_path,
+    )?);
     crate::limits::raise_open_files(client_limits.max_connections)?;
 
     let closing = Arc::new(AtomicBool::new(false));
@@ -114,31 +133,57 @@ pub fn run(
         Arc::clone(&counters),
     );
     let active = proxy.active_requests();
-    let mut http = HttpProxy::new(proxy, Arc::clone(&server.configuration));
-    http.handle_init_modules();
     let connections = Arc::new(Connections::default());
-    let clients = ClientApp::new(
-        http,
-        client_limits,
-        counters,
-        Arc::clone(&closing),
-        Arc::clone(&connections),
-    );
-    let mut proxy_service = Service::new("proxy".into(), clients);
+    // One service per listener, each with its own app and proxy (which knows whether its
+    // requests came over TLS); the connection counters are shared. Services are started
+    // in parallel, so `ready` follows every one of them.
+    let mut listener_services = Vec::new();
     for listener in &listeners {
+        let front = ListenerFront {
+            tls: tls_terminator(listener, &tls_fronts),
+            h2c: matches!(listener.kind, ListenerKind::Plain { h2c: true, .. }),
+            redirect_https: matches!(
+                listener.kind,
+                ListenerKind::Plain {
+                    redirect_https: true,
+                    ..
+                }
+            ),
+        };
+        let mut http = HttpProxy::new(
+            proxy.on_listener(front.clone()),
+            Arc::clone(&server.configuration),
+        );
+        http.handle_init_modules();
+        http.h2_options = Some(h2_options(&client_limits));
+        http.server_options = Some(h2_server_options(&client_limits));
+        let clients = ClientApp::new(
+            http,
+            front,
+            client_limits,
+            Arc::clone(&counters),
+            Arc::clone(&closing),
+            Arc::clone(&connections),
+        );
+        let mut service = Service::new(format!("proxy {}", listener.address), clients);
         // A 4 KiB user-space read buffer instead of Pingora's 64 KiB, which every idle
         // keep-alive connection keeps (90 KiB resident per idle connection, 29 KiB with this).
         // Not none at all (27 KiB): without it, the five-upgrade test lost a request at an
         // upgrade in 3 of 29 runs (1 of 6 under the full parallel suite), for reasons not yet
-        // understood; with 4 KiB, as with 64 KiB, in none.
-        let config = ListenerConfig::tcp(listener.address.to_string())
-            .l4_buffer(L4BufferSettings::default().read(4096));
-        proxy_service.add_listener(config);
+        // understood; with 4 KiB, as with 64 KiB, in none. A TLS listener is a TCP listener
+        // to Pingora: the connection app runs the handshake (see `ClientApp`).
+        service.add_listener(
+            ListenerConfig::tcp(listener.address.to_string())
+                .l4_buffer(L4BufferSettings::default().read(4096)),
+        );
+        let service = server.add_service(Watched::new(service, Arc::clone(&connections)));
+        service.add_dependency(&health);
+        listener_services.push(service);
     }
-    let proxy = server.add_service(Watched::new(proxy_service, Arc::clone(&connections)));
-    proxy.add_dependency(&health);
     let ready = server.add_service(background_service("systemd notify", Notify));
-    ready.add_dependency(&proxy);
+    for service in &listener_services {
+        ready.add_dependency(service);
+    }
 
     if let Some(address) = admin_address {
         let mut admin = Service::new(
@@ -178,8 +223,13 @@ pub fn run(
     ));
 
     for listener in &listeners {
+        let scheme = if listener.tls().is_some() {
+            "https"
+        } else {
+            "http"
+        };
         info!(
-            "proxy listening on {} once health checks have run",
+            "proxy listening on {scheme}://{} once health checks have run",
             listener.address
         );
     }
@@ -207,6 +257,25 @@ pub fn run(
     Ok(())
 }
 
+/// The hardening limits for HTTP/2 clients: the header list as `max_request_header_bytes`
+/// (decoded, as HTTP/1's head is counted raw), Pingora's bounded default of concurrent streams.
+fn h2_options(limits: &ClientLimits) -> H2Options {
+    let mut options = pingora::protocols::http::v2::server::default_h2_options();
+    options
+        .max_header_list_size(u32::try_from(limits.max_request_header_bytes).unwrap_or(u32::MAX));
+    options
+}
+
+/// `h2c` is on for every listener's Pingora server: the connection app hands it only
+/// connections already known to be HTTP/2 (ALPN `h2`, or the preface on an h2c listener). An
+/// HTTP/2 connection with no stream open is closed after `keepalive_timeout`.
+fn h2_server_options(limits: &ClientLimits) -> HttpServerOptions {
+    let mut options = HttpServerOptions::default();
+    options.h2c = true;
+    options.h2_idle_timeout = Some(limits.keepalive_timeout);
+    options
+}
+
 /// Pingora panics in a service thread when a bind fails; check first for a one-line error.
 fn ensure_sockets_free(config: &Config) -> Result<(), String> {
     for (i, listener) in config.listeners.iter().enumerate() {
@@ -225,4 +294,36 @@ pub fn ensure_free(field: &str, address: std::net::SocketAddr) -> Result<(), Str
     std::net::TcpListener::bind(address)
         .map(drop)
         .map_err(|e| format!("{field}: cannot listen on {address}: {e}"))
+}
+
+/// The live TLS settings of a TLS listener, as the proxy runs handshakes with them.
+fn tls_terminator(
+    listener: &Listener,
+    fronts: &switchyard_tls::TlsFronts,
+) -> Option<Arc<dyn TlsTerminator>> {
+    listener.tls()?;
+    let front = fronts.front(listener.address)?;
+    Some(Arc::new(Terminator(front)))
+}
+
+struct Terminator(Arc<switchyard_tls::TlsFront>);
+
+#[async_trait::async_trait]
+impl TlsTerminator for Terminator {
+    async fn handshake(&self, stream: Stream) -> pingora::Result<Stream> {
+        // Pingora's TLS runs on the accepted TCP stream itself, which is what a listener
+        // gives the app: unboxed, so that the TLS stream forwards its digests.
+        let tcp = stream
+            .into_any()
+            .downcast::<L4Stream>()
+            .map_err(|_| pingora::Error::explain(ErrorType::InternalError, "not a TCP stream"))?;
+        // Loaded once: a reload during the handshake changes nothing for this connection.
+        let state = self.0.current();
+        let stream = state.acceptor.tls_handshake(*tcp).await?;
+        Ok(Box::new(stream))
+    }
+
+    fn hsts(&self) -> Option<HeaderValue> {
+        self.0.current().hsts.clone()
+    }
 }

@@ -44,8 +44,20 @@ fn main() -> ExitCode {
                     eprintln!("{problem}");
                     return ExitCode::from(1);
                 }
-                if let Err(code) = check_upstream_tls(&loaded) {
-                    return code;
+                // The certificate files as a start reads them: what would stop it is a
+                // problem, an expired or expiring certificate only a warning. The upstreams'
+                // CA files too, as the pool reads them at start and at each reload.
+                let tls = switchyard_tls::check(&loaded);
+                for warning in &tls.warnings {
+                    eprintln!("warning: {warning}");
+                }
+                let mut errors = tls.errors;
+                if let Err(problems) = switchyard_pool::load_upstream_tls(&loaded) {
+                    errors.extend(problems);
+                }
+                if !errors.is_empty() {
+                    eprintln!("{}", errors.join("\n"));
+                    return ExitCode::from(1);
                 }
                 println!("{}: ok", config.display());
                 ExitCode::SUCCESS
@@ -67,9 +79,6 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            if let Err(code) = check_upstream_tls(&loaded) {
-                return code;
-            }
             exit_on_error(launch::run(loaded, Some(config), upgrade, Vec::new()))
         }
         Command::Demo => {
@@ -79,17 +88,6 @@ fn main() -> ExitCode {
         Command::Status { api } => exit_on_error(remote::status(&api)),
         Command::Rollout(rollout) => exit_on_error(remote::rollout(&rollout)),
     }
-}
-
-/// The CA files the upstreams name, read as the pool reads them at start and at each reload:
-/// `check` and `run` print what is wrong with them as they print any other config problem.
-fn check_upstream_tls(config: &Config) -> Result<(), ExitCode> {
-    switchyard_pool::load_upstream_tls(config)
-        .map(drop)
-        .map_err(|problems| {
-            eprintln!("{}", problems.join("\n"));
-            ExitCode::from(1)
-        })
 }
 
 fn init_logging() {

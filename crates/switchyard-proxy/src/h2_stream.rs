@@ -1,0 +1,200 @@
+//! The client side of one HTTP/2 connection: [`H2Stream`] holds the connection's place under
+//! `max_connections` and bounds the wait for the client's connection preface.
+//!
+//! HTTP/1's [`crate::ClientStream`] holds request heads back until they are whole; HTTP/2
+//! frames need no such care (a stream's headers arrive in frames the h2 codec bounds by
+//! `max_request_header_bytes` as its header list size, and the idle wait between requests is
+//! Pingora's `h2_idle_timeout`). What the codec does not bound is its handshake: a client that
+//! negotiated `h2` and then sends nothing would hold its task and slot for ever. The preface
+//! (24 bytes) must therefore arrive within `header_timeout` of the accept, like an HTTP/1
+//! connection's first head; after it, reads pass straight through.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora_core::protocols::raw_connect::ProxyDigest;
+use pingora_core::protocols::tls::SslDigest;
+use pingora_core::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
+    TimingDigest, UniqueID, UniqueIDType, ALPN,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
+
+use crate::connection::{ClientCounters, Rejection, Slot};
+
+/// Length of the HTTP/2 client connection preface (RFC 9113 §3.4).
+const PREFACE_LEN: usize = 24;
+
+pub struct H2Stream {
+    inner: Stream,
+    /// Until the preface has been read: when it is due, and how much of it is still to come.
+    preface: Option<(Pin<Box<Sleep>>, usize)>,
+    counters: Arc<ClientCounters>,
+    _slot: Slot,
+}
+
+impl H2Stream {
+    pub(crate) fn new(
+        inner: Stream,
+        header_timeout: Duration,
+        counters: Arc<ClientCounters>,
+        slot: Slot,
+    ) -> H2Stream {
+        H2Stream {
+            inner,
+            preface: Some((Box::pin(tokio::time::sleep(header_timeout)), PREFACE_LEN)),
+            counters,
+            _slot: slot,
+        }
+    }
+}
+
+impl AsyncRead for H2Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = Pin::new(&mut *this.inner).poll_read(cx, buf);
+        let Some((due, missing)) = this.preface.as_mut() else {
+            return read;
+        };
+        match read {
+            Poll::Ready(Ok(())) => {
+                let got = buf.filled().len() - before;
+                if got >= *missing || got == 0 {
+                    this.preface = None;
+                } else {
+                    *missing -= got;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending if due.as_mut().poll(cx).is_ready() => {
+                this.preface = None;
+                this.counters.reject(Rejection::HeaderTimeout);
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no HTTP/2 connection preface within header_timeout",
+                )))
+            }
+            other => other,
+        }
+    }
+}
+
+impl AsyncWrite for H2Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[async_trait]
+impl Shutdown for H2Stream {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await;
+    }
+}
+
+impl UniqueID for H2Stream {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for H2Stream {
+    fn get_ssl(&self) -> Option<&pingora_core::protocols::tls::TlsRef> {
+        self.inner.get_ssl()
+    }
+
+    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for H2Stream {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for H2Stream {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest);
+    }
+}
+
+impl GetSocketDigest for H2Stream {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest);
+    }
+}
+
+/// Pingora's h2c detection peeks the preface on a plain stream (it was read and rewound by
+/// the l4 stream already, see `ClientApp`); a TLS stream cannot peek and is never asked.
+#[async_trait]
+impl Peek for H2Stream {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}
+
+impl fmt::Debug for H2Stream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("H2Stream")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
