@@ -1,8 +1,9 @@
 //! Active health checks: one task per checked backend, run by a single Pingora background
 //! service that follows the pool (a backend added or removed later gets or loses its task).
 //!
-//! Probes are Pingora's own `TcpHealthCheck` and `HttpHealthCheck`; rise and fall are counted
-//! here because Pingora keeps its health state inside its `LoadBalancer`, which we do not use.
+//! Probes are those of Pingora's `TcpHealthCheck` and `HttpHealthCheck` over connectors all
+//! checks share ([`crate::probe`]); rise and fall are counted here because Pingora keeps its
+//! health state inside its `LoadBalancer`, which we do not use.
 //! A backend's first check decides its state at once (like Envoy's cluster warming); after
 //! that it takes `rise` successes or `fall` failures in a row to flip. The service reports
 //! ready only when every backend has had its first check, and the proxy service depends on it,
@@ -28,16 +29,14 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use pingora_core::services::ServiceReadyNotifier;
 use pingora_core::{Error, ErrorType};
-use pingora_http::{RequestHeader, ResponseHeader};
-use pingora_load_balancing::health_check::{HealthCheck as Probe, HttpHealthCheck, TcpHealthCheck};
-use pingora_load_balancing::Backend as ProbeTarget;
-use switchyard_config::{HealthCheck, Probe as ProbeConfig};
+use switchyard_config::HealthCheck;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::events::Source;
 use crate::live::BackendLive;
 use crate::peer::Connect;
+use crate::probe::{Connectors, Probe};
 use crate::Pool;
 
 /// The background service that runs every health check of the pool.
@@ -85,9 +84,11 @@ impl BackgroundService for HealthChecks {
         ready: ServiceReadyNotifier,
     ) {
         let mut running: HashMap<Key, Running> = HashMap::new();
+        // Made here, on the service's runtime, once for every check of the process.
+        let connectors = Arc::new(Connectors::new());
         let mut changes = self.pool.subscribe();
         let (first_done, mut first_results) = mpsc::unbounded_channel();
-        let started = self.reconcile(&mut running, Some(&first_done));
+        let started = self.reconcile(&mut running, &connectors, Some(&first_done));
         // Each watcher holds a sender until its first check is done; a watcher that ends
         // early drops it, so the wait always ends.
         drop(first_done);
@@ -101,7 +102,7 @@ impl BackgroundService for HealthChecks {
                     if changed.is_err() {
                         break;
                     }
-                    self.reconcile(&mut running, None);
+                    self.reconcile(&mut running, &connectors, None);
                 }
             }
         }
@@ -117,6 +118,7 @@ impl HealthChecks {
     fn reconcile(
         &self,
         running: &mut HashMap<Key, Running>,
+        connectors: &Arc<Connectors>,
         first_done: Option<&mpsc::UnboundedSender<()>>,
     ) -> usize {
         let snapshot = self.pool.snapshot();
@@ -154,6 +156,7 @@ impl HealthChecks {
                 live: Arc::clone(&checked.live),
                 check: checked.check.clone(),
                 connect: Arc::clone(&checked.connect),
+                connectors: Arc::clone(connectors),
             };
             let task = tokio::spawn(watcher.run(first_done.cloned()));
             running.insert(
@@ -176,13 +179,13 @@ struct Watcher {
     live: Arc<BackendLive>,
     check: HealthCheck,
     connect: Arc<Connect>,
+    connectors: Arc<Connectors>,
 }
 
 impl Watcher {
     async fn run(self, mut first_done: Option<mpsc::UnboundedSender<()>>) {
-        let probe = build_probe(&self.check, &self.connect, self.live.address);
-        let target = match ProbeTarget::new(&self.live.address.to_string()) {
-            Ok(target) => target,
+        let probe = match Probe::new(&self.check, &self.connect, self.live.address) {
+            Ok(probe) => probe,
             Err(e) => {
                 warn!("health check of {} not started: {e}", self.live.address);
                 return;
@@ -197,27 +200,27 @@ impl Watcher {
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             interval.tick().await;
-            let outcome = match tokio::time::timeout(self.check.timeout, probe.check(&target)).await
-            {
-                Ok(Ok(())) => Some(Ok(())),
-                Ok(Err(e)) => {
-                    if let Some(kind) = crate::local_failure(&e) {
-                        // The probe never reached the backend: no verdict on it either way.
-                        self.pool.local_errors().record(kind, || {
-                            format!(
-                                "health check of upstream {} backend {} could not run: {}",
-                                self.upstream,
-                                self.live.address,
-                                describe(&e)
-                            )
-                        });
-                        None
-                    } else {
-                        Some(Err(describe(&e)))
+            let outcome =
+                match tokio::time::timeout(self.check.timeout, probe.run(&self.connectors)).await {
+                    Ok(Ok(())) => Some(Ok(())),
+                    Ok(Err(e)) => {
+                        if let Some(kind) = crate::local_failure(&e) {
+                            // The probe never reached the backend: no verdict on it either way.
+                            self.pool.local_errors().record(kind, || {
+                                format!(
+                                    "health check of upstream {} backend {} could not run: {}",
+                                    self.upstream,
+                                    self.live.address,
+                                    describe(&e)
+                                )
+                            });
+                            None
+                        } else {
+                            Some(Err(describe(&e)))
+                        }
                     }
-                }
-                Err(_) => Some(Err(format!("no answer within {:?}", self.check.timeout))),
-            };
+                    Err(_) => Some(Err(format!("no answer within {:?}", self.check.timeout))),
+                };
             if let Some(outcome) = outcome {
                 if outcome.is_ok() {
                     passed.inc()
@@ -319,53 +322,6 @@ fn describe(e: &Error) -> String {
     }
 }
 
-fn build_probe(
-    check: &HealthCheck,
-    connect: &Connect,
-    address: SocketAddr,
-) -> Box<dyn Probe + Send + Sync> {
-    match &check.probe {
-        ProbeConfig::Tcp => {
-            let mut tcp = TcpHealthCheck::new();
-            tcp.peer_template = connect.tcp_probe_peer(address, check.timeout);
-            tcp
-        }
-        ProbeConfig::Http {
-            path,
-            expect_status,
-            host,
-        } => {
-            let host = host.clone().unwrap_or_else(|| address.to_string());
-            let mut http = HttpHealthCheck::new(&host, false);
-            // Pingora's `new` would send the Host header as SNI; the check reaches the backend
-            // as requests do instead (Pingora puts the backend's address into the template).
-            http.peer_template = connect.http_probe_peer(address, check.timeout);
-            if let Ok(req) = probe_request(path, &host) {
-                http.req = req;
-            }
-            let expected = *expect_status;
-            http.validator = Some(Box::new(move |resp: &ResponseHeader| {
-                if resp.status.as_u16() == expected {
-                    Ok(())
-                } else {
-                    Error::e_explain(
-                        ErrorType::CustomCode("unexpected status", resp.status.as_u16()),
-                        format!("expected {expected}"),
-                    )
-                }
-            }));
-            Box::new(http)
-        }
-    }
-}
-
-fn probe_request(path: &str, host: &str) -> pingora_core::Result<RequestHeader> {
-    let mut req = RequestHeader::build("GET", path.as_bytes(), None)?;
-    req.insert_header("Host", host)?;
-    req.insert_header("User-Agent", "switchyard-health-check")?;
-    Ok(req)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -373,7 +329,7 @@ mod tests {
 
     fn check(rise: u32, fall: u32) -> HealthCheck {
         HealthCheck {
-            probe: ProbeConfig::Tcp,
+            probe: switchyard_config::Probe::Tcp,
             interval: Duration::from_secs(1),
             timeout: Duration::from_millis(500),
             rise,

@@ -20,6 +20,7 @@ pub mod local;
 mod matcher;
 pub mod metrics;
 pub mod peer;
+mod probe;
 pub mod ramp;
 pub mod request;
 pub mod retire;
