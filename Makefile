@@ -10,13 +10,15 @@ deps:
 	@command -v cmake >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq cmake; }
 	@command -v cc >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq build-essential; }
 
-# promtool (Debian package prometheus) checks the metrics output in the tests; openssl makes
-# their certificates; nghttpd (nghttp2-server), Python's http.server and grpcio are their
-# HTTPS, HTTP/2 and gRPC backends (grpcio from PyPI, or Debian's python3-grpcio where pip
-# cannot install into the system's Python).
+# promtool (Debian package prometheus) checks the metrics output in the tests; h2load (Debian
+# package nghttp2-client) is the HTTP/2 load of the deploy suite under TLS; openssl makes and
+# reads the TLS tests' certificates; nghttpd (nghttp2-server), Python's http.server and grpcio
+# are the HTTPS, HTTP/2 and gRPC backends of the upstream tests (grpcio from PyPI, or Debian's
+# python3-grpcio where pip cannot install into the system's Python).
 test-deps: deps
 	@command -v curl >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq curl; }
 	@command -v promtool >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
+	@command -v h2load >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nghttp2-client; }
 	@command -v openssl >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq openssl; }
 	@command -v nghttpd >/dev/null || [ -x /usr/sbin/nghttpd ] || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nghttp2-server; }
 	@command -v python3 >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3; }

@@ -16,7 +16,8 @@ const CLIENTS: usize = 16;
 const PHASE: usize = 600;
 const LIMIT: Duration = Duration::from_secs(30);
 
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+/// Taken by every scenario of the deploy suites (this one and `deploy_tls`).
+pub(crate) fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     static SUITE: Mutex<()> = Mutex::new(());
     SUITE.lock().unwrap_or_else(|p| p.into_inner())
 }

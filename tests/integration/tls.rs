@@ -167,6 +167,21 @@ fn h2c_speaks_http2_by_prior_knowledge_and_http1_beside_it() {
     let (code, out, err) = curl(&["-i", &url]);
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    // A request shorter than the 24-byte preface (a load balancer's health check) is
+    // answered at once, not after header_timeout.
+    let started = Instant::now();
+    let mut conn = TcpStream::connect(sy.addr).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    conn.write_all(b"GET / HTTP/1.0\r\n\r\n").expect("write");
+    let mut answer = String::new();
+    let _ = conn.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[test]

@@ -118,7 +118,7 @@ impl ClientStream {
         counters: Arc<ClientCounters>,
         slot: Slot,
     ) -> ClientStream {
-        let deadline = Instant::now() + limits.header_timeout;
+        let deadline = slot.accepted() + limits.header_timeout;
         ClientStream {
             inner,
             limits,

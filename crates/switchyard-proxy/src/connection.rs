@@ -19,14 +19,18 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use async_trait::async_trait;
 use pingora_core::apps::{HttpServerApp, ServerApp};
 use pingora_core::protocols::http::ServerSession;
+use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::protocols::{Stream, ALPN};
 use pingora_core::server::ShutdownWatch;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
 use switchyard_config::ClientLimits;
 use switchyard_pool::Metrics;
+use tokio::io::AsyncReadExt;
 
 use crate::client_stream::{ClientStream, HeadLimits};
 use crate::front::ListenerFront;
@@ -126,17 +130,31 @@ impl ClientCounters {
             return None;
         }
         self.gauge.inc();
-        Some(Slot(Arc::clone(self)))
+        Some(Slot {
+            counters: Arc::clone(self),
+            accepted: Instant::now(),
+        })
     }
 }
 
 /// One open client connection, counted until it is dropped with its stream.
-pub struct Slot(Arc<ClientCounters>);
+pub struct Slot {
+    counters: Arc<ClientCounters>,
+    accepted: Instant,
+}
+
+impl Slot {
+    /// When the connection was accepted: `header_timeout` counts from here, through a TLS
+    /// handshake or the h2c preface check and on into the first head or HTTP/2 preface.
+    pub(crate) fn accepted(&self) -> Instant {
+        self.accepted
+    }
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
-        self.0.gauge.dec();
+        self.counters.open.fetch_sub(1, Ordering::AcqRel);
+        self.counters.gauge.dec();
     }
 }
 
@@ -195,10 +213,10 @@ impl<A: HttpServerApp + Send + Sync + 'static> ClientApp<A> {
     /// over TLS, by the preface with h2c. Both are bounded by `header_timeout` from the
     /// accept, as the first head of a cleartext HTTP/1 connection is: Pingora's own TLS
     /// listener would give a handshake 60 s, and take it before any connection limit.
-    async fn negotiate(&self, stream: Stream) -> Option<Speaks> {
-        let timeout = self.limits.header_timeout;
+    async fn negotiate(&self, stream: Stream, accepted: Instant) -> Option<Speaks> {
+        let due = accepted + self.limits.header_timeout;
         if let Some(tls) = &self.front.tls {
-            let stream = match self.within(timeout, tls.handshake(stream)).await? {
+            let stream = match self.within(due, tls.handshake(stream)).await? {
                 Ok(stream) => stream,
                 Err(e) => {
                     // A client that gave up or speaks no TLS: not worth more than debug.
@@ -216,35 +234,55 @@ impl<A: HttpServerApp + Send + Sync + 'static> ClientApp<A> {
         if !self.front.h2c {
             return Some(Speaks::Http1(stream));
         }
-        // Pingora's l4 stream reads the bytes and rewinds them: whichever protocol it is
-        // gets them again. An HTTP/1 request under 24 bytes (`GET / HTTP/1.0` and a blank
-        // line) waits here for `header_timeout`, as with Pingora's own h2c detection.
-        let mut stream = stream;
-        let mut preface = [0u8; H2_PREFACE.len()];
-        match self.within(timeout, stream.try_peek(&mut preface)).await? {
-            Ok(true) if preface == *H2_PREFACE => Some(Speaks::Http2(stream)),
-            Ok(_) => Some(Speaks::Http1(stream)),
-            Err(_) => None,
+        match self.within(due, sniff_preface(stream)).await? {
+            Some((stream, true)) => Some(Speaks::Http2(stream)),
+            Some((stream, false)) => Some(Speaks::Http1(stream)),
+            None => None,
         }
     }
 
-    /// `work`, unless `timeout` passes first: then it counts as a `header_timeout` refusal,
+    /// `work`, unless `due` comes first: then it counts as a `header_timeout` refusal,
     /// counted before `work` (and the connection it holds) is dropped, so that a client that
     /// sees the close finds it counted.
-    async fn within<F: std::future::Future>(
-        &self,
-        timeout: Duration,
-        work: F,
-    ) -> Option<F::Output> {
+    async fn within<F: std::future::Future>(&self, due: Instant, work: F) -> Option<F::Output> {
         tokio::pin!(work);
         tokio::select! {
             done = &mut work => Some(done),
-            _ = tokio::time::sleep(timeout) => {
+            _ = tokio::time::sleep_until(due) => {
                 self.counters.reject(Rejection::HeaderTimeout);
                 None
             }
         }
     }
+}
+
+/// Whether a cleartext connection starts with the HTTP/2 preface, read as its bytes arrive:
+/// HTTP/1 is decided at the first byte that differs (Pingora's own h2c check waits for 24
+/// bytes, which a short HTTP/1.0 request such as a load balancer's `OPTIONS / HTTP/1.0`
+/// never sends). What was read is put back for whichever protocol it is. `None`: a read
+/// error, or not a TCP stream.
+async fn sniff_preface(stream: Stream) -> Option<(Stream, bool)> {
+    let mut tcp = match stream.into_any().downcast::<L4Stream>() {
+        Ok(tcp) => tcp,
+        Err(_) => {
+            log::error!("h2c: an accepted connection is not a TCP stream; closed");
+            return None;
+        }
+    };
+    let mut seen = [0u8; H2_PREFACE.len()];
+    let mut len = 0;
+    let h2 = loop {
+        let got = tcp.read(&mut seen[len..]).await.ok()?;
+        len += got;
+        if got == 0 || seen[..len] != H2_PREFACE[..len] {
+            break false;
+        }
+        if len == H2_PREFACE.len() {
+            break true;
+        }
+    };
+    tcp.rewind(&seen[..len]);
+    Some((tcp, h2))
 }
 
 #[async_trait]
@@ -256,7 +294,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ClientApp<A> {
     ) -> Option<Stream> {
         // Dropped unread past the limit: no buffer, no parser, no timer, no handshake for it.
         let slot = self.counters.open(self.limits.max_connections)?;
-        let stream = match self.negotiate(stream).await? {
+        let stream = match self.negotiate(stream, slot.accepted()).await? {
             Speaks::Http1(stream) => stream,
             Speaks::Http2(stream) => {
                 let stream = H2Stream::new(

@@ -6,8 +6,9 @@
 //! `max_request_header_bytes` as its header list size, and the idle wait between requests is
 //! Pingora's `h2_idle_timeout`). What the codec does not bound is its handshake: a client that
 //! negotiated `h2` and then sends nothing would hold its task and slot for ever. The preface
-//! (24 bytes) must therefore arrive within `header_timeout` of the accept, like an HTTP/1
-//! connection's first head; after it, reads pass straight through.
+//! (24 bytes) must therefore arrive within `header_timeout` of the accept (the TLS handshake
+//! counts in it), like an HTTP/1 connection's first head; after it, reads pass straight
+//! through. A connection that then opens no stream is closed after `keepalive_timeout`.
 
 use std::fmt;
 use std::future::Future;
@@ -49,7 +50,10 @@ impl H2Stream {
     ) -> H2Stream {
         H2Stream {
             inner,
-            preface: Some((Box::pin(tokio::time::sleep(header_timeout)), PREFACE_LEN)),
+            preface: Some((
+                Box::pin(tokio::time::sleep_until(slot.accepted() + header_timeout)),
+                PREFACE_LEN,
+            )),
             counters,
             _slot: slot,
         }

@@ -185,7 +185,7 @@ impl ProxyHttp for Proxy {
         let host = match host::route_host(req) {
             Ok(host) => host,
             Err(e) => {
-                respond_plain(session, 400, e.answer()).await?;
+                self.respond_plain(session, 400, e.answer()).await?;
                 return Ok(true);
             }
         };
@@ -196,7 +196,8 @@ impl ProxyHttp for Proxy {
                     return Ok(true);
                 }
                 Redirect::NoHost => {
-                    respond_plain(session, 400, NO_HOST_TO_REDIRECT).await?;
+                    self.respond_plain(session, 400, NO_HOST_TO_REDIRECT)
+                        .await?;
                     return Ok(true);
                 }
                 Redirect::Serve => {}
@@ -205,7 +206,7 @@ impl ProxyHttp for Proxy {
         if let Some(limit) = self.limits.max_request_body_bytes {
             if declared_length(req).is_some_and(|length| length > limit) {
                 self.counters.reject(Rejection::BodyTooLarge);
-                respond_plain(session, 413, BODY_TOO_LARGE).await?;
+                self.respond_plain(session, 413, BODY_TOO_LARGE).await?;
                 return Ok(true);
             }
         }
@@ -215,7 +216,7 @@ impl ProxyHttp for Proxy {
             .map(|a| a.ip());
         let request = request_of(req, host, ctx.client, None);
         let Some(route) = snapshot.match_route(&request) else {
-            respond_plain(
+            self.respond_plain(
                 session,
                 404,
                 "404 Not Found: no route matches this request\n",
@@ -236,7 +237,7 @@ impl ProxyHttp for Proxy {
             self.pool
                 .metrics()
                 .count_unrouted(&snapshot.routes[route].name, 503);
-            respond_plain(
+            self.respond_plain(
                 session,
                 503,
                 "503 Service Unavailable: no backend is available for this route\n",
@@ -494,15 +495,7 @@ impl ProxyHttp for Proxy {
                 response.insert_header(http::header::CACHE_CONTROL, value)?;
             }
         }
-        // The backend's own policy, if it has one, stands.
-        if let Some(hsts) = self.front.tls.as_ref().and_then(|tls| tls.hsts()) {
-            if !response
-                .headers
-                .contains_key(http::header::STRICT_TRANSPORT_SECURITY)
-            {
-                response.insert_header(http::header::STRICT_TRANSPORT_SECURITY, hsts)?;
-            }
-        }
+        self.add_hsts(response)?;
         // Once a stop or upgrade signal has arrived, tell keep-alive clients to reconnect (to
         // the new process) instead of reusing a connection that is about to be closed.
         // Pingora's own flag is raised only when the listeners stop, 5 s into an upgrade.
@@ -601,7 +594,7 @@ impl ProxyHttp for Proxy {
             _ => (500, "500 Internal Server Error\n"),
         };
         if code > 0 {
-            if let Err(write_error) = respond_plain(session, code, body).await {
+            if let Err(write_error) = self.respond_plain(session, code, body).await {
                 log::debug!("could not send {code} to the client: {write_error}");
             }
         }
@@ -737,14 +730,36 @@ fn error_kind(etype: &ErrorType) -> ErrorKind {
     }
 }
 
-/// Answers with a short plain-text body and closes the connection.
-async fn respond_plain(session: &mut Session, status: u16, body: &'static str) -> Result<()> {
-    let mut resp = ResponseHeader::build(status, Some(3))?;
-    resp.insert_header("Content-Type", "text/plain; charset=utf-8")?;
-    resp.insert_header("Content-Length", body.len())?;
-    resp.insert_header("Connection", "close")?;
-    session
-        .as_downstream_mut()
-        .write_error_response(resp, Bytes::from_static(body.as_bytes()))
-        .await
+impl Proxy {
+    /// Answers with a short plain-text body (and the listener's HSTS) and closes the
+    /// connection.
+    async fn respond_plain(
+        &self,
+        session: &mut Session,
+        status: u16,
+        body: &'static str,
+    ) -> Result<()> {
+        let mut resp = ResponseHeader::build(status, Some(4))?;
+        resp.insert_header("Content-Type", "text/plain; charset=utf-8")?;
+        resp.insert_header("Content-Length", body.len())?;
+        resp.insert_header("Connection", "close")?;
+        self.add_hsts(&mut resp)?;
+        session
+            .as_downstream_mut()
+            .write_error_response(resp, Bytes::from_static(body.as_bytes()))
+            .await
+    }
+
+    /// The listener's `Strict-Transport-Security`, unless the backend sent its own policy.
+    fn add_hsts(&self, response: &mut ResponseHeader) -> Result<()> {
+        if let Some(hsts) = self.front.tls.as_ref().and_then(|tls| tls.hsts()) {
+            if !response
+                .headers
+                .contains_key(http::header::STRICT_TRANSPORT_SECURITY)
+            {
+                response.insert_header(http::header::STRICT_TRANSPORT_SECURITY, hsts)?;
+            }
+        }
+        Ok(())
+    }
 }

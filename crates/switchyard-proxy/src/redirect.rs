@@ -29,22 +29,30 @@ pub fn https_redirect(req: &RequestHeader, host: Option<&str>) -> Redirect {
         .map(|p| p.as_str())
         .filter(|p| p.starts_with('/'))
         .unwrap_or("/");
-    if target.starts_with(ACME_CHALLENGE) {
+    if is_acme_challenge(target) {
         return Redirect::Serve;
     }
     let Some(host) = host else {
         return Redirect::NoHost;
     };
-    let location = if host.contains(':') {
-        format!("https://[{host}]{target}")
-    } else {
-        format!("https://{host}{target}")
-    };
+    // An IP literal comes with its brackets.
+    let location = format!("https://{host}{target}");
     // Host and target were parsed as a header and a URI: nothing in them can break a header.
     match HeaderValue::try_from(location) {
         Ok(location) => Redirect::To(location),
         Err(_) => Redirect::NoHost,
     }
+}
+
+/// `/.well-known/acme-challenge/<token>` and nothing else: a token is base64url (RFC 8555
+/// §8.3), so `..`, `%2e` or a query cannot ride the exemption to another path in cleartext.
+fn is_acme_challenge(target: &str) -> bool {
+    target.strip_prefix(ACME_CHALLENGE).is_some_and(|token| {
+        !token.is_empty()
+            && token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    })
 }
 
 /// The `308`, with a short body for clients that show it.
@@ -88,7 +96,7 @@ mod tests {
             redirect("http://example.com:8080/p?q", Some("example.com")),
             to("https://example.com/p?q")
         );
-        assert_eq!(redirect("/x", Some("::1")), to("https://[::1]/x"));
+        assert_eq!(redirect("/x", Some("[::1]")), to("https://[::1]/x"));
         assert_eq!(
             redirect("*", Some("example.com")),
             to("https://example.com/")
@@ -106,5 +114,18 @@ mod tests {
             Redirect::Serve
         );
         assert_eq!(redirect("/", None), Redirect::NoHost);
+        for sneaky in [
+            "/.well-known/acme-challenge/../../account",
+            "/.well-known/acme-challenge/%2e%2e/account",
+            "/.well-known/acme-challenge/t?x=1",
+            "/.well-known/acme-challenge/",
+            "/.well-known/acme-challenge/a/b",
+        ] {
+            assert_eq!(
+                redirect(sneaky, Some("example.com")),
+                to(&format!("https://example.com{sneaky}")),
+                "{sneaky}"
+            );
+        }
     }
 }

@@ -69,6 +69,12 @@ impl TlsFront {
     pub fn current(&self) -> Arc<TlsState> {
         self.current.load_full()
     }
+
+    /// The HSTS header for a response: read under a guard, which takes no reference count
+    /// on the shared state (this runs on every response of the listener).
+    pub fn hsts(&self) -> Option<HeaderValue> {
+        self.current.load().hsts.clone()
+    }
 }
 
 /// What lets a client resume a session, shared by every `ServerConfig` one listener has had.
@@ -195,8 +201,17 @@ impl TlsFronts {
         let mut errors = Vec::new();
         let mut seen = Vec::new();
         for (index, listener) in next.listeners.iter().enumerate() {
-            let (Some(tls), Some(front)) = (listener.tls(), self.fronts.get(&listener.address))
-            else {
+            let Some(tls) = listener.tls() else {
+                continue;
+            };
+            let Some(front) = self.fronts.get(&listener.address) else {
+                // A TLS listener this process does not run (added, moved, or plain until
+                // now) waits for a restart, but its files are checked now: the restart or
+                // upgrade must not be the first to find them broken.
+                let scratch = Resumption::new(1);
+                if let Err(problems) = build(index, tls, &scratch, &self.provider, now) {
+                    errors.extend(problems);
+                }
                 continue;
             };
             seen.push(listener.address);

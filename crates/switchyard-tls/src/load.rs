@@ -279,8 +279,10 @@ fn inspect_leaf(
     Ok((names, validity, serial))
 }
 
-/// DNS SANs; without any, the subject CN (what clients did before SANs, still seen on
-/// internal CAs). IP SANs are left out: SNI never carries an address.
+/// DNS SANs; without a SAN extension, the subject CN (what clients did before SANs, still
+/// seen on internal CAs). A SAN extension with only IP addresses gives no name: clients then
+/// ignore the CN, so choosing the certificate by it would serve one they reject. IP SANs are
+/// left out: SNI never carries an address.
 fn names(cert: &X509Certificate<'_>) -> Result<Vec<String>, String> {
     let mut names = Vec::new();
     let san = cert
@@ -291,7 +293,7 @@ fn names(cert: &X509Certificate<'_>) -> Result<Vec<String>, String> {
             push_name(&mut names, name);
         }
     }
-    if names.is_empty() {
+    if san.is_none() {
         for cn in cert.subject().iter_common_name() {
             if let Ok(name) = cn.as_str() {
                 push_name(&mut names, name);

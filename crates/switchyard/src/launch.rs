@@ -68,6 +68,16 @@ pub fn run(
         upgrade,
         ..Opt::default()
     };
+    // Every certificate and key file read and checked, and the open-file limit raised, before
+    // `bootstrap`: a process started with `--upgrade` takes the listening sockets there, and
+    // the old one goes once they are sent; failing after that would leave no one listening.
+    // (Pingora's own TLS settings would panic on a bad file.)
+    let metrics = Arc::new(Metrics::new());
+    let tls_fronts = Arc::new(
+        switchyard_tls::TlsFronts::load(&config, &metrics)
+            .map_err(|problems| problems.join("\n"))?,
+    );
+    crate::limits::raise_open_files(config.server.clients.max_connections)?;
     let mut server = Server::new_with_opt_and_conf(opt, server_conf);
     server.bootstrap();
     if upgrade {
@@ -88,13 +98,6 @@ pub fn run(
         let _ = std::fs::remove_file(&handover);
         switchyard_pool::retire::discard_keys(&handover);
     }
-    let metrics = Arc::new(Metrics::new());
-    // Every certificate and key file read and checked before anything is served; Pingora's
-    // own TLS settings would panic on a bad one.
-    let tls_fronts = Arc::new(
-        switchyard_tls::TlsFronts::load(&config, &metrics)
-            .map_err(|problems| problems.join("\n"))?,
-    );
     let pool = Arc::new(Pool::new(
         config,
         metrics,
@@ -113,7 +116,6 @@ pub fn run(
         Arc::clone(&tls_fronts),
         config_path,
     )?);
-    crate::limits::raise_open_files(client_limits.max_connections)?;
 
     let closing = Arc::new(AtomicBool::new(false));
     let prerequisites = server.add_services(prerequisites);
@@ -140,7 +142,7 @@ pub fn run(
     let mut listener_services = Vec::new();
     for listener in &listeners {
         let front = ListenerFront {
-            tls: tls_terminator(listener, &tls_fronts),
+            tls: tls_terminator(listener, &tls_fronts)?,
             h2c: matches!(listener.kind, ListenerKind::Plain { h2c: true, .. }),
             redirect_https: matches!(
                 listener.kind,
@@ -296,14 +298,23 @@ pub fn ensure_free(field: &str, address: std::net::SocketAddr) -> Result<(), Str
         .map_err(|e| format!("{field}: cannot listen on {address}: {e}"))
 }
 
-/// The live TLS settings of a TLS listener, as the proxy runs handshakes with them.
+/// The live TLS settings of a TLS listener, as the proxy runs handshakes with them; `None`
+/// for a plain listener.
 fn tls_terminator(
     listener: &Listener,
     fronts: &switchyard_tls::TlsFronts,
-) -> Option<Arc<dyn TlsTerminator>> {
-    listener.tls()?;
-    let front = fronts.front(listener.address)?;
-    Some(Arc::new(Terminator(front)))
+) -> Result<Option<Arc<dyn TlsTerminator>>, String> {
+    if listener.tls().is_none() {
+        return Ok(None);
+    }
+    // Never serve a TLS listener in cleartext.
+    let front = fronts.front(listener.address).ok_or_else(|| {
+        format!(
+            "listener {}: its TLS settings were not loaded",
+            listener.address
+        )
+    })?;
+    Ok(Some(Arc::new(Terminator(front))))
 }
 
 struct Terminator(Arc<switchyard_tls::TlsFront>);
@@ -313,10 +324,10 @@ impl TlsTerminator for Terminator {
     async fn handshake(&self, stream: Stream) -> pingora::Result<Stream> {
         // Pingora's TLS runs on the accepted TCP stream itself, which is what a listener
         // gives the app: unboxed, so that the TLS stream forwards its digests.
-        let tcp = stream
-            .into_any()
-            .downcast::<L4Stream>()
-            .map_err(|_| pingora::Error::explain(ErrorType::InternalError, "not a TCP stream"))?;
+        let tcp = stream.into_any().downcast::<L4Stream>().map_err(|_| {
+            log::error!("TLS: an accepted connection is not a TCP stream; closed");
+            pingora::Error::explain(ErrorType::InternalError, "not a TCP stream")
+        })?;
         // Loaded once: a reload during the handshake changes nothing for this connection.
         let state = self.0.current();
         let stream = state.acceptor.tls_handshake(*tcp).await?;
@@ -324,6 +335,6 @@ impl TlsTerminator for Terminator {
     }
 
     fn hsts(&self) -> Option<HeaderValue> {
-        self.0.current().hsts.clone()
+        self.0.hsts()
     }
 }
