@@ -88,17 +88,18 @@ struct Desired {
 }
 
 impl Pool {
-    /// Builds the pool from `config`, the CA files its upstreams name and the state file it
-    /// names. Without a state file, the state a previous process handed over at `handover`
-    /// (see [`Pool::hand_over`]) is taken once, so a binary upgrade keeps runtime changes even
-    /// then. `Err` names a CA file that cannot be used (one line each), or a state file this
-    /// binary cannot read without losing what it holds.
+    /// Builds the pool from `config`, the CA certificates read from it ([`load_upstream_tls`],
+    /// before anything of the process is committed: a binary upgrade takes the sockets over
+    /// after that) and the state file it names. Without a state file, the state a previous
+    /// process handed over at `handover` (see [`Pool::hand_over`]) is taken once, so a binary
+    /// upgrade keeps runtime changes even then. `Err` names a state file this binary cannot
+    /// read without losing what it holds.
     pub fn new(
         config: Config,
+        cas: UpstreamCas,
         metrics: Arc<Metrics>,
         handover: Option<&Path>,
     ) -> Result<Pool, String> {
-        let cas = load_upstream_tls(&config).map_err(|problems| problems.join("\n"))?;
         let store = config.state_file.clone().map(StateFile::new);
         let (saved, origin) = match (&store, handover.filter(|p| p.exists())) {
             (Some(store), _) => (store.load()?, "state_file"),

@@ -1186,7 +1186,13 @@ fn analysis_stats_follow_their_pair_through_split_changes_and_reloads() {
 
     use crate::Pool;
 
-    let pool = Pool::new(blue_green(), Arc::new(Metrics::new()), None).expect("no state file");
+    let pool = Pool::new(
+        blue_green(),
+        UpstreamCas::default(),
+        Arc::new(Metrics::new()),
+        None,
+    )
+    .expect("no state file");
     // The engine may ask before any request.
     let green = pool.pair_stats("web", "green");
     assert_eq!(green.read().requests, 0);
@@ -1269,8 +1275,15 @@ fn the_pool_records_each_change_once_with_its_source_and_nothing_for_a_refusal()
     use crate::{Pool, Source};
     use serde_json::json;
 
-    let pool =
-        Arc::new(Pool::new(blue_green(), Arc::new(Metrics::new()), None).expect("no state file"));
+    let pool = Arc::new(
+        Pool::new(
+            blue_green(),
+            UpstreamCas::default(),
+            Arc::new(Metrics::new()),
+            None,
+        )
+        .expect("no state file"),
+    );
     let kinds = |pool: &Pool| -> Vec<(Source, String)> {
         pool.events()
             .since(0, 100)
