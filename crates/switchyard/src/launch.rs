@@ -79,6 +79,10 @@ pub fn run(
     );
     let upstream_cas =
         switchyard_pool::load_upstream_tls(&config).map_err(|problems| problems.join("\n"))?;
+    // The admin token file too (`Control::new` reads it again below, where it must not fail).
+    if let Some(file) = config.admin.as_ref().and_then(|a| a.token_file.as_deref()) {
+        switchyard_admin::Token::read(file)?;
+    }
     crate::limits::raise_open_files(config.server.clients.max_connections)?;
     let mut server = Server::new_with_opt_and_conf(opt, server_conf);
     server.bootstrap();
