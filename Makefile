@@ -12,12 +12,17 @@ deps:
 
 # promtool (Debian package prometheus) checks the metrics output in the tests; h2load (Debian
 # package nghttp2-client) is the HTTP/2 load of the deploy suite under TLS; openssl makes and
-# reads the TLS tests' certificates.
+# reads the TLS tests' certificates; nghttpd (nghttp2-server), Python's http.server and grpcio
+# are the HTTPS, HTTP/2 and gRPC backends of the upstream tests (grpcio from PyPI, or Debian's
+# python3-grpcio where pip cannot install into the system's Python).
 test-deps: deps
 	@command -v curl >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq curl; }
 	@command -v promtool >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
 	@command -v h2load >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nghttp2-client; }
 	@command -v openssl >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq openssl; }
+	@command -v nghttpd >/dev/null || [ -x /usr/sbin/nghttpd ] || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nghttp2-server; }
+	@command -v python3 >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3; }
+	@python3 -c "import grpc" 2>/dev/null || python3 -m pip install --quiet grpcio 2>/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-grpcio; }
 
 build: deps
 	$(CARGO) build --release --bin switchyard

@@ -870,3 +870,198 @@ pub fn blue_green(
         split.0, split.1
     )
 }
+
+// ---------------------------------------------------------------- backends of their own process
+
+/// Test certificates made with the `openssl` command, once per test run: a CA, a server
+/// certificate it signed for `backend.test` and 127.0.0.1 (with its key), and a second CA
+/// with a server certificate of its own for the same names.
+pub struct TestCerts {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub other_ca: PathBuf,
+    pub other_cert: PathBuf,
+    pub other_key: PathBuf,
+}
+
+/// The name in the server certificate's SANs (with the address 127.0.0.1).
+pub const BACKEND_NAME: &str = "backend.test";
+
+pub fn test_certs() -> &'static TestCerts {
+    static CERTS: OnceLock<TestCerts> = OnceLock::new();
+    CERTS.get_or_init(|| {
+        let dir = temp_path("certs").parent().expect("temp dir").to_path_buf();
+        let path = |name: &str| dir.join(name);
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .expect("openssl (make test-deps installs it)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        for (name, subject) in [("ca", "/CN=Switchyard test CA"), ("other-ca", "/CN=Another CA")] {
+            let (key, cert) = (format!("{name}.key"), format!("{name}.pem"));
+            let mut args = vec!["req", "-x509"];
+            args.extend(ec);
+            args.extend([
+                "-keyout",
+                &key,
+                "-out",
+                &cert,
+                "-days",
+                "3",
+                "-subj",
+                subject,
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ]);
+            openssl(&args);
+        }
+        std::fs::write(
+            path("server.ext"),
+            format!("subjectAltName=DNS:{BACKEND_NAME},IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"),
+        )
+        .expect("extensions file");
+        for (ca, server) in [("ca", "server"), ("other-ca", "other-server")] {
+            let (key, csr, cert) = (
+                format!("{server}.key"),
+                format!("{server}.csr"),
+                format!("{server}.pem"),
+            );
+            let mut args = vec!["req"];
+            args.extend(ec);
+            args.extend(["-keyout", &key, "-out", &csr, "-subj", "/CN=backend.test"]);
+            openssl(&args);
+            let (ca_cert, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
+            openssl(&[
+                "x509", "-req", "-in", &csr, "-CA", &ca_cert, "-CAkey", &ca_key,
+                "-CAcreateserial", "-out", &cert, "-days", "3", "-extfile", "server.ext",
+            ]);
+        }
+        TestCerts {
+            ca: path("ca.pem"),
+            cert: path("server.pem"),
+            key: path("server.key"),
+            other_ca: path("other-ca.pem"),
+            other_cert: path("other-server.pem"),
+            other_key: path("other-server.key"),
+        }
+    })
+}
+
+/// A test backend script of `tests/integration/backends/`.
+pub fn backend_script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("../../tests/integration/backends/{name}"))
+}
+
+/// A program the tests need, from `PATH` or `/usr/sbin` (Debian puts servers there).
+pub fn program(name: &str, package: &str) -> PathBuf {
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file());
+    found.unwrap_or_else(|| {
+        panic!("{name} not found: `make test-deps` installs it (Debian package {package})")
+    })
+}
+
+/// A backend that runs as its own process (Python's TLS server, nghttpd, a gRPC server):
+/// closer to a real one than a task of ours. Killed when dropped; its output is kept in `log`.
+pub struct BackendProcess {
+    pub addr: SocketAddr,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl BackendProcess {
+    /// Starts `program` with `args`; it prints the port it listens on (127.0.0.1) as the first
+    /// line of its output once it serves.
+    pub fn printing_port(program: &std::path::Path, args: &[&std::ffi::OsStr]) -> BackendProcess {
+        let log = temp_path("backend.log");
+        let mut child = Command::new(program)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("backend log"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+            let _ = tx.send(line);
+        });
+        let mut process = BackendProcess {
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            child,
+            log,
+        };
+        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+        let port: u16 = line.trim().parse().unwrap_or_else(|_| {
+            panic!(
+                "{} printed {line:?} instead of its port:\n{}",
+                program.display(),
+                process.log_text()
+            )
+        });
+        process.addr.set_port(port);
+        process
+    }
+
+    /// Starts `program` with `args`, which make it listen on `addr`; waits until it accepts.
+    pub fn listening_on(
+        program: &std::path::Path,
+        args: &[&std::ffi::OsStr],
+        addr: SocketAddr,
+    ) -> BackendProcess {
+        let log = temp_path("backend.log");
+        let output = std::fs::File::create(&log).expect("backend log");
+        let child = Command::new(program)
+            .args(args)
+            .stdout(output.try_clone().expect("log handle"))
+            .stderr(output)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        let mut process = BackendProcess { addr, child, log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(addr).is_err() {
+            if let Ok(Some(status)) = process.child.try_wait() {
+                panic!(
+                    "{} exited with {status}:\n{}",
+                    program.display(),
+                    process.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} does not listen on {addr}",
+                program.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        process
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for BackendProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

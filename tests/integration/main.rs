@@ -26,4 +26,5 @@ mod rollout_lifecycle;
 mod rollouts;
 mod state;
 mod tls;
+mod upstream_tls;
 mod websocket;

@@ -393,7 +393,7 @@ fn bad_rollout_requests_are_400_or_404_naming_what_is_wrong_and_change_nothing()
         (
             r#"{"to": "green", "checks": [{"url": "file:///etc/passwd"}]}"#,
             400,
-            "checks[0].url: \"file:///etc/passwd\" is not an http:// URL",
+            "checks[0].url: \"file:///etc/passwd\" is not an http:// or https:// URL",
         ),
         (
             r#"{"to": "green", "analysis": {"interval": "1x"}}"#,

@@ -164,8 +164,9 @@ impl Control {
         // refuses the reload like a config problem, and the old certificates stay.
         let tls = self.tls.prepare(&config)?;
         let needs_restart = needs_restart(&self.started, &config);
+        let upstream_cas = switchyard_pool::load_upstream_tls(&config)?;
         // The pool records the reload and each warning as events (and so logs them).
-        let dropped_state = self.pool.reload(config);
+        let dropped_state = self.pool.reload(config, upstream_cas);
         self.token.store(token.map(Arc::new));
         let warnings = tls.commit();
         for warning in &warnings {

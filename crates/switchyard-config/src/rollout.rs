@@ -137,10 +137,12 @@ pub enum OnFailure {
     Pause,
 }
 
-/// An `http://` URL, split into what a request needs.
+/// An `http://` or `https://` URL, split into what a request needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpUrl {
     text: String,
+    /// `https://`: TLS, with the host as SNI and the name verified against the system's roots.
+    pub tls: bool,
     /// `host` or `host:port` as written, for the `Host` header.
     pub authority: String,
     pub host: String,
@@ -151,12 +153,10 @@ pub struct HttpUrl {
 
 impl HttpUrl {
     pub fn parse(text: &str) -> Result<HttpUrl, String> {
-        let Some(rest) = text.strip_prefix("http://") else {
-            return Err(if text.starts_with("https://") {
-                format!("{text:?}: https:// URLs need TLS, which this build does not have yet; use http://")
-            } else {
-                format!("{text:?} is not an http:// URL")
-            });
+        let (tls, rest) = match (text.strip_prefix("http://"), text.strip_prefix("https://")) {
+            (Some(rest), _) => (false, rest),
+            (_, Some(rest)) => (true, rest),
+            _ => return Err(format!("{text:?} is not an http:// or https:// URL")),
         };
         let (authority, path) = match rest.find(['/', '?']) {
             Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], rest[i..].to_string()),
@@ -181,7 +181,7 @@ impl HttpUrl {
                     .ok_or_else(|| format!("{text:?}: port {port:?} is not 1..=65535"))?;
                 (host, port)
             }
-            _ => (authority, 80),
+            _ => (authority, if tls { 443 } else { 80 }),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let valid_host = !host.is_empty()
@@ -193,6 +193,7 @@ impl HttpUrl {
         }
         Ok(HttpUrl {
             text: text.to_string(),
+            tls,
             authority: authority.to_string(),
             host: host.to_string(),
             port,
@@ -810,7 +811,7 @@ mod tests {
             (r#"{"to": "g", "from": "g"}"#, "from: \"g\" is also \"to\""),
             (
                 r#"{"to": "g", "checks": [{"url": "ftp://x/"}]}"#,
-                "checks[0].url: \"ftp://x/\" is not an http:// URL",
+                "checks[0].url: \"ftp://x/\" is not an http:// or https:// URL",
             ),
             (
                 r#"{"to": "g", "analysis": {"max_error_rate": 2}}"#,
@@ -927,16 +928,25 @@ mod tests {
         );
         let url = HttpUrl::parse("http://example.com?x").unwrap();
         assert_eq!(
-            (url.host.as_str(), url.port, url.path.as_str()),
-            ("example.com", 80, "/?x")
+            (url.host.as_str(), url.port, url.path.as_str(), url.tls),
+            ("example.com", 80, "/?x", false)
         );
+        let url = HttpUrl::parse("https://deploy.example.com/hooks/1").unwrap();
+        assert_eq!(
+            (url.host.as_str(), url.port, url.path.as_str(), url.tls),
+            ("deploy.example.com", 443, "/hooks/1", true)
+        );
+        let url = HttpUrl::parse("https://127.0.0.1:8443").unwrap();
+        assert_eq!((url.port, url.path.as_str(), url.tls), (8443, "/", true));
+        assert_eq!(url.authority, "127.0.0.1:8443");
         for bad in [
             "http://",
+            "https://",
             "http://a:0/",
             "http://a:x/",
             "http://u@a/",
             "http://a/ b",
-            "https://a/",
+            "ftp://a/",
         ] {
             assert!(HttpUrl::parse(bad).is_err(), "{bad}");
         }

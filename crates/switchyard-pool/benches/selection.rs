@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderMap, Method};
 use switchyard_config::Config;
-use switchyard_pool::{Metrics, Pick, Pool, Request, Routing, Snapshot};
+use switchyard_pool::{Metrics, Pick, Pool, Request, Routing, Snapshot, UpstreamCas};
 
 static NO_HEADERS: std::sync::LazyLock<HeaderMap> = std::sync::LazyLock::new(HeaderMap::new);
 
@@ -96,9 +96,14 @@ fn config(algorithm: &str, backends: usize, routes: usize) -> String {
 
 fn snapshot(yaml: &str) -> Arc<Snapshot> {
     let config = Config::from_yaml(yaml).expect("benchmark config is valid");
-    Pool::new(config, Arc::new(Metrics::new()), None)
-        .expect("no state file")
-        .snapshot()
+    Pool::new(
+        config,
+        UpstreamCas::default(),
+        Arc::new(Metrics::new()),
+        None,
+    )
+    .expect("no state file")
+    .snapshot()
 }
 
 /// One request's worth of decisions; returns something so that none is optimised away.

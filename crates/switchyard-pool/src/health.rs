@@ -1,12 +1,18 @@
 //! Active health checks: one task per checked backend, run by a single Pingora background
 //! service that follows the pool (a backend added or removed later gets or loses its task).
 //!
-//! Probes are Pingora's own `TcpHealthCheck` and `HttpHealthCheck`; rise and fall are counted
-//! here because Pingora keeps its health state inside its `LoadBalancer`, which we do not use.
+//! Probes are those of Pingora's `TcpHealthCheck` and `HttpHealthCheck` over connectors all
+//! checks share ([`crate::probe`]); rise and fall are counted here because Pingora keeps its
+//! health state inside its `LoadBalancer`, which we do not use.
 //! A backend's first check decides its state at once (like Envoy's cluster warming); after
 //! that it takes `rise` successes or `fall` failures in a row to flip. The service reports
 //! ready only when every backend has had its first check, and the proxy service depends on it,
 //! so the listeners accept nothing before the pool knows which backends are up.
+//!
+//! A probe reaches its backend as requests do ([`Connect`]): over TLS with the upstream's
+//! server name, CA certificates and verification when it has `tls` (a `tcp` check then
+//! completes the TLS handshake too), and an `http` check over HTTP/2 for an `h2` or `h2c`
+//! upstream, whose backends may speak nothing else (a gRPC server).
 //!
 //! Each flip is recorded as a `health` event. A first check that passes is not one: the
 //! backend is then as the config has it, and recording it would fill the event log with one
@@ -23,15 +29,14 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use pingora_core::services::ServiceReadyNotifier;
 use pingora_core::{Error, ErrorType};
-use pingora_http::{RequestHeader, ResponseHeader};
-use pingora_load_balancing::health_check::{HealthCheck as Probe, HttpHealthCheck, TcpHealthCheck};
-use pingora_load_balancing::Backend as ProbeTarget;
-use switchyard_config::{HealthCheck, Probe as ProbeConfig};
+use switchyard_config::HealthCheck;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::events::Source;
 use crate::live::BackendLive;
+use crate::peer::Connect;
+use crate::probe::{Connectors, Probe};
 use crate::Pool;
 
 /// The background service that runs every health check of the pool.
@@ -45,11 +50,28 @@ impl HealthChecks {
     }
 }
 
-/// A running check task and what it was started for, to restart it when either changes.
+/// A running check task and what it was started for, to restart it when any changes.
 struct Running {
-    check: HealthCheck,
-    live: Arc<BackendLive>,
+    check: Checked,
     task: JoinHandle<()>,
+}
+
+/// What a backend's check task checks, and how it reaches the backend.
+#[derive(Clone)]
+struct Checked {
+    check: HealthCheck,
+    connect: Arc<Connect>,
+    live: Arc<BackendLive>,
+}
+
+impl Checked {
+    /// The same check of the same backend: a rebuilt snapshot's copy of the settings counts
+    /// as the same (a reload that leaves an upstream as it was keeps its checks' streaks).
+    fn same(&self, other: &Checked) -> bool {
+        self.check == other.check
+            && *self.connect == *other.connect
+            && Arc::ptr_eq(&self.live, &other.live)
+    }
 }
 
 type Key = (Arc<str>, SocketAddr);
@@ -62,9 +84,11 @@ impl BackgroundService for HealthChecks {
         ready: ServiceReadyNotifier,
     ) {
         let mut running: HashMap<Key, Running> = HashMap::new();
+        // Made here, on the service's runtime, once for every check of the process.
+        let connectors = Arc::new(Connectors::new());
         let mut changes = self.pool.subscribe();
         let (first_done, mut first_results) = mpsc::unbounded_channel();
-        let started = self.reconcile(&mut running, Some(&first_done));
+        let started = self.reconcile(&mut running, &connectors, Some(&first_done));
         // Each watcher holds a sender until its first check is done; a watcher that ends
         // early drops it, so the wait always ends.
         drop(first_done);
@@ -78,7 +102,7 @@ impl BackgroundService for HealthChecks {
                     if changed.is_err() {
                         break;
                     }
-                    self.reconcile(&mut running, None);
+                    self.reconcile(&mut running, &connectors, None);
                 }
             }
         }
@@ -94,10 +118,11 @@ impl HealthChecks {
     fn reconcile(
         &self,
         running: &mut HashMap<Key, Running>,
+        connectors: &Arc<Connectors>,
         first_done: Option<&mpsc::UnboundedSender<()>>,
     ) -> usize {
         let snapshot = self.pool.snapshot();
-        let mut wanted: HashMap<Key, (HealthCheck, Arc<BackendLive>)> = HashMap::new();
+        let mut wanted: HashMap<Key, Checked> = HashMap::new();
         for upstream in &snapshot.upstreams {
             let Some(check) = &upstream.health_check else {
                 continue;
@@ -105,32 +130,42 @@ impl HealthChecks {
             for backend in &upstream.backends {
                 wanted.insert(
                     (Arc::clone(&upstream.name), backend.live.address),
-                    (check.clone(), Arc::clone(&backend.live)),
+                    Checked {
+                        check: check.clone(),
+                        connect: Arc::clone(&upstream.connect),
+                        live: Arc::clone(&backend.live),
+                    },
                 );
             }
         }
         running.retain(|key, r| {
-            let keep = wanted
-                .get(key)
-                .is_some_and(|(check, live)| *check == r.check && Arc::ptr_eq(live, &r.live));
+            let keep = wanted.get(key).is_some_and(|c| c.same(&r.check));
             if !keep {
                 r.task.abort();
             }
             keep
         });
         let mut started = 0;
-        for (key, (check, live)) in wanted {
+        for (key, checked) in wanted {
             if running.contains_key(&key) {
                 continue;
             }
             let watcher = Watcher {
                 pool: Arc::clone(&self.pool),
                 upstream: Arc::clone(&key.0),
-                live: Arc::clone(&live),
-                check: check.clone(),
+                live: Arc::clone(&checked.live),
+                check: checked.check.clone(),
+                connect: Arc::clone(&checked.connect),
+                connectors: Arc::clone(connectors),
             };
             let task = tokio::spawn(watcher.run(first_done.cloned()));
-            running.insert(key, Running { check, live, task });
+            running.insert(
+                key,
+                Running {
+                    check: checked,
+                    task,
+                },
+            );
             started += 1;
         }
         started
@@ -143,13 +178,14 @@ struct Watcher {
     upstream: Arc<str>,
     live: Arc<BackendLive>,
     check: HealthCheck,
+    connect: Arc<Connect>,
+    connectors: Arc<Connectors>,
 }
 
 impl Watcher {
     async fn run(self, mut first_done: Option<mpsc::UnboundedSender<()>>) {
-        let probe = build_probe(&self.check, self.live.address);
-        let target = match ProbeTarget::new(&self.live.address.to_string()) {
-            Ok(target) => target,
+        let probe = match Probe::new(&self.check, &self.connect, self.live.address) {
+            Ok(probe) => probe,
             Err(e) => {
                 warn!("health check of {} not started: {e}", self.live.address);
                 return;
@@ -164,27 +200,27 @@ impl Watcher {
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             interval.tick().await;
-            let outcome = match tokio::time::timeout(self.check.timeout, probe.check(&target)).await
-            {
-                Ok(Ok(())) => Some(Ok(())),
-                Ok(Err(e)) => {
-                    if let Some(kind) = crate::local_failure(&e) {
-                        // The probe never reached the backend: no verdict on it either way.
-                        self.pool.local_errors().record(kind, || {
-                            format!(
-                                "health check of upstream {} backend {} could not run: {}",
-                                self.upstream,
-                                self.live.address,
-                                describe(&e)
-                            )
-                        });
-                        None
-                    } else {
-                        Some(Err(describe(&e)))
+            let outcome =
+                match tokio::time::timeout(self.check.timeout, probe.run(&self.connectors)).await {
+                    Ok(Ok(())) => Some(Ok(())),
+                    Ok(Err(e)) => {
+                        if let Some(kind) = crate::local_failure(&e) {
+                            // The probe never reached the backend: no verdict on it either way.
+                            self.pool.local_errors().record(kind, || {
+                                format!(
+                                    "health check of upstream {} backend {} could not run: {}",
+                                    self.upstream,
+                                    self.live.address,
+                                    describe(&e)
+                                )
+                            });
+                            None
+                        } else {
+                            Some(Err(describe(&e)))
+                        }
                     }
-                }
-                Err(_) => Some(Err(format!("no answer within {:?}", self.check.timeout))),
-            };
+                    Err(_) => Some(Err(format!("no answer within {:?}", self.check.timeout))),
+                };
             if let Some(outcome) = outcome {
                 if outcome.is_ok() {
                     passed.inc()
@@ -286,49 +322,6 @@ fn describe(e: &Error) -> String {
     }
 }
 
-fn build_probe(check: &HealthCheck, address: SocketAddr) -> Box<dyn Probe + Send + Sync> {
-    match &check.probe {
-        ProbeConfig::Tcp => {
-            let mut tcp = TcpHealthCheck::new();
-            tcp.peer_template.options.connection_timeout = Some(check.timeout);
-            tcp
-        }
-        ProbeConfig::Http {
-            path,
-            expect_status,
-            host,
-        } => {
-            let host = host.clone().unwrap_or_else(|| address.to_string());
-            let mut http = HttpHealthCheck::new(&host, false);
-            http.peer_template.options.connection_timeout = Some(check.timeout);
-            http.peer_template.options.read_timeout = Some(check.timeout);
-            http.peer_template.options.write_timeout = Some(check.timeout);
-            if let Ok(req) = probe_request(path, &host) {
-                http.req = req;
-            }
-            let expected = *expect_status;
-            http.validator = Some(Box::new(move |resp: &ResponseHeader| {
-                if resp.status.as_u16() == expected {
-                    Ok(())
-                } else {
-                    Error::e_explain(
-                        ErrorType::CustomCode("unexpected status", resp.status.as_u16()),
-                        format!("expected {expected}"),
-                    )
-                }
-            }));
-            Box::new(http)
-        }
-    }
-}
-
-fn probe_request(path: &str, host: &str) -> pingora_core::Result<RequestHeader> {
-    let mut req = RequestHeader::build("GET", path.as_bytes(), None)?;
-    req.insert_header("Host", host)?;
-    req.insert_header("User-Agent", "switchyard-health-check")?;
-    Ok(req)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,7 +329,7 @@ mod tests {
 
     fn check(rise: u32, fall: u32) -> HealthCheck {
         HealthCheck {
-            probe: ProbeConfig::Tcp,
+            probe: switchyard_config::Probe::Tcp,
             interval: Duration::from_secs(1),
             timeout: Duration::from_millis(500),
             rise,

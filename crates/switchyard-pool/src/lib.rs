@@ -19,6 +19,8 @@ mod live;
 pub mod local;
 mod matcher;
 pub mod metrics;
+pub mod peer;
+mod probe;
 pub mod ramp;
 pub mod request;
 pub mod retire;
@@ -30,6 +32,7 @@ mod state;
 mod state_file;
 pub mod stats;
 pub mod sticky;
+pub mod upstream_tls;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,6 +57,7 @@ pub use snapshot::{Backend, BackendState, Snapshot, Upstream};
 pub use state::{Change, Rejection, RuntimeState, STATE_FORMAT};
 pub use state_file::StateFile;
 pub use stats::{PairStats, StatsReading, Window};
+pub use upstream_tls::{load_upstream_tls, UpstreamCas};
 
 /// The shared, swappable runtime state of one Switchyard process.
 pub struct Pool {
@@ -76,18 +80,23 @@ pub struct Pool {
 
 struct Desired {
     config: Config,
+    /// The CA certificates `config`'s upstreams name, read with it.
+    cas: UpstreamCas,
     state: RuntimeState,
     /// The state file is behind `state` (a save failed and the change applied anyway).
     unsaved: bool,
 }
 
 impl Pool {
-    /// Builds the pool from `config` and the state file it names. Without a state file, the
-    /// state a previous process handed over at `handover` (see [`Pool::hand_over`]) is taken
-    /// once, so a binary upgrade keeps runtime changes even then.
-    /// `Err` names a state file this binary cannot read without losing what it holds.
+    /// Builds the pool from `config`, the CA certificates read from it ([`load_upstream_tls`],
+    /// before anything of the process is committed: a binary upgrade takes the sockets over
+    /// after that) and the state file it names. Without a state file, the state a previous
+    /// process handed over at `handover` (see [`Pool::hand_over`]) is taken once, so a binary
+    /// upgrade keeps runtime changes even then. `Err` names a state file this binary cannot
+    /// read without losing what it holds.
     pub fn new(
         config: Config,
+        cas: UpstreamCas,
         metrics: Arc<Metrics>,
         handover: Option<&Path>,
     ) -> Result<Pool, String> {
@@ -138,11 +147,12 @@ impl Pool {
                 warn!("{e}");
             }
         }
-        let snapshot = Snapshot::build(&config, &state, &metrics, None);
+        let snapshot = Snapshot::build(&config, &cas, &state, &metrics, None);
         let pool = Pool {
             current: ArcSwap::from_pointee(snapshot),
             desired: Mutex::new(Desired {
                 config,
+                cas,
                 state,
                 unsaved: false,
             }),
@@ -255,7 +265,13 @@ impl Pool {
         let rollouts_moved = next.rollouts != desired.state.rollouts;
         let events = state::change_event(&desired.config, &desired.state, &next, change, source);
         if rebuild {
-            let built = Snapshot::build(&desired.config, &next, &self.metrics, Some(&current));
+            let built = Snapshot::build(
+                &desired.config,
+                &desired.cas,
+                &next,
+                &self.metrics,
+                Some(&current),
+            );
             desired.state = next;
             self.swap(built);
         } else {
@@ -296,10 +312,11 @@ impl Pool {
         self.lock().state.rollouts.values().cloned().collect()
     }
 
-    /// Runs a new config, keeping the runtime state that still fits it. Records a `reloaded`
-    /// event naming what the file changed, and one `state_dropped` event per warning about
-    /// state that was dropped; returns those warnings.
-    pub fn reload(&self, config: Config) -> Vec<String> {
+    /// Runs a new config, with the CA certificates read from it ([`load_upstream_tls`]: the
+    /// caller refuses the config when they cannot be read), keeping the runtime state that
+    /// still fits it. Records a `reloaded` event naming what the file changed, and one
+    /// `state_dropped` event per warning about state that was dropped; returns those warnings.
+    pub fn reload(&self, config: Config, cas: UpstreamCas) -> Vec<String> {
         let mut desired = self.lock();
         let (state, mut warnings) = desired.state.fit(&config);
         if state != desired.state {
@@ -309,12 +326,19 @@ impl Pool {
                 }
             }
         }
-        let built = Snapshot::build(&config, &state, &self.metrics, Some(&self.current.load()));
+        let built = Snapshot::build(
+            &config,
+            &cas,
+            &state,
+            &self.metrics,
+            Some(&self.current.load()),
+        );
         let changed = config_changes(&desired.config, &config);
         let ended = rollout::rollout_events(&desired.state, &state, Source::Reload);
         let rollouts_moved = desired.state.rollouts != state.rollouts;
         *desired = Desired {
             config,
+            cas,
             state,
             unsaved: false,
         };

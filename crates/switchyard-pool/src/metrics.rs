@@ -184,15 +184,9 @@ impl RouteMetrics {
     }
 
     /// Counts one answered request of this route to upstream `index` in its analysis stats.
-    pub(crate) fn record(
-        &self,
-        index: usize,
-        status: u16,
-        latency: Duration,
-        upstream_failed: bool,
-    ) {
+    pub(crate) fn record(&self, index: usize, status: u16, latency: Duration, failed: bool) {
         if let Ok(at) = self.upstreams.binary_search(&index) {
-            self.stats[at].record(status, latency, upstream_failed);
+            self.stats[at].record(status, latency, failed);
         }
     }
 }

@@ -890,6 +890,7 @@ mod tests {
         use crate::Routing::{RolloutMatch, Split};
         let pool = crate::Pool::new(
             config("{blue: 1, green: 0}"),
+            crate::UpstreamCas::default(),
             std::sync::Arc::new(crate::Metrics::new()),
             None,
         )

@@ -356,7 +356,7 @@ mod tests {
     use switchyard_config::Config;
 
     use super::*;
-    use crate::{Metrics, RuntimeState, Snapshot};
+    use crate::{Metrics, RuntimeState, Snapshot, UpstreamCas};
 
     #[test]
     fn routing_kinds_index_their_counters_in_order() {
@@ -426,7 +426,7 @@ mod tests {
     fn snapshot(green_weight: u32) -> Snapshot {
         let yaml = STICKY.replace("WEIGHT", &green_weight.to_string());
         let config = Config::from_yaml(&yaml).unwrap();
-        Snapshot::build(&config, &RuntimeState::default(), &Metrics::new(), None)
+        Snapshot::of(&config)
     }
 
     fn pick(s: &Snapshot, path: &str, user: Option<&str>, client: u8) -> Pick {
@@ -487,7 +487,7 @@ mod tests {
             .replace("WEIGHT", "1")
             .replace("sticky: {header: X-User-Id}", "sticky: {client_ip: true}");
         let config = Config::from_yaml(&yaml).unwrap();
-        let s = Snapshot::build(&config, &RuntimeState::default(), &Metrics::new(), None);
+        let s = Snapshot::of(&config);
         let mut seen = [0; 2];
         for client in 1..=100 {
             let first = pick(&s, "/web", None, client);
@@ -510,7 +510,7 @@ mod tests {
                 "listeners:\n  - address: 127.0.0.1:8080\nupstreams:\n  a:\n    backends:\n      - address: 127.0.0.1:9001\n  b:\n    backends:\n      - address: 127.0.0.1:9002\n  c:\n    backends:\n      - address: 127.0.0.1:9003\n        weight: {c_weight}\nroutes:\n  - name: web\n    split: {{a: 1, b: 1, c: 1}}\n    sticky: {{header: X-User-Id}}\n"
             );
             let config = Config::from_yaml(&yaml).unwrap();
-            Snapshot::build(&config, &RuntimeState::default(), &Metrics::new(), None)
+            Snapshot::of(&config)
         };
         // c's only backend takes no traffic: its users are placed among a and b.
         let (full, without) = (three(1), three(0));
@@ -539,7 +539,13 @@ mod tests {
         );
         let config = Config::from_yaml(&yaml.replace("WEIGHT", "1")).unwrap();
         let metrics = Metrics::new();
-        let before = Snapshot::build(&config, &RuntimeState::default(), &metrics, None);
+        let before = Snapshot::build(
+            &config,
+            &UpstreamCas::default(),
+            &RuntimeState::default(),
+            &metrics,
+            None,
+        );
         let users: Vec<String> = (0..300).map(|i| format!("user-{i}")).collect();
         let placed: Vec<Pick> = users
             .iter()
@@ -557,7 +563,13 @@ mod tests {
             };
             state = state.with_change(&config, &retire, |_, _| 0).unwrap();
         }
-        let retiring = Snapshot::build(&config, &state, &metrics, Some(&before));
+        let retiring = Snapshot::build(
+            &config,
+            &UpstreamCas::default(),
+            &state,
+            &metrics,
+            Some(&before),
+        );
         assert!(retiring.upstreams[hashed].has_available());
         assert!(!retiring.upstreams[hashed].takes_new_keys());
         // Its users stay on their backends, by their sticky key.

@@ -1,20 +1,23 @@
 //! One immutable view of routes, upstreams and backends, with everything a request needs
 //! precomputed: route order and each route's picking ([`crate::route`]), and each upstream's
-//! selector.
+//! selector and the way its backends are reached ([`crate::peer`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use pingora_core::upstreams::peer::HttpPeer;
 use switchyard_config::{Algorithm, Config, HealthCheck, PassiveCheck, RequestKey, Timeouts};
 
 use crate::keys::{KeyFilter, KeyHash};
 use crate::live::{BackendLive, InFlight};
 use crate::metrics::{ErrorCounters, Metrics};
+use crate::peer::{set_timeouts, Connect};
 use crate::request::{Key, KeyField, Request};
 use crate::retire::Deadline;
 use crate::route::{MatchSteps, Pick, Route, RouteSpec};
 use crate::select::{ring_divisor, Selector, Shared};
 use crate::state::RuntimeState;
+use crate::upstream_tls::UpstreamCas;
 
 /// What the operator wants of a backend, apart from its health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -139,6 +142,11 @@ pub struct Upstream {
     /// `ip_hash` and `hash`: a retiring backend's default timeout, and how long its keys
     /// filter's generations last.
     pub retire_timeout: Duration,
+    /// Protocol and TLS towards the backends.
+    pub connect: Arc<Connect>,
+    /// By backend index, the peer each request to it gets a copy of; `None` for plain
+    /// HTTP/1.1, whose peers are built per request.
+    peers: Option<Arc<[HttpPeer]>>,
     /// Every backend's weight when this snapshot was built (lower during slow start).
     weights: Vec<u32>,
     /// Whether a backend was still ramping up when this snapshot was built.
@@ -167,6 +175,7 @@ impl Upstream {
         slow_start: Option<Duration>,
         hash_on: Option<RequestKey>,
         retire_timeout: Duration,
+        connect: Arc<Connect>,
         selection: Arc<Shared>,
         ring_divisor: u32,
     ) -> Upstream {
@@ -184,6 +193,12 @@ impl Upstream {
             // tree takes over again at its next pick.)
             selection.least.release();
         }
+        let peers = (!connect.is_plain()).then(|| {
+            backends
+                .iter()
+                .map(|b| connect.peer(b.live.address, &timeouts))
+                .collect()
+        });
         Upstream {
             selector: Selector::build(algorithm, &backends, &weights, available, ring_divisor),
             ring_divisor,
@@ -192,6 +207,8 @@ impl Upstream {
             hash_field: hash_on.as_ref().and_then(KeyField::new),
             hash_on,
             retire_timeout,
+            connect,
+            peers,
             weights,
             ramping,
             name,
@@ -269,6 +286,18 @@ impl Upstream {
         }
     }
 
+    /// The peer for a request to backend `i`: its address, the upstream's timeouts, protocol
+    /// and TLS. Plain HTTP/1.1 builds it as a bare peer; other protocols copy the one made
+    /// with the snapshot.
+    pub fn peer(&self, i: usize) -> HttpPeer {
+        if let Some(peers) = &self.peers {
+            return peers[i].clone();
+        }
+        let mut peer = HttpPeer::new(self.backends[i].live.address, false, String::new());
+        set_timeouts(&mut peer.options, &self.timeouts);
+        peer
+    }
+
     /// Counts a request against backend `i` until the guard drops.
     pub fn hold(&self, i: usize) -> InFlight {
         InFlight::new(&self.backends[i].live, self.selector.report(i))
@@ -285,6 +314,7 @@ impl Upstream {
             self.slow_start,
             self.hash_on.clone(),
             self.retire_timeout,
+            Arc::clone(&self.connect),
             Arc::clone(&self.selection),
             self.ring_divisor,
         )
@@ -300,9 +330,11 @@ pub struct Snapshot {
 impl Snapshot {
     /// Builds the state that config and runtime state describe together, reusing live state
     /// and cursors from `previous` for every backend, upstream and route that keeps its name
-    /// (and address).
+    /// (and address). `cas` are the CA certificates read with `config`
+    /// ([`crate::load_upstream_tls`]).
     pub fn build(
         config: &Config,
+        cas: &UpstreamCas,
         state: &RuntimeState,
         metrics: &Metrics,
         previous: Option<&Snapshot>,
@@ -369,6 +401,7 @@ impl Snapshot {
                     u.slow_start,
                     u.hash_on.clone(),
                     u.retire_timeout,
+                    Arc::new(Connect::new(&u.name, u.protocol, u.tls.as_ref(), cas)),
                     selection,
                     ring_divisor(&u.backends.iter().map(|b| b.weight).collect::<Vec<_>>()),
                 )
@@ -425,6 +458,19 @@ impl Snapshot {
         }
     }
 
+    /// A config's snapshot alone: no CA files read, no runtime state, no previous snapshot.
+    #[cfg(test)]
+    pub(crate) fn of(config: &Config) -> Snapshot {
+        let metrics = Metrics::new();
+        Snapshot::build(
+            config,
+            &UpstreamCas::default(),
+            &RuntimeState::default(),
+            &metrics,
+            None,
+        )
+    }
+
     /// The same state with selection recomputed from current health.
     pub fn rebuilt(&self) -> Snapshot {
         let upstreams: Vec<Upstream> = self.upstreams.iter().map(Upstream::rebuilt).collect();
@@ -455,7 +501,9 @@ impl Snapshot {
     }
 
     /// Counts a request of `route` answered with `status` by `backend` of `upstream` (indices
-    /// of this snapshot), and how long it took.
+    /// of this snapshot), and how long it took. `status` is the HTTP status, also for a gRPC
+    /// call that failed under a 200 (which [`Snapshot::count_for_analysis`] counts as an
+    /// error).
     pub fn count_request(
         &self,
         route: usize,
@@ -472,18 +520,19 @@ impl Snapshot {
 
     /// Counts a request of `route` to `upstream` (indices of this snapshot) for rollout
     /// analysis, by its final answer: `status`, the time to its response head (`latency`),
-    /// and whether it failed on the upstream's side (`upstream_failed`); see
-    /// [`PairStats::record`](crate::PairStats::record). Lock- and allocation-free.
+    /// and whether it failed whatever its status says (`failed`: broken off by the backend,
+    /// or a gRPC error status); see [`PairStats::record`](crate::PairStats::record). Lock- and
+    /// allocation-free.
     pub fn count_for_analysis(
         &self,
         route: usize,
         upstream: usize,
         status: u16,
         latency: Duration,
-        upstream_failed: bool,
+        failed: bool,
     ) {
         if let Some(r) = self.routes.get(route) {
-            r.metrics.record(upstream, status, latency, upstream_failed);
+            r.metrics.record(upstream, status, latency, failed);
         }
     }
 

@@ -91,11 +91,12 @@ impl PairStats {
     }
 
     /// Counts one request by its final answer: `status`, the time to its response head, and
-    /// whether it broke on the backend's side after that head (`upstream_failed`, e.g. a read
-    /// timeout mid-body, whatever the status says). An error is a 5xx or such a failure. A
-    /// 499 (the client left before any answer) says nothing about the backend and is not
-    /// counted at all.
-    pub fn record(&self, status: u16, latency: Duration, upstream_failed: bool) {
+    /// whether it failed whatever the status says (`failed`): it broke on the backend's side
+    /// after that head (e.g. a read timeout mid-body), or it is a gRPC call the backend ended
+    /// with a `grpc-status` other than 0 under its HTTP 200. An error is a 5xx or such a
+    /// failure. A 499 (the client left before any answer) says nothing about the backend and
+    /// is not counted at all.
+    pub fn record(&self, status: u16, latency: Duration, failed: bool) {
         if status == CLIENT_CLOSED {
             return;
         }
@@ -103,7 +104,7 @@ impl PairStats {
         // sees this request in one counter and not yet in another, and the next window gets
         // the rest (`since` keeps errors within requests).
         self.requests.fetch_add(1, Ordering::Relaxed);
-        if status >= 500 || upstream_failed {
+        if status >= 500 || failed {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
         let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
@@ -394,7 +395,7 @@ mod tests {
     }
 
     #[test]
-    fn errors_are_5xx_or_upstream_failures_and_499_is_not_counted() {
+    fn errors_are_5xx_or_failures_under_any_status_and_499_is_not_counted() {
         let stats = PairStats::new();
         let ms = Duration::from_millis(1);
         for (status, failed) in [
@@ -402,6 +403,7 @@ mod tests {
             (404, false),
             (500, false),
             (503, false),
+            // Broken off mid-body, or a gRPC error status under HTTP 200.
             (200, true),
             (499, false),
             (499, true),

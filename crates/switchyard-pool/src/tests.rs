@@ -7,7 +7,10 @@ use std::sync::Arc;
 use switchyard_config::Config;
 
 use crate::least::SCAN_LIMIT;
-use crate::{BackendState, Change, InFlight, Metrics, Rejection, Request, RuntimeState, Snapshot};
+use crate::{
+    BackendState, Change, InFlight, Metrics, Rejection, Request, RuntimeState, Snapshot,
+    UpstreamCas,
+};
 
 static NO_HEADERS: std::sync::LazyLock<http::HeaderMap> =
     std::sync::LazyLock::new(http::HeaderMap::new);
@@ -35,7 +38,13 @@ fn at<'a>(host: Option<&'a str>, path: &'a str) -> Request<'a> {
 }
 
 fn build(config: &Config, previous: Option<&Snapshot>) -> Snapshot {
-    Snapshot::build(config, &RuntimeState::default(), &Metrics::new(), previous)
+    Snapshot::build(
+        config,
+        &UpstreamCas::default(),
+        &RuntimeState::default(),
+        &Metrics::new(),
+        previous,
+    )
 }
 
 fn config(algorithm: &str, weights: &[u32]) -> Config {
@@ -968,7 +977,13 @@ fn long_weighted_periods_are_walked_exactly_and_spread_without_being_laid_out() 
 fn routes_count_only_pairs_in_use_and_their_statuses() {
     let cfg = config("round_robin", &[1, 1]);
     let metrics = Metrics::new();
-    let s = Snapshot::build(&cfg, &RuntimeState::default(), &metrics, None);
+    let s = Snapshot::build(
+        &cfg,
+        &UpstreamCas::default(),
+        &RuntimeState::default(),
+        &metrics,
+        None,
+    );
     let text = |s: &Snapshot| String::from_utf8(metrics.render(s, &[])).unwrap();
     assert!(!text(&s).contains("switchyard_requests_total{"));
     assert!(!text(&s).contains("switchyard_request_duration_seconds_count"));
@@ -1171,7 +1186,13 @@ fn analysis_stats_follow_their_pair_through_split_changes_and_reloads() {
 
     use crate::Pool;
 
-    let pool = Pool::new(blue_green(), Arc::new(Metrics::new()), None).expect("no state file");
+    let pool = Pool::new(
+        blue_green(),
+        UpstreamCas::default(),
+        Arc::new(Metrics::new()),
+        None,
+    )
+    .expect("no state file");
     // The engine may ask before any request.
     let green = pool.pair_stats("web", "green");
     assert_eq!(green.read().requests, 0);
@@ -1231,7 +1252,10 @@ fn analysis_stats_follow_their_pair_through_split_changes_and_reloads() {
         "upstreams:\n",
         "upstreams:\n  amber:\n    backends:\n      - address: 127.0.0.1:9003\n",
     );
-    pool.reload(Config::from_yaml(&reloaded).unwrap());
+    pool.reload(
+        Config::from_yaml(&reloaded).unwrap(),
+        UpstreamCas::default(),
+    );
     let after = pool.snapshot();
     assert_eq!(&*after.upstreams[0].name, "amber");
     count(&after, 200, false);
@@ -1251,8 +1275,15 @@ fn the_pool_records_each_change_once_with_its_source_and_nothing_for_a_refusal()
     use crate::{Pool, Source};
     use serde_json::json;
 
-    let pool =
-        Arc::new(Pool::new(blue_green(), Arc::new(Metrics::new()), None).expect("no state file"));
+    let pool = Arc::new(
+        Pool::new(
+            blue_green(),
+            UpstreamCas::default(),
+            Arc::new(Metrics::new()),
+            None,
+        )
+        .expect("no state file"),
+    );
     let kinds = |pool: &Pool| -> Vec<(Source, String)> {
         pool.events()
             .since(0, 100)
@@ -1282,7 +1313,7 @@ fn the_pool_records_each_change_once_with_its_source_and_nothing_for_a_refusal()
     pool.apply(&refused, Source::Api).unwrap();
     let mut config = blue_green();
     config.routes.retain(|r| r.name != "web");
-    pool.reload(config);
+    pool.reload(config, UpstreamCas::default());
 
     let snapshot = pool.snapshot();
     let green = snapshot.upstream("green").unwrap();

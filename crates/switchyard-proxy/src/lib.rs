@@ -1,7 +1,8 @@
 //! The request path: Pingora's proxy phases, each a thin step over the pool.
 //!
 //! `request_filter` matches the route and picks upstream and backend (404/503 when it cannot),
-//! `upstream_peer` hands Pingora that backend with the upstream's timeouts, `fail_to_connect`
+//! `upstream_peer` hands Pingora that backend's peer as the snapshot made it (timeouts,
+//! protocol, TLS; see `switchyard_pool::peer`), `fail_to_connect`
 //! retries a refused or timed-out connect once on another backend of the same upstream, and
 //! `fail_to_proxy` turns the remaining failures into short plain-text 502/504 answers. The
 //! context holds the snapshot the request started with, so a swap mid-request changes nothing
@@ -10,6 +11,7 @@
 mod client_stream;
 mod connection;
 mod front;
+mod grpc;
 mod h2_stream;
 mod handover;
 mod host;
@@ -111,6 +113,9 @@ pub struct RequestCtx {
     issued: Option<IssuedCookie>,
     /// Set when connecting failed on our side (out of descriptors, ...), not the backend's.
     local_failure: Option<LocalFailure>,
+    /// The backend (`h2`/`h2c`) ended a gRPC call with a `grpc-status` other than 0, in the
+    /// response head or trailers: an error for rollout analysis whatever the HTTP status.
+    grpc_failed: bool,
 }
 
 /// Counts a request as active from its first byte to the end of its logging phase.
@@ -152,6 +157,7 @@ impl ProxyHttp for Proxy {
             retried: false,
             issued: None,
             local_failure: None,
+            grpc_failed: false,
         }
     }
 
@@ -256,14 +262,7 @@ impl ProxyHttp for Proxy {
         let Some((snapshot, upstream)) = ctx.target() else {
             return Error::e_explain(ErrorType::InternalError, "no backend picked");
         };
-        let upstream = &snapshot.upstreams[upstream];
-        let backend = &upstream.backends[ctx.backend];
-        let mut peer = HttpPeer::new(backend.live.address, false, String::new());
-        let t = &upstream.timeouts;
-        peer.options.connection_timeout = Some(t.connect);
-        peer.options.read_timeout = Some(t.read);
-        peer.options.write_timeout = Some(t.write);
-        peer.options.idle_timeout = Some(t.idle);
+        let mut peer = snapshot.upstreams[upstream].peer(ctx.backend);
         websocket::hold_answer_until_sent(session.req_header(), &mut peer);
         Ok(Box::new(peer))
     }
@@ -431,16 +430,37 @@ impl ProxyHttp for Proxy {
     }
 
     /// A `204` or `1xx` has no body, so no `Content-Length` either (RFC 9110 §8.6), whatever
-    /// the backend sent.
+    /// the backend sent. An HTTP/2 backend's trailers-only gRPC answer has its `grpc-status`
+    /// here.
     async fn upstream_response_filter(
         &self,
         _session: &mut Session,
         response: &mut ResponseHeader,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<()> {
         let status = response.status.as_u16();
         if status == 204 || (100..200).contains(&status) {
             response.remove_header(&http::header::CONTENT_LENGTH);
+        }
+        let h2 = ctx
+            .target()
+            .is_some_and(|(s, u)| s.upstreams[u].connect.protocol.is_h2());
+        if let Some(failed) = h2.then(|| grpc::call_failed(&response.headers)).flatten() {
+            ctx.grpc_failed = failed;
+        }
+        Ok(())
+    }
+
+    /// A gRPC call's `grpc-status` (see [`grpc`]). Pingora reads trailers from HTTP/2
+    /// backends only, and passes them on to HTTP/2 clients only.
+    fn upstream_response_trailer_filter(
+        &self,
+        _session: &mut Session,
+        trailers: &mut HeaderMap,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(failed) = grpc::call_failed(trailers) {
+            ctx.grpc_failed = failed;
         }
         Ok(())
     }
@@ -504,7 +524,9 @@ impl ProxyHttp for Proxy {
         // Latency is to the response head; an answer the balancer made itself (502/504 from
         // `fail_to_proxy`) sent no backend head and takes the whole time. Requests answered
         // 503 in `request_filter` because no backend of the route was available picked no
-        // upstream and never get here: no pair counts them.
+        // upstream and never get here: no pair counts them. A gRPC call the backend ended
+        // with an error status is an error under its HTTP 200 (the `status` label of
+        // `switchyard_requests_total` above stays the HTTP status).
         let upstream_failed =
             e.is_some_and(|e| e.esource() == &ErrorSource::Upstream && ctx.local_failure.is_none());
         snapshot.count_for_analysis(
@@ -512,7 +534,7 @@ impl ProxyHttp for Proxy {
             ctx.upstream,
             status,
             ctx.head_sent.unwrap_or(elapsed),
-            upstream_failed,
+            upstream_failed || ctx.grpc_failed,
         );
         // Connect errors were counted per attempt in `fail_to_connect`; local ones not at all.
         if let Some(e) = e {

@@ -1,6 +1,9 @@
 //! The checks a rollout runs before each step: HTTP GETs that must answer with the expected
 //! status (and body substring), within their timeout. Behind a trait, so the engine's timing
 //! is tested on a paused clock without sockets; the real one is Pingora's own HTTP client.
+//! An `https://` URL is reached over TLS with the URL's host as SNI, its certificate verified
+//! for that name against the system's roots (`SSL_CERT_FILE` / `SSL_CERT_DIR` when set),
+//! loaded once when the engine starts.
 
 use async_trait::async_trait;
 use pingora_core::connectors::http::Connector;
@@ -74,8 +77,8 @@ impl HttpProber {
     }
 }
 
-/// One HTTP/1.1 request on a new connection: the status, and the first [`MAX_CHECK_BODY`]
-/// bytes of the body when `read_body`.
+/// One HTTP/1.1 request on a new connection (over TLS for `https://`): the status, and the
+/// first [`MAX_CHECK_BODY`] bytes of the body when `read_body`.
 pub(crate) async fn send(
     connector: &Connector,
     method: &str,
@@ -88,11 +91,21 @@ pub(crate) async fn send(
         .map_err(|e| format!("cannot resolve {}: {e}", url.host))?
         .next()
         .ok_or_else(|| format!("{} resolves to no address", url.host))?;
-    let peer = HttpPeer::new(address, false, String::new());
-    let (mut session, _) = connector
-        .get_http_session(&peer)
-        .await
-        .map_err(|e| format!("cannot connect to {address}: {}", e.etype().as_str()))?;
+    // Pingora verifies the certificate for the SNI: the URL's host, a name or an address.
+    let sni = if url.tls {
+        url.host.clone()
+    } else {
+        String::new()
+    };
+    let peer = HttpPeer::new(address, url.tls, sni);
+    let (mut session, _) = connector.get_http_session(&peer).await.map_err(|e| {
+        let cause = e
+            .cause
+            .as_ref()
+            .map(|c| format!(" ({c})"))
+            .unwrap_or_default();
+        format!("cannot connect to {address}: {}{cause}", e.etype().as_str())
+    })?;
     let mut request = RequestHeader::build(method, url.path.as_bytes(), None)
         .map_err(|e| format!("bad request: {e}"))?;
     let length = body.as_ref().map(|(_, b)| b.len().to_string());

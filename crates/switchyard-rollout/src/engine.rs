@@ -566,7 +566,7 @@ mod tests {
     use async_trait::async_trait;
     use switchyard_config::rollout::{Check, RolloutSpec};
     use switchyard_config::Config;
-    use switchyard_pool::{Metrics, Source};
+    use switchyard_pool::{Metrics, Source, UpstreamCas};
 
     /// Checks that pass or fail as the test says, without a socket.
     #[derive(Default)]
@@ -604,7 +604,15 @@ mod tests {
 
     fn harness_with(yaml: &str) -> Harness {
         let config = Config::from_yaml(yaml).expect("valid config");
-        let pool = Arc::new(Pool::new(config, Arc::new(Metrics::new()), None).expect("pool"));
+        let pool = Arc::new(
+            Pool::new(
+                config,
+                UpstreamCas::default(),
+                Arc::new(Metrics::new()),
+                None,
+            )
+            .expect("pool"),
+        );
         let prober = Arc::new(FakeProber::default());
         let engine = Arc::new(Engine::new(
             Arc::clone(&pool),

@@ -68,15 +68,21 @@ pub fn run(
         upgrade,
         ..Opt::default()
     };
-    // Every certificate and key file read and checked, and the open-file limit raised, before
-    // `bootstrap`: a process started with `--upgrade` takes the listening sockets there, and
-    // the old one goes once they are sent; failing after that would leave no one listening.
-    // (Pingora's own TLS settings would panic on a bad file.)
+    // Every certificate and key file read and checked (the upstreams' CA files too), and the
+    // open-file limit raised, before `bootstrap`: a process started with `--upgrade` takes the
+    // listening sockets there, and the old one goes once they are sent; failing after that
+    // would leave no one listening. (Pingora's own TLS settings would panic on a bad file.)
     let metrics = Arc::new(Metrics::new());
     let tls_fronts = Arc::new(
         switchyard_tls::TlsFronts::load(&config, &metrics)
             .map_err(|problems| problems.join("\n"))?,
     );
+    let upstream_cas =
+        switchyard_pool::load_upstream_tls(&config).map_err(|problems| problems.join("\n"))?;
+    // The admin token file too (`Control::new` reads it again below, where it must not fail).
+    if let Some(file) = config.admin.as_ref().and_then(|a| a.token_file.as_deref()) {
+        switchyard_admin::Token::read(file)?;
+    }
     crate::limits::raise_open_files(config.server.clients.max_connections)?;
     let mut server = Server::new_with_opt_and_conf(opt, server_conf);
     server.bootstrap();
@@ -100,6 +106,7 @@ pub fn run(
     }
     let pool = Arc::new(Pool::new(
         config,
+        upstream_cas,
         metrics,
         upgrade.then_some(handover.as_path()),
     )?);

@@ -9,9 +9,15 @@
 
 use log::{Log, Metadata, Record};
 
+/// Without `RUST_LOG`: our lines and Pingora's at `info`, rustls's at `error` only. rustls
+/// warns once per handshake about what a client did wrong (an IP address as SNI, an alert it
+/// sent), which any client could turn into a flood of log lines.
+const DEFAULT_FILTER: &str = "info,rustls=error";
+
 pub fn init() {
     let logger =
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).build();
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(DEFAULT_FILTER))
+            .build();
     let max_level = logger.filter();
     if log::set_boxed_logger(Box::new(Scrubbed(logger))).is_ok() {
         log::set_max_level(max_level);

@@ -45,13 +45,18 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
                 // The certificate files as a start reads them: what would stop it is a
-                // problem, an expired or expiring certificate only a warning.
+                // problem, an expired or expiring certificate only a warning. The upstreams'
+                // CA files too, as the pool reads them at start and at each reload.
                 let tls = switchyard_tls::check(&loaded);
                 for warning in &tls.warnings {
                     eprintln!("warning: {warning}");
                 }
-                if !tls.errors.is_empty() {
-                    eprintln!("{}", tls.errors.join("\n"));
+                let mut errors = tls.errors;
+                if let Err(problems) = switchyard_pool::load_upstream_tls(&loaded) {
+                    errors.extend(problems);
+                }
+                if !errors.is_empty() {
+                    eprintln!("{}", errors.join("\n"));
                     return ExitCode::from(1);
                 }
                 println!("{}: ok", config.display());

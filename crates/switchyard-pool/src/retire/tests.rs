@@ -8,7 +8,9 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderMap, HeaderValue};
 use switchyard_config::Config;
 
-use crate::{BackendState, Change, Deadline, Metrics, Pool, Rejection, Request, Source};
+use crate::{
+    BackendState, Change, Deadline, Metrics, Pool, Rejection, Request, Source, UpstreamCas,
+};
 
 const CONFIG: &str = "
 listeners:
@@ -35,7 +37,18 @@ fn config() -> Config {
 }
 
 fn pool() -> Pool {
-    Pool::new(config(), Arc::new(Metrics::new()), None).expect("no state file")
+    pool_of(config(), None)
+}
+
+/// A pool of `config` (which names no CA file), taking over from `handover` when given.
+fn pool_of(config: Config, handover: Option<&std::path::Path>) -> Pool {
+    Pool::new(
+        config,
+        UpstreamCas::default(),
+        Arc::new(Metrics::new()),
+        handover,
+    )
+    .expect("pool")
 }
 
 fn addr(port: u16) -> SocketAddr {
@@ -356,7 +369,7 @@ fn a_saved_retiring_backend_survives_a_restart_and_a_file_that_stopped_hashing()
     let path = dir.join("state.json");
     let mut with_file = config();
     with_file.state_file = Some(path.clone());
-    let pool = Pool::new(with_file.clone(), Arc::new(Metrics::new()), None).expect("pool");
+    let pool = pool_of(with_file.clone(), None);
     pool.apply(&retire(9003, Some(Duration::from_secs(120))), Source::Api)
         .expect("retire");
     let until = state_of(&pool, 9003).retiring_until().expect("retiring");
@@ -368,7 +381,7 @@ fn a_saved_retiring_backend_survives_a_restart_and_a_file_that_stopped_hashing()
         saved["upstreams"]["users"]["changed"]["127.0.0.1:9003"]["state"],
         serde_json::json!({"retiring": {"until": until.to_string()}})
     );
-    let restarted = Pool::new(with_file.clone(), Arc::new(Metrics::new()), None).expect("pool");
+    let restarted = pool_of(with_file.clone(), None);
     assert_eq!(state_of(&restarted, 9003), BackendState::Retiring { until });
     let metrics = restarted
         .metrics()
@@ -399,7 +412,7 @@ fn a_saved_retiring_backend_survives_a_restart_and_a_file_that_stopped_hashing()
     users.hash_on = None;
     round_robin.upstreams.push(users);
     round_robin.upstreams.sort_by(|a, b| a.name.cmp(&b.name));
-    let warnings = restarted.reload(round_robin);
+    let warnings = restarted.reload(round_robin, UpstreamCas::default());
     assert_eq!(state_of(&restarted, 9003), BackendState::Draining);
     assert!(
         warnings
@@ -458,7 +471,7 @@ fn a_state_file_with_absurd_deadlines_loads_and_ends_the_passed_one() {
     .expect("write");
     let mut with_file = config();
     with_file.state_file = Some(path.clone());
-    let pool = Pool::new(with_file.clone(), Arc::new(Metrics::new()), None).expect("pool");
+    let pool = pool_of(with_file.clone(), None);
     let latest = Deadline::after(SystemTime::now(), Duration::MAX);
     assert_eq!(
         state_of(&pool, 9001),
@@ -468,7 +481,7 @@ fn a_state_file_with_absurd_deadlines_loads_and_ends_the_passed_one() {
     assert_eq!(pool.end_due_retirements(SystemTime::now()), Some(latest));
     assert_eq!(state_of(&pool, 9002), BackendState::Draining);
     // What the change saved reads back whole at the next start.
-    let restarted = Pool::new(with_file, Arc::new(Metrics::new()), None).expect("pool");
+    let restarted = pool_of(with_file, None);
     assert_eq!(
         state_of(&restarted, 9001),
         BackendState::Retiring { until: latest }
@@ -523,7 +536,7 @@ fn a_retiring_backends_users_are_handed_over_at_an_upgrade() {
     old.hand_over(&handover).expect("handed over");
     assert!(super::keys_path(&handover).exists());
 
-    let new = Pool::new(config(), Arc::new(Metrics::new()), Some(&handover)).expect("pool");
+    let new = pool_of(config(), Some(&handover));
     assert!(!super::keys_path(&handover).exists(), "taken over once");
     assert!(state_of(&new, 9002).retiring_until().is_some());
     assert_eq!(picks(&new, 0..300), before, "its users are still its users");
@@ -541,7 +554,7 @@ fn a_retiring_backends_users_are_handed_over_at_an_upgrade() {
         b"switchyard retiring keys 1\n\x05",
     )
     .expect("write");
-    Pool::new(config(), Arc::new(Metrics::new()), Some(&handover)).expect("starts anyway");
+    pool_of(config(), Some(&handover));
 
     // The temp files of a process that died writing one go at the next start, an upgrade's
     // or not; a live writer's stay.
@@ -556,7 +569,7 @@ fn a_retiring_backends_users_are_handed_over_at_an_upgrade() {
     for pid in [dead, 1] {
         std::fs::write(temp(pid), b"half").expect("temp");
     }
-    Pool::new(config(), Arc::new(Metrics::new()), Some(&handover)).expect("pool");
+    pool_of(config(), Some(&handover));
     assert!(!temp(dead).exists() && temp(1).exists());
     std::fs::write(temp(dead), b"half").expect("temp");
     std::fs::write(super::keys_path(&handover), b"stale").expect("write");
