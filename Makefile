@@ -55,7 +55,7 @@ upgrade-stress: build nginx-dep
 # Switchyard against nginx and HAProxy on this machine (tests/bench/bench.py): results between
 # the markers of docs/benchmarks.md and in docs/benchmarks.png. BENCH_DURATION (seconds per
 # run, default 5) and BENCH_ROUNDS (default 3) tune it. perf is optional (syscall counts).
-# The TLS and HTTP/2 scenarios need openssl (certificates), cc (deps: wrk's no-resume shim)
+# The TLS and HTTP/2 scenarios need openssl (certificates), cc (deps: wrk's TLS shim)
 # and h2load (nghttp2-client).
 nginx-dep:
 	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { $(SUDO) apt-get update -qq && { $(SUDO) apt-get install -y -qq nginx-light || $(SUDO) apt-get install -y -qq nginx; }; }
