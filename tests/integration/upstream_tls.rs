@@ -200,7 +200,7 @@ fn health_checks_reach_a_tls_backend_as_requests_do() {
     reload(&sy, &checked(&certs.other_ca, "http"));
     wait_until("checked down by its certificate", LIMIT, || {
         sy.log_text()
-            .contains("is now unhealthy: first check failed: TLSHandshakeFailure")
+            .contains("is now unhealthy: 1 checks failed in a row, last: TLSHandshakeFailure")
     });
     assert_eq!(get(sy.addr, "/").status, 503);
 
@@ -332,7 +332,7 @@ fn h2c_backends_multiplex_and_are_health_checked_over_http2() {
     reload(&sy, &checked("/missing"));
     wait_until("checked down by a 404 over h2c", LIMIT, || {
         sy.log_text()
-            .contains("is now unhealthy: first check failed: status 404")
+            .contains("is now unhealthy: 1 checks failed in a row, last: status 404")
     });
     assert_eq!(get(sy.addr, "/").status, 503);
     reload(&sy, &checked("/healthz"));

@@ -354,10 +354,15 @@ pub(crate) fn upstream_tls(
     })
 }
 
-/// A DNS name (letters, digits, `-`, dots; no empty label) or an IP address.
+/// A DNS name (letters, digits, `-`, dots; no empty label; the last label not all digits,
+/// which TLS libraries take for a malformed address) or an IP address.
 fn valid_server_name(name: &str) -> bool {
     if name.parse::<std::net::IpAddr>().is_ok() {
         return true;
+    }
+    let last = name.trim_end_matches('.').rsplit('.').next().unwrap_or("");
+    if !last.is_empty() && last.bytes().all(|b| b.is_ascii_digit()) {
+        return false;
     }
     !name.is_empty()
         && name.len() <= 253
@@ -381,7 +386,16 @@ mod tests {
         for good in ["api.internal", "a", "10.0.0.1", "::1", "x-y.example.com."] {
             assert!(valid_server_name(good), "{good}");
         }
-        for bad in ["", "a..b", "-a.b", "a b", "a/b", "https://a"] {
+        for bad in [
+            "",
+            "a..b",
+            "-a.b",
+            "a b",
+            "a/b",
+            "https://a",
+            "db.1",
+            "10.0.0",
+        ] {
             assert!(!valid_server_name(bad), "{bad}");
         }
     }

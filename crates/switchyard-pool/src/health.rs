@@ -187,15 +187,24 @@ impl Watcher {
         let probe = match Probe::new(&self.check, &self.connect, self.live.address) {
             Ok(probe) => probe,
             Err(e) => {
-                warn!("health check of {} not started: {e}", self.live.address);
-                return;
+                // Never silently unchecked: a check that cannot be made fails, every time.
+                warn!("health check of {} cannot be made: {e}", self.live.address);
+                let mut streak = Streak::new(self.live.was_checked());
+                let mut interval = tokio::time::interval(self.check.interval);
+                loop {
+                    interval.tick().await;
+                    self.observe(&mut streak, Err(format!("the check cannot be made: {e}")));
+                    if let Some(done) = first_done.take() {
+                        let _ = done.send(());
+                    }
+                }
             }
         };
         let [passed, failed] = self
             .pool
             .metrics()
             .health_check_counters(&self.upstream, &self.live.address.to_string());
-        let mut streak = Streak::default();
+        let mut streak = Streak::new(self.live.was_checked());
         let mut interval = tokio::time::interval(self.check.interval);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -242,6 +251,7 @@ impl Watcher {
         let Some(now_healthy) = verdict else {
             return;
         };
+        self.live.mark_checked();
         let changed = self.live.set_healthy(now_healthy);
         // The first result is logged even when it confirms the initial state: it is the moment
         // the backend's health becomes known.
@@ -291,6 +301,15 @@ struct Streak {
 }
 
 impl Streak {
+    /// `known`: a check has decided the backend's health before (this one was restarted by
+    /// a reload): one result must not overturn it, `rise` and `fall` count from the start.
+    fn new(known: bool) -> Streak {
+        Streak {
+            checks: u64::from(known),
+            ..Streak::default()
+        }
+    }
+
     /// Returns the health the backend should have now, if this result decides it.
     fn record(&mut self, ok: bool, healthy: bool, check: &HealthCheck) -> Option<bool> {
         self.checks += 1;
@@ -315,10 +334,17 @@ impl Streak {
 }
 
 fn describe(e: &Error) -> String {
+    // Pingora puts a TLS failure's reason (e.g. "invalid peer certificate: UnknownIssuer")
+    // in the context, not the cause.
+    let context = e
+        .context
+        .as_ref()
+        .map(|c| format!(" ({c})"))
+        .unwrap_or_default();
     match (&e.etype, &e.cause) {
         (ErrorType::CustomCode(_, status), _) => format!("status {status}"),
-        (_, Some(cause)) => format!("{}: {cause}", e.etype.as_str()),
-        (_, None) => e.etype.as_str().to_string(),
+        (_, Some(cause)) => format!("{}: {cause}{context}", e.etype.as_str()),
+        (_, None) => format!("{}{context}", e.etype.as_str()),
     }
 }
 
@@ -335,6 +361,18 @@ mod tests {
             rise,
             fall,
         }
+    }
+
+    #[test]
+    fn a_restarted_check_goes_by_rise_and_fall_from_its_first_result() {
+        let c = check(2, 3);
+        let mut s = Streak::new(true);
+        assert_eq!(s.record(false, true, &c), None, "one failure is not fall=3");
+        assert_eq!(s.record(false, true, &c), None);
+        assert_eq!(s.record(false, true, &c), Some(false));
+        let mut s = Streak::new(true);
+        assert_eq!(s.record(true, false, &c), None, "one success is not rise=2");
+        assert_eq!(s.record(true, false, &c), Some(true));
     }
 
     #[test]

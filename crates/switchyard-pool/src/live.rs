@@ -14,6 +14,9 @@ pub struct BackendLive {
     /// Requests of this process (all worker threads) currently sent to this backend.
     in_flight: AtomicUsize,
     healthy: AtomicBool,
+    /// A health check has given its first verdict on this backend: a check restarted later
+    /// (its settings changed on reload) goes by `rise` and `fall` from its first result on.
+    checked: AtomicBool,
     /// Failed connects in a row, for passive failure detection.
     connect_failures: AtomicU32,
     /// When the backend last came into service, in ms since [`epoch`] (+1; 0: never), for
@@ -38,6 +41,7 @@ impl BackendLive {
             address,
             in_flight: AtomicUsize::new(0),
             healthy: AtomicBool::new(healthy),
+            checked: AtomicBool::new(false),
             connect_failures: AtomicU32::new(0),
             in_service_since: AtomicU64::new(if healthy { now_mark() } else { 0 }),
             last_pick: AtomicU64::new(0),
@@ -71,6 +75,15 @@ impl BackendLive {
     }
 
     /// Returns whether the value changed. Becoming healthy starts the slow-start ramp.
+    /// Whether a health check has decided this backend's health before.
+    pub(crate) fn was_checked(&self) -> bool {
+        self.checked.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn mark_checked(&self) {
+        self.checked.store(true, Ordering::Relaxed);
+    }
+
     pub fn set_healthy(&self, healthy: bool) -> bool {
         let changed = self.healthy.swap(healthy, Ordering::Relaxed) != healthy;
         if changed && healthy {

@@ -140,7 +140,10 @@ impl Connect {
         peer
     }
 
-    /// An HTTP health check's peer: as a request's, with the check's timeout for everything.
+    /// An HTTP health check's peer: as a request's, with the check's timeout for everything,
+    /// and one stream per HTTP/2 connection. With more, Pingora's HTTP/2 connector would keep
+    /// the probe's connection in use and send every later probe over it: no new connect or
+    /// handshake would ever be checked again, and connections of removed backends would stay.
     pub fn http_probe_peer(&self, address: SocketAddr, timeout: std::time::Duration) -> HttpPeer {
         let timeouts = Timeouts {
             connect: timeout,
@@ -148,7 +151,9 @@ impl Connect {
             write: timeout,
             idle: timeout,
         };
-        self.peer(address, &timeouts)
+        let mut peer = self.peer(address, &timeouts);
+        peer.options.max_h2_streams = 1;
+        peer
     }
 
     /// A TCP health check's peer: a TLS upstream's check completes the TLS handshake with the

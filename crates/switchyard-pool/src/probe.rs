@@ -62,7 +62,12 @@ impl Probe {
                 expect_status,
                 host,
             } => {
-                let host = host.clone().unwrap_or_else(|| address.to_string());
+                // A backend that routes by name expects the name its certificate is checked
+                // against, not its address.
+                let host = host
+                    .clone()
+                    .or_else(|| connect.tls.as_ref().and_then(|t| t.server_name.clone()))
+                    .unwrap_or_else(|| address.to_string());
                 let mut request = RequestHeader::build("GET", path.as_bytes(), None)?;
                 request.insert_header("Host", host)?;
                 request.insert_header("User-Agent", "switchyard-health-check")?;

@@ -99,12 +99,25 @@ pub(crate) async fn send(
     };
     let peer = HttpPeer::new(address, url.tls, sni);
     let (mut session, _) = connector.get_http_session(&peer).await.map_err(|e| {
-        let cause = e
-            .cause
-            .as_ref()
-            .map(|c| format!(" ({c})"))
-            .unwrap_or_default();
-        format!("cannot connect to {address}: {}{cause}", e.etype().as_str())
+        // A TLS failure's reason is in the context ("invalid peer certificate: ..."), an I/O
+        // error's in the cause.
+        let reason = [
+            e.context.as_ref().map(ToString::to_string),
+            e.cause.as_ref().map(ToString::to_string),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(": ");
+        let reason = if reason.is_empty() {
+            String::new()
+        } else {
+            format!(" ({reason})")
+        };
+        format!(
+            "cannot connect to {address}: {}{reason}",
+            e.etype().as_str()
+        )
     })?;
     let mut request = RequestHeader::build(method, url.path.as_bytes(), None)
         .map_err(|e| format!("bad request: {e}"))?;

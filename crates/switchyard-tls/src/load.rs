@@ -193,8 +193,24 @@ fn load_pair(
     ))
 }
 
+/// A certificate or key file is at most this big: a chain is a few KiB.
+const MAX_PEM_BYTES: u64 = 1 << 20;
+
 fn read_file(field: &str, file: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(file).map_err(|e| format!("{field}: {}: cannot read: {e}", file.display()))
+    let fail = |why: String| format!("{field}: {}: {why}", file.display());
+    // A FIFO or a device would block the start or the reload that reads it; only a regular
+    // file (or a link to one) is read.
+    let meta = std::fs::metadata(file).map_err(|e| fail(format!("cannot read: {e}")))?;
+    if !meta.is_file() {
+        return Err(fail("not a regular file".into()));
+    }
+    if meta.len() > MAX_PEM_BYTES {
+        return Err(fail(format!(
+            "{} bytes, over the limit of {MAX_PEM_BYTES} for a certificate or key file",
+            meta.len()
+        )));
+    }
+    std::fs::read(file).map_err(|e| fail(format!("cannot read: {e}")))
 }
 
 /// The certificates of a PEM file, leaf first (as the file must have them).

@@ -84,6 +84,7 @@ pub fn run(
         switchyard_admin::Token::read(file)?;
     }
     crate::limits::raise_open_files(config.server.clients.max_connections)?;
+    check_system_roots()?;
     let mut server = Server::new_with_opt_and_conf(opt, server_conf);
     server.bootstrap();
     if upgrade {
@@ -303,6 +304,19 @@ pub fn ensure_free(field: &str, address: std::net::SocketAddr) -> Result<(), Str
     std::net::TcpListener::bind(address)
         .map(drop)
         .map_err(|e| format!("{field}: cannot listen on {address}: {e}"))
+}
+
+/// Every Pingora connector (one per listener, the health checks', the rollout checks') loads
+/// the system's root certificates, honouring `SSL_CERT_FILE` and `SSL_CERT_DIR`, and panics
+/// when that fails: loaded once here first, so that a bad variable is a clear error before
+/// the sockets are taken, not a panic after.
+fn check_system_roots() -> Result<(), String> {
+    let mut roots = pingora::tls::RootCertStore::empty();
+    pingora::tls::load_platform_certs_incl_env_into_store(&mut roots).map_err(|e| {
+        format!(
+            "the system's root certificates (SSL_CERT_FILE, SSL_CERT_DIR) cannot be loaded: {e}"
+        )
+    })
 }
 
 /// The live TLS settings of a TLS listener, as the proxy runs handshakes with them; `None`
