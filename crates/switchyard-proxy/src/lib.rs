@@ -18,6 +18,7 @@ mod host;
 mod redirect;
 mod sticky_cookie;
 mod websocket;
+mod wrapped;
 
 pub use client_stream::ClientStream;
 pub use connection::{ClientApp, ClientCounters, Rejection};
