@@ -38,7 +38,7 @@ use crate::h2_stream::H2Stream;
 use crate::handover::Connections;
 
 /// The HTTP/2 client connection preface (RFC 9113 §3.4).
-const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub(crate) const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// How long a connection may take to send its request head once the process is closing.
 const HANDOVER_HEAD_TIME: Duration = Duration::from_secs(2);
@@ -256,19 +256,26 @@ impl<A: HttpServerApp + Send + Sync + 'static> ClientApp<A> {
     }
 }
 
+/// The TCP stream a proxy listener accepted, out of its box: what reading ahead and rewinding
+/// (h2c) and a rustls handshake (whose stream then forwards the TCP digests) need. `None`,
+/// logged as an error with `what` needed it: the stream was something else.
+pub fn accepted_tcp(stream: Stream, what: &str) -> Option<Box<L4Stream>> {
+    match stream.into_any().downcast::<L4Stream>() {
+        Ok(tcp) => Some(tcp),
+        Err(_) => {
+            log::error!("{what}: an accepted connection is not a TCP stream; closed");
+            None
+        }
+    }
+}
+
 /// Whether a cleartext connection starts with the HTTP/2 preface, read as its bytes arrive:
 /// HTTP/1 is decided at the first byte that differs (Pingora's own h2c check waits for 24
 /// bytes, which a short HTTP/1.0 request such as a load balancer's `OPTIONS / HTTP/1.0`
 /// never sends). What was read is put back for whichever protocol it is. `None`: a read
 /// error, or not a TCP stream.
 async fn sniff_preface(stream: Stream) -> Option<(Stream, bool)> {
-    let mut tcp = match stream.into_any().downcast::<L4Stream>() {
-        Ok(tcp) => tcp,
-        Err(_) => {
-            log::error!("h2c: an accepted connection is not a TCP stream; closed");
-            return None;
-        }
-    };
+    let mut tcp = accepted_tcp(stream, "h2c")?;
     let mut seen = [0u8; H2_PREFACE.len()];
     let mut len = 0;
     let h2 = loop {

@@ -26,7 +26,7 @@ use tokio::time::Sleep;
 use crate::connection::{ClientCounters, Rejection, Slot};
 
 /// Length of the HTTP/2 client connection preface (RFC 9113 §3.4).
-const PREFACE_LEN: usize = 24;
+const PREFACE_LEN: usize = crate::connection::H2_PREFACE.len();
 
 pub struct H2Stream {
     inner: Stream,

@@ -21,7 +21,7 @@ mod websocket;
 mod wrapped;
 
 pub use client_stream::ClientStream;
-pub use connection::{ClientApp, ClientCounters, Rejection};
+pub use connection::{accepted_tcp, ClientApp, ClientCounters, Rejection};
 pub use front::{ListenerFront, TlsTerminator};
 pub use handover::{Connections, Watched};
 

@@ -10,7 +10,6 @@ use log::info;
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::protocols::http::v2::server::H2Options;
-use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::Stream;
 use pingora::proxy::HttpProxy;
 use pingora::server::configuration::{Opt, ServerConf};
@@ -26,7 +25,8 @@ use switchyard_pool::ramp::SlowStart;
 use switchyard_pool::retire::Retirement;
 use switchyard_pool::{Draft, Metrics, Pool, Source};
 use switchyard_proxy::{
-    ClientApp, ClientCounters, Connections, ListenerFront, Proxy, TlsTerminator, Watched,
+    accepted_tcp, ClientApp, ClientCounters, Connections, ListenerFront, Proxy, TlsTerminator,
+    Watched,
 };
 use switchyard_rollout::{Engine, HttpProber, RolloutService, SingleNode};
 
@@ -345,10 +345,8 @@ impl TlsTerminator for Terminator {
     async fn handshake(&self, stream: Stream) -> pingora::Result<Stream> {
         // Pingora's TLS runs on the accepted TCP stream itself, which is what a listener
         // gives the app: unboxed, so that the TLS stream forwards its digests.
-        let tcp = stream.into_any().downcast::<L4Stream>().map_err(|_| {
-            log::error!("TLS: an accepted connection is not a TCP stream; closed");
-            pingora::Error::explain(ErrorType::InternalError, "not a TCP stream")
-        })?;
+        let tcp = accepted_tcp(stream, "TLS")
+            .ok_or_else(|| pingora::Error::explain(ErrorType::InternalError, "not a TCP stream"))?;
         // Loaded once: a reload during the handshake changes nothing for this connection.
         let state = self.0.current();
         let stream = state.acceptor.tls_handshake(*tcp).await?;
