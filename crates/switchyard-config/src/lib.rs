@@ -5,6 +5,7 @@
 //! the raw file into the typed [`Config`] of this module, collecting every semantic problem with
 //! its field path instead of stopping at the first. Nothing here knows about Pingora.
 
+pub mod access_log;
 mod duration;
 pub mod limits;
 pub mod matching;
@@ -19,6 +20,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use access_log::{AccessLog, LogFormat, LogTarget};
 pub use duration::{format_duration, parse_duration};
 pub use matching::{RequestKey, RouteMatch, Sticky, ValueMatch};
 pub use raw::{Algorithm, HealthCheckType};
@@ -34,6 +36,8 @@ pub struct Config {
     pub admin: Option<Admin>,
     pub metrics: Option<Metrics>,
     pub state_file: Option<PathBuf>,
+    /// One line per request, off the request path; `None`: no access log.
+    pub access_log: Option<AccessLog>,
     /// Sorted by name.
     pub upstreams: Vec<Upstream>,
     /// In file order: the first match wins.

@@ -5,6 +5,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use crate::access_log::RawAccessLog;
 use crate::duration::YamlDuration;
 use crate::matching::{RawKey, RawMatch, RawSticky};
 use crate::tls::{RawListener, RawUpstreamTls, UpstreamProtocol};
@@ -18,6 +19,7 @@ pub struct File {
     pub admin: Option<Admin>,
     pub metrics: Option<Metrics>,
     pub state_file: Option<PathBuf>,
+    pub access_log: Option<RawAccessLog>,
     pub upstreams: Option<UniqueMap<Upstream>>,
     pub routes: Option<Vec<Route>>,
 }

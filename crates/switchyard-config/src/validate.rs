@@ -112,6 +112,9 @@ pub fn validate(file: raw::File) -> Result<Config, Problems> {
         .and_then(|m| c.address("metrics.address", &m.address))
         .map(|address| Metrics { address });
     sockets_distinct(&mut c, &listeners, admin.as_ref(), metrics.as_ref());
+    let access_log = file
+        .access_log
+        .and_then(|raw| crate::access_log::access_log(raw, &mut c.problems));
     let upstreams = upstreams(&mut c, file.upstreams.map(|m| m.0).unwrap_or_default());
     let routes = routes(&mut c, file.routes.unwrap_or_default(), &upstreams);
     if c.problems.is_empty() {
@@ -121,6 +124,7 @@ pub fn validate(file: raw::File) -> Result<Config, Problems> {
             admin,
             metrics,
             state_file: file.state_file,
+            access_log,
             upstreams,
             routes,
         })
