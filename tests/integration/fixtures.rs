@@ -671,6 +671,12 @@ impl Switchyard {
             .append(true)
             .open(&self.log)
             .expect("log file");
+        // The access log may go to stdout.
+        let stdout = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("stdout.log"))
+            .expect("stdout file");
         let mut command = Command::new(BINARY);
         command
             .args(["run", "--config"])
@@ -678,8 +684,16 @@ impl Switchyard {
             .args(extra)
             .env("RUST_LOG", "info")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(log);
+        // An empty `RUST_LOG` given: none at all, for the binary's own default.
+        if self
+            .env
+            .iter()
+            .any(|(k, v)| k == "RUST_LOG" && v.is_empty())
+        {
+            command.env_remove("RUST_LOG");
+        }
         if let Some(limit) = self.open_files {
             use std::os::unix::process::CommandExt;
             let limit = libc::rlimit {
@@ -711,8 +725,19 @@ impl Switchyard {
     /// A graceful binary upgrade, as an operator does it: start `run --upgrade`, wait until it
     /// waits for the sockets, send SIGQUIT to the running process, wait for it to exit.
     pub fn upgrade(&mut self) {
+        self.upgrade_when_waiting(false)
+    }
+
+    /// An upgrade whose new process has said it waits for the sockets (Pingora polls for them
+    /// once a second) before the old one gets SIGQUIT.
+    pub fn upgrade_after_waiting(&mut self) {
+        self.upgrade_when_waiting(true)
+    }
+
+    fn upgrade_when_waiting(&mut self, said_waiting: bool) {
         let socket = self.dir.join("upgrade.sock");
         let _ = std::fs::remove_file(&socket);
+        let logged_before = self.log_text().len();
         let next = self.launch(&["--upgrade"]);
         // From here on both processes are owned: the new one by `self` (killed on drop), the
         // old one by the guard, so a failed assertion leaves neither running.
@@ -722,6 +747,17 @@ impl Switchyard {
             Duration::from_secs(10),
             || socket.exists(),
         );
+        if said_waiting {
+            wait_until(
+                "the new process to say it waits for the sockets",
+                Duration::from_secs(10),
+                || {
+                    self.log_text()
+                        .get(logged_before..)
+                        .is_some_and(|new| new.contains("upgrade: waiting for the running process"))
+                },
+            );
+        }
         let status = Command::new("kill")
             .args(["-QUIT", &old.0.id().to_string()])
             .status()

@@ -4,6 +4,7 @@
 mod certs;
 mod fixtures;
 
+mod access_log;
 mod admin;
 mod balancing;
 mod check;

@@ -5,6 +5,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwapOption;
 use log::warn;
+use switchyard_access_log::AccessLog;
+use switchyard_config::access_log::DEFAULT_BUFFER_LINES;
 use switchyard_config::{Config, Listener, ListenerKind};
 use switchyard_pool::{Draft, Pool, Source};
 use switchyard_tls::TlsFronts;
@@ -60,6 +62,8 @@ pub struct Control {
     started: Config,
     /// The certificates of the TLS listeners, re-read by every reload.
     tls: Arc<TlsFronts>,
+    /// Its path and format follow a reload.
+    access_log: Arc<AccessLog>,
     /// One reload at a time (SIGHUP and the API may ask at once): the TLS side is prepared
     /// before the pool reloads and committed after it, and two interleaved reloads could
     /// leave the certificates of one file beside the routes of the other.
@@ -71,6 +75,7 @@ impl Control {
     pub fn new(
         pool: Arc<Pool>,
         tls: Arc<TlsFronts>,
+        access_log: Arc<AccessLog>,
         config_path: Option<PathBuf>,
     ) -> Result<Control, String> {
         let started = pool.config();
@@ -81,6 +86,7 @@ impl Control {
             token: ArcSwapOption::new(token.map(Arc::new)),
             started,
             tls,
+            access_log,
             reloading: Mutex::new(()),
         })
     }
@@ -163,12 +169,17 @@ impl Control {
         // Every certificate and key is read and checked before anything changes: a bad file
         // refuses the reload like a config problem, and the old certificates stay.
         let tls = self.tls.prepare(&config)?;
+        let access_log = self
+            .access_log
+            .prepare(config.access_log.as_ref())
+            .map_err(|e| vec![e])?;
         let needs_restart = needs_restart(&self.started, &config);
         let upstream_cas = switchyard_pool::load_upstream_tls(&config)?;
         // The pool records the reload and each warning as events (and so logs them).
         let dropped_state = self.pool.reload(config, upstream_cas);
         self.token.store(token.map(Arc::new));
         let warnings = tls.commit();
+        access_log.commit();
         for warning in &warnings {
             self.pool.events().record(
                 Draft::new(Source::Reload, "certificate_warning", warning.clone()).warning(),
@@ -244,6 +255,16 @@ fn needs_restart(running: &Config, next: &Config) -> Vec<String> {
         was.max_connections != now.max_connections,
     );
     differs("server.body_timeout", was.body_timeout != now.body_timeout);
+    // The channel between requests and the writer is sized once, at start.
+    let buffer_lines = |c: &Config| {
+        c.access_log
+            .as_ref()
+            .map_or(DEFAULT_BUFFER_LINES, |a| a.buffer_lines)
+    };
+    differs(
+        "access_log.buffer_lines",
+        buffer_lines(running) != buffer_lines(next),
+    );
     differs("server.send_timeout", was.send_timeout != now.send_timeout);
     differs(
         "server.max_request_body_bytes",

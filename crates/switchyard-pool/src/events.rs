@@ -256,8 +256,12 @@ fn log_line(event: &Event) -> String {
         ("upstream", &event.upstream),
         ("backend", &event.backend),
     ] {
+        // Most messages name what they are about already: said once.
         if let Some(name) = name {
-            names.push_str(&format!(" {label} {name}"));
+            let named = format!(" {label} {name}");
+            if !format!(" {}", event.message).contains(&named) {
+                names.push_str(&named);
+            }
         }
     }
     format!(
@@ -390,10 +394,25 @@ mod tests {
                 .upstream("blue")
                 .backend("127.0.0.1:9001"),
         );
-        let event = &events.since(0, 1)[0];
+        events.record(
+            Draft::new(
+                Source::Api,
+                "split_changed",
+                "route web split set to blue 5",
+            )
+            .route("web"),
+        );
+        let [first, second] = &events.since(0, 2)[..] else {
+            panic!("two events");
+        };
         assert_eq!(
-            log_line(event),
+            log_line(first),
             "event 1 [health backend_unhealthy] upstream blue backend 127.0.0.1:9001: it failed"
+        );
+        // A message that names its route already does not get it twice.
+        assert_eq!(
+            log_line(second),
+            "event 2 [api split_changed]: route web split set to blue 5"
         );
     }
 

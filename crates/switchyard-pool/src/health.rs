@@ -333,18 +333,35 @@ impl Streak {
     }
 }
 
+/// A Pingora error inside another, as the error itself or as its box (depending on how it was
+/// wrapped).
+fn nested<'a>(cause: &'a (dyn std::error::Error + Send + Sync + 'static)) -> Option<&'a Error> {
+    cause
+        .downcast_ref::<Error>()
+        .or_else(|| cause.downcast_ref::<Box<Error>>().map(|b| &**b))
+}
+
+/// A failed check's cause, said once: Pingora nests its errors (`ConnectRefused context: Fail
+/// to connect to ... cause: ConnectRefused ... cause: Connection refused`), so the type comes
+/// from the outermost and the reason from the innermost. Pingora puts a TLS failure's reason
+/// (e.g. "invalid peer certificate: UnknownIssuer") in the context, not the cause: without a
+/// cause, the innermost context is the reason.
 fn describe(e: &Error) -> String {
-    // Pingora puts a TLS failure's reason (e.g. "invalid peer certificate: UnknownIssuer")
-    // in the context, not the cause.
-    let context = e
-        .context
-        .as_ref()
-        .map(|c| format!(" ({c})"))
-        .unwrap_or_default();
-    match (&e.etype, &e.cause) {
-        (ErrorType::CustomCode(_, status), _) => format!("status {status}"),
-        (_, Some(cause)) => format!("{}: {cause}{context}", e.etype.as_str()),
-        (_, None) => format!("{}{context}", e.etype.as_str()),
+    if let ErrorType::CustomCode(_, status) = &e.etype {
+        return format!("status {status}");
+    }
+    let mut context = e.context.as_ref().map(ToString::to_string);
+    let mut cause = e.cause.as_deref();
+    while let Some(inner) = cause.and_then(nested) {
+        if let Some(c) = &inner.context {
+            context = Some(c.to_string());
+        }
+        cause = inner.cause.as_deref();
+    }
+    match (cause, context) {
+        (Some(cause), _) => format!("{}: {cause}", e.etype.as_str()),
+        (None, Some(context)) => format!("{}: {context}", e.etype.as_str()),
+        (None, None) => e.etype.as_str().to_string(),
     }
 }
 
@@ -396,5 +413,40 @@ mod tests {
         assert_eq!(s.record(false, true, &c), None);
         assert_eq!(s.record(false, true, &c), None);
         assert_eq!(s.record(false, true, &c), Some(false), "fall=3 reached");
+    }
+
+    #[test]
+    fn a_nested_failure_says_its_cause_once() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let inner = Error::because(
+            ErrorType::ConnectRefused,
+            "Fail to connect to 127.0.0.1:1",
+            refused,
+        );
+        let outer = Error::because(
+            ErrorType::ConnectRefused,
+            "Fail to connect to addr: 127.0.0.1:1",
+            inner,
+        );
+        let text = describe(&outer);
+        assert_eq!(
+            text,
+            format!(
+                "ConnectRefused: {}",
+                std::io::Error::from(std::io::ErrorKind::ConnectionRefused)
+            )
+        );
+        let tls = Error::explain(
+            ErrorType::TLSHandshakeFailure,
+            "invalid peer certificate: UnknownIssuer",
+        );
+        assert_eq!(
+            describe(&tls),
+            "TLSHandshakeFailure: invalid peer certificate: UnknownIssuer"
+        );
+        assert_eq!(
+            describe(&Error::new(ErrorType::ConnectTimedout)),
+            "ConnectTimedout"
+        );
     }
 }

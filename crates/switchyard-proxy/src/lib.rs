@@ -16,6 +16,7 @@ mod h2_stream;
 mod handover;
 mod host;
 mod redirect;
+mod request_id;
 mod sticky_cookie;
 mod websocket;
 mod wrapped;
@@ -29,7 +30,7 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -39,7 +40,8 @@ use pingora_core::protocols::Digest;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_core::{Error, ErrorSource, ErrorType, OrErr, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
-use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use pingora_proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
+use switchyard_access_log::{AccessLog, Record};
 use switchyard_config::ClientLimits;
 use switchyard_pool::metrics::ErrorKind;
 use switchyard_pool::{local_failure, InFlight, LocalFailure, Pool, Request, Snapshot};
@@ -60,6 +62,7 @@ pub struct Proxy {
     limits: ClientLimits,
     counters: Arc<ClientCounters>,
     front: ListenerFront,
+    access_log: Arc<AccessLog>,
 }
 
 impl Proxy {
@@ -70,6 +73,7 @@ impl Proxy {
         closing: Arc<AtomicBool>,
         limits: ClientLimits,
         counters: Arc<ClientCounters>,
+        access_log: Arc<AccessLog>,
     ) -> Proxy {
         Proxy {
             pool,
@@ -78,6 +82,7 @@ impl Proxy {
             limits,
             counters,
             front: ListenerFront::plain(),
+            access_log,
         }
     }
 
@@ -110,6 +115,11 @@ pub struct RequestCtx {
     backend: usize,
     in_flight: Option<InFlight>,
     retried: bool,
+    /// Attempts after the first: our connect retry and Pingora's retry of a request that
+    /// met a stale backend connection. For the access log.
+    retries: u8,
+    /// `X-Request-Id`, the client's or ours (see [`request_id`]); set before any answer.
+    request_id: Option<HeaderValue>,
     /// A sticky cookie issued with this request (`set_cookie`), sent with the response.
     issued: Option<IssuedCookie>,
     /// Set when connecting failed on our side (out of descriptors, ...), not the backend's.
@@ -129,8 +139,10 @@ impl Drop for Active {
 }
 
 impl RequestCtx {
-    /// The snapshot and upstream a picked request goes to.
+    /// The snapshot and upstream a picked request goes to (`None` before the pick, and when
+    /// no backend of the matched route was available).
     fn target(&self) -> Option<(&Snapshot, usize)> {
+        self.in_flight.as_ref()?;
         self.snapshot.as_deref().map(|s| (s, self.upstream))
     }
 }
@@ -156,6 +168,8 @@ impl ProxyHttp for Proxy {
             backend: 0,
             in_flight: None,
             retried: false,
+            retries: 0,
+            request_id: None,
             issued: None,
             local_failure: None,
             grpc_failed: false,
@@ -182,22 +196,30 @@ impl ProxyHttp for Proxy {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let snapshot = self.pool.snapshot();
+        ctx.client = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        ctx.request_id = Some(request_id::of(&session.req_header().headers));
         let req = session.req_header();
         let host = match host::route_host(req) {
             Ok(host) => host,
             Err(e) => {
-                self.respond_plain(session, 400, e.answer()).await?;
+                self.respond_plain(session, ctx, 400, e.answer(), None)
+                    .await?;
                 return Ok(true);
             }
         };
         if self.front.redirect_https {
             match redirect::https_redirect(req, host) {
                 Redirect::To(location) => {
-                    redirect::respond(session, location).await?;
+                    let location = (http::header::LOCATION, location);
+                    self.respond_plain(session, ctx, 308, redirect::BODY, Some(location))
+                        .await?;
                     return Ok(true);
                 }
                 Redirect::NoHost => {
-                    self.respond_plain(session, 400, NO_HOST_TO_REDIRECT)
+                    self.respond_plain(session, ctx, 400, NO_HOST_TO_REDIRECT, None)
                         .await?;
                     return Ok(true);
                 }
@@ -207,20 +229,19 @@ impl ProxyHttp for Proxy {
         if let Some(limit) = self.limits.max_request_body_bytes {
             if declared_length(req).is_some_and(|length| length > limit) {
                 self.counters.reject(Rejection::BodyTooLarge);
-                self.respond_plain(session, 413, BODY_TOO_LARGE).await?;
+                self.respond_plain(session, ctx, 413, BODY_TOO_LARGE, None)
+                    .await?;
                 return Ok(true);
             }
         }
-        ctx.client = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
         let request = request_of(req, host, ctx.client, None);
         let Some(route) = snapshot.match_route(&request) else {
             self.respond_plain(
                 session,
+                ctx,
                 404,
                 "404 Not Found: no route matches this request\n",
+                None,
             )
             .await?;
             return Ok(true);
@@ -238,10 +259,14 @@ impl ProxyHttp for Proxy {
             self.pool
                 .metrics()
                 .count_unrouted(&snapshot.routes[route].name, 503);
+            ctx.route = Some(route);
+            ctx.snapshot = Some(snapshot);
             self.respond_plain(
                 session,
+                ctx,
                 503,
                 "503 Service Unavailable: no backend is available for this route\n",
+                None,
             )
             .await?;
             return Ok(true);
@@ -314,6 +339,7 @@ impl ProxyHttp for Proxy {
                 );
                 ctx.in_flight = Some(upstream.hold(next));
                 ctx.backend = next;
+                ctx.retries = ctx.retries.saturating_add(1);
                 e.set_retry(true);
             }
             None => e.set_retry(false),
@@ -347,7 +373,7 @@ impl ProxyHttp for Proxy {
         peer: &HttpPeer,
         session: &mut Session,
         e: Box<Error>,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
@@ -362,6 +388,12 @@ impl ProxyHttp for Proxy {
             e.retry.decide_reuse(client_reused);
         } else {
             e.set_retry(false);
+        }
+        if e.retry() {
+            // Routine (the backend closed an idle connection as we reused it): Pingora's own
+            // warning for it is suppressed, see `suppress_proxy_warn_log`.
+            log::debug!("{e}: retrying the request on a new connection");
+            ctx.retries = ctx.retries.saturating_add(1);
         }
         e
     }
@@ -378,6 +410,9 @@ impl ProxyHttp for Proxy {
         }
         let proto = if self.front.is_tls() { "https" } else { "http" };
         upstream_request.insert_header("X-Forwarded-Proto", HeaderValue::from_static(proto))?;
+        if let Some(id) = &ctx.request_id {
+            upstream_request.insert_header(request_id::X_REQUEST_ID, id.clone())?;
+        }
         // The backend gets the host the request was routed on, as `Host` and as
         // `X-Forwarded-Host`, and never a client's own `X-Forwarded-Host`.
         let req = session.req_header();
@@ -474,9 +509,16 @@ impl ProxyHttp for Proxy {
     ) -> Result<()> {
         if let Some((snapshot, upstream)) = ctx.target() {
             if snapshot.debug_headers {
-                response
-                    .insert_header("X-Switchyard-Upstream", &*snapshot.upstreams[upstream].name)?;
+                let upstream = &snapshot.upstreams[upstream];
+                response.insert_header("X-Switchyard-Upstream", &*upstream.name)?;
+                response.insert_header(
+                    "X-Switchyard-Backend",
+                    upstream.backends[ctx.backend].live.address.to_string(),
+                )?;
             }
+        }
+        if let Some(id) = &ctx.request_id {
+            response.insert_header(request_id::X_REQUEST_ID, id.clone())?;
         }
         // On the final head only (a `100 Continue` or `103 Early Hints` comes first; a `101`
         // is a WebSocket's final answer).
@@ -509,14 +551,18 @@ impl ProxyHttp for Proxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        let (Some(snapshot), Some(route)) = (ctx.snapshot.as_deref(), ctx.route) else {
-            return;
-        };
         // No response at all: the client went away first; nginx's 499 says so.
         let status = session
             .response_written()
             .map_or(CLIENT_CLOSED, |r| r.status.as_u16());
         let elapsed = ctx.started.elapsed();
+        if self.access_log.enabled() {
+            self.access_log
+                .log(&access_record(session, e, ctx, status, elapsed));
+        }
+        let (Some((snapshot, _)), Some(route)) = (ctx.target(), ctx.route) else {
+            return;
+        };
         snapshot.count_request(route, ctx.upstream, ctx.backend, status, elapsed);
         // Rollout analysis, by the request's final answer. A connect retry that succeeded
         // ended without error; one that did not, a timeout, or a backend that broke off
@@ -565,6 +611,18 @@ impl ProxyHttp for Proxy {
         client_went_away(e)
     }
 
+    /// A retry is said once, by us: `fail_to_connect` names the upstream and the next
+    /// backend, `error_while_proxy` the stale connection (at debug).
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        _ctx: &RequestCtx,
+        _e: &Error,
+        context: ProxyWarnLogContext,
+    ) -> bool {
+        context == ProxyWarnLogContext::UpstreamRetry
+    }
+
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
@@ -595,7 +653,7 @@ impl ProxyHttp for Proxy {
             _ => (500, "500 Internal Server Error\n"),
         };
         if code > 0 {
-            if let Err(write_error) = self.respond_plain(session, code, body).await {
+            if let Err(write_error) = self.respond_plain(session, ctx, code, body, None).await {
                 log::debug!("could not send {code} to the client: {write_error}");
             }
         }
@@ -732,15 +790,23 @@ fn error_kind(etype: &ErrorType) -> ErrorKind {
 }
 
 impl Proxy {
-    /// Answers with a short plain-text body (and the listener's HSTS) and closes the
-    /// connection.
+    /// Answers with a short plain-text body (with the request's id, the listener's HSTS and
+    /// one more header if given) and closes the connection.
     async fn respond_plain(
         &self,
         session: &mut Session,
+        ctx: &RequestCtx,
         status: u16,
         body: &'static str,
+        extra: Option<(HeaderName, HeaderValue)>,
     ) -> Result<()> {
-        let mut resp = ResponseHeader::build(status, Some(4))?;
+        let mut resp = ResponseHeader::build(status, Some(6))?;
+        if let Some((name, value)) = extra {
+            resp.insert_header(name, value)?;
+        }
+        if let Some(id) = &ctx.request_id {
+            resp.insert_header(request_id::X_REQUEST_ID, id.clone())?;
+        }
         resp.insert_header("Content-Type", "text/plain; charset=utf-8")?;
         resp.insert_header("Content-Length", body.len())?;
         resp.insert_header("Connection", "close")?;
@@ -762,5 +828,55 @@ impl Proxy {
             }
         }
         Ok(())
+    }
+}
+
+/// The request's access log line, from what the session and the context hold at its end.
+fn access_record<'a>(
+    session: &'a Session,
+    e: Option<&'a Error>,
+    ctx: &'a RequestCtx,
+    status: u16,
+    elapsed: Duration,
+) -> Record<'a> {
+    let req = session.req_header();
+    let header = |name: http::header::HeaderName| req.headers.get(name).map(HeaderValue::as_bytes);
+    let snapshot = ctx.snapshot.as_deref();
+    let target = ctx.target().map(|(s, u)| &s.upstreams[u]);
+    let downstream = session.as_downstream();
+    Record {
+        time: SystemTime::now(),
+        client: ctx.client,
+        method: req.method.as_str(),
+        host: header(http::header::HOST).or_else(|| host::target_authority(req)),
+        path: req.uri.path(),
+        query: req.uri.query(),
+        protocol: protocol(req.version),
+        status,
+        bytes_sent: downstream.body_bytes_sent(),
+        duration: elapsed,
+        route: snapshot.zip(ctx.route).map(|(s, r)| &*s.routes[r].name),
+        upstream: target.map(|u| &*u.name),
+        backend: target.map(|u| u.backends[ctx.backend].live.address),
+        request_id: ctx.request_id.as_ref().map_or(b"-", HeaderValue::as_bytes),
+        retries: ctx.retries,
+        user_agent: header(http::header::USER_AGENT),
+        referer: header(http::header::REFERER),
+        tls: downstream
+            .digest()
+            .and_then(|d| d.ssl_digest.as_deref())
+            .map(|tls| (&*tls.version, &*tls.cipher)),
+        error: e.map(|e| e.etype().as_str()),
+    }
+}
+
+fn protocol(version: http::Version) -> &'static str {
+    match version {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_11 => "HTTP/1.1",
+        http::Version::HTTP_2 => "HTTP/2.0",
+        http::Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP",
     }
 }

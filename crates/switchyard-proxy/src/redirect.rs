@@ -2,11 +2,8 @@
 //! (without its port: the https listener has its own), path and query over https, except the
 //! ACME HTTP-01 challenge, which a certificate authority fetches over plain HTTP.
 
-use bytes::Bytes;
 use http::HeaderValue;
-use pingora_core::Result;
-use pingora_http::{RequestHeader, ResponseHeader};
-use pingora_proxy::Session;
+use pingora_http::RequestHeader;
 
 const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
 
@@ -56,18 +53,8 @@ fn is_acme_challenge(target: &str) -> bool {
 }
 
 /// The `308`, with a short body for clients that show it.
-pub async fn respond(session: &mut Session, location: HeaderValue) -> Result<()> {
-    const BODY: &str = "308 Permanent Redirect: this site is served over https\n";
-    let mut resp = ResponseHeader::build(308, Some(4))?;
-    resp.insert_header(http::header::LOCATION, location)?;
-    resp.insert_header("Content-Type", "text/plain; charset=utf-8")?;
-    resp.insert_header("Content-Length", BODY.len())?;
-    resp.insert_header("Connection", "close")?;
-    session
-        .as_downstream_mut()
-        .write_error_response(resp, Bytes::from_static(BODY.as_bytes()))
-        .await
-}
+/// The body of the `308` (the proxy sends it with `Location`).
+pub const BODY: &str = "308 Permanent Redirect: this site is served over https\n";
 
 #[cfg(test)]
 mod tests {

@@ -18,6 +18,7 @@ use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 use pingora::services::ServiceWithDependents;
 use pingora::ErrorType;
+use switchyard_access_log::AccessLog;
 use switchyard_admin::{AdminApi, Control, MetricsEndpoint};
 use switchyard_config::{ClientLimits, Config, Listener, ListenerKind};
 use switchyard_pool::health::HealthChecks;
@@ -83,6 +84,9 @@ pub fn run(
     if let Some(file) = config.admin.as_ref().and_then(|a| a.token_file.as_deref()) {
         switchyard_admin::Token::read(file)?;
     }
+    // The access log's file too: one that cannot be opened is a start-up error, not a
+    // process that serves without the log its operator asked for.
+    let access_log = AccessLog::start(config.access_log.as_ref(), &metrics)?;
     crate::limits::raise_open_files(config.server.clients.max_connections)?;
     check_system_roots()?;
     let mut server = Server::new_with_opt_and_conf(opt, server_conf);
@@ -122,6 +126,7 @@ pub fn run(
     let control = Arc::new(Control::new(
         Arc::clone(&pool),
         Arc::clone(&tls_fronts),
+        Arc::clone(&access_log),
         config_path,
     )?);
 
@@ -141,6 +146,7 @@ pub fn run(
         Arc::clone(&closing),
         client_limits,
         Arc::clone(&counters),
+        Arc::clone(&access_log),
     );
     let active = proxy.active_requests();
     let connections = Arc::new(Connections::default());
@@ -195,6 +201,11 @@ pub fn run(
         ready.add_dependency(service);
     }
 
+    if admin_address.is_none() {
+        log::warn!(
+            "no admin section in the config: no admin API, so splits, drains and rollouts cannot change while running (add admin: {{address: 127.0.0.1:9000}})"
+        );
+    }
     if let Some(address) = admin_address {
         let mut admin = Service::new(
             "admin API".into(),
@@ -212,7 +223,7 @@ pub fn run(
     }
     server.add_service(background_service(
         "drain",
-        Drain::new(active, connections, grace_period),
+        Drain::new(active, connections, grace_period, Arc::clone(&access_log)),
     ));
     server.add_service(background_service(
         "slow start",
@@ -260,6 +271,7 @@ pub fn run(
         shutdown_signal: Box::new(Signals {
             closing,
             on_hangup: Box::new(reload),
+            on_user1: Box::new(move || access_log.reopen()),
             may_upgrade: Box::new(move || crate::upgrade_socket::check_peer(&upgrade_socket)),
             on_upgrade: Box::new(hand_over),
         }),

@@ -9,10 +9,16 @@
 
 use log::{Log, Metadata, Record};
 
-/// Without `RUST_LOG`: our lines and Pingora's at `info`, rustls's at `error` only. rustls
-/// warns once per handshake about what a client did wrong (an IP address as SNI, an alert it
-/// sent), which any client could turn into a flood of log lines.
-const DEFAULT_FILTER: &str = "info,rustls=error";
+/// Without `RUST_LOG`: our lines at `info`, Pingora's from `warn` (its start-up lines at
+/// `info` say what ours say, at length), rustls's at `error` only: rustls warns once per
+/// handshake about what a client did wrong (an IP address as SNI, an alert it sent), which
+/// any client could turn into a flood of log lines. `RUST_LOG=info,pingora=info` brings
+/// Pingora's lines back.
+const DEFAULT_FILTER: &str = "info,pingora=warn,rustls=error";
+
+/// Where Pingora waits for the sockets of an upgrade, saying `No incoming socket transfer` at
+/// ERROR once a second until the old process sends them: the normal course of every upgrade.
+const FD_TRANSFER: &str = "pingora_core::server::transfer_fd";
 
 pub fn init() {
     let logger =
@@ -32,6 +38,22 @@ impl Log for Scrubbed {
     }
 
     fn log(&self, record: &Record) {
+        if record.target() == FD_TRANSFER {
+            let text = record.args().to_string();
+            if text.starts_with("No incoming socket transfer") {
+                let waiting = Record::builder()
+                    .args(format_args!(
+                        "upgrade: waiting for the running process to hand its listening sockets over (send it SIGQUIT)"
+                    ))
+                    .level(log::Level::Info)
+                    .target("switchyard::upgrade")
+                    .build();
+                if self.0.matches(&waiting) {
+                    self.0.log(&waiting);
+                }
+                return;
+            }
+        }
         if !self.0.matches(record) {
             return;
         }

@@ -15,6 +15,7 @@ use async_trait::async_trait;
 use log::{error, info, warn};
 use pingora::server::{ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::BackgroundService;
+use switchyard_access_log::AccessLog;
 use switchyard_proxy::Connections;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -24,6 +25,8 @@ pub struct Signals {
     pub closing: Arc<AtomicBool>,
     /// SIGHUP: the same as `POST /api/v1/reload`.
     pub on_hangup: Box<dyn Fn() + Send + Sync>,
+    /// SIGUSR1: reopen the access log (logrotate has moved it).
+    pub on_user1: Box<dyn Fn() + Send + Sync>,
     /// SIGQUIT, before anything else: may the listening sockets go to whoever listens on
     /// the upgrade socket? `Err` says why not.
     pub may_upgrade: Box<dyn Fn() -> Result<(), String> + Send + Sync>,
@@ -46,11 +49,12 @@ impl ShutdownSignalWatch for Signals {
 
 impl Signals {
     async fn wait(&self) -> ShutdownSignal {
-        let (Ok(mut term), Ok(mut int), Ok(mut quit), Ok(mut hup)) = (
+        let (Ok(mut term), Ok(mut int), Ok(mut quit), Ok(mut hup), Ok(mut usr1)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
             signal(SignalKind::quit()),
             signal(SignalKind::hangup()),
+            signal(SignalKind::user_defined1()),
         ) else {
             warn!("cannot install signal handlers; stopping");
             return ShutdownSignal::FastShutdown;
@@ -77,6 +81,10 @@ impl Signals {
                     info!("SIGHUP: reloading the config");
                     (self.on_hangup)();
                 }
+                _ = usr1.recv() => {
+                    info!("SIGUSR1: reopening the access log");
+                    (self.on_user1)();
+                }
             }
         }
     }
@@ -89,6 +97,8 @@ pub struct Drain {
     active: Arc<AtomicUsize>,
     connections: Arc<Connections>,
     grace_period: Duration,
+    /// Written out before the process exits: the drained requests' lines are in it.
+    access_log: Arc<AccessLog>,
 }
 
 impl Drain {
@@ -96,11 +106,13 @@ impl Drain {
         active: Arc<AtomicUsize>,
         connections: Arc<Connections>,
         grace_period: Duration,
+        access_log: Arc<AccessLog>,
     ) -> Self {
         Drain {
             active,
             connections,
             grace_period,
+            access_log,
         }
     }
 }
@@ -120,7 +132,7 @@ impl BackgroundService for Drain {
         loop {
             if self.connections.settled() {
                 info!("every connection served or closed; exiting");
-                exit()
+                self.exit()
             }
             if Instant::now() >= deadline {
                 let active = self.active.load(Ordering::Acquire);
@@ -128,14 +140,21 @@ impl BackgroundService for Drain {
                     "grace period of {:?} over with {active} requests in flight; exiting",
                     self.grace_period
                 );
-                exit()
+                self.exit()
             }
             tokio::time::sleep(DRAIN_POLL).await;
         }
     }
 }
 
-fn exit() -> ! {
-    crate::alloc::report();
-    std::process::exit(0)
+impl Drain {
+    fn exit(&self) -> ! {
+        self.access_log.flush(ACCESS_LOG_FLUSH);
+        crate::alloc::report();
+        std::process::exit(0)
+    }
 }
+
+/// The longest the exit waits for the access log's last lines (a blocked pipe would wait
+/// forever).
+const ACCESS_LOG_FLUSH: Duration = Duration::from_secs(1);
