@@ -294,3 +294,35 @@ fn an_upgrade_logs_no_error_while_it_waits_for_the_sockets() {
     assert!(!log.contains(" ERROR "), "{log}");
     assert!(!log.contains("No incoming socket transfer"), "{log}");
 }
+
+#[test]
+fn check_and_run_name_an_access_log_that_cannot_be_written() {
+    let a = TestBackend::start("a");
+    let dir = temp_path("access-check");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let missing = dir.join("no-such-dir/access.log");
+    let yaml = fill(
+        &logged_yaml(a.addr, &format!("  path: {}\n", missing.display()))
+            .replace("{admin}", "127.0.0.1:1")
+            .replace("{metrics}", "127.0.0.1:2"),
+        SocketAddr::from(([127, 0, 0, 1], free_port())),
+    );
+    let file = dir.join("switchyard.yaml");
+    std::fs::write(&file, yaml).expect("write");
+    let (code, _, err) = run_binary(&["check", "--config", file.to_str().expect("utf-8")]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(
+        err.trim(),
+        format!(
+            "access_log.path: {}: directory {} does not exist",
+            missing.display(),
+            missing.parent().expect("parent").display()
+        )
+    );
+    let (code, _, err) = run_binary(&["run", "--config", file.to_str().expect("utf-8")]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("access_log.path: ") && err.contains("cannot open for appending"),
+        "{err}"
+    );
+}

@@ -99,7 +99,12 @@ fn http2_is_offered_by_alpn_unless_switched_off() {
     let cacert = cert.cert.display().to_string();
     let backend = TestBackend::start("app");
     let hsts = "      hsts:\n        max_age: 365d\n        include_subdomains: true\n";
-    let sy = Switchyard::start(&tls_config(&[&cert], hsts, "", backend.addr));
+    // With the access log on: it tells the protocol and the TLS version of each request.
+    let logged = format!(
+        "{}access_log:\n  path: {{dir}}/access.log\n",
+        tls_config(&[&cert], hsts, "", backend.addr)
+    );
+    let sy = Switchyard::start(&logged);
     let (resolve, url) = https("h2.example.com", sy.addr, "/");
     let (code, out, err) = curl(&[
         "--cacert",
@@ -129,6 +134,32 @@ fn http2_is_offered_by_alpn_unless_switched_off() {
     ]);
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let log = sy.dir.join("access.log");
+    let mut lines: Vec<serde_json::Value> = Vec::new();
+    wait_until("two access log lines", Duration::from_secs(10), || {
+        lines = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        lines.len() >= 2
+    });
+    assert_eq!(lines[0]["protocol"], "HTTP/2.0", "{lines:?}");
+    assert_eq!(lines[1]["protocol"], "HTTP/1.1", "{lines:?}");
+    for line in &lines {
+        assert_eq!(line["tls_version"], "TLSv1_3", "{line}");
+        assert_eq!(
+            line["host"],
+            format!("h2.example.com:{}", sy.addr.port()),
+            "{line}"
+        );
+        assert!(
+            line["tls_cipher"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("TLS13_")),
+            "{line}"
+        );
+    }
     drop(sy);
 
     let sy = Switchyard::start(&tls_config(

@@ -165,6 +165,23 @@ impl Prepared<'_> {
     }
 }
 
+/// What `check` can tell without opening the file (which would create it): the directory
+/// it goes in must exist.
+pub fn check(config: &switchyard_config::Config) -> Option<String> {
+    let target = &config.access_log.as_ref()?.target;
+    let switchyard_config::LogTarget::File(path) = target else {
+        return None;
+    };
+    let dir = path.parent()?;
+    (!dir.is_dir()).then(|| {
+        format!(
+            "access_log.path: {}: directory {} does not exist",
+            path.display(),
+            dir.display()
+        )
+    })
+}
+
 fn mode(config: Option<&switchyard_config::AccessLog>) -> u8 {
     match config.map(|c| c.format) {
         None => OFF,

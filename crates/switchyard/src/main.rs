@@ -55,6 +55,7 @@ fn main() -> ExitCode {
                 if let Err(problems) = switchyard_pool::load_upstream_tls(&loaded) {
                     errors.extend(problems);
                 }
+                errors.extend(switchyard_access_log::check(&loaded));
                 if !errors.is_empty() {
                     eprintln!("{}", errors.join("\n"));
                     return ExitCode::from(1);
