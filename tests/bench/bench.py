@@ -56,7 +56,8 @@ TLS_NAME = "bench.local"
 
 class Scenario:
     def __init__(self, letter, name, title, kind="wrk", threads=1, backends=1, algorithm="rr",
-                 routes=0, path="/", big=False, close=False, tls=None, resume=False, h2=False):
+                 routes=0, path="/", big=False, close=False, tls=None, resume=False, h2=False,
+                 access_log=False):
         self.letter = letter
         self.name = name
         self.title = title
@@ -76,6 +77,11 @@ class Scenario:
         self.tls = tls
         self.resume = resume
         self.h2 = h2  # HTTP/2 over TLS (ALPN h2), loaded by h2load instead of wrk
+        # Every balancer writes an access log line per request to a file in the work dir:
+        # Switchyard JSON (its default), nginx the same fields as JSON with a 64 KiB buffer
+        # (`buffer=64k flush=1s`: batched writes, as ours), HAProxy `option httplog` to stdout
+        # (a file; one write per line, HAProxy's only way without a syslog daemon).
+        self.access_log = access_log
         self.client = "h2load" if h2 else "wrk"
         self.connections = H2_CLIENTS if h2 else CLIENT_CONNECTIONS
 
@@ -88,6 +94,8 @@ class Scenario:
 
 SCENARIOS = [
     Scenario("a", "keepalive-1t", "keep-alive, tiny responses, 1 worker thread"),
+    Scenario("r", "keepalive-1t-log", "keepalive-1t with an access log line per request to a "
+             "file", access_log=True),
     Scenario("b", "keepalive-2t", "keep-alive, tiny responses, 2 worker threads (nothing pinned)",
              threads=2),
     Scenario("c", "new-conn", "a new client connection per request, 1 thread", close=True),
@@ -486,6 +494,8 @@ def switchyard_conf(work, sc, layout, cert=None):
             "      session_tickets: true",
             f"    http2: {'true' if sc.h2 else 'false'}",
         ]
+    if sc.access_log:
+        out += ["access_log:", f"  path: {work}/switchyard-access.log", "  format: json"]
     out += [
         "upstreams:",
     ]
@@ -530,6 +540,16 @@ def nginx_lb_conf(work, sc, layout, name, cert=None):
                f"    ssl_protocols TLSv1.2 TLSv1.3;\n"
                f"    ssl_session_cache shared:SSL:10m;\n"
                f"    ssl_session_tickets on;\n")
+    access_log = "access_log off;"
+    if sc.access_log:
+        access_log = (
+            "log_format switchyard escape=json '{\"time\":\"$time_iso8601\",\"client\":"
+            "\"$remote_addr\",\"method\":\"$request_method\",\"host\":\"$http_host\","
+            "\"path\":\"$uri\",\"query\":\"$args\",\"protocol\":\"$server_protocol\","
+            "\"status\":$status,\"bytes_sent\":$body_bytes_sent,\"duration_ms\":"
+            "$request_time,\"upstream\":\"$upstream_addr\",\"request_id\":\"$request_id\","
+            "\"user_agent\":\"$http_user_agent\"}';\n"
+            f"  access_log {work}/{name}-access.log switchyard buffer=64k flush=1s;")
     return f"""# nginx as the load balancer: {sc.name}
 {user_line()}daemon off;
 master_process on;
@@ -539,7 +559,7 @@ pid {work}/{name}.pid;
 error_log {work}/{name}-error.log warn;
 events {{ worker_connections 10000; }}
 http {{
-  access_log off;
+  {access_log}
   keepalive_requests 1000000;
   keepalive_timeout 300s;
 {upstreams}  server {{
@@ -578,13 +598,18 @@ def haproxy_conf(work, sc, layout, cert=None):
         # (ssl_prefer_server_ciphers off) and rustls do; HAProxy's default is its own order
         global_tls = "  ssl-default-bind-options ssl-min-ver TLSv1.2 prefer-client-ciphers\n"
     proto = "https" if sc.tls else "http"
+    global_log, defaults_log = "", ""
+    if sc.access_log:
+        global_log = "  log stdout format raw local0\n"
+        defaults_log = "  log global\n  option httplog\n"
     return f"""# HAProxy as the load balancer: {sc.name}
 global
   nbthread {sc.threads}
   maxconn 4000
-{global_tls}
+{global_log}{global_tls}
 defaults
   mode http
+{defaults_log}
   timeout connect 5s
   timeout client 60s
   timeout server 60s
