@@ -9,7 +9,7 @@
 //!
 //! With `SWITCHYARD_SCREENSHOT=<path>` the first test writes a screenshot of the page (a
 //! canary rollout, a drained backend, traffic) there: `docs/status-page.png` is made so
-//! (see docs/status-page.md).
+//! (see docs/status-page.md, "The screenshot").
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
