@@ -14,7 +14,8 @@ deps:
 # package nghttp2-client) is the HTTP/2 load of the deploy suite under TLS; openssl makes and
 # reads the TLS tests' certificates; nghttpd (nghttp2-server), Python's http.server and grpcio
 # are the HTTPS, HTTP/2 and gRPC backends of the upstream tests (grpcio from PyPI, or Debian's
-# python3-grpcio where pip cannot install into the system's Python).
+# python3-grpcio where pip cannot install into the system's Python); chromium and chromedriver
+# (chromium-driver) render the status page in the tests.
 test-deps: deps
 	@command -v curl >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq curl; }
 	@command -v promtool >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
@@ -22,6 +23,8 @@ test-deps: deps
 	@command -v openssl >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq openssl; }
 	@command -v nghttpd >/dev/null || [ -x /usr/sbin/nghttpd ] || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nghttp2-server; }
 	@command -v python3 >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3; }
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
+	@command -v chromedriver >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium-driver; }
 	@python3 -c "import grpc" 2>/dev/null || python3 -m pip install --quiet grpcio 2>/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-grpcio; }
 
 build: deps

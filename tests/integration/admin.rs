@@ -17,6 +17,10 @@ fn json_of(r: &Response) -> Value {
     serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("{e}: {}", r.text()))
 }
 
+/// A health check for both upstreams that turns a backend healthy or unhealthy at its first
+/// result, within about 200 ms.
+const QUICK_CHECK: &str = "    health_check:\n      type: http\n      path: /healthz\n      interval: 200ms\n      timeout: 100ms\n      rise: 1\n      fall: 1\n";
+
 /// Status and the `error` message of a refused call.
 fn refused(r: &Response) -> (u16, String) {
     let body = json_of(r);
@@ -288,6 +292,7 @@ routes:
             "match": {},
             "sticky": {"cookie": "switchyard_user", "set_cookie": true},
             "split": {"blue": 90, "green": 10},
+            "effective_share": {"blue": 0.9, "green": 0.1},
             "routing": {"split": 0, "sticky": 1, "sticky_missing": 0, "cookie_issued": 1, "rollout_match": 0}
         })
     );
@@ -357,6 +362,18 @@ fn a_token_guards_the_api_but_not_healthz_and_never_reaches_the_log() {
         &[("Authorization", "Bearer s3cret-token")],
     );
     assert_eq!(r.status, 200);
+    // The status page holds no data: it is served without the token; the index and the
+    // stats it reads are not.
+    assert_eq!(sy.api("GET", "/", None).status, 200);
+    for path in ["/api/v1/", "/api/v1", "/api/v1/stats"] {
+        assert_eq!(sy.api("GET", path, None).status, 401, "{path}");
+        let bearer = [("Authorization", "Bearer s3cret-token")];
+        assert_eq!(
+            sy.api_with("GET", path, None, &bearer).status,
+            200,
+            "{path}"
+        );
+    }
     assert!(!sy.log_text().contains("s3cret"));
 }
 
@@ -531,8 +548,7 @@ fn drain_lets_in_flight_finish_then_delete_succeeds() {
 fn an_added_backend_that_is_down_gets_traffic_only_once_it_passes_its_check() {
     let blue = TestBackend::start("blue");
     let green = TestBackend::start("green");
-    let check = "    health_check:\n      type: http\n      path: /healthz\n      interval: 200ms\n      timeout: 100ms\n      rise: 1\n      fall: 1\n";
-    let sy = Switchyard::start(&blue_green(blue.addr, green.addr, (1, 0), check, ""));
+    let sy = Switchyard::start(&blue_green(blue.addr, green.addr, (1, 0), QUICK_CHECK, ""));
     let later = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let r = sy.api(
         "POST",
@@ -564,4 +580,139 @@ fn an_added_backend_that_is_down_gets_traffic_only_once_it_passes_its_check() {
         "{answers:?}"
     );
     assert!(newcomer.requests() >= 5);
+}
+
+/// The status page's HTTP side (its rendering is `status_page.rs`'s, in Chromium), the
+/// endpoint index, `GET /api/v1/stats` after known traffic, the effective share when an
+/// upstream loses its last backend, and the log levels of reads and changes.
+#[test]
+fn status_page_index_stats_and_effective_share_answer_over_http() {
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let sy = Switchyard::start(&blue_green(
+        blue.addr,
+        green.addr,
+        (90, 10),
+        QUICK_CHECK,
+        "",
+    ));
+
+    let page = sy.api("GET", "/", None);
+    assert_eq!(page.status, 200);
+    assert_eq!(
+        page.header("content-type"),
+        Some("text/html; charset=utf-8")
+    );
+    let policy = page.header("content-security-policy").unwrap_or_default();
+    assert!(
+        policy.starts_with("default-src 'none'; script-src 'sha256-"),
+        "{policy}"
+    );
+    assert!(page.text().contains("<title>Switchyard status</title>"));
+    let head = sy.api("HEAD", "/", None);
+    assert_eq!((head.status, head.body.len()), (200, 0));
+    assert_eq!(head.header("content-length"), page.header("content-length"));
+    let post = sy.api("POST", "/", Some("{}"));
+    assert_eq!(
+        (post.status, post.header("allow")),
+        (405, Some("GET, HEAD"))
+    );
+
+    // The index, with and without the trailing slash; every path it lists exists: a method
+    // it does not take is 405 naming the one listed, never 404.
+    let index = json_of(&sy.api("GET", "/api/v1/", None));
+    assert_eq!(json_of(&sy.api("GET", "/api/v1", None)), index);
+    let endpoints = index["endpoints"].as_array().expect("endpoints");
+    assert!(endpoints.len() >= 20, "{index}");
+    for endpoint in endpoints {
+        let (method, path) = (endpoint["method"].as_str(), endpoint["path"].as_str());
+        let (Some(method), Some(path)) = (method, path) else {
+            panic!("{endpoint}");
+        };
+        let concrete = path
+            .replace("{route}", "web")
+            .replace("{upstream}", "blue")
+            .replace("{address}", &blue.addr.to_string());
+        let concrete = concrete.split('?').next().unwrap_or_default();
+        let r = sy.api("OPTIONS", concrete, None);
+        assert_eq!(r.status, 405, "{method} {path}: {}", r.text());
+        let allow = r.header("allow").unwrap_or_default();
+        assert!(allow.split(", ").any(|m| m == method), "{path}: {allow}");
+    }
+
+    // Known traffic: 40 requests, 36 to blue and 4 to green (the split is exact per 10).
+    for _ in 0..40 {
+        assert_eq!(get(sy.addr, "/").status, 200);
+    }
+    let stats = |upstream: &str| -> Value {
+        let all = json_of(&sy.api("GET", "/api/v1/stats", None));
+        let found = all["upstreams"]
+            .as_array()
+            .and_then(|u| u.iter().find(|u| u["name"] == upstream).cloned());
+        found.unwrap_or_else(|| panic!("{upstream} in {all}"))
+    };
+    // The sampler reads once a second: within a few seconds both windows hold the requests.
+    wait_until(
+        "the stats to count the traffic",
+        Duration::from_secs(10),
+        || {
+            stats("blue")["last_10s"]["requests"] == 36
+                && stats("green")["last_10s"]["requests"] == 4
+        },
+    );
+    let blue_stats = stats("blue");
+    let window = &blue_stats["last_10s"];
+    assert_eq!(
+        (window["errors"].as_u64(), window["error_rate"].as_f64()),
+        (Some(0), Some(0.0))
+    );
+    assert!(
+        window["requests_per_second"].as_f64().unwrap_or_default() > 0.0,
+        "{window}"
+    );
+    assert!(
+        window["p99_ms"].as_f64().unwrap_or_default() > 0.0,
+        "{window}"
+    );
+    let all = json_of(&sy.api("GET", "/api/v1/stats", None));
+    assert_eq!(all["pairs"][0]["route"], "web");
+    assert_eq!(all["sampled_every_ms"], 1000);
+
+    // Effective share: green loses its only backend, and blue takes its share.
+    let route = json_of(&sy.api("GET", "/api/v1/routes/web", None));
+    assert_eq!(route["split"], json!({"blue": 90, "green": 10}));
+    assert_eq!(route["effective_share"], json!({"blue": 0.9, "green": 0.1}));
+    green.set_sick(true);
+    wait_until(
+        "green to have no backend left",
+        Duration::from_secs(10),
+        || {
+            json_of(&sy.api("GET", "/api/v1/routes/web", None))["effective_share"]
+                == json!({"blue": 1.0, "green": 0.0})
+        },
+    );
+    let routes = json_of(&sy.api("GET", "/api/v1/routes", None));
+    assert_eq!(
+        routes[0]["split"],
+        json!({"blue": 90, "green": 10}),
+        "configured stays"
+    );
+    assert_eq!(
+        routes[0]["effective_share"],
+        json!({"blue": 1.0, "green": 0.0})
+    );
+
+    // Reads at debug (the page polls), changes at info.
+    let r = sy.api(
+        "PUT",
+        "/api/v1/routes/web/split",
+        Some(r#"{"blue": 1, "green": 1}"#),
+    );
+    assert_eq!(r.status, 200);
+    wait_until("the change in the log", Duration::from_secs(5), || {
+        sy.log_text()
+            .contains("admin: PUT /api/v1/routes/web/split -> 200")
+    });
+    let log = sy.log_text();
+    assert!(!log.contains("admin: GET"), "{log}");
 }

@@ -452,11 +452,19 @@ async fn exchange(
     if let Some(body) = body {
         stream.write_all(body).await?;
     }
-    read_response(&mut BufReader::new(stream)).await
+    read_answer(&mut BufReader::new(stream), method == "HEAD").await
 }
 
 pub async fn read_response<R: AsyncRead + Unpin>(
     reader: &mut BufReader<R>,
+) -> std::io::Result<Response> {
+    read_answer(reader, false).await
+}
+
+/// A response; to a HEAD request (`head_request`) it has no body, whatever its `Content-Length` says.
+async fn read_answer<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
+    head_request: bool,
 ) -> std::io::Result<Response> {
     let head = read_head(reader).await.ok_or_else(|| {
         std::io::Error::new(
@@ -474,7 +482,9 @@ pub async fn read_response<R: AsyncRead + Unpin>(
         .map(|(n, v)| (n.to_ascii_lowercase(), v))
         .collect();
     let mut body = Vec::new();
-    if let Some(length) = headers
+    if head_request {
+        // No body follows.
+    } else if let Some(length) = headers
         .get("content-length")
         .and_then(|v| v.parse::<usize>().ok())
     {

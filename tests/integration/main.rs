@@ -26,6 +26,7 @@ mod retiring;
 mod rollout_lifecycle;
 mod rollouts;
 mod state;
+mod status_page;
 mod tls;
 mod upstream_tls;
 mod websocket;

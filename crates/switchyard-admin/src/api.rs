@@ -1,5 +1,6 @@
 //! The admin HTTP API: JSON in and out, errors as `{"error": ...}` naming the field, every
 //! change turned into one `Change` for the pool (which checks it, saves it, and swaps it in).
+//! `/` is the status page (`status_page.rs`), `/api/v1/` the endpoint index (`index.rs`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -9,7 +10,7 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
-use log::info;
+use log::{log, Level};
 use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 use serde_json::{json, Map, Value};
@@ -17,7 +18,8 @@ use switchyard_config::{parse_duration, MAX_BACKEND_WEIGHT, MAX_SPLIT_WEIGHT};
 use switchyard_pool::{BackendState, Change, Rejection, Snapshot, Source, Upstream};
 
 use crate::control::Control;
-use crate::rollouts;
+use crate::stats::StatsSampler;
+use crate::{index, rollouts, status_page};
 
 /// Larger bodies get 413; the largest real body (a split) is a few hundred bytes.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -27,11 +29,18 @@ pub struct AdminApi {
     /// Raised when this process hands over to a new one (upgrade) or stops: from then on a
     /// change made here would not reach the process that takes over, so changes are refused.
     closing: Arc<AtomicBool>,
+    /// The readings `GET /api/v1/stats` computes its rates from; sampled by the background
+    /// service the binary runs beside this one.
+    stats: StatsSampler,
 }
 
 impl AdminApi {
-    pub fn new(control: Arc<Control>, closing: Arc<AtomicBool>) -> Self {
-        AdminApi { control, closing }
+    pub fn new(control: Arc<Control>, closing: Arc<AtomicBool>, stats: StatsSampler) -> Self {
+        AdminApi {
+            control,
+            closing,
+            stats,
+        }
     }
 }
 
@@ -85,17 +94,13 @@ impl ServeHttp for AdminApi {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
-        let reply = self.handle(session, &method, &path).await;
-        // Our API's paths are short; a long one is a client's junk, not for the log.
-        if path.len() <= 200 {
-            info!("admin: {method} {path} -> {}", reply.status.as_u16());
-        } else {
-            info!(
-                "admin: {method} <{}-byte path> -> {}",
-                path.len(),
-                reply.status.as_u16()
-            );
+        if path == "/" {
+            let page = status_page::serve(&method);
+            log_call(&method, &path, page.status());
+            return page;
         }
+        let reply = self.handle(session, &method, &path).await;
+        log_call(&method, &path, reply.status);
         let mut builder = Response::builder().status(reply.status);
         if let Some(allow) = reply.allow {
             builder = builder.header(http::header::ALLOW, allow);
@@ -136,7 +141,10 @@ impl AdminApi {
                 );
             }
         }
-        let Some(rest) = path.strip_prefix("/api/v1/") else {
+        let Some(rest) = path
+            .strip_prefix("/api/v1/")
+            .or((path == "/api/v1").then_some(""))
+        else {
             return Reply::error(StatusCode::NOT_FOUND, format!("no endpoint {path}"));
         };
         let body = match read_body(session).await {
@@ -157,6 +165,14 @@ impl AdminApi {
         let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
         let snapshot = self.control.pool().snapshot();
         match segments.as_slice() {
+            [""] => match *method {
+                Method::GET => Reply::ok(json!(index::index())),
+                _ => Reply::method_not_allowed(method, "GET"),
+            },
+            ["stats"] => match *method {
+                Method::GET => Reply::ok(json!(self.stats.view(&snapshot))),
+                _ => Reply::method_not_allowed(method, "GET"),
+            },
             ["routes"] => match *method {
                 Method::GET => Reply::ok(Value::Array(
                     (0..snapshot.routes.len())
@@ -486,6 +502,26 @@ impl AdminApi {
     }
 }
 
+/// Reads are logged at debug (the status page asks five times a second), changes at info.
+fn log_call(method: &Method, path: &str, status: StatusCode) {
+    let level = if *method == Method::GET || *method == Method::HEAD {
+        Level::Debug
+    } else {
+        Level::Info
+    };
+    // Our API's paths are short; a long one is a client's junk, not for the log.
+    if path.len() <= 200 {
+        log!(level, "admin: {method} {path} -> {}", status.as_u16());
+    } else {
+        log!(
+            level,
+            "admin: {method} <{}-byte path> -> {}",
+            path.len(),
+            status.as_u16()
+        );
+    }
+}
+
 async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, Reply> {
     let too_large = || {
         Reply::error(
@@ -631,8 +667,22 @@ fn route_view(snapshot: &Snapshot, index: usize) -> Value {
         "match": &route.matching,
         "sticky": &route.sticky,
         "split": split,
+        "effective_share": effective_share(snapshot, route),
         "routing": routing,
     })
+}
+
+/// What fraction of the route's requests each upstream of its split gets now (an upstream
+/// without an available backend 0, its share spread over the others), rounded to 1e-4.
+fn effective_share(snapshot: &Snapshot, route: &switchyard_pool::Route) -> Map<String, Value> {
+    route
+        .effective_shares(&snapshot.upstreams)
+        .iter()
+        .map(|&(u, share)| {
+            let share = (share * 10_000.0).round() / 10_000.0;
+            (snapshot.upstreams[u].name.to_string(), json!(share))
+        })
+        .collect()
 }
 
 fn backend_view(upstream: &Upstream, i: usize) -> Value {

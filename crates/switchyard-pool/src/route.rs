@@ -212,6 +212,33 @@ impl Route {
         self.metrics.routing_counts()
     }
 
+    /// The share of the route's requests each upstream of its split gets now, in split order:
+    /// its weight over the weights of the upstreams that have an available backend, and 0
+    /// for one that has none, whose share the others take in proportion (the smooth split
+    /// and a sticky key's fallback skip it alike, see [`Route::pick`]). All 0 when no
+    /// upstream has a backend to give (every request is a 503). A running rollout's match
+    /// steps send the requests they match to `to` on top of this.
+    pub fn effective_shares(&self, upstreams: &[Upstream]) -> Vec<(usize, f64)> {
+        let available = |u: usize| upstreams.get(u).is_some_and(Upstream::has_available);
+        let total: u64 = self
+            .split
+            .iter()
+            .filter(|&&(u, _)| available(u))
+            .map(|&(_, w)| u64::from(w))
+            .sum();
+        self.split
+            .iter()
+            .map(|&(u, w)| {
+                let share = if total > 0 && available(u) {
+                    f64::from(w) / total as f64
+                } else {
+                    0.0
+                };
+                (u, share)
+            })
+            .collect()
+    }
+
     pub(crate) fn rebuilt(&self, upstreams: &[Upstream]) -> Route {
         Route::new(
             RouteSpec {

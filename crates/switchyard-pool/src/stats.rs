@@ -230,6 +230,17 @@ impl Window {
     pub fn p99(&self) -> Option<Duration> {
         self.quantile(0.99)
     }
+
+    /// Adds `other`'s requests to this window, as if both had been counted by one pair: how
+    /// an upstream's traffic over all its routes is summed (quantiles of the sum stay exact
+    /// to a bucket, which averaging p99s would not).
+    pub fn merge(&mut self, other: &Window) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        for (mine, theirs) in self.latency.iter_mut().zip(&other.latency) {
+            *mine += theirs;
+        }
+    }
 }
 
 impl Default for Window {
@@ -449,6 +460,27 @@ mod tests {
             (window.requests, window.errors, window.error_rate()),
             (0, 0, 0.0)
         );
+    }
+
+    #[test]
+    fn merged_windows_count_as_one_pair() {
+        let (a, b, both) = (PairStats::new(), PairStats::new(), PairStats::new());
+        for k in 0..100u64 {
+            let (stats, status) = if k % 4 == 0 { (&b, 503) } else { (&a, 200) };
+            let latency = Duration::from_micros(100 + k * 37);
+            stats.record(status, latency, false);
+            both.record(status, latency, false);
+        }
+        let mut merged = a.read().total();
+        merged.merge(&b.read().total());
+        let want = both.read().total();
+        assert_eq!(
+            (merged.requests, merged.errors),
+            (want.requests, want.errors)
+        );
+        assert_eq!((merged.requests, merged.errors), (100, 25));
+        assert_eq!(merged.p99(), want.p99());
+        assert_eq!(merged.quantile(0.5), want.quantile(0.5));
     }
 
     #[test]

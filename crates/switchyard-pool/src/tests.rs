@@ -627,6 +627,59 @@ fn an_upstream_without_backends_gives_its_share_away_and_none_left_is_none() {
     );
 }
 
+const THREE_UPSTREAMS: &str = r#"
+listeners: [{address: 127.0.0.1:8080}]
+upstreams:
+  amber: {backends: [{address: 127.0.0.1:9003}]}
+  blue: {backends: [{address: 127.0.0.1:9001}]}
+  green: {backends: [{address: 127.0.0.1:9002}]}
+routes:
+  - {name: web, split: {blue: 60, green: 30, amber: 10}}
+"#;
+
+#[test]
+fn effective_shares_follow_the_split_over_the_upstreams_with_a_backend() {
+    let s = build(&Config::from_yaml(THREE_UPSTREAMS).unwrap(), None);
+    let web = s.match_route(&at(None, "/")).unwrap();
+    let shares = |s: &Snapshot| -> Vec<(String, f64)> {
+        s.routes[web]
+            .effective_shares(&s.upstreams)
+            .iter()
+            .map(|&(u, share)| (s.upstreams[u].name.to_string(), share))
+            .collect()
+    };
+    let near = |got: Vec<(String, f64)>, want: &[(&str, f64)]| {
+        assert_eq!(got.len(), want.len(), "{got:?}");
+        for ((name, share), (want_name, want_share)) in got.iter().zip(want) {
+            assert_eq!(name, want_name);
+            assert!((share - want_share).abs() < 1e-9, "{got:?} vs {want:?}");
+        }
+    };
+    // Split order is upstream name order.
+    near(shares(&s), &[("amber", 0.1), ("blue", 0.6), ("green", 0.3)]);
+
+    // Blue loses its only backend: its 60 go to green and amber in proportion (3:1), exactly
+    // as the picks go.
+    s.upstreams[1].backends[0].live.set_healthy(false);
+    let s = s.rebuilt();
+    near(
+        shares(&s),
+        &[("amber", 0.25), ("blue", 0.0), ("green", 0.75)],
+    );
+    let picked = (0..400)
+        .filter(|_| s.pick(web, &bare(None)).map(|p| p.upstream) == Some(2))
+        .count();
+    assert_eq!(picked, 300);
+
+    // None left with a backend: all 0, and every request is a 503.
+    for u in [0, 2] {
+        s.upstreams[u].backends[0].live.set_healthy(false);
+    }
+    let s = s.rebuilt();
+    near(shares(&s), &[("amber", 0.0), ("blue", 0.0), ("green", 0.0)]);
+    assert_eq!(s.pick(web, &bare(None)), None);
+}
+
 #[test]
 fn routes_match_host_without_port_and_path_prefix_in_order() {
     let s = build(&Config::from_yaml(TWO_UPSTREAMS).unwrap(), None);

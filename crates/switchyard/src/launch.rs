@@ -19,7 +19,7 @@ use pingora::services::listening::Service;
 use pingora::services::ServiceWithDependents;
 use pingora::ErrorType;
 use switchyard_access_log::AccessLog;
-use switchyard_admin::{AdminApi, Control, MetricsEndpoint};
+use switchyard_admin::{AdminApi, Control, MetricsEndpoint, StatsSampler};
 use switchyard_config::{ClientLimits, Config, Listener, ListenerKind};
 use switchyard_pool::health::HealthChecks;
 use switchyard_pool::ramp::SlowStart;
@@ -207,13 +207,17 @@ pub fn run(
         );
     }
     if let Some(address) = admin_address {
+        // Reads the rollout analysis' counters once a second for `GET /api/v1/stats` and the
+        // status page; without an admin API nobody would ask.
+        let stats = StatsSampler::new(Arc::clone(&pool));
+        server.add_service(background_service("traffic stats", stats.clone()));
         let mut admin = Service::new(
             "admin API".into(),
-            AdminApi::new(Arc::clone(&control), Arc::clone(&closing)),
+            AdminApi::new(Arc::clone(&control), Arc::clone(&closing), stats),
         );
         admin.add_tcp(&address.to_string());
         server.add_service(admin);
-        info!("admin API on http://{address}/api/v1/");
+        info!("admin API on http://{address}/api/v1/, status page on http://{address}/");
     }
     if let Some(address) = metrics_address {
         let mut metrics = Service::new("metrics".into(), MetricsEndpoint::new(Arc::clone(&pool)));
