@@ -11,6 +11,7 @@ mod cli;
 mod clients;
 mod demo;
 mod deploy;
+mod deploy_assets;
 mod deploy_tls;
 mod events;
 mod files;
