@@ -4,7 +4,7 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test deps test-deps build fmt lint deploy-demo upgrade-stress nginx-dep bench bench-deps
+.PHONY: run test deps test-deps build deb fmt lint deploy-demo upgrade-stress nginx-dep bench bench-deps
 
 deps:
 	@command -v cmake >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq cmake; }
@@ -15,7 +15,10 @@ deps:
 # reads the TLS tests' certificates; nghttpd (nghttp2-server), Python's http.server and grpcio
 # are the HTTPS, HTTP/2 and gRPC backends of the upstream tests (grpcio from PyPI, or Debian's
 # python3-grpcio where pip cannot install into the system's Python); chromium and chromedriver
-# (chromium-driver) render the status page in the tests.
+# (chromium-driver) render the status page in the tests. The deploy assets' tests
+# (tests/integration/deploy_assets.rs) run prometheus and promtool, systemd-analyze (systemd)
+# on the unit, and build the .deb (dpkg-deb, objdump from binutils for its libc6 dependency)
+# and install it (adduser for its postinst, logrotate to read its snippet).
 test-deps: deps
 	@command -v curl >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq curl; }
 	@command -v promtool >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
@@ -26,9 +29,19 @@ test-deps: deps
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 	@command -v chromedriver >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium-driver; }
 	@python3 -c "import grpc" 2>/dev/null || python3 -m pip install --quiet grpcio 2>/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-grpcio; }
+	@command -v systemd-analyze >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq systemd; }
+	@command -v dpkg-deb >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dpkg; }
+	@command -v objdump >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq binutils; }
+	@command -v logrotate >/dev/null || [ -x /usr/sbin/logrotate ] || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq logrotate; }
+	@command -v adduser >/dev/null || [ -x /usr/sbin/adduser ] || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq adduser; }
 
 build: deps
 	$(CARGO) build --release --bin switchyard
+
+# The Debian package of the release build, in target/debian/ (deploy/deb/build.sh; what it
+# installs where: docs/operations.md).
+deb: build
+	deploy/deb/build.sh target/release/switchyard $$(sed -n '/^\[workspace.package\]/,/^\[/s/^version = "\(.*\)"/\1/p' Cargo.toml) target/debian
 
 run: build
 	./target/release/switchyard demo

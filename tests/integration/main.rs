@@ -12,6 +12,7 @@ mod cli;
 mod clients;
 mod demo;
 mod deploy;
+mod deploy_assets;
 mod deploy_tls;
 mod events;
 mod files;
