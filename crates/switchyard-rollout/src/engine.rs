@@ -434,17 +434,17 @@ impl Engine {
                     self.pool.metrics().count_window(route, verdict);
                 }
                 if let Some(state) = ended {
-                    info!("rollout on route {route:?} ended: {}", state.as_str());
+                    info!("rollout on route {route} ended: {}", state.as_str());
                 }
                 true
             }
             // An operator's command came in between; the next window starts from it.
             Err(Rejection::Conflict(why)) => {
-                debug!("rollout on {route:?}: {why}");
+                debug!("rollout on route {route}: {why}");
                 false
             }
             Err(e) => {
-                warn!("rollout on {route:?}: cannot record its progress: {e}");
+                warn!("rollout on route {route}: cannot record its progress: {e}");
                 false
             }
         };
@@ -493,7 +493,7 @@ fn take_step(rollout: &mut Rollout, next: usize) {
     // start: 0 unless `to` had a share then).
     let weight = steps[next].weight().unwrap_or(rollout.weight);
     info!(
-        "rollout {}: step {}/{} ({}), {:?} at {weight}%",
+        "rollout on route {}: step {}/{} ({}), {} at {weight}%",
         rollout.route,
         next + 1,
         steps.len(),
