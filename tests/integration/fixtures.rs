@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -65,15 +65,39 @@ pub fn free_port() -> u16 {
     panic!("no free port between {FIRST} and {}", FIRST + SPAN)
 }
 
+/// A path `name` in a directory of its own, under one directory per test run
+/// (`switchyard-test-<pid>`). The first call removes what earlier runs left (their process is
+/// gone), so files do not pile up run after run; the last run's stay for a look after a failure.
 pub fn temp_path(name: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "switchyard-test-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
+    static ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let root = ROOT.get_or_init(|| {
+        remove_earlier_runs();
+        std::env::temp_dir().join(format!("switchyard-test-{}", std::process::id()))
+    });
+    let dir = root.join(N.fetch_add(1, Ordering::Relaxed).to_string());
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir.join(name)
+}
+
+/// `switchyard-test-<pid>[-<n>]` directories of processes that no longer run.
+fn remove_earlier_runs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("switchyard-test-"))
+        else {
+            continue;
+        };
+        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 // ---------------------------------------------------------------- backends
