@@ -95,6 +95,7 @@ fn every_request_gets_a_line_with_its_fields_and_one_request_id_end_to_end() {
 
     wait_for_lines(&file, 4);
     let lines = json_lines(&file);
+    assert_eq!(lines.len(), 4, "one line per request: {lines:?}");
     let first = &lines[0];
     for field in [
         "time",
@@ -163,8 +164,9 @@ fn sigusr1_reopens_after_rotation_and_a_reload_switches_path_and_format() {
     let rotated = sy.dir.join("access.log.1");
     std::fs::rename(&file, &rotated).expect("rotate");
     sy.signal("USR1");
+    // The reopen creates the file under its path again.
     wait_until("the access log reopened", Duration::from_secs(10), || {
-        sy.log_text().contains("SIGUSR1: reopening the access log")
+        file.exists()
     });
     assert_eq!(get(sy.addr, "/app/two").status, 200);
     let new = wait_for_lines(&file, 1);
@@ -257,7 +259,9 @@ fn a_blocked_writer_drops_and_counts_lines_and_never_delays_a_request() {
 #[test]
 fn a_retry_that_succeeded_is_one_line_and_pingora_is_quiet_by_default() {
     let a = TestBackend::start("a");
-    let dead = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    // Bound but not listening, and held: a connect is refused, and no other test can take
+    // the port meanwhile.
+    let (dead, _held) = refusing_address();
     let yaml = one_upstream("round_robin", &[(dead, 1), (a.addr, 1)], "").replace(
         "listeners:",
         "access_log:\n  path: {dir}/access.log\nlisteners:",
@@ -287,12 +291,55 @@ fn a_retry_that_succeeded_is_one_line_and_pingora_is_quiet_by_default() {
 #[test]
 fn an_upgrade_logs_no_error_while_it_waits_for_the_sockets() {
     let a = TestBackend::start("a");
-    let mut sy = Switchyard::start(&one_upstream("round_robin", &[(a.addr, 1)], ""));
+    // The binary's default log filter (RUST_LOG unset).
+    let mut sy = Switchyard::start_with_env(
+        &one_upstream("round_robin", &[(a.addr, 1)], ""),
+        &[("RUST_LOG", "")],
+    );
     sy.upgrade_after_waiting();
     assert_eq!(get(sy.addr, "/").status, 200);
     let log = sy.log_text();
     assert!(!log.contains(" ERROR "), "{log}");
     assert!(!log.contains("No incoming socket transfer"), "{log}");
+    assert_eq!(
+        log.matches("upgrade: waiting for the running process")
+            .count(),
+        1,
+        "{log}"
+    );
+}
+
+/// A socket bound to a loopback port without listening: connecting to it is refused. The
+/// descriptor is closed when the returned guard is dropped.
+fn refusing_address() -> (SocketAddr, Descriptor) {
+    // SAFETY: plain socket calls on a descriptor this function creates and hands on.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let guard = Descriptor(fd);
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let bound = libc::bind(fd, std::ptr::addr_of!(addr).cast(), len);
+        assert_eq!(bound, 0, "bind: {}", std::io::Error::last_os_error());
+        let mut len = len;
+        let named = libc::getsockname(fd, std::ptr::addr_of_mut!(addr).cast(), &mut len);
+        assert_eq!(named, 0, "getsockname: {}", std::io::Error::last_os_error());
+        let port = u16::from_be(addr.sin_port);
+        (SocketAddr::from(([127, 0, 0, 1], port)), guard)
+    }
+}
+
+struct Descriptor(libc::c_int);
+
+impl Drop for Descriptor {
+    fn drop(&mut self) {
+        // SAFETY: the descriptor is ours and closed once.
+        unsafe {
+            libc::close(self.0);
+        }
+    }
 }
 
 #[test]
@@ -325,4 +372,90 @@ fn check_and_run_name_an_access_log_that_cannot_be_written() {
         err.contains("access_log.path: ") && err.contains("cannot open for appending"),
         "{err}"
     );
+}
+
+/// A pipe nobody reads as the new path: the reload is refused at once (it would otherwise wait
+/// in `open` for a reader), naming the pipe, and the process still stops on SIGTERM.
+#[test]
+fn a_pipe_without_a_reader_refuses_the_reload_and_blocks_nothing() {
+    let a = TestBackend::start("a");
+    let mut sy = Switchyard::start(&logged_yaml(a.addr, "  path: {dir}/access.log\n"));
+    let fifo = sy.dir.join("nobody-reads.fifo");
+    let c_path = std::ffi::CString::new(fifo.to_str().expect("utf-8 path")).expect("path");
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    sy.write_config(&logged_yaml(
+        a.addr,
+        &format!("  path: {}\n", fifo.display()),
+    ));
+    let r = sy.api("POST", "/api/v1/reload", None);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.text().contains("it is a pipe that no process reads"),
+        "{}",
+        r.text()
+    );
+    // SIGHUP takes the same way, off the signal task; SIGTERM is heard right after.
+    sy.signal("HUP");
+    assert_eq!(get(sy.addr, "/app/still").status, 200);
+    sy.signal("TERM");
+    let status = sy.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0));
+}
+
+/// logrotate's SIGUSR1 (or a SIGHUP) that arrives while the process is still starting (from
+/// its first log line, before the server runs and listens for signals) does not end it.
+#[test]
+fn sigusr1_and_sighup_during_start_up_do_not_kill_the_process() {
+    let a = TestBackend::start("a");
+    let yaml = one_upstream("round_robin", &[(a.addr, 1)], "");
+    let config = temp_path("early-signals.yaml");
+    let log = config.with_file_name("early-signals.log");
+    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let text = fill(&yaml, listen).replace("threads: 2", "threads: 2\n  max_connections: 1000");
+    std::fs::write(&config, text).expect("config");
+    let mut child = ChildKiller(
+        std::process::Command::new(BINARY)
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("spawn"),
+    );
+    let pid = child.0.id() as libc::pid_t;
+    let signal = || {
+        // SAFETY: signalling the child this test started.
+        unsafe {
+            libc::kill(pid, libc::SIGUSR1);
+            libc::kill(pid, libc::SIGHUP);
+        }
+    };
+    wait_until("the first log line", Duration::from_secs(10), || {
+        let started = !std::fs::read_to_string(&log).unwrap_or_default().is_empty();
+        if started {
+            signal();
+        }
+        started
+    });
+    // And on while it starts, until it listens.
+    wait_until("the proxy to listen", Duration::from_secs(10), || {
+        signal();
+        std::net::TcpStream::connect(listen).is_ok()
+    });
+    assert!(
+        child.0.try_wait().expect("wait").is_none(),
+        "the process died of an early signal:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}
+
+struct ChildKiller(std::process::Child);
+
+impl Drop for ChildKiller {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

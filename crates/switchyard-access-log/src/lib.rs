@@ -17,6 +17,7 @@ use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use crossbeam_queue::ArrayQueue;
 use prometheus::IntCounter;
 use switchyard_config::access_log::DEFAULT_BUFFER_LINES;
 use switchyard_config::LogFormat;
@@ -27,6 +28,8 @@ use writer::{Command, Commands, Message, Output, Writer};
 
 /// A line's buffer starts this big: a typical JSON line fits without growing.
 const LINE_CAPACITY: usize = 384;
+/// Written lines' buffers kept for reuse: about a poll's worth of lines at high rates.
+const SPARE_BUFFERS: usize = 1024;
 
 const OFF: u8 = 0;
 const JSON: u8 = 1;
@@ -36,6 +39,8 @@ pub struct AccessLog {
     /// What the request path does: [`OFF`], [`JSON`] or [`COMBINED`].
     mode: AtomicU8,
     lines: SyncSender<Message>,
+    /// Buffers of written lines, reused: a line costs no allocation once traffic flows.
+    spare: Arc<ArrayQueue<Vec<u8>>>,
     commands: Arc<Commands>,
     dropped: IntCounter,
     /// The settings running now, to tell what a reload changes.
@@ -61,8 +66,15 @@ impl AccessLog {
         );
         let capacity = config.map_or(DEFAULT_BUFFER_LINES, |c| c.buffer_lines);
         let (lines, receiver) = sync_channel(capacity);
+        let spare = Arc::new(ArrayQueue::new(capacity.min(SPARE_BUFFERS)));
         let commands = Arc::new(Commands::default());
-        let writer = Writer::new(receiver, Arc::clone(&commands), output, dropped.clone());
+        let writer = Writer::new(
+            receiver,
+            Arc::clone(&spare),
+            Arc::clone(&commands),
+            output,
+            dropped.clone(),
+        );
         std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || writer.run_until_closed())
@@ -70,6 +82,7 @@ impl AccessLog {
         Ok(Arc::new(AccessLog {
             mode: AtomicU8::new(mode(config)),
             lines,
+            spare,
             commands,
             dropped,
             running: Mutex::new(config.cloned()),
@@ -88,7 +101,10 @@ impl AccessLog {
             COMBINED => LogFormat::Combined,
             _ => return,
         };
-        let mut line = Vec::with_capacity(LINE_CAPACITY);
+        let mut line = self
+            .spare
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(LINE_CAPACITY));
         write_line(&mut line, format, record);
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
             self.lines.try_send(Message::Line(line))
@@ -97,9 +113,18 @@ impl AccessLog {
         }
     }
 
-    /// SIGUSR1: the file is opened again under its path.
-    pub fn reopen(&self) {
-        self.command(Command::Reopen);
+    /// SIGUSR1: the file is opened again under its path. Says what it reopens, if anything.
+    pub fn reopen(&self) -> Option<std::path::PathBuf> {
+        let running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        match running.as_ref().map(|c| &c.target) {
+            Some(switchyard_config::LogTarget::File(path)) => {
+                let path = path.clone();
+                drop(running);
+                self.command(Command::Reopen);
+                Some(path)
+            }
+            _ => None,
+        }
     }
 
     /// Waits (at most `timeout`) until every line handed over so far is written: the
@@ -165,21 +190,45 @@ impl Prepared<'_> {
     }
 }
 
-/// What `check` can tell without opening the file (which would create it): the directory
-/// it goes in must exist.
+/// What `check` can tell without opening the file (which would create it): an existing path
+/// must be something lines can be appended to and writable; a new one's directory must exist
+/// and let us create it. (`access(2)` asks as the process's real user, the one `check` runs as.)
 pub fn check(config: &switchyard_config::Config) -> Option<String> {
+    use std::os::unix::fs::FileTypeExt;
     let target = &config.access_log.as_ref()?.target;
     let switchyard_config::LogTarget::File(path) = target else {
         return None;
     };
-    let dir = path.parent()?;
-    (!dir.is_dir()).then(|| {
-        format!(
-            "access_log.path: {}: directory {} does not exist",
-            path.display(),
-            dir.display()
-        )
-    })
+    let problem = |why: String| Some(format!("access_log.path: {}: {why}", path.display()));
+    match std::fs::metadata(path) {
+        Ok(meta) => {
+            let kind = meta.file_type();
+            if !(kind.is_file() || kind.is_fifo() || kind.is_char_device()) {
+                return problem("is not a file (a directory?)".into());
+            }
+            writable(path, libc::W_OK).err().and_then(problem)
+        }
+        Err(_) => {
+            let dir = path.parent()?;
+            if !dir.is_dir() {
+                return problem(format!("directory {} does not exist", dir.display()));
+            }
+            writable(dir, libc::W_OK | libc::X_OK)
+                .err()
+                .and_then(|e| problem(format!("cannot create it in {}: {e}", dir.display())))
+        }
+    }
+}
+
+fn writable(path: &std::path::Path, mode: libc::c_int) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: a valid NUL-terminated path and a plain mode.
+    if unsafe { libc::access(c_path.as_ptr(), mode) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().to_string())
+    }
 }
 
 fn mode(config: Option<&switchyard_config::AccessLog>) -> u8 {

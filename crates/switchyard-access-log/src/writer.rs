@@ -14,12 +14,14 @@
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use crossbeam_queue::ArrayQueue;
 use log::error;
 use prometheus::IntCounter;
 use switchyard_config::LogTarget;
@@ -30,6 +32,8 @@ pub(crate) const POLL: Duration = Duration::from_millis(10);
 const IDLE_POLLS: u32 = 100;
 /// Lines are written once this much has been gathered, or the channel is empty.
 const BATCH_BYTES: usize = 64 * 1024;
+/// Line buffers bigger than this are freed rather than reused.
+const MAX_SPARE_CAPACITY: usize = 4096;
 /// One error line per this interval, however many writes fail (a full disk fails them all).
 const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -98,22 +102,41 @@ impl Output {
     }
 }
 
+/// Opened without waiting: a pipe nobody reads would otherwise block the open (and with it
+/// the reload, or the start) until someone does. Writes then block as usual: a reader that
+/// falls behind makes lines drop, not requests wait.
 fn open_file(path: &Path) -> Result<File, String> {
-    OpenOptions::new()
+    let cannot = |why: String| {
+        format!(
+            "access_log.path: {}: cannot open for appending: {why}",
+            path.display()
+        )
+    };
+    let file = OpenOptions::new()
         .append(true)
         .create(true)
         .mode(0o640)
+        .custom_flags(libc::O_NONBLOCK)
         .open(path)
-        .map_err(|e| {
-            format!(
-                "access_log.path: {}: cannot open for appending: {e}",
-                path.display()
-            )
-        })
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENXIO) => cannot("it is a pipe that no process reads".into()),
+            _ => cannot(e.to_string()),
+        })?;
+    // SAFETY: fcntl on a descriptor this function owns, with plain integer arguments.
+    let blocking = unsafe {
+        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        flags >= 0 && libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) == 0
+    };
+    if !blocking {
+        return Err(cannot(std::io::Error::last_os_error().to_string()));
+    }
+    Ok(file)
 }
 
 pub(crate) struct Writer {
     pub(crate) lines: Receiver<Message>,
+    /// Written lines' buffers, for the request path to use again.
+    pub(crate) spare: Arc<ArrayQueue<Vec<u8>>>,
     pub(crate) commands: Arc<Commands>,
     pub(crate) output: Option<Output>,
     pub(crate) dropped: IntCounter,
@@ -125,12 +148,14 @@ pub(crate) struct Writer {
 impl Writer {
     pub(crate) fn new(
         lines: Receiver<Message>,
+        spare: Arc<ArrayQueue<Vec<u8>>>,
         commands: Arc<Commands>,
         output: Option<Output>,
         dropped: IntCounter,
     ) -> Writer {
         Writer {
             lines,
+            spare,
             commands,
             output,
             dropped,
@@ -144,8 +169,10 @@ impl Writer {
     pub(crate) fn run_until_closed(mut self) {
         let mut idle = 0;
         loop {
+            let drained = self.drain();
+            // Commands that found the channel full come after the lines that filled it.
             self.run_commands();
-            match self.drain() {
+            match drained {
                 Ok(0) if idle >= IDLE_POLLS => match self.lines.recv() {
                     Ok(message) => {
                         idle = 0;
@@ -189,9 +216,14 @@ impl Writer {
 
     fn take(&mut self, message: Message) {
         match message {
-            Message::Line(line) => {
+            Message::Line(mut line) => {
                 self.batch.extend_from_slice(&line);
                 self.batch_lines += 1;
+                // An unusually long line's buffer is not kept for the next.
+                if line.capacity() <= MAX_SPARE_CAPACITY {
+                    line.clear();
+                    let _ = self.spare.push(line);
+                }
                 if self.batch.len() >= BATCH_BYTES {
                     self.write_batch();
                 }

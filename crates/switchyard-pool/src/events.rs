@@ -259,7 +259,7 @@ fn log_line(event: &Event) -> String {
         // Most messages name what they are about already: said once.
         if let Some(name) = name {
             let named = format!(" {label} {name}");
-            if !format!(" {}", event.message).contains(&named) {
+            if !names_whole(&format!(" {}", event.message), &named) {
                 names.push_str(&named);
             }
         }
@@ -268,6 +268,17 @@ fn log_line(event: &Event) -> String {
         "event {} [{} {}]{names}: {}",
         event.id, event.source, event.kind, event.message
     )
+}
+
+/// Whether `text` has `named` followed by the end or a character no name has (so that
+/// "upstream blue" is not found in "upstream blue-canary").
+fn names_whole(text: &str, named: &str) -> bool {
+    text.match_indices(named).any(|(at, _)| {
+        text[at + named.len()..]
+            .chars()
+            .next()
+            .is_none_or(|c| c.is_whitespace() || matches!(c, ':' | ',' | ';' | ')'))
+    })
 }
 
 /// Now, as [`format_time`] writes it.
@@ -409,11 +420,17 @@ mod tests {
             log_line(first),
             "event 1 [health backend_unhealthy] upstream blue backend 127.0.0.1:9001: it failed"
         );
-        // A message that names its route already does not get it twice.
+        // A message that names its route already does not get it twice; another name that
+        // only begins like it does not count.
         assert_eq!(
             log_line(second),
             "event 2 [api split_changed]: route web split set to blue 5"
         );
+        assert!(names_whole(" upstream blue: down", " upstream blue"));
+        assert!(!names_whole(
+            " upstream blue-canary: down",
+            " upstream blue"
+        ));
     }
 
     #[test]

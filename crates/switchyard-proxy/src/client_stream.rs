@@ -61,6 +61,8 @@ pub struct ClientStream {
     phase: Phase,
     /// When the current phase runs out; the timer is set to it only when it is polled.
     deadline: Instant,
+    /// When the current request head's first byte arrived: where its duration starts.
+    head_started: Instant,
     timer: Pin<Box<Sleep>>,
     timer_at: Instant,
     /// Head bytes read but not yet handed on (held while the head is incomplete).
@@ -119,6 +121,7 @@ impl ClientStream {
             limits,
             phase: Phase::Waiting { fresh: true },
             deadline,
+            head_started: slot.accepted(),
             timer: Box::pin(tokio::time::sleep_until(deadline)),
             timer_at: deadline,
             held: Vec::new(),
@@ -142,6 +145,11 @@ impl ClientStream {
     /// counts from the next read, which the connection loop makes at once.
     pub fn request_done(&self) {
         self.signal.store(REQUEST_DONE, Ordering::Relaxed);
+    }
+
+    /// When the request head being handled began to arrive (its first byte).
+    pub fn head_started(&self) -> std::time::Instant {
+        self.head_started.into_std()
     }
 
     /// The `ClientStream` under a Pingora session's stream, if it is one.
@@ -300,10 +308,12 @@ impl ClientStream {
     fn arrived(&mut self, new: &[u8]) -> bool {
         if let Phase::Waiting { fresh } = self.phase {
             self.phase = Phase::Head;
+            let now = Instant::now();
+            self.head_started = now;
             if !fresh {
                 // A new connection's deadline counts from the accept; a later request's from
                 // its first byte.
-                self.deadline = Instant::now() + self.limits.header_timeout;
+                self.deadline = now + self.limits.header_timeout;
             }
         }
         if self.request_line_end.is_none() {

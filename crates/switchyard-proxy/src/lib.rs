@@ -104,6 +104,10 @@ impl Proxy {
 pub struct RequestCtx {
     _active: Active,
     started: Instant,
+    /// The request head's first byte, when the connection tells it (HTTP/1): where the access
+    /// log's duration starts, as nginx's `$request_time`. Analysis latency starts at `started`,
+    /// once the head is in: a client's slow head is not the backend's slowness.
+    first_byte: Option<Instant>,
     /// When the backend's response head went to the client, after `started`: the latency
     /// rollout analysis judges (a WebSocket or a long stream is not slow for lasting).
     head_sent: Option<Duration>,
@@ -160,6 +164,7 @@ impl ProxyHttp for Proxy {
         RequestCtx {
             _active: Active(Arc::clone(&self.active)),
             started: Instant::now(),
+            first_byte: None,
             head_sent: None,
             snapshot: None,
             route: None,
@@ -181,11 +186,12 @@ impl ProxyHttp for Proxy {
     async fn early_request_filter(
         &self,
         session: &mut Session,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<()> {
         let downstream = session.as_downstream_mut();
         if let Some(client) = downstream.stream().and_then(ClientStream::of) {
             client.head_complete();
+            ctx.first_byte = Some(client.head_started());
         }
         downstream.set_read_timeout(Some(self.limits.body_timeout));
         downstream.set_write_timeout(Some(self.limits.send_timeout));
@@ -557,8 +563,9 @@ impl ProxyHttp for Proxy {
             .map_or(CLIENT_CLOSED, |r| r.status.as_u16());
         let elapsed = ctx.started.elapsed();
         if self.access_log.enabled() {
+            let duration = ctx.first_byte.map_or(elapsed, |at| at.elapsed());
             self.access_log
-                .log(&access_record(session, e, ctx, status, elapsed));
+                .log(&access_record(session, e, ctx, status, duration));
         }
         let (Some((snapshot, _)), Some(route)) = (ctx.target(), ctx.route) else {
             return;
@@ -606,9 +613,18 @@ impl ProxyHttp for Proxy {
     }
 
     /// A client that goes away mid-request is an everyday event (nginx logs it at info, as
-    /// 499); it is counted as 499 in the metrics instead of an ERROR line each time.
+    /// 499); it is counted as 499 in the metrics instead of an ERROR line each time. So are a
+    /// client's own faults (a body over the limit, a body or an answer it does not take in
+    /// time): any client could otherwise write an ERROR line per request. The access log has
+    /// each of them, with its error.
     fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
         client_went_away(e)
+            || matches!(e.etype(), ErrorType::HTTPStatus(code) if (400..500).contains(code))
+            || (e.esource() == &ErrorSource::Downstream
+                && matches!(
+                    e.etype(),
+                    ErrorType::ReadTimedout | ErrorType::WriteTimedout
+                ))
     }
 
     /// A retry is said once, by us: `fail_to_connect` names the upstream and the next

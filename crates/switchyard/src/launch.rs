@@ -45,6 +45,7 @@ pub fn run(
     upgrade: bool,
     prerequisites: Prerequisites,
 ) -> Result<(), String> {
+    crate::signals::ignore_until_listening();
     // Before Pingora binds it (`--upgrade`) or will connect to it (SIGQUIT).
     crate::upgrade_socket::prepare(&config.server.upgrade_socket, upgrade)?;
     if !upgrade {
@@ -259,8 +260,17 @@ pub fn run(
         );
     }
     let reload = move || {
-        // The outcome is logged by the reload itself.
-        let _ = control.reload();
+        // Off the signal task: a reload that waits (for a file on a slow disk) must not hold
+        // up SIGTERM and SIGQUIT. The outcome is logged by the reload itself.
+        let control = Arc::clone(&control);
+        let started = std::thread::Builder::new()
+            .name("reload".into())
+            .spawn(move || {
+                let _ = control.reload();
+            });
+        if let Err(e) = started {
+            log::error!("SIGHUP: cannot start the reload: {e}");
+        }
     };
     let hand_over = move || {
         // Before the state goes: two processes must never drive one rollout, and the state
@@ -275,7 +285,7 @@ pub fn run(
         shutdown_signal: Box::new(Signals {
             closing,
             on_hangup: Box::new(reload),
-            on_user1: Box::new(move || access_log.reopen()),
+            access_log,
             may_upgrade: Box::new(move || crate::upgrade_socket::check_peer(&upgrade_socket)),
             on_upgrade: Box::new(hand_over),
         }),

@@ -7,6 +7,8 @@
 //! line that still names a credential header is withheld whole. Our own lines never carry a
 //! head.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use log::{Log, Metadata, Record};
 
 /// Without `RUST_LOG`: our lines at `info`, Pingora's from `warn` (its start-up lines at
@@ -25,45 +27,60 @@ pub fn init() {
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(DEFAULT_FILTER))
             .build();
     let max_level = logger.filter();
-    if log::set_boxed_logger(Box::new(Scrubbed(logger))).is_ok() {
+    if log::set_boxed_logger(Box::new(Scrubbed {
+        logger,
+        said_waiting: AtomicBool::new(false),
+    }))
+    .is_ok()
+    {
         log::set_max_level(max_level);
     }
 }
 
-struct Scrubbed(env_logger::Logger);
+struct Scrubbed {
+    logger: env_logger::Logger,
+    /// The upgrade's wait for the sockets has been said.
+    said_waiting: AtomicBool,
+}
 
 impl Log for Scrubbed {
     fn enabled(&self, metadata: &Metadata) -> bool {
-        self.0.enabled(metadata)
+        self.logger.enabled(metadata)
     }
 
     fn log(&self, record: &Record) {
         if record.target() == FD_TRANSFER {
             let text = record.args().to_string();
             if text.starts_with("No incoming socket transfer") {
+                // Said once; Pingora asks again every second.
+                let level = if self.said_waiting.swap(true, Ordering::Relaxed) {
+                    log::Level::Debug
+                } else {
+                    log::Level::Info
+                };
                 let waiting = Record::builder()
                     .args(format_args!(
                         "upgrade: waiting for the running process to hand its listening sockets over (send it SIGQUIT)"
                     ))
-                    .level(log::Level::Info)
+                    .level(level)
                     .target("switchyard::upgrade")
                     .build();
-                if self.0.matches(&waiting) {
-                    self.0.log(&waiting);
+                if self.logger.matches(&waiting) {
+                    self.logger.log(&waiting);
                 }
                 return;
             }
         }
-        if !self.0.matches(record) {
+        if !self.logger.matches(record) {
             return;
         }
         if !record.target().starts_with("pingora") {
-            return self.0.log(record);
+            return self.logger.log(record);
         }
         let text = record.args().to_string();
         match scrub(&text) {
-            None => self.0.log(record),
-            Some(clean) => self.0.log(
+            None => self.logger.log(record),
+            Some(clean) => self.logger.log(
                 &Record::builder()
                     .args(format_args!("{clean}"))
                     .level(record.level())
@@ -77,7 +94,7 @@ impl Log for Scrubbed {
     }
 
     fn flush(&self) {
-        self.0.flush()
+        self.logger.flush()
     }
 }
 

@@ -26,7 +26,7 @@ pub struct Signals {
     /// SIGHUP: the same as `POST /api/v1/reload`.
     pub on_hangup: Box<dyn Fn() + Send + Sync>,
     /// SIGUSR1: reopen the access log (logrotate has moved it).
-    pub on_user1: Box<dyn Fn() + Send + Sync>,
+    pub access_log: Arc<AccessLog>,
     /// SIGQUIT, before anything else: may the listening sockets go to whoever listens on
     /// the upgrade socket? `Err` says why not.
     pub may_upgrade: Box<dyn Fn() -> Result<(), String> + Send + Sync>,
@@ -81,11 +81,24 @@ impl Signals {
                     info!("SIGHUP: reloading the config");
                     (self.on_hangup)();
                 }
-                _ = usr1.recv() => {
-                    info!("SIGUSR1: reopening the access log");
-                    (self.on_user1)();
-                }
+                _ = usr1.recv() => match self.access_log.reopen() {
+                    Some(path) => info!("SIGUSR1: reopening the access log {}", path.display()),
+                    None => info!("SIGUSR1: there is no access log file to reopen"),
+                },
             }
+        }
+    }
+}
+
+/// SIGHUP and SIGUSR1 end a process by default. Until [`Signals`] listens for them (once the
+/// server runs), they are ignored instead: logrotate's SIGUSR1 or a SIGHUP that arrives while
+/// a new process loads its certificates or waits for the upgrade's sockets must not kill it.
+pub fn ignore_until_listening() {
+    for signal in [libc::SIGHUP, libc::SIGUSR1] {
+        // SAFETY: setting a standard signal's disposition to "ignore" before any handler of
+        // ours exists; tokio installs its own handler over it later.
+        unsafe {
+            libc::signal(signal, libc::SIG_IGN);
         }
     }
 }
