@@ -526,10 +526,7 @@ impl RuntimeState {
                 for (upstream, changes) in &self.upstreams {
                     for added in &changes.added {
                         let address = added.address;
-                        if !matches!(
-                            added.state,
-                            BackendState::Draining | BackendState::Disabled
-                        ) {
+                        if !matches!(added.state, BackendState::Draining | BackendState::Disabled) {
                             return Err(Rejection::Conflict(format!(
                                 "upstream {upstream:?} backend {address} was added at run time and is {}: a reset removes it; set it to \"draining\" first, and reset once it has no requests in flight",
                                 added.state.as_str()

@@ -1380,39 +1380,39 @@ fn a_whole_upstream_drains_at_once_unless_it_is_a_routes_last() {
         )))
     };
     let none = RuntimeState::default();
+    let set = |s: &RuntimeState, upstream: &str, to, force, live: &Health| {
+        s.with_change(&config, &whole_upstream(upstream, to, force), live)
+    };
+    let states = |s: &RuntimeState, upstream: &str| -> Vec<BackendState> {
+        s.backends(&config, upstream)
+            .iter()
+            .map(|b| b.state)
+            .collect()
+    };
+    use BackendState::{Active, Disabled, Draining};
     // Route api has green alone.
     assert_eq!(
-        none.with_change(&config, &whole_upstream("green", BackendState::Draining, false), healthy),
+        set(&none, "green", Draining, false, healthy),
         last("api", "green")
     );
     // Route web keeps green when blue goes.
-    let s = none
-        .with_change(&config, &whole_upstream("blue", BackendState::Disabled, false), healthy)
-        .unwrap();
-    assert!(s
-        .backends(&config, "blue")
-        .iter()
-        .all(|b| b.state == BackendState::Disabled));
-    let forced = s
-        .with_change(&config, &whole_upstream("green", BackendState::Draining, true), healthy)
-        .unwrap();
-    assert!(forced
-        .backends(&config, "green")
-        .iter()
-        .all(|b| b.state == BackendState::Draining));
+    let s = set(&none, "blue", Disabled, false, healthy).unwrap();
+    assert_eq!(states(&s, "blue"), [Disabled]);
+    let forced = set(&s, "green", Draining, true, healthy).unwrap();
+    assert_eq!(states(&forced, "green"), [Draining]);
     // Routes that answer 503 already are not made worse by another change.
-    assert!(forced
-        .with_change(&config, &whole_upstream("blue", BackendState::Draining, false), healthy)
-        .is_ok());
-    // Health counts: with blue unhealthy, green is web's last too.
-    let sick = &Health { blue_healthy: false };
+    assert!(set(&forced, "blue", Draining, false, healthy).is_ok());
+    // Health counts: with blue unhealthy, green is the last of both routes.
+    let sick = &Health {
+        blue_healthy: false,
+    };
     let api_ok = Change::SetSplit {
         route: "api".into(),
         split: [("blue".to_string(), 1), ("green".to_string(), 1)].into(),
     };
     let both = none.with_change(&config, &api_ok, sick).unwrap();
     assert_eq!(
-        both.with_change(&config, &whole_upstream("green", BackendState::Disabled, false), sick),
+        set(&both, "green", Disabled, false, sick),
         last("api", "green")
     );
     // Weight 0 for all takes them out as well; active brings them back.
@@ -1422,25 +1422,33 @@ fn a_whole_upstream_drains_at_once_unless_it_is_a_routes_last() {
         state: None,
         force: false,
     };
-    assert_eq!(none.with_change(&config, &zero, healthy), last("api", "green"));
-    let back = forced
-        .with_change(&config, &whole_upstream("green", BackendState::Active, false), healthy)
-        .unwrap();
-    assert!(back
-        .backends(&config, "green")
-        .iter()
-        .all(|b| b.state == BackendState::Active));
+    assert_eq!(
+        none.with_change(&config, &zero, healthy),
+        last("api", "green")
+    );
+    let back = set(&forced, "green", Active, false, healthy).unwrap();
+    assert_eq!(states(&back, "green"), [Active]);
     for (change, want) in [
         (
             whole_upstream("purple", BackendState::Draining, false),
             Rejection::NotFound("no upstream named \"purple\"".into()),
         ),
         (
-            Change::UpdateUpstream { upstream: "blue".into(), weight: None, state: None, force: false },
+            Change::UpdateUpstream {
+                upstream: "blue".into(),
+                weight: None,
+                state: None,
+                force: false,
+            },
             Rejection::Invalid("give \"state\" and/or \"weight\" to change".into()),
         ),
         (
-            Change::UpdateUpstream { upstream: "blue".into(), weight: Some(1001), state: None, force: false },
+            Change::UpdateUpstream {
+                upstream: "blue".into(),
+                weight: Some(1001),
+                state: None,
+                force: false,
+            },
             Rejection::Invalid("weight: 1001 is out of range 0..=1000".into()),
         ),
     ] {
@@ -1506,13 +1514,8 @@ fn a_reset_drops_every_runtime_change_but_not_a_busy_added_backend() {
     assert_eq!(reset, RuntimeState::default());
     assert!(reset.overrides().is_empty());
     // The events say what was dropped.
-    let events = crate::state::change_event(
-        &config,
-        &s,
-        &reset,
-        &Change::ResetState,
-        crate::Source::Api,
-    );
+    let events =
+        crate::state::change_event(&config, &s, &reset, &Change::ResetState, crate::Source::Api);
     assert_eq!(events.len(), 1);
     assert!(
         events[0].message().starts_with(
