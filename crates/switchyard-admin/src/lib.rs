@@ -8,7 +8,8 @@ mod control;
 mod events;
 mod metrics_endpoint;
 pub mod rollouts;
+mod state;
 
 pub use api::{AdminApi, MAX_BODY};
-pub use control::{Control, ReloadReport, Token};
+pub use control::{Control, ReloadRefused, ReloadReport, Token};
 pub use metrics_endpoint::MetricsEndpoint;
