@@ -35,17 +35,39 @@ fn is_field_path(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "_-.[]".contains(c))
 }
 
-/// serde_yaml's ` at line L column C` (and what follows it, e.g. `, while parsing a flow
-/// node`): the location is said once, from the error's own position.
+/// serde_yaml's ` at line L column C`: the error's own position is said once, at the end,
+/// from the error itself; a later one (where the enclosing block starts, as in `..., while
+/// parsing a block mapping at line 2 column 3`) is kept as words.
 fn strip_location(message: &str) -> String {
-    match message.find(" at line ") {
-        Some(at) => {
-            let rest = &message[at + " at line ".len()..];
-            // Keep a trailing explanation such as ", while parsing a flow node".
-            let tail = rest.find(", ").map(|i| &rest[i..]).unwrap_or("");
-            format!("{}{}", &message[..at], tail.replacen(", ", " ", 1))
-        }
-        None => message.to_string(),
+    const AT: &str = " at line ";
+    let Some(first) = message.find(AT) else {
+        return message.to_string();
+    };
+    let mut out = message[..first].to_string();
+    let mut rest = skip_position(&message[first + AT.len()..]);
+    if let Some(tail) = rest.strip_prefix(", ") {
+        out.push(' ');
+        rest = tail;
+    }
+    while let Some(at) = rest.find(AT) {
+        out.push_str(&rest[..at]);
+        let position = &rest[at + AT.len()..];
+        let after = skip_position(position);
+        let spelled = position[..position.len() - after.len()].replacen(" column ", ", column ", 1);
+        out.push_str(&format!(" that starts at line {spelled}"));
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
+
+/// What follows `L column C`.
+fn skip_position(text: &str) -> &str {
+    let digits = |t: &str| t.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+    let after_line = &text[text.len() - digits(text)..];
+    match after_line.strip_prefix(" column ") {
+        Some(column) => &column[column.len() - digits(column)..],
+        None => after_line,
     }
 }
 
@@ -104,7 +126,7 @@ fn sentence(path: &str, message: String) -> (String, String) {
             }
         }
     }
-    if path.is_empty() && !message.contains("line") && !message.starts_with("invalid duration") {
+    if path.is_empty() {
         // serde_yaml's own parser messages: `did not find expected node content ...`.
         return (String::new(), format!("YAML syntax error: {message}"));
     }
@@ -218,6 +240,10 @@ mod tests {
         assert_eq!(
             error("upstreams:\n  a:\n    backends: [\n"),
             "YAML syntax error: did not find expected node content while parsing a flow node (line 4, column 1); problems after this one are not checked until it is fixed"
+        );
+        assert_eq!(
+            error("upstreams:\n  a:\n    backends:\n  - [\n"),
+            "YAML syntax error: did not find expected key while parsing a block mapping that starts at line 2, column 3 (line 4, column 3); problems after this one are not checked until it is fixed"
         );
     }
 }

@@ -117,6 +117,10 @@ impl BackgroundService for Drain {
             }
         }
         let deadline = Instant::now() + self.grace_period;
+        info!(
+            "{}",
+            drain_started(self.grace_period, self.active.load(Ordering::Acquire))
+        );
         loop {
             if self.connections.settled() {
                 info!("every connection served or closed; exiting");
@@ -125,8 +129,8 @@ impl BackgroundService for Drain {
             if Instant::now() >= deadline {
                 let active = self.active.load(Ordering::Acquire);
                 warn!(
-                    "grace period of {:?} over with {active} requests in flight; exiting",
-                    self.grace_period
+                    "grace period of {} over with {active} requests in flight; exiting",
+                    switchyard_config::format_duration(self.grace_period)
                 );
                 exit()
             }
@@ -135,7 +139,34 @@ impl BackgroundService for Drain {
     }
 }
 
+/// The drain's first line: the grace period as configured (Pingora's own line, which says the
+/// second it adds as a backstop, is withheld; see `logging`).
+fn drain_started(grace_period: Duration, active: usize) -> String {
+    format!(
+        "draining: up to {} (server.grace_period) for {active} requests in flight",
+        switchyard_config::format_duration(grace_period)
+    )
+}
+
 fn exit() -> ! {
+    crate::pid_file::remove_if_ours();
     crate::alloc::report();
     std::process::exit(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_drain_says_the_grace_period_as_configured() {
+        assert_eq!(
+            drain_started(Duration::from_secs(30), 3),
+            "draining: up to 30s (server.grace_period) for 3 requests in flight"
+        );
+        assert_eq!(
+            drain_started(Duration::from_millis(1500), 0),
+            "draining: up to 1500ms (server.grace_period) for 0 requests in flight"
+        );
+    }
 }
