@@ -238,6 +238,10 @@ fn needs_restart(running: &Config, next: &Config) -> Vec<String> {
         running.server.upgrade_socket != next.server.upgrade_socket,
     );
     differs(
+        "server.pid_file",
+        running.server.pid_file != next.server.pid_file,
+    );
+    differs(
         "server.grace_period",
         running.server.grace_period != next.server.grace_period,
     );
