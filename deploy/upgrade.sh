@@ -2,7 +2,11 @@
 # Zero-downtime binary upgrade of a running switchyard, for machines without systemd
 # (systemd users: `systemctl reload switchyard` runs this same script).
 #
-#   deploy/upgrade.sh CONFIG OLD_PID [BINARY]
+#   deploy/upgrade.sh CONFIG [OLD_PID] [BINARY]
+#
+# OLD_PID may be left out (or given as -) when the config sets server.pid_file: the pid is
+# read from that file, which the running instance wrote once it served. The systemd unit
+# passes $MAINPID.
 #
 # 1. starts BINARY (default: switchyard on PATH) with `run --config CONFIG --upgrade`;
 # 2. waits until it listens on server.upgrade_socket for the sockets;
@@ -12,9 +16,14 @@
 # Runtime state (splits, drains, added backends) carries over through `state_file`.
 set -euo pipefail
 
-config=${1:?usage: upgrade.sh CONFIG OLD_PID [BINARY]}
-old_pid=${2:?usage: upgrade.sh CONFIG OLD_PID [BINARY]}
-binary=${3:-switchyard}
+usage="usage: upgrade.sh CONFIG [OLD_PID] [BINARY]"
+config=${1:?$usage}
+# The second argument is the PID when it is a number (or - for none), else already BINARY.
+case ${2:-} in
+    '' | -) old_pid= ; binary=${3:-switchyard} ;;
+    *[!0-9]*) old_pid= ; binary=$2 ;;
+    *) old_pid=$2 ; binary=${3:-switchyard} ;;
+esac
 # The new process logs where this script's stderr goes (the journal under systemd), or to
 # SWITCHYARD_UPGRADE_LOG when set.
 log=${SWITCHYARD_UPGRADE_LOG:-}
@@ -31,6 +40,14 @@ alive() {
 config_value() {
     sed -n "s/^[[:space:]]*$1:[[:space:]]*//p" "$config" | head -n 1 | sed 's/[[:space:]]*#.*$//' | tr -d "\"'"
 }
+if [ -z "$old_pid" ]; then
+    pid_file=$(config_value pid_file)
+    [ -n "$pid_file" ] || { echo "upgrade: no OLD_PID given and $config sets no server.pid_file; $usage" >&2; exit 2; }
+    old_pid=$(tr -d '[:space:]' <"$pid_file" 2>/dev/null || true)
+    case $old_pid in
+        '' | *[!0-9]*) echo "upgrade: $pid_file (server.pid_file) holds no pid; is switchyard running with $config?" >&2; exit 1 ;;
+    esac
+fi
 socket=$(config_value upgrade_socket)
 socket=${socket:-/run/switchyard/upgrade.sock}
 # The old process accepts for 5 s after SIGQUIT, then drains for at most grace_period (the

@@ -582,6 +582,171 @@ fn an_added_backend_that_is_down_gets_traffic_only_once_it_passes_its_check() {
     assert!(newcomer.requests() >= 5);
 }
 
+#[test]
+fn a_whole_upstream_drains_in_one_call_unless_a_route_would_be_left_with_none() {
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let sy = Switchyard::start(&blue_green(blue.addr, green.addr, (1, 1), "", ""));
+    let answer = sy.api(
+        "PATCH",
+        "/api/v1/upstreams/green",
+        Some(r#"{"state": "draining"}"#),
+    );
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let view = json_of(&answer);
+    assert_eq!(view["name"], "green");
+    assert_eq!(view["backends"][0]["state"], "draining");
+    for _ in 0..6 {
+        assert_eq!(get(sy.addr, "/").text(), "blue");
+    }
+    // Blue is the last upstream of route web that can serve: 409, naming the route and force.
+    let answer = sy.api(
+        "PATCH",
+        "/api/v1/upstreams/blue",
+        Some(r#"{"state": "disabled"}"#),
+    );
+    assert_eq!(
+        refused(&answer),
+        (
+            409,
+            "route \"web\" would have no upstream with an available backend and answer 503: \"blue\" is the last one it has; send \"force\": true to do it anyway".into()
+        )
+    );
+    assert_eq!(
+        get(sy.addr, "/").text(),
+        "blue",
+        "a refused call changed nothing"
+    );
+    let answer = sy.api(
+        "PATCH",
+        "/api/v1/upstreams/blue",
+        Some(r#"{"state": "disabled", "force": true}"#),
+    );
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(get(sy.addr, "/").status, 503);
+    for upstream in ["blue", "green"] {
+        let path = format!("/api/v1/upstreams/{upstream}");
+        let answer = sy.api("PATCH", &path, Some(r#"{"state": "active", "weight": 2}"#));
+        assert_eq!(
+            json_of(&answer)["backends"][0]["weight"],
+            2,
+            "{}",
+            answer.text()
+        );
+    }
+    assert_eq!(get(sy.addr, "/").status, 200);
+    for (body, status, starts) in [
+        (
+            r#"{"state": "retiring"}"#,
+            400,
+            "state: \"retiring\" is set backend by backend",
+        ),
+        (
+            r#"{"state": "paused"}"#,
+            400,
+            "state: must be \"active\", \"draining\" or \"disabled\"",
+        ),
+        (
+            r#"{"force": true}"#,
+            400,
+            "give \"state\" and/or \"weight\" to change",
+        ),
+    ] {
+        let (got, message) = refused(&sy.api("PATCH", "/api/v1/upstreams/blue", Some(body)));
+        assert_eq!(got, status, "{body}: {message}");
+        assert!(message.starts_with(starts), "{body}: {message}");
+    }
+    let (status, message) = refused(&sy.api(
+        "PATCH",
+        "/api/v1/upstreams/nope",
+        Some(r#"{"state": "active"}"#),
+    ));
+    assert_eq!(
+        (status, message.as_str()),
+        (404, "no upstream named \"nope\"")
+    );
+    let answer = sy.api("DELETE", "/api/v1/upstreams/blue", None);
+    assert_eq!(answer.status, 405);
+    assert_eq!(answer.header("allow"), Some("GET, PATCH"));
+    // One event per whole-upstream change, from the API.
+    let events = json_of(&sy.api("GET", "/api/v1/events", None));
+    let changed: Vec<&Value> = events
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["kind"] == "upstream_changed")
+        .collect();
+    assert_eq!(changed.len(), 4, "{events:#}");
+    assert!(changed.iter().all(|e| e["source"] == "api"));
+    assert_eq!(changed[0]["upstream"], "green");
+}
+
+#[test]
+fn the_state_endpoint_shows_the_runtime_changes_and_a_reset_drops_them() {
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let extra = TestBackend::start("extra");
+    let sy = Switchyard::start(&blue_green(blue.addr, green.addr, (1, 0), "", ""));
+    assert_eq!(
+        json_of(&sy.api("GET", "/api/v1/state", None))["splits"],
+        json!({})
+    );
+    sy.api(
+        "PUT",
+        "/api/v1/routes/web/split",
+        Some(r#"{"blue": 1, "green": 1}"#),
+    );
+    let added = format!(r#"{{"address": "{}"}}"#, extra.addr);
+    assert_eq!(
+        sy.api("POST", "/api/v1/upstreams/green/backends", Some(&added))
+            .status,
+        201
+    );
+    let state = json_of(&sy.api("GET", "/api/v1/state", None));
+    assert_eq!(
+        state["splits"]["web"]["split"],
+        json!({"blue": 1, "green": 1})
+    );
+    assert_eq!(
+        state["upstreams"]["green"]["added"][0]["address"],
+        extra.addr.to_string()
+    );
+
+    // The added backend takes traffic: a reset would cut it off.
+    let (status, message) = refused(&sy.api("POST", "/api/v1/state/reset", None));
+    assert_eq!(status, 409, "{message}");
+    assert!(
+        message.contains(&format!(
+            "backend {} was added at run time and is active",
+            extra.addr
+        )),
+        "{message}"
+    );
+    let path = format!("/api/v1/upstreams/green/backends/{}", extra.addr);
+    sy.api("PATCH", &path, Some(r#"{"state": "draining"}"#));
+    let answer = sy.api("POST", "/api/v1/state/reset", None);
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let body = json_of(&answer);
+    assert_eq!(body["reset"], true);
+    assert_eq!(
+        body["dropped"],
+        json!([
+            "route web split blue 1, green 1",
+            format!(
+                "upstream green backend {} added (weight 1 draining)",
+                extra.addr
+            )
+        ])
+    );
+    let web = json_of(&sy.api("GET", "/api/v1/routes/web", None));
+    assert_eq!(web["split"], json!({"blue": 1, "green": 0}));
+    let green_view = json_of(&sy.api("GET", "/api/v1/upstreams/green", None));
+    assert_eq!(green_view["backends"].as_array().map(Vec::len), Some(1));
+    let events = sy.api("GET", "/api/v1/events", None).text();
+    assert!(events.contains("\"kind\": \"state_reset\""), "{events}");
+    assert_eq!(sy.api("GET", "/api/v1/state/reset", None).status, 405);
+}
+
 /// The status page's HTTP side (its rendering is `status_page.rs`'s, in Chromium), the
 /// endpoint index, `GET /api/v1/stats` after known traffic, the effective share when an
 /// upstream loses its last backend, and the log levels of reads and changes.

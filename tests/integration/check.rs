@@ -64,14 +64,18 @@ fn check_reports_yaml_errors_with_line_and_column() {
     let (code, _, stderr) = run_binary(&["check", "--config", &path]);
     assert_eq!(code, 1);
     assert!(
-        stderr.starts_with("listeners[0]: unknown field `port`")
-            && stderr.contains("line 3 column 5"),
+        stderr.starts_with("listeners[0].port: unknown field; expected one of address,")
+            && stderr.contains("(line 3, column 5)")
+            && stderr.ends_with("; problems after this one are not checked until it is fixed\n"),
         "{stderr}"
     );
     let path = write("upstreams:\n  a:\n    backends:\n  - [\n");
     let (code, _, stderr) = run_binary(&["check", "--config", &path]);
     assert_eq!(code, 1);
-    assert!(stderr.contains("line 4 column"), "{stderr}");
+    assert!(
+        stderr.starts_with("switchyard: YAML syntax error: ") && stderr.contains("(line 4, column"),
+        "{stderr}"
+    );
 }
 
 #[test]

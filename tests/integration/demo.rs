@@ -217,3 +217,29 @@ fn greens_chaos_makes_answers_fail_and_slow_and_recover_and_bad_params_are_400()
     );
     stop(demo);
 }
+
+#[test]
+fn reloading_the_demo_says_it_has_no_file_and_counts_no_failure() {
+    let _turn = PORTS.lock().unwrap_or_else(|e| e.into_inner());
+    let (demo, _) = start_demo();
+    let answer = post(ADMIN, "/api/v1/reload", None);
+    assert_eq!(answer.status, 409, "{}", answer.text());
+    let body: serde_json::Value = serde_json::from_slice(&answer.body).expect("JSON");
+    assert_eq!(body["error"], "the demo has no config file to reload");
+    // SIGHUP asks the same.
+    let _ = Command::new("kill")
+        .args(["-HUP", &demo.child.id().to_string()])
+        .status();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(get(addr(LB), "/").status, 200);
+    let metrics = get(addr("127.0.0.1:9100"), "/metrics").text();
+    let failed = sample(
+        &metrics,
+        "switchyard_config_reloads_total{result=\"failure\"}",
+    );
+    assert!(failed.unwrap_or(0.0) == 0.0, "{metrics}");
+    // Nothing about an invalid config in the event log either.
+    let events = get(addr(ADMIN), "/api/v1/events").text();
+    assert!(!events.contains("reload_refused"), "{events}");
+    stop(demo);
+}

@@ -925,6 +925,20 @@ pub fn one_upstream(algorithm: &str, backends: &[(SocketAddr, u32)], extra: &str
     )
 }
 
+/// The runtime state the restart and upgrade tests expect to survive: a 70/30 canary split
+/// and green draining.
+pub fn canary_and_drain(sy: &Switchyard, green: &TestBackend) {
+    let r = sy.api(
+        "PUT",
+        "/api/v1/routes/web/split",
+        Some(r#"{"blue": 70, "green": 30}"#),
+    );
+    assert_eq!(r.status, 200);
+    let path = format!("/api/v1/upstreams/green/backends/{}", green.addr);
+    let r = sy.api("PATCH", &path, Some(r#"{"state": "draining"}"#));
+    assert_eq!(r.status, 200);
+}
+
 /// Blue and green upstreams (one backend each, optional `check` YAML for both) behind route
 /// `web` split `split_blue`/`split_green`, with admin, metrics and a state file. `extra` goes
 /// at the top level.

@@ -69,9 +69,55 @@ fn the_grace_period_bounds_the_wait() {
         took >= Duration::from_millis(900) && took < Duration::from_secs(3),
         "{took:?}"
     );
-    assert!(sy
-        .log_text()
-        .contains("grace period of 1s over with 1 requests in flight"));
+    let log = sy.log_text();
+    assert!(log.contains("grace period of 1s over with 1 requests in flight"));
+    // The grace period as configured, not Pingora's backstop a second later.
+    assert!(
+        log.contains("draining: up to 1s (server.grace_period) for 1 requests in flight"),
+        "{log}"
+    );
+    assert!(!log.contains("grace period 2s"), "{log}");
+}
+
+#[test]
+fn the_pid_file_holds_the_serving_pid_through_an_upgrade_and_goes_at_sigterm() {
+    let a = TestBackend::start("a");
+    let yaml = one_upstream("round_robin", &[(a.addr, 1)], "").replace(
+        "  grace_period: 5s\n",
+        "  grace_period: 5s\n  pid_file: {dir}/switchyard.pid\n",
+    );
+    let mut sy = Switchyard::start(&yaml);
+    let pid_file = sy.dir.join("switchyard.pid");
+    let holds = |pid: u32| std::fs::read_to_string(&pid_file).ok() == Some(format!("{pid}\n"));
+    let first = sy.child.id();
+    wait_until("the pid file", Duration::from_secs(10), || holds(first));
+    sy.upgrade();
+    let second = sy.child.id();
+    assert_ne!(first, second);
+    // The new process wrote its own; the old one, exiting after it, left it alone.
+    wait_until("the new pid", Duration::from_secs(10), || holds(second));
+    sy.signal("TERM");
+    assert_eq!(sy.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    assert!(!pid_file.exists(), "removed at exit");
+    // A directory that does not exist stops the start before any socket is taken.
+    let missing = one_upstream("round_robin", &[(a.addr, 1)], "").replace(
+        "  grace_period: 5s\n",
+        "  grace_period: 5s\n  pid_file: /nonexistent/switchyard/switchyard.pid\n",
+    );
+    let path = temp_path("pid.yaml");
+    std::fs::write(
+        &path,
+        fill(&missing, "127.0.0.1:1".parse().expect("address")),
+    )
+    .expect("write");
+    let (code, _, stderr) = run_binary(&["run", "--config", &path.display().to_string()]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.starts_with(
+            "switchyard: server.pid_file: its directory /nonexistent/switchyard cannot be used: "
+        ),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -221,4 +267,54 @@ fn an_open_websocket_keeps_working_through_sigterm_until_it_closes() {
         closed.elapsed() < Duration::from_secs(3),
         "exits when the socket closes, not at the grace period"
     );
+}
+
+#[test]
+fn the_upgrade_script_reads_the_old_pid_from_the_pid_file() {
+    let a = TestBackend::start("a");
+    let yaml = one_upstream("round_robin", &[(a.addr, 1)], "").replace(
+        "  grace_period: 5s\n",
+        "  grace_period: 1s\n  pid_file: {dir}/switchyard.pid\n",
+    );
+    let sy = Switchyard::start(&yaml);
+    let pid_file = sy.dir.join("switchyard.pid");
+    let old = sy.child.id();
+    wait_until("the pid file", Duration::from_secs(10), || {
+        std::fs::read_to_string(&pid_file).ok() == Some(format!("{old}\n"))
+    });
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/upgrade.sh");
+    let out = std::process::Command::new("bash")
+        .arg(script)
+        .arg(&sy.config)
+        .arg(BINARY)
+        .env("SWITCHYARD_UPGRADE_LOG", &sy.log)
+        .output()
+        .expect("run upgrade.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let new_pid: u32 = stdout
+        .trim()
+        .strip_prefix("new pid ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "{stdout}{}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                sy.log_text()
+            )
+        });
+    // Stopped however the test ends: this test started it, through the script.
+    struct Stop(u32);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("kill")
+                .arg(self.0.to_string())
+                .status();
+        }
+    }
+    let _new = Stop(new_pid);
+    assert_ne!(new_pid, old);
+    wait_until("the new pid in the file", Duration::from_secs(10), || {
+        std::fs::read_to_string(&pid_file).ok() == Some(format!("{new_pid}\n"))
+    });
+    assert_eq!(get(sy.addr, "/").text(), "a");
 }

@@ -17,20 +17,6 @@ fn split_of(sy: &Switchyard) -> Value {
 
 const STATE: &str = "state_file: {dir}/state.json\n";
 
-/// The runtime state the restart and upgrade tests expect to survive: a 70/30 canary split
-/// and green draining.
-fn canary_and_drain(sy: &Switchyard, green: &TestBackend) {
-    let r = sy.api(
-        "PUT",
-        "/api/v1/routes/web/split",
-        Some(r#"{"blue": 70, "green": 30}"#),
-    );
-    assert_eq!(r.status, 200);
-    let path = format!("/api/v1/upstreams/green/backends/{}", green.addr);
-    let r = sy.api("PATCH", &path, Some(r#"{"state": "draining"}"#));
-    assert_eq!(r.status, 200);
-}
-
 #[test]
 fn a_restart_keeps_the_canary_split_and_the_drain() {
     let blue = TestBackend::start("blue");
@@ -233,4 +219,50 @@ fn without_a_state_file_an_upgrade_still_keeps_the_runtime_state() {
     assert!(sy
         .log_text()
         .contains("runtime state taken over from the previous process"));
+}
+
+#[test]
+fn a_reset_is_saved_so_a_restart_keeps_the_file_alone_and_waits_for_a_running_rollout() {
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let mut sy = Switchyard::start(&blue_green(blue.addr, green.addr, (100, 0), "", STATE));
+    canary_and_drain(&sy, &green);
+    let r = sy.api("POST", "/api/v1/state/reset", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let saved: Value = serde_json::from_str(
+        &std::fs::read_to_string(sy.dir.join("state.json")).expect("state file"),
+    )
+    .expect("JSON");
+    assert_eq!(saved["splits"], json!({}), "{saved}");
+    assert_eq!(saved.get("upstreams"), Some(&json!({})), "{saved}");
+    sy.restart();
+    assert_eq!(split_of(&sy), json!({"blue": 100, "green": 0}));
+    let green_view = json_body(&sy.api("GET", "/api/v1/upstreams/green", None));
+    assert_eq!(green_view["backends"][0]["state"], "active");
+
+    // A running rollout owns the split: the reset waits until it is aborted or promoted.
+    let start = sy.api(
+        "POST",
+        "/api/v1/routes/web/rollout",
+        Some(r#"{"to": "green", "steps": [10, 50], "step_interval": "1m"}"#),
+    );
+    assert_eq!(start.status, 201, "{}", start.text());
+    let r = sy.api("POST", "/api/v1/state/reset", None);
+    assert_eq!(r.status, 409, "{}", r.text());
+    let error = json_body(&r)["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        error.starts_with("route \"web\" has a rollout running: web (blue → green"),
+        "{error}"
+    );
+    assert!(error.contains("abort or promote it first"), "{error}");
+    assert_eq!(
+        sy.api("POST", "/api/v1/routes/web/rollout/abort", None)
+            .status,
+        200
+    );
+    assert_eq!(sy.api("POST", "/api/v1/state/reset", None).status, 200);
+    assert_eq!(split_of(&sy), json!({"blue": 100, "green": 0}));
 }

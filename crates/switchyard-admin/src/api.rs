@@ -17,7 +17,7 @@ use serde_json::{json, Map, Value};
 use switchyard_config::{parse_duration, MAX_BACKEND_WEIGHT, MAX_SPLIT_WEIGHT};
 use switchyard_pool::{BackendState, Change, Rejection, Snapshot, Source, Upstream};
 
-use crate::control::Control;
+use crate::control::{Control, ReloadRefused};
 use crate::stats::StatsSampler;
 use crate::{index, rollouts, status_page};
 
@@ -248,7 +248,8 @@ impl AdminApi {
                         format!("no upstream named {upstream:?}"),
                     ),
                 },
-                _ => Reply::method_not_allowed(method, "GET"),
+                Method::PATCH => self.update_upstream(upstream, &body),
+                _ => Reply::method_not_allowed(method, "GET, PATCH"),
             },
             ["upstreams", upstream, "backends"] => match *method {
                 Method::POST => self.add_backend(upstream, &body),
@@ -261,6 +262,18 @@ impl AdminApi {
             },
             ["reload"] => match *method {
                 Method::POST => self.reload(),
+                _ => Reply::method_not_allowed(method, "POST"),
+            },
+            ["state"] => match *method {
+                Method::GET => {
+                    crate::state::view(self.control.pool()).map_or_else(Reply::rejected, Reply::ok)
+                }
+                _ => Reply::method_not_allowed(method, "GET"),
+            },
+            ["state", "reset"] => match *method {
+                Method::POST => {
+                    crate::state::reset(self.control.pool()).map_or_else(Reply::rejected, Reply::ok)
+                }
                 _ => Reply::method_not_allowed(method, "POST"),
             },
             ["events"] => match *method {
@@ -483,6 +496,24 @@ impl AdminApi {
         }
     }
 
+    /// `PATCH /api/v1/upstreams/{upstream}`: every backend's state and/or weight at once.
+    fn update_upstream(&self, upstream: &str, body: &[u8]) -> Reply {
+        let change = match crate::state::whole_upstream(upstream, body) {
+            Ok(change) => change,
+            Err(message) => return Reply::error(StatusCode::BAD_REQUEST, message),
+        };
+        match self.apply(&change) {
+            Ok(snapshot) => match snapshot.upstream(upstream) {
+                Some(u) => Reply::ok(upstream_view(u)),
+                None => Reply::error(
+                    StatusCode::NOT_FOUND,
+                    format!("no upstream named {upstream:?}"),
+                ),
+            },
+            Err(reply) => reply,
+        }
+    }
+
     fn reload(&self) -> Reply {
         match self.control.reload() {
             Ok(report) => Reply::ok(json!({
@@ -491,7 +522,11 @@ impl AdminApi {
                 "dropped_state": report.dropped_state,
                 "warnings": report.warnings,
             })),
-            Err(problems) => Reply::with(
+            // Nothing is wrong with the request or a config: this instance has no file.
+            Err(ReloadRefused::NoConfigFile) => {
+                Reply::error(StatusCode::CONFLICT, ReloadRefused::NO_CONFIG_FILE)
+            }
+            Err(ReloadRefused::Invalid(problems)) => Reply::with(
                 StatusCode::BAD_REQUEST,
                 json!({
                     "error": format!("invalid config, nothing changed: {}", problems.join("; ")),
@@ -572,7 +607,7 @@ fn json_object(body: &[u8]) -> Result<Map<String, Value>, Reply> {
     }
 }
 
-fn integer(value: &Value, max: u32) -> Option<u32> {
+pub(crate) fn integer(value: &Value, max: u32) -> Option<u32> {
     value
         .as_u64()
         .filter(|v| *v <= u64::from(max))

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwapOption;
-use log::warn;
+use log::{info, warn};
 use switchyard_access_log::AccessLog;
 use switchyard_config::access_log::DEFAULT_BUFFER_LINES;
 use switchyard_config::{Config, Listener, ListenerKind};
@@ -51,6 +51,21 @@ pub struct ReloadReport {
     pub dropped_state: Vec<String>,
     /// Certificates now served that are expired, expire soon or are not valid yet.
     pub warnings: Vec<String>,
+}
+
+/// Why a reload ran nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReloadRefused {
+    /// The instance runs an embedded config (the demo): there is no file to re-read. Not a
+    /// failed reload: nothing is wrong with any config.
+    NoConfigFile,
+    /// The file has problems, one line each; the running config stays.
+    Invalid(Vec<String>),
+}
+
+impl ReloadRefused {
+    /// What `switchyard demo` answers to a reload.
+    pub const NO_CONFIG_FILE: &'static str = "the demo has no config file to reload";
 }
 
 pub struct Control {
@@ -107,14 +122,19 @@ impl Control {
             .is_some_and(|h| token.matches(h[7..].trim_ascii()))
     }
 
-    /// Re-reads the config file and runs it; on `Err` (one line per problem) nothing changed.
-    /// Either way the outcome is recorded as an event (the pool records a reload it ran).
-    pub fn reload(&self) -> Result<ReloadReport, Vec<String>> {
+    /// Re-reads the config file and runs it; on `Err` nothing changed. Either way the
+    /// outcome is recorded as an event (the pool records a reload it ran), and counted in
+    /// the reload metric unless there is no file to reload.
+    pub fn reload(&self) -> Result<ReloadReport, ReloadRefused> {
+        let Some(path) = &self.config_path else {
+            info!("reload asked for: {}", ReloadRefused::NO_CONFIG_FILE);
+            return Err(ReloadRefused::NoConfigFile);
+        };
         let _one_at_a_time = self
             .reloading
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let result = self.try_reload();
+        let result = self.try_reload(path);
         let metrics = self.pool.metrics();
         match &result {
             Ok(report) => {
@@ -141,15 +161,10 @@ impl Control {
                 );
             }
         }
-        result
+        result.map_err(ReloadRefused::Invalid)
     }
 
-    fn try_reload(&self) -> Result<ReloadReport, Vec<String>> {
-        let Some(path) = &self.config_path else {
-            return Err(vec![
-                "this instance runs an embedded config (demo); there is no file to reload".into(),
-            ]);
-        };
+    fn try_reload(&self, path: &Path) -> Result<ReloadReport, Vec<String>> {
         let config = Config::load(path).map_err(|problems| {
             problems
                 .0
@@ -232,6 +247,10 @@ fn needs_restart(running: &Config, next: &Config) -> Vec<String> {
     differs(
         "server.upgrade_socket",
         running.server.upgrade_socket != next.server.upgrade_socket,
+    );
+    differs(
+        "server.pid_file",
+        running.server.pid_file != next.server.pid_file,
     );
     differs(
         "server.grace_period",

@@ -32,6 +32,7 @@ pub const ENDPOINTS: &[Endpoint] = &[
     at("PUT", "/api/v1/routes/{route}/split", "replaces a route's whole split, e.g. {\"blue\": 80, \"green\": 20}"),
     at("GET", "/api/v1/upstreams", "every upstream and its backends: health, state, weight, effective weight, in flight"),
     at("GET", "/api/v1/upstreams/{upstream}", "one upstream"),
+    at("PATCH", "/api/v1/upstreams/{upstream}", "every backend's state and/or weight at once: {\"state\": \"draining\"}; 409 if a route would be left with no upstream, unless \"force\": true"),
     at("POST", "/api/v1/upstreams/{upstream}/backends", "adds a backend: {\"address\": \"IP:port\", \"weight\": 1}"),
     at("PATCH", "/api/v1/upstreams/{upstream}/backends/{address}", "changes a backend's weight and/or state (active, draining, disabled, retiring)"),
     at("DELETE", "/api/v1/upstreams/{upstream}/backends/{address}", "removes a draining or disabled backend with nothing in flight"),
@@ -45,6 +46,8 @@ pub const ENDPOINTS: &[Endpoint] = &[
     at("POST", "/api/v1/routes/{route}/rollout/abort", "gives `from` the whole share back now"),
     at("GET", "/api/v1/events?since={id}&limit={n}", "what changed, oldest first"),
     at("POST", "/api/v1/reload", "re-reads the config file (as SIGHUP)"),
+    at("GET", "/api/v1/state", "the runtime state as the state file holds it: splits, backend changes, rollouts"),
+    at("POST", "/api/v1/state/reset", "drops every runtime change: the config file alone rules again"),
 ];
 
 /// The body of `GET /api/v1/`.

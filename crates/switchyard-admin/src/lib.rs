@@ -10,10 +10,11 @@ mod events;
 mod index;
 mod metrics_endpoint;
 pub mod rollouts;
+mod state;
 pub mod stats;
 mod status_page;
 
 pub use api::{AdminApi, MAX_BODY};
-pub use control::{Control, ReloadReport, Token};
+pub use control::{Control, ReloadRefused, ReloadReport, Token};
 pub use metrics_endpoint::MetricsEndpoint;
 pub use stats::StatsSampler;

@@ -6,6 +6,7 @@
 //! its field path instead of stopping at the first. Nothing here knows about Pingora.
 
 pub mod access_log;
+mod document;
 mod duration;
 pub mod limits;
 pub mod matching;
@@ -13,6 +14,7 @@ mod raw;
 pub mod rollout;
 pub mod tls;
 mod validate;
+mod yaml_errors;
 
 use std::fmt;
 use std::io::Read;
@@ -27,6 +29,8 @@ pub use raw::{Algorithm, HealthCheckType};
 pub use tls::{
     CertificateFiles, Hsts, ListenerKind, ListenerTls, TlsVersion, UpstreamProtocol, UpstreamTls,
 };
+pub(crate) use yaml_errors::yaml_problem;
+pub use yaml_errors::NOT_CHECKED_FURTHER;
 
 /// A validated configuration: every address parsed, every reference resolved.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,6 +53,9 @@ pub struct Server {
     pub threads: usize,
     pub grace_period: Duration,
     pub upgrade_socket: PathBuf,
+    /// Written by `run` once it serves (and by the new process of a binary upgrade), removed
+    /// at exit; what `deploy/upgrade.sh` reads when it is given no PID.
+    pub pid_file: Option<PathBuf>,
     pub debug_headers: bool,
     pub clients: ClientLimits,
 }
@@ -331,22 +338,6 @@ fn too_big(bytes: usize) -> String {
         "the config file has {bytes} bytes or more, over the limit of {} (see docs/configuration.md, \"Limits\")",
         limits::MAX_CONFIG_BYTES
     )
-}
-
-/// serde_yaml already prefixes the field path; keep its location at the end.
-pub(crate) fn yaml_problem(e: serde_yaml::Error) -> Problems {
-    let text = e.to_string();
-    match text.split_once(": ") {
-        Some((path, rest)) if is_field_path(path) => Problems::one(path, rest),
-        _ => Problems::one("", text),
-    }
-}
-
-fn is_field_path(s: &str) -> bool {
-    !s.is_empty()
-        && !s.contains(' ')
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_-.[]".contains(c))
 }
 
 #[cfg(test)]

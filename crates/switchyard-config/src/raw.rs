@@ -30,6 +30,7 @@ pub struct Server {
     pub threads: Option<usize>,
     pub grace_period: Option<YamlDuration>,
     pub upgrade_socket: Option<PathBuf>,
+    pub pid_file: Option<PathBuf>,
     pub debug_headers: Option<bool>,
     pub keepalive_timeout: Option<YamlDuration>,
     pub header_timeout: Option<YamlDuration>,

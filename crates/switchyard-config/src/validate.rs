@@ -152,8 +152,35 @@ fn server(c: &mut Checker, raw: raw::Server) -> Server {
         upgrade_socket: raw
             .upgrade_socket
             .unwrap_or_else(|| PathBuf::from(DEFAULT_UPGRADE_SOCKET)),
+        pid_file: raw.pid_file.filter(|p| pid_file(c, p)),
         debug_headers: raw.debug_headers.unwrap_or(false),
         clients,
+    }
+}
+
+/// Whether `path` can be a pid file: written by a service started from `/` and read by scripts
+/// from anywhere, so only an absolute path to a file means the same file to all of them.
+fn pid_file(c: &mut Checker, path: &std::path::Path) -> bool {
+    let text = path.display().to_string();
+    let problem = if text.is_empty() {
+        Some("must not be empty".to_string())
+    } else if !path.is_absolute() {
+        Some(format!(
+            "{text:?} is relative; give an absolute path, e.g. /run/switchyard/switchyard.pid"
+        ))
+    } else if text.ends_with('/') || path.file_name().is_none() {
+        Some(format!(
+            "{text:?} names a directory; give the file's path, e.g. /run/switchyard/switchyard.pid"
+        ))
+    } else {
+        None
+    };
+    match problem {
+        Some(why) => {
+            c.problem("server.pid_file", why);
+            false
+        }
+        None => true,
     }
 }
 

@@ -54,7 +54,7 @@ pub use rollout::{Rollout, RolloutCommand, RolloutState, Verdict, WindowRecord};
 pub use route::{Pick, Route, Routing};
 pub use select::smooth_sequence;
 pub use snapshot::{Backend, BackendState, Snapshot, Upstream};
-pub use state::{Change, Rejection, RuntimeState, STATE_FORMAT};
+pub use state::{Change, Live, Rejection, RuntimeState, STATE_FORMAT};
 pub use state_file::StateFile;
 pub use stats::{PairStats, StatsReading, Window};
 pub use upstream_tls::{load_upstream_tls, UpstreamCas};
@@ -232,15 +232,9 @@ impl Pool {
             ));
         }
         let current = self.current.load_full();
-        let in_flight = |upstream: &str, address| {
-            current
-                .upstream(upstream)
-                .and_then(|u| u.backends.iter().find(|b| b.live.address == address))
-                .map_or(0, |b| b.live.in_flight())
-        };
         let next = desired
             .state
-            .with_change(&desired.config, change, in_flight)?;
+            .with_change(&desired.config, change, &*current)?;
         let mut unsaved = None;
         if let Some(store) = &self.store {
             match store.save(&next) {
@@ -305,6 +299,11 @@ impl Pool {
     /// A route's current or last rollout.
     pub fn rollout(&self, route: &str) -> Option<Rollout> {
         self.lock().state.rollouts.get(route).cloned()
+    }
+
+    /// The runtime state on top of the config file (what the state file holds).
+    pub fn runtime_state(&self) -> RuntimeState {
+        self.lock().state.clone()
     }
 
     /// Every route's current or last rollout, by route name.
@@ -478,6 +477,30 @@ impl Pool {
     fn swap(&self, next: Snapshot) {
         self.current.store(Arc::new(next));
         self.version.send_modify(|v| *v += 1);
+    }
+}
+
+/// The live side of the current snapshot's backends: a backend it does not have has nothing
+/// in flight and counts as healthy (it was just added and is not checked yet).
+impl Live for &Snapshot {
+    fn in_flight(&self, upstream: &str, address: std::net::SocketAddr) -> usize {
+        self.backend_live(upstream, address)
+            .map_or(0, |b| b.in_flight())
+    }
+
+    fn healthy(&self, upstream: &str, address: std::net::SocketAddr) -> bool {
+        self.backend_live(upstream, address)
+            .is_none_or(|b| b.is_healthy())
+    }
+}
+
+impl Snapshot {
+    fn backend_live(&self, upstream: &str, address: std::net::SocketAddr) -> Option<&BackendLive> {
+        self.upstream(upstream)?
+            .backends
+            .iter()
+            .find(|b| b.live.address == address)
+            .map(|b| &*b.live)
     }
 }
 

@@ -654,7 +654,7 @@ mod tests {
         config: &Config,
         change: &Change,
     ) -> Result<RuntimeState, Rejection> {
-        state.with_change(config, change, |_, _| 0)
+        state.with_change(config, change, |_: &str, _| 0)
     }
 
     fn command(command: RolloutCommand) -> Change {

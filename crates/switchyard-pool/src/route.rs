@@ -588,7 +588,7 @@ mod tests {
                 weight: None,
                 timeout: None,
             };
-            state = state.with_change(&config, &retire, |_, _| 0).unwrap();
+            state = state.with_change(&config, &retire, |_: &str, _| 0).unwrap();
         }
         let retiring = Snapshot::build(
             &config,

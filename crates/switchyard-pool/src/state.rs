@@ -171,6 +171,20 @@ pub enum Change {
         upstream: String,
         address: SocketAddr,
     },
+    /// Sets the weight and/or state of every backend of an upstream at once. Refused when it
+    /// would leave a route that has an available upstream now with none (that route would
+    /// answer 503), unless `force`.
+    UpdateUpstream {
+        upstream: String,
+        weight: Option<u32>,
+        state: Option<BackendState>,
+        force: bool,
+    },
+    /// Drops every split, backend weight and state, added and removed backend set at run time:
+    /// the config file alone rules again. Records of ended rollouts stay (they steer nothing).
+    /// Refused while a rollout runs, and when it would remove an added backend that is still
+    /// active or has requests in flight (the rule of `RemoveBackend`).
+    ResetState,
     /// Starts a rollout on a route: its split is rescaled and from then on the rollout's.
     StartRollout {
         route: String,
@@ -207,6 +221,25 @@ impl std::fmt::Display for Rejection {
             | Rejection::Conflict(m)
             | Rejection::Storage(m) => f.write_str(m),
         }
+    }
+}
+
+/// What a change is checked against beyond config and state: the live side of each backend.
+pub trait Live {
+    /// Requests `upstream`'s backend `address` has in flight (removal waits for none).
+    fn in_flight(&self, upstream: &str, address: SocketAddr) -> usize;
+
+    /// Whether its health check (or passive check) holds it healthy; a backend never
+    /// checked is.
+    fn healthy(&self, _upstream: &str, _address: SocketAddr) -> bool {
+        true
+    }
+}
+
+/// A closure telling the in-flight count; every backend healthy.
+impl<F: Fn(&str, SocketAddr) -> usize> Live for F {
+    fn in_flight(&self, upstream: &str, address: SocketAddr) -> usize {
+        self(upstream, address)
     }
 }
 
@@ -266,14 +299,16 @@ impl RuntimeState {
         out
     }
 
-    /// The state with `change` applied, or why not. `in_flight` tells how many requests a
-    /// backend has in flight (for removal).
+    /// The state with `change` applied, or why not. `live` tells how many requests a
+    /// backend has in flight (for removal) and whether it is healthy (for whole-upstream
+    /// changes).
     pub fn with_change(
         &self,
         config: &Config,
         change: &Change,
-        in_flight: impl Fn(&str, SocketAddr) -> usize,
+        live: impl Live,
     ) -> Result<RuntimeState, Rejection> {
+        let in_flight = |upstream: &str, address| live.in_flight(upstream, address);
         let mut next = self.clone();
         match change {
             Change::SetSplit { route, split } => {
@@ -451,9 +486,162 @@ impl RuntimeState {
                     changes.removed.insert(*address);
                 }
             }
+            Change::UpdateUpstream {
+                upstream,
+                weight,
+                state,
+                force,
+            } => {
+                self.upstream_exists(config, upstream)?;
+                if weight.is_none() && state.is_none() {
+                    return Err(Rejection::Invalid(
+                        "give \"state\" and/or \"weight\" to change".into(),
+                    ));
+                }
+                if state.is_some_and(|s| s.retiring_until().is_some()) {
+                    return Err(Rejection::Invalid(
+                        "state: \"retiring\" is set backend by backend (each keeps its own users); for the whole upstream use \"draining\"".into(),
+                    ));
+                }
+                for backend in self.backends(config, upstream) {
+                    next.update_backend(config, upstream, backend.address, *weight, *state)?;
+                }
+                if !force {
+                    if let Some(route) = self.route_left_without_upstream(config, &next, &live) {
+                        return Err(Rejection::Conflict(format!(
+                            "route {route:?} would have no upstream with an available backend and answer 503: {upstream:?} is the last one it has; send \"force\": true to do it anyway"
+                        )));
+                    }
+                }
+            }
+            Change::ResetState => {
+                if let Some((route, rollout)) =
+                    self.rollouts.iter().find(|(_, r)| r.state.is_active())
+                {
+                    return Err(Rejection::Conflict(format!(
+                        "route {route:?} has a rollout running: {}; abort or promote it first (POST /api/v1/routes/{route}/rollout/abort or .../promote), then reset",
+                        rollout.describe()
+                    )));
+                }
+                for (upstream, changes) in &self.upstreams {
+                    for added in &changes.added {
+                        let address = added.address;
+                        if !matches!(added.state, BackendState::Draining | BackendState::Disabled) {
+                            return Err(Rejection::Conflict(format!(
+                                "upstream {upstream:?} backend {address} was added at run time and is {}: a reset removes it; set it to \"draining\" first, and reset once it has no requests in flight",
+                                added.state.as_str()
+                            )));
+                        }
+                        let busy = in_flight(upstream, address);
+                        if busy > 0 {
+                            return Err(Rejection::Conflict(format!(
+                                "upstream {upstream:?} backend {address} was added at run time and still has {busy} requests in flight; a reset removes it: retry when it has none"
+                            )));
+                        }
+                    }
+                }
+                next.splits.clear();
+                next.upstreams.clear();
+            }
         }
         next.upstreams.retain(|_, c| !c.is_empty());
         Ok(next)
+    }
+
+    /// A route that has an upstream with an available backend (active, weight above 0,
+    /// healthy) in this state, and none in `next`.
+    fn route_left_without_upstream<'a>(
+        &self,
+        config: &'a Config,
+        next: &RuntimeState,
+        live: &impl Live,
+    ) -> Option<&'a str> {
+        let serves = |state: &RuntimeState, route: &str| {
+            state
+                .split(config, route)
+                .unwrap_or_default()
+                .iter()
+                .filter(|(_, weight)| *weight > 0)
+                .any(|(upstream, _)| {
+                    state.backends(config, upstream).iter().any(|b| {
+                        b.state == BackendState::Active
+                            && b.weight > 0
+                            && live.healthy(upstream, b.address)
+                    })
+                })
+        };
+        config
+            .routes
+            .iter()
+            .find(|r| serves(self, &r.name) && !serves(next, &r.name))
+            .map(|r| r.name.as_str())
+    }
+
+    /// Every runtime change this state makes to `config`, one line each, for a reset's
+    /// answer and event.
+    pub fn overrides(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (route, o) in &self.splits {
+            let split: Vec<String> = o.split.iter().map(|(u, w)| format!("{u} {w}")).collect();
+            out.push(format!("route {route} split {}", split.join(", ")));
+        }
+        for (upstream, changes) in &self.upstreams {
+            for (address, change) in &changes.changed {
+                let mut what = Vec::new();
+                if let Some(w) = change.weight {
+                    what.push(format!("weight {w}"));
+                }
+                if let Some(s) = change.state {
+                    what.push(s.as_str().to_string());
+                }
+                out.push(format!(
+                    "upstream {upstream} backend {address} {}",
+                    what.join(" ")
+                ));
+            }
+            for added in &changes.added {
+                out.push(format!(
+                    "upstream {upstream} backend {} added (weight {} {})",
+                    added.address,
+                    added.weight,
+                    added.state.as_str()
+                ));
+            }
+            for address in &changes.removed {
+                out.push(format!("upstream {upstream} backend {address} removed"));
+            }
+        }
+        out
+    }
+
+    /// `config` as this state makes it: every route's split and every upstream's backends
+    /// (weights, added, removed) as they are now. Backend states have no place in the file;
+    /// [`RuntimeState::backends`] tells them.
+    pub fn effective_config(&self, config: &Config) -> Config {
+        let mut out = config.clone();
+        for route in &mut out.routes {
+            if let Some(o) = self.splits.get(&route.name) {
+                route.split = o
+                    .split
+                    .iter()
+                    .map(|(upstream, weight)| switchyard_config::SplitWeight {
+                        upstream: upstream.clone(),
+                        weight: *weight,
+                    })
+                    .collect();
+            }
+        }
+        for upstream in &mut out.upstreams {
+            upstream.backends = self
+                .backends(config, &upstream.name)
+                .into_iter()
+                .map(|b| switchyard_config::Backend {
+                    address: b.address,
+                    weight: b.weight,
+                })
+                .collect();
+        }
+        out
     }
 
     /// Sets a backend's weight and/or state, as a change of the file's backend or of an
@@ -841,6 +1029,49 @@ pub(crate) fn change_event(
             .upstream(upstream)
             .backend(address)
             .after(after)
+        }
+        Change::UpdateUpstream { upstream, .. } => {
+            let all = |state: &RuntimeState| {
+                let backends = state.backends(config, upstream);
+                let text = backends
+                    .iter()
+                    .map(|b| format!("{} weight {} {}", b.address, b.weight, b.state.as_str()))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let json: serde_json::Map<String, serde_json::Value> = backends
+                    .iter()
+                    .map(|b| {
+                        (
+                            b.address.to_string(),
+                            serde_json::json!({ "weight": b.weight, "state": b.state.as_str() }),
+                        )
+                    })
+                    .collect();
+                (text, serde_json::Value::Object(json))
+            };
+            let (was, before) = all(before);
+            let (now, after) = all(after);
+            Draft::new(
+                source,
+                "upstream_changed",
+                format!("upstream {upstream}: every backend set at once: {now} (was {was})"),
+            )
+            .upstream(upstream)
+            .before(before)
+            .after(after)
+        }
+        Change::ResetState => {
+            let dropped = before.overrides();
+            let message = if dropped.is_empty() {
+                "runtime state reset: there was none; the config file rules".to_string()
+            } else {
+                format!(
+                    "runtime state reset, the config file rules again; dropped: {}",
+                    dropped.join("; ")
+                )
+            };
+            Draft::new(source, "state_reset", message)
+                .before(serde_json::json!({ "dropped": dropped }))
         }
         Change::RemoveBackend { upstream, address } => {
             let (was, before) = backend(before, upstream, *address);

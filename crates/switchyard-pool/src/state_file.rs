@@ -626,7 +626,7 @@ mod tests {
                 ),
             };
             let state = RuntimeState::default()
-                .with_change(&config, &start, |_, _| 0)
+                .with_change(&config, &start, |_: &str, _| 0)
                 .expect("started");
             file.save(&state).expect("save");
             let back = file.load().expect("load");

@@ -1398,3 +1398,229 @@ fn the_pool_records_each_change_once_with_its_source_and_nothing_for_a_refusal()
     assert_eq!(events[5].after, Some(json!({"healthy": false})));
     assert_eq!(pool.events().last_id(), 7);
 }
+
+/// The blue/green config with blue's backend 9001 healthy or not, for whole-upstream changes.
+struct Health {
+    blue_healthy: bool,
+}
+
+impl crate::Live for &Health {
+    fn in_flight(&self, _: &str, _: SocketAddr) -> usize {
+        0
+    }
+
+    fn healthy(&self, upstream: &str, _: SocketAddr) -> bool {
+        upstream != "blue" || self.blue_healthy
+    }
+}
+
+fn whole_upstream(upstream: &str, state: BackendState, force: bool) -> Change {
+    Change::UpdateUpstream {
+        upstream: upstream.into(),
+        weight: None,
+        state: Some(state),
+        force,
+    }
+}
+
+#[test]
+fn a_whole_upstream_drains_at_once_unless_it_is_a_routes_last() {
+    let config = blue_green();
+    let healthy = &Health { blue_healthy: true };
+    let last = |route: &str, upstream: &str| {
+        Err(Rejection::Conflict(format!(
+            "route \"{route}\" would have no upstream with an available backend and answer 503: \"{upstream}\" is the last one it has; send \"force\": true to do it anyway"
+        )))
+    };
+    let none = RuntimeState::default();
+    let set = |s: &RuntimeState, upstream: &str, to, force, live: &Health| {
+        s.with_change(&config, &whole_upstream(upstream, to, force), live)
+    };
+    let states = |s: &RuntimeState, upstream: &str| -> Vec<BackendState> {
+        s.backends(&config, upstream)
+            .iter()
+            .map(|b| b.state)
+            .collect()
+    };
+    use BackendState::{Active, Disabled, Draining};
+    // Route api has green alone.
+    assert_eq!(
+        set(&none, "green", Draining, false, healthy),
+        last("api", "green")
+    );
+    // Route web keeps green when blue goes.
+    let s = set(&none, "blue", Disabled, false, healthy).unwrap();
+    assert_eq!(states(&s, "blue"), [Disabled]);
+    let forced = set(&s, "green", Draining, true, healthy).unwrap();
+    assert_eq!(states(&forced, "green"), [Draining]);
+    // Routes that answer 503 already are not made worse by another change.
+    assert!(set(&forced, "blue", Draining, false, healthy).is_ok());
+    // Health counts: with blue unhealthy, green is the last of both routes.
+    let sick = &Health {
+        blue_healthy: false,
+    };
+    let api_ok = Change::SetSplit {
+        route: "api".into(),
+        split: [("blue".to_string(), 1), ("green".to_string(), 1)].into(),
+    };
+    let both = none.with_change(&config, &api_ok, sick).unwrap();
+    assert_eq!(
+        set(&both, "green", Disabled, false, sick),
+        last("api", "green")
+    );
+    // Weight 0 for all takes them out as well; active brings them back.
+    let zero = Change::UpdateUpstream {
+        upstream: "green".into(),
+        weight: Some(0),
+        state: None,
+        force: false,
+    };
+    assert_eq!(
+        none.with_change(&config, &zero, healthy),
+        last("api", "green")
+    );
+    let back = set(&forced, "green", Active, false, healthy).unwrap();
+    assert_eq!(states(&back, "green"), [Active]);
+    for (change, want) in [
+        (
+            whole_upstream("purple", BackendState::Draining, false),
+            Rejection::NotFound("no upstream named \"purple\"".into()),
+        ),
+        (
+            Change::UpdateUpstream {
+                upstream: "blue".into(),
+                weight: None,
+                state: None,
+                force: false,
+            },
+            Rejection::Invalid("give \"state\" and/or \"weight\" to change".into()),
+        ),
+        (
+            Change::UpdateUpstream {
+                upstream: "blue".into(),
+                weight: Some(1001),
+                state: None,
+                force: false,
+            },
+            Rejection::Invalid("weight: 1001 is out of range 0..=1000".into()),
+        ),
+    ] {
+        assert_eq!(none.with_change(&config, &change, healthy), Err(want));
+    }
+}
+
+#[test]
+fn a_reset_drops_every_runtime_change_but_not_a_busy_added_backend() {
+    let config = blue_green();
+    let idle = |_: &str, _: SocketAddr| 0;
+    let busy = |_: &str, _: SocketAddr| 1;
+    let changes = [
+        Change::SetSplit {
+            route: "web".into(),
+            split: [("blue".to_string(), 1), ("green".to_string(), 3)].into(),
+        },
+        Change::UpdateBackend {
+            upstream: "blue".into(),
+            address: addr(9001),
+            weight: Some(5),
+            state: Some(BackendState::Draining),
+        },
+        Change::AddBackend {
+            upstream: "green".into(),
+            address: addr(9004),
+            weight: Some(2),
+        },
+    ];
+    let mut s = RuntimeState::default();
+    for change in &changes {
+        s = s.with_change(&config, change, idle).unwrap();
+    }
+    assert_eq!(
+        s.overrides(),
+        [
+            "route web split blue 1, green 3",
+            "upstream blue backend 127.0.0.1:9001 weight 5 draining",
+            "upstream green backend 127.0.0.1:9004 added (weight 2 active)",
+        ]
+    );
+    // The added backend still takes traffic: the reset would cut it off.
+    assert_eq!(
+        s.with_change(&config, &Change::ResetState, idle),
+        Err(Rejection::Conflict(
+            "upstream \"green\" backend 127.0.0.1:9004 was added at run time and is active: a reset removes it; set it to \"draining\" first, and reset once it has no requests in flight".into()
+        ))
+    );
+    let drain_added = Change::UpdateBackend {
+        upstream: "green".into(),
+        address: addr(9004),
+        weight: None,
+        state: Some(BackendState::Draining),
+    };
+    let s = s.with_change(&config, &drain_added, idle).unwrap();
+    assert_eq!(
+        s.with_change(&config, &Change::ResetState, busy),
+        Err(Rejection::Conflict(
+            "upstream \"green\" backend 127.0.0.1:9004 was added at run time and still has 1 requests in flight; a reset removes it: retry when it has none".into()
+        ))
+    );
+    let reset = s.with_change(&config, &Change::ResetState, idle).unwrap();
+    assert_eq!(reset, RuntimeState::default());
+    assert!(reset.overrides().is_empty());
+    // The events say what was dropped.
+    let events =
+        crate::state::change_event(&config, &s, &reset, &Change::ResetState, crate::Source::Api);
+    assert_eq!(events.len(), 1);
+    assert!(
+        events[0].message().starts_with(
+            "runtime state reset, the config file rules again; dropped: route web split blue 1, green 3; "
+        ),
+        "{}",
+        events[0].message()
+    );
+}
+
+#[test]
+fn the_effective_config_is_the_file_with_the_runtime_state() {
+    let config = blue_green();
+    let idle = |_: &str, _: SocketAddr| 0;
+    let s = RuntimeState::default()
+        .with_change(
+            &config,
+            &Change::SetSplit {
+                route: "web".into(),
+                split: [("blue".to_string(), 9), ("green".to_string(), 1)].into(),
+            },
+            idle,
+        )
+        .and_then(|s| {
+            s.with_change(
+                &config,
+                &Change::AddBackend {
+                    upstream: "blue".into(),
+                    address: addr(9005),
+                    weight: Some(4),
+                },
+                idle,
+            )
+        })
+        .unwrap();
+    let effective = s.effective_config(&config);
+    let yaml = effective.to_yaml();
+    assert_eq!(Config::from_yaml(&yaml).as_ref(), Ok(&effective), "{yaml}");
+    let web = effective.routes.iter().find(|r| r.name == "web").unwrap();
+    assert_eq!(
+        web.split
+            .iter()
+            .map(|w| (w.upstream.as_str(), w.weight))
+            .collect::<Vec<_>>(),
+        [("blue", 9), ("green", 1)]
+    );
+    let blue = effective.upstream("blue").unwrap();
+    assert_eq!(
+        blue.backends
+            .iter()
+            .map(|b| (b.address, b.weight))
+            .collect::<Vec<_>>(),
+        [(addr(9001), 1), (addr(9005), 4)]
+    );
+}

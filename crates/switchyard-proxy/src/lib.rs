@@ -338,8 +338,9 @@ impl ProxyHttp for Proxy {
         match upstream.pick_backend(&request, Some(ctx.backend)) {
             Some(next) => {
                 log::warn!(
-                    "upstream {}: connect to {peer} failed ({}), retrying on {}",
+                    "upstream {}: connect to {} failed ({}), retrying on {}",
                     upstream.name,
+                    failed.live.address,
                     e.etype().as_str(),
                     upstream.backends[next].live.address
                 );

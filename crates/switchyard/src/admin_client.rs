@@ -1,10 +1,10 @@
-//! The admin API as the `status` and `rollout` commands reach it: where it listens and which
-//! token it wants (both from the config file the running instance was started with), and what
-//! a refusal means. One request per call, over [`crate::http_client`].
+//! The admin API as the commands that steer a running instance reach it: where it listens and
+//! which token it wants (both from the config file the running instance was started with), and
+//! what a refusal means. One request per call, over [`crate::http_client`].
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use switchyard_admin::Token;
@@ -15,14 +15,22 @@ use crate::http_client;
 pub struct AdminClient {
     /// Where we dial: the configured address, on loopback when that is a wildcard.
     addr: SocketAddr,
+    /// `admin.address` as the config has it, and the config's path: an unreachable API is
+    /// explained with both.
+    configured: SocketAddr,
+    config_path: PathBuf,
     /// `Bearer <token>` when the config names a token file.
     authorization: Option<String>,
 }
 
 #[derive(Debug)]
 pub enum ApiError {
-    /// The request got no answer (nothing listens, timeout, a broken connection).
-    Unreachable(http_client::Error),
+    /// The request got no answer (nothing listens, timeout, a broken connection); `hint`
+    /// says where the address came from and what to check.
+    Unreachable {
+        error: http_client::Error,
+        hint: String,
+    },
     /// The API answered with a 4xx or 5xx; `message` is its `error` field.
     Refused { status: u16, message: String },
     /// A success whose body is not JSON.
@@ -32,7 +40,9 @@ pub enum ApiError {
 impl fmt::Display for ApiError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ApiError::Unreachable(e) => write!(f, "the admin API is unreachable: {e}"),
+            ApiError::Unreachable { error, hint } => {
+                write!(f, "the admin API is unreachable: {error}; {hint}")
+            }
             ApiError::Refused { status, message } => write!(f, "{message} (HTTP {status})"),
             ApiError::NotJson { path, why } => {
                 write!(f, "the admin API's answer to {path} is not JSON: {why}")
@@ -48,11 +58,13 @@ impl AdminClient {
     /// file that stands in the way.
     pub fn from_config(config_path: &Path) -> Result<AdminClient, String> {
         let config = Config::load(config_path).map_err(|problems| problems.to_string())?;
-        let Some(admin) = config.admin else {
-            return Err(format!(
-                "{} has no admin section: status and rollout talk to the admin API it names",
-                config_path.display()
-            ));
+        AdminClient::for_config(config_path, &config)
+    }
+
+    /// The admin API of `config`, read from `config_path`.
+    pub fn for_config(config_path: &Path, config: &Config) -> Result<AdminClient, String> {
+        let Some(admin) = &config.admin else {
+            return Err(no_admin_section(config_path));
         };
         let authorization = match &admin.token_file {
             Some(file) => Some(format!("Bearer {}", Token::read_text(file)?)),
@@ -60,6 +72,8 @@ impl AdminClient {
         };
         Ok(AdminClient {
             addr: dial_address(admin.address),
+            configured: admin.address,
+            config_path: config_path.to_path_buf(),
             authorization,
         })
     }
@@ -72,6 +86,37 @@ impl AdminClient {
         self.call("POST", path, body)
     }
 
+    pub fn put(&self, path: &str, body: &Value) -> Result<Value, ApiError> {
+        self.call("PUT", path, Some(body))
+    }
+
+    pub fn patch(&self, path: &str, body: &Value) -> Result<Value, ApiError> {
+        self.call("PATCH", path, Some(body))
+    }
+
+    pub fn delete(&self, path: &str) -> Result<Value, ApiError> {
+        self.call("DELETE", path, None)
+    }
+
+    /// The address dialled.
+    pub fn address(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Where the dialled address came from, and what to check when nothing answers there.
+    fn unreachable_hint(&self) -> String {
+        let config = self.config_path.display();
+        let whence = if self.addr == self.configured {
+            format!("{} is admin.address in {config}", self.addr)
+        } else {
+            format!(
+                "admin.address in {config} is {}, a wildcard, dialled on loopback as {}",
+                self.configured, self.addr
+            )
+        };
+        format!("{whence}; is `switchyard run --config {config}` running with this config?")
+    }
+
     fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, ApiError> {
         let body = body.map(|b| b.to_string().into_bytes());
         let headers: Vec<(&str, &str)> = self
@@ -81,9 +126,20 @@ impl AdminClient {
             .into_iter()
             .collect();
         let response = http_client::request(self.addr, method, path, &headers, body.as_deref())
-            .map_err(ApiError::Unreachable)?;
+            .map_err(|error| ApiError::Unreachable {
+                error,
+                hint: self.unreachable_hint(),
+            })?;
         judge(path, response)
     }
+}
+
+/// Said when the config has no admin API to talk to.
+pub fn no_admin_section(config_path: &Path) -> String {
+    format!(
+        "{} has no admin section, so the instance it runs has no admin API for this command; add one (admin: {{address: 127.0.0.1:9000}}) and restart it",
+        config_path.display()
+    )
 }
 
 /// A success's JSON, or the refusal with the API's own words.
@@ -150,6 +206,24 @@ mod tests {
             let configured: SocketAddr = configured.parse().expect("address");
             assert_eq!(dial_address(configured).to_string(), dialled);
         }
+    }
+
+    #[test]
+    fn an_unreachable_api_says_where_the_address_came_from() {
+        let client = |configured: &str| AdminClient {
+            addr: dial_address(configured.parse().expect("address")),
+            configured: configured.parse().expect("address"),
+            config_path: PathBuf::from("/etc/switchyard/switchyard.yaml"),
+            authorization: None,
+        };
+        assert_eq!(
+            client("127.0.0.1:9000").unreachable_hint(),
+            "127.0.0.1:9000 is admin.address in /etc/switchyard/switchyard.yaml; is `switchyard run --config /etc/switchyard/switchyard.yaml` running with this config?"
+        );
+        assert_eq!(
+            client("0.0.0.0:9000").unreachable_hint(),
+            "admin.address in /etc/switchyard/switchyard.yaml is 0.0.0.0:9000, a wildcard, dialled on loopback as 127.0.0.1:9000; is `switchyard run --config /etc/switchyard/switchyard.yaml` running with this config?"
+        );
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! The command line, declared with clap's derive: every subcommand gets its own `--help`, and
 //! usage errors exit 2 with clap's message naming the argument. What the commands do lives in
-//! `main.rs` (run, check, demo) and `remote.rs` (status, rollout).
+//! `main.rs` (run, check, demo), `remote.rs` (status, rollout), `steer.rs` (split, backend,
+//! upstream, reload, events, state), `effective.rs` (config) and `docs.rs` (completions, man).
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::net::SocketAddr;
 
 /// Where `status` and `rollout` look for the config when neither `--config` nor
 /// `SWITCHYARD_CONFIG` names one: the path the systemd unit in `deploy/` runs with.
@@ -47,9 +49,158 @@ pub enum Command {
     /// Start, watch and steer a route's rollout (canary with analysis)
     #[command(subcommand)]
     Rollout(Rollout),
+    /// Replace a route's split: `switchyard split web blue=90 green=10`
+    Split(SplitArgs),
+    /// Drain, disable, enable, reweight, add or remove one backend of an upstream
+    #[command(subcommand)]
+    Backend(Backend),
+    /// Drain, disable or enable every backend of an upstream at once
+    #[command(subcommand)]
+    Upstream(Upstream),
+    /// Re-read the config file of the running instance (as SIGHUP does)
+    Reload {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// What changed, oldest first: admin changes, reloads, health, rollouts
+    Events(EventsArgs),
+    /// The runtime state on top of the config file (splits, backend changes)
+    #[command(subcommand)]
+    State(State),
+    /// Print the effective config (the file, its defaults and the runtime state), as nginx -T
+    Config {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Print a shell completion script: `switchyard completions bash > /etc/bash_completion.d/switchyard`
+    Completions {
+        /// The shell
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+    /// Print the man page (roff): `switchyard man | man -l -`
+    Man,
     /// Print the version (as --version does)
     #[command(hide = true)]
     Version,
+}
+
+/// The shells `completions` writes for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Shell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+#[derive(Debug, Args)]
+pub struct SplitArgs {
+    /// The route's name
+    pub route: String,
+    /// The whole new split, UPSTREAM=WEIGHT each (weights 0..=10000, relative)
+    #[arg(value_name = "UPSTREAM=WEIGHT", required = true, value_parser = upstream_weight)]
+    pub weights: Vec<(String, u32)>,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Backend {
+    /// No new requests; those in flight finish (state draining)
+    Drain(OnBackend),
+    /// No requests at all, kept in the list (state disabled)
+    Disable(OnBackend),
+    /// Take traffic again (state active)
+    Enable(OnBackend),
+    /// Set the backend's weight (0..=1000; 0 takes no new requests)
+    Weight(BackendWeight),
+    /// Add a backend (health-checked first when the upstream has a check)
+    Add(AddBackend),
+    /// Remove a backend; it must be draining or disabled, with nothing in flight
+    Remove(OnBackend),
+}
+
+#[derive(Debug, Args)]
+pub struct OnBackend {
+    /// The upstream's name
+    pub upstream: String,
+    /// The backend's address, IP:port
+    pub address: SocketAddr,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct BackendWeight {
+    /// The upstream's name
+    pub upstream: String,
+    /// The backend's address, IP:port
+    pub address: SocketAddr,
+    /// The new weight, 0..=1000
+    pub weight: u32,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct AddBackend {
+    /// The upstream's name
+    pub upstream: String,
+    /// The new backend's address, IP:port
+    pub address: SocketAddr,
+    /// Its weight, 0..=1000 (default: the config file's for a backend it lists, else 1)
+    #[arg(long, value_name = "N")]
+    pub weight: Option<u32>,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Upstream {
+    /// Drain every backend: no new requests, those in flight finish
+    Drain(OnUpstream),
+    /// Disable every backend
+    Disable(OnUpstream),
+    /// Make every backend active again
+    Enable(OnUpstream),
+}
+
+#[derive(Debug, Args)]
+pub struct OnUpstream {
+    /// The upstream's name
+    pub upstream: String,
+    /// Do it even when a route is left with no upstream to serve it (it answers 503)
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Only the events after this id (follow the log by passing the last id seen)
+    #[arg(long, value_name = "ID")]
+    pub since: Option<u64>,
+    /// At most this many (1..=1000; without --since, the newest)
+    #[arg(long, value_name = "N")]
+    pub limit: Option<u32>,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum State {
+    /// The runtime changes on top of the config file, as the state file holds them
+    Show {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Drop every runtime change (splits, weights, states, added and removed backends): the
+    /// config file alone rules again
+    Reset {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
 }
 
 /// The config file of `run` and `check`: required, from the flag or the environment.
@@ -65,7 +216,8 @@ pub struct ConfigFile {
     pub path: PathBuf,
 }
 
-/// How `status` and `rollout` find the admin API, and how they print what it says.
+/// How the commands that talk to a running instance find its admin API (and `config` its
+/// state file), and how they print what it says.
 #[derive(Debug, Args)]
 pub struct ApiArgs {
     /// The config file naming the admin API (its address and token file)
@@ -168,6 +320,21 @@ impl OnFailure {
 /// A duration as the config spells it (`500ms`, `1m`); kept as text, the API reads the same.
 fn duration(text: &str) -> Result<String, String> {
     switchyard_config::parse_duration(text).map(|_| text.trim().to_string())
+}
+
+/// `blue=90`: an upstream and its split weight.
+fn upstream_weight(text: &str) -> Result<(String, u32), String> {
+    let (upstream, weight) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not UPSTREAM=WEIGHT (e.g. blue=90)"))?;
+    if upstream.is_empty() {
+        return Err(format!("{text:?} names no upstream (e.g. blue=90)"));
+    }
+    let weight = weight
+        .trim()
+        .parse::<u32>()
+        .map_err(|_| format!("{text:?}: the weight must be a whole number (e.g. blue=90)"))?;
+    Ok((upstream.to_string(), weight))
 }
 
 /// A step percentage: a number, fractions allowed. Order and range are the API's to judge.
@@ -338,6 +505,84 @@ mod tests {
         assert_eq!(start.max_latency_ratio, Some(1.5));
         assert_eq!(start.on_failure, Some(OnFailure::Pause));
         assert!(start.api.json);
+    }
+
+    /// Every subcommand, nested ones too, answers `--help` with its usage and exit 0.
+    #[test]
+    fn every_subcommand_has_help() {
+        use clap::CommandFactory;
+        fn walk(command: &clap::Command, path: Vec<String>, out: &mut Vec<Vec<String>>) {
+            for sub in command.get_subcommands() {
+                let mut path = path.clone();
+                path.push(sub.get_name().to_string());
+                out.push(path.clone());
+                walk(sub, path, out);
+            }
+        }
+        let mut all = Vec::new();
+        walk(&Cli::command(), Vec::new(), &mut all);
+        assert!(all.len() > 25, "{all:?}");
+        for path in all {
+            let mut argv = vec!["switchyard".to_string()];
+            argv.extend(path.iter().cloned());
+            argv.push("--help".into());
+            let e = Cli::try_parse_from(&argv).expect_err("clap answers --help itself");
+            assert_eq!(e.kind(), ErrorKind::DisplayHelp, "{path:?}");
+            assert_eq!(e.exit_code(), 0, "{path:?}");
+            let usage = format!("Usage: switchyard {}", path.join(" "));
+            assert!(e.to_string().contains(&usage), "{path:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_new_commands_parse() {
+        without_env(|| {
+            match parse("split web blue=90 green=10 --json") {
+                Ok(Command::Split(split)) => {
+                    assert_eq!(split.route, "web");
+                    assert_eq!(split.weights, [("blue".into(), 90), ("green".into(), 10)]);
+                    assert!(split.api.json);
+                }
+                other => panic!("{other:?}"),
+            }
+            match parse("backend weight blue 127.0.0.1:9001 5") {
+                Ok(Command::Backend(Backend::Weight(w))) => {
+                    assert_eq!((w.upstream.as_str(), w.weight), ("blue", 5));
+                    assert_eq!(w.address.to_string(), "127.0.0.1:9001");
+                }
+                other => panic!("{other:?}"),
+            }
+            assert!(matches!(
+                parse("upstream drain green --force"),
+                Ok(Command::Upstream(Upstream::Drain(OnUpstream {
+                    force: true,
+                    ..
+                })))
+            ));
+            match parse("events --since 4 --limit 10") {
+                Ok(Command::Events(e)) => assert_eq!((e.since, e.limit), (Some(4), Some(10))),
+                other => panic!("{other:?}"),
+            }
+            assert!(matches!(
+                parse("state reset"),
+                Ok(Command::State(State::Reset { .. }))
+            ));
+            assert!(matches!(
+                parse("completions zsh"),
+                Ok(Command::Completions { shell: Shell::Zsh })
+            ));
+            for (args, names) in [
+                ("split web", "<UPSTREAM=WEIGHT>"),
+                ("split web blue", "\"blue\" is not UPSTREAM=WEIGHT"),
+                ("split web blue=x", "the weight must be a whole number"),
+                ("backend drain blue localhost", "invalid value 'localhost'"),
+                ("completions tcsh", "'tcsh'"),
+            ] {
+                let e = parse(args).expect_err(args);
+                assert_eq!(e.exit_code(), 2, "{args}");
+                assert!(e.to_string().contains(names), "{args}: {e}");
+            }
+        });
     }
 
     #[test]

@@ -56,9 +56,11 @@ pub fn run(
     let server_conf = ServerConf {
         threads: config.server.threads,
         upgrade_sock: config.server.upgrade_socket.display().to_string(),
-        // Our drain ends the process as soon as in-flight requests are done; Pingora's own
-        // grace period is only the upper bound behind it.
-        grace_period_seconds: Some(config.server.grace_period.as_secs() + 1),
+        // Our drain ends the process as soon as in-flight requests are done, and at the
+        // latest when server.grace_period is over; Pingora's own grace period is only the
+        // upper bound behind it, a second later so that ours is always the one that ends it
+        // (its log line saying so is withheld, see `logging`).
+        grace_period_seconds: Some(pingora_grace_period(config.server.grace_period)),
         graceful_shutdown_timeout_seconds: Some(1),
         // Pingora counts attempts, not retries, and shares them between our connect retry
         // (once, on another backend; see `fail_to_connect`) and its own retry of a request
@@ -88,6 +90,9 @@ pub fn run(
     // The access log's file too: one that cannot be opened is a start-up error, not a
     // process that serves without the log its operator asked for.
     let access_log = AccessLog::start(config.access_log.as_ref(), &metrics)?;
+    if let Some(path) = &config.server.pid_file {
+        crate::pid_file::check(path)?;
+    }
     crate::limits::raise_open_files(config.server.clients.max_connections)?;
     check_system_roots()?;
     let mut server = Server::new_with_opt_and_conf(opt, server_conf);
@@ -99,6 +104,7 @@ pub fn run(
     let listeners = config.listeners.clone();
     let upgrade_socket = config.server.upgrade_socket.clone();
     let grace_period = config.server.grace_period;
+    let pid_file = config.server.pid_file.clone();
     let client_limits = config.server.clients;
     // Where the runtime state goes for the next process when there is no state file.
     let handover = PathBuf::from(format!(
@@ -201,6 +207,15 @@ pub fn run(
     for service in &listener_services {
         ready.add_dependency(service);
     }
+    if let Some(path) = pid_file {
+        let written = server.add_service(background_service(
+            "pid file",
+            crate::pid_file::WritePidFile(path),
+        ));
+        for service in &listener_services {
+            written.add_dependency(service);
+        }
+    }
 
     if admin_address.is_none() {
         log::warn!(
@@ -281,6 +296,8 @@ pub fn run(
             log::error!("runtime state not handed over: {e}");
         }
     };
+    // Pingora's own exit; ours (the drain's) removes the pid file itself.
+    let _exit = RemovePidFileAtExit;
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals {
             closing,
@@ -291,6 +308,21 @@ pub fn run(
         }),
     });
     Ok(())
+}
+
+/// Pingora's grace period, whole seconds: a second past ours, so that our drain ends the
+/// process first, with its own log line.
+fn pingora_grace_period(grace_period: std::time::Duration) -> u64 {
+    grace_period.as_secs() + 1
+}
+
+/// Removes our pid file however `run` ends.
+struct RemovePidFileAtExit;
+
+impl Drop for RemovePidFileAtExit {
+    fn drop(&mut self) {
+        crate::pid_file::remove_if_ours();
+    }
 }
 
 /// The hardening limits for HTTP/2 clients: the header list as `max_request_header_bytes`

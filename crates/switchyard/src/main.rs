@@ -4,12 +4,16 @@ mod admin_client;
 mod alloc;
 mod cli;
 mod demo;
+mod docs;
+mod effective;
 mod http_client;
 mod launch;
 mod limits;
 mod logging;
+mod pid_file;
 mod remote;
 mod signals;
+mod steer;
 mod systemd;
 mod tables;
 mod upgrade_socket;
@@ -19,7 +23,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use cli::{Cli, Command};
 use switchyard_admin::Token;
-use switchyard_config::Config;
+use switchyard_config::{Config, Problems};
 
 fn main() -> ExitCode {
     let command = match Cli::try_parse() {
@@ -40,6 +44,7 @@ fn main() -> ExitCode {
         } => match Config::load(&config) {
             Ok(loaded) => {
                 let token = loaded.admin.as_ref().and_then(|a| a.token_file.as_deref());
+                // A field path first, as every problem line of `check`.
                 if let Some(Err(problem)) = token.map(Token::read) {
                     eprintln!("{problem}");
                     return ExitCode::from(1);
@@ -64,7 +69,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(problems) => {
-                eprintln!("{problems}");
+                print_problems(&problems);
                 ExitCode::from(1)
             }
         },
@@ -76,7 +81,7 @@ fn main() -> ExitCode {
             let loaded = match Config::load(&config) {
                 Ok(loaded) => loaded,
                 Err(problems) => {
-                    eprintln!("{problems}");
+                    print_problems(&problems);
                     return ExitCode::from(1);
                 }
             };
@@ -88,6 +93,28 @@ fn main() -> ExitCode {
         }
         Command::Status { api } => exit_on_error(remote::status(&api)),
         Command::Rollout(rollout) => exit_on_error(remote::rollout(&rollout)),
+        Command::Split(split) => exit_on_error(steer::split(&split)),
+        Command::Backend(backend) => exit_on_error(steer::backend(&backend)),
+        Command::Upstream(upstream) => exit_on_error(steer::upstream(&upstream)),
+        Command::Reload { api } => exit_on_error(steer::reload(&api)),
+        Command::Events(events) => exit_on_error(steer::events(&events)),
+        Command::State(state) => exit_on_error(steer::state(&state)),
+        Command::Config { api } => exit_on_error(effective::print(&api)),
+        Command::Completions { shell } => exit_on_error(docs::print(&docs::completions(shell))),
+        Command::Man => exit_on_error(docs::man().and_then(|page| docs::print(&page))),
+    }
+}
+
+/// A config's problems, one line each: a problem of a field starts with its path (the
+/// contract's `check` lines), one about the whole file (unreadable, YAML syntax) with
+/// `switchyard:` as every other error line of the binary.
+fn print_problems(problems: &Problems) {
+    for problem in &problems.0 {
+        if problem.path.is_empty() {
+            eprintln!("switchyard: {problem}");
+        } else {
+            eprintln!("{problem}");
+        }
     }
 }
 

@@ -142,6 +142,10 @@ impl BackgroundService for Drain {
             }
         }
         let deadline = Instant::now() + self.grace_period;
+        info!(
+            "{}",
+            drain_started(self.grace_period, self.active.load(Ordering::Acquire))
+        );
         loop {
             if self.connections.settled() {
                 info!("every connection served or closed; exiting");
@@ -150,8 +154,8 @@ impl BackgroundService for Drain {
             if Instant::now() >= deadline {
                 let active = self.active.load(Ordering::Acquire);
                 warn!(
-                    "grace period of {:?} over with {active} requests in flight; exiting",
-                    self.grace_period
+                    "grace period of {} over with {active} requests in flight; exiting",
+                    switchyard_config::format_duration(self.grace_period)
                 );
                 self.exit()
             }
@@ -163,6 +167,7 @@ impl BackgroundService for Drain {
 impl Drain {
     fn exit(&self) -> ! {
         self.access_log.flush(ACCESS_LOG_FLUSH);
+        crate::pid_file::remove_if_ours();
         crate::alloc::report();
         std::process::exit(0)
     }
@@ -171,3 +176,29 @@ impl Drain {
 /// The longest the exit waits for the access log's last lines (a blocked pipe would wait
 /// forever).
 const ACCESS_LOG_FLUSH: Duration = Duration::from_secs(1);
+
+/// The drain's first line: the grace period as configured (Pingora's own line, which says the
+/// second it adds as a backstop, is withheld; see `logging`).
+fn drain_started(grace_period: Duration, active: usize) -> String {
+    format!(
+        "draining: up to {} (server.grace_period) for {active} requests in flight",
+        switchyard_config::format_duration(grace_period)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_drain_says_the_grace_period_as_configured() {
+        assert_eq!(
+            drain_started(Duration::from_secs(30), 3),
+            "draining: up to 30s (server.grace_period) for 3 requests in flight"
+        );
+        assert_eq!(
+            drain_started(Duration::from_millis(1500), 0),
+            "draining: up to 1500ms (server.grace_period) for 0 requests in flight"
+        );
+    }
+}

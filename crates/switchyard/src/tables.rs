@@ -1,4 +1,4 @@
-//! What `status` and `rollout` print for a person: the admin API's JSON as plain text tables
+//! What the commands that talk to a running instance print for a person: the admin API's JSON as plain text tables
 //! with aligned columns (scripts take `--json`). Rendering reads the JSON loosely: a field that
 //! is missing or `null` shows as `-`, so an older or newer server still gives a readable page.
 
@@ -76,9 +76,94 @@ pub fn status(routes: &Value, rollouts: Option<&Value>, upstreams: &Value) -> St
     sections.join("\n")
 }
 
+/// Routes as `status` shows them (`split` prints the one it changed).
+pub fn routes(routes: &[Value]) -> String {
+    routes_rows(routes).render()
+}
+
+/// Upstreams with a row per backend, as `status` shows them.
+pub fn upstreams(upstreams: &[Value]) -> String {
+    upstreams_rows(upstreams).render()
+}
+
+/// One backend as `backend ...` answers it.
+pub fn backend(upstream: &str, backend: &Value) -> String {
+    let mut table = Table::new(&[
+        "UPSTREAM",
+        "BACKEND",
+        "HEALTHY",
+        "STATE",
+        "WEIGHT",
+        "EFFECTIVE_WEIGHT",
+        "IN_FLIGHT",
+    ]);
+    table.row(vec![
+        upstream.to_string(),
+        text(backend, "address"),
+        text(backend, "healthy"),
+        text(backend, "state"),
+        text(backend, "weight"),
+        text(backend, "effective_weight"),
+        text(backend, "in_flight"),
+    ]);
+    table.render()
+}
+
+/// `reload`'s answer: done, and what it could not apply or dropped.
+pub fn reload(answer: &Value) -> String {
+    let mut out = String::from(
+        "config reloaded
+",
+    );
+    for (field, label) in [
+        ("needs_restart", "needs a restart or upgrade"),
+        ("dropped_state", "runtime state dropped"),
+        ("warnings", "warning"),
+    ] {
+        for line in items(answer.get(field).unwrap_or(&Value::Null)) {
+            out.push_str(&format!("{label}: {}\n", plain(line)));
+        }
+    }
+    out
+}
+
+/// `events`: one row per event, oldest first.
+pub fn events(events: &Value) -> String {
+    let events = items(events);
+    if events.is_empty() {
+        return "no events\n".into();
+    }
+    let mut table = Table::new(&["ID", "TIME", "SOURCE", "KIND", "MESSAGE"]);
+    for event in events {
+        table.row(
+            ["id", "time", "source", "kind", "message"]
+                .iter()
+                .map(|field| text(event, field))
+                .collect(),
+        );
+    }
+    table.render()
+}
+
+/// A titled list of runtime changes (`state show`, `state reset`), or that there are none.
+pub fn overrides(title: &str, lines: &[String]) -> String {
+    if lines.is_empty() {
+        return "no runtime changes: the config file rules\n".into();
+    }
+    let mut out = format!("{title}:\n");
+    for line in lines {
+        out.push_str(&format!("  {line}\n"));
+    }
+    out
+}
+
 fn routes_table(routes: &Value) -> Table {
+    routes_rows(items(routes))
+}
+
+fn routes_rows(routes: &[Value]) -> Table {
     let mut table = Table::new(&["ROUTE", "HOST", "PATH", "MATCH", "STICKY", "SPLIT"]);
-    for route in items(routes) {
+    for route in routes {
         table.row(vec![
             text(route, "name"),
             text(route, "host"),
@@ -190,6 +275,10 @@ fn rollouts_table(rollouts: &[Value]) -> Table {
 }
 
 fn upstreams_table(upstreams: &Value) -> Table {
+    upstreams_rows(items(upstreams))
+}
+
+fn upstreams_rows(upstreams: &[Value]) -> Table {
     let mut table = Table::new(&[
         "UPSTREAM",
         "ALGORITHM",
@@ -199,7 +288,7 @@ fn upstreams_table(upstreams: &Value) -> Table {
         "WEIGHT",
         "IN_FLIGHT",
     ]);
-    for upstream in items(upstreams) {
+    for upstream in upstreams {
         let name = text(upstream, "name");
         let algorithm = text(upstream, "algorithm");
         let backends = upstream
@@ -385,6 +474,40 @@ mod tests {
              blue          1\n\
              green-canary  10000   → new\n\
              short\n"
+        );
+    }
+
+    #[test]
+    fn events_backends_and_reloads_read_as_lines() {
+        let events = json!([
+            {"id": 7, "time": "2026-12-01T10:00:00.123Z", "source": "api", "kind": "backend_changed",
+             "message": "upstream blue backend 127.0.0.1:9001 set to weight 1 draining (was weight 1 active)"},
+            {"id": 8, "time": "2026-12-01T10:00:01.000Z", "source": "reload", "kind": "reloaded", "message": "config reloaded: no route or upstream changed"}
+        ]);
+        assert_eq!(
+            super::events(&events),
+            "ID  TIME                      SOURCE  KIND             MESSAGE\n\
+             7   2026-12-01T10:00:00.123Z  api     backend_changed  upstream blue backend 127.0.0.1:9001 set to weight 1 draining (was weight 1 active)\n\
+             8   2026-12-01T10:00:01.000Z  reload  reloaded         config reloaded: no route or upstream changed\n"
+        );
+        assert_eq!(super::events(&json!([])), "no events\n");
+        let b = json!({"address": "127.0.0.1:9001", "weight": 5, "effective_weight": 5, "healthy": true, "state": "draining", "in_flight": 0});
+        assert_eq!(
+            backend("blue", &b),
+            "UPSTREAM  BACKEND         HEALTHY  STATE     WEIGHT  EFFECTIVE_WEIGHT  IN_FLIGHT\n\
+             blue      127.0.0.1:9001  true     draining  5       5                 0\n"
+        );
+        assert_eq!(
+            reload(&json!({"reloaded": true, "needs_restart": ["server.threads: changed in the file; needs restart or upgrade"], "dropped_state": [], "warnings": []})),
+            "config reloaded\nneeds a restart or upgrade: server.threads: changed in the file; needs restart or upgrade\n"
+        );
+        assert_eq!(
+            overrides("x", &[]),
+            "no runtime changes: the config file rules\n"
+        );
+        assert_eq!(
+            overrides("dropped", &["route web split blue 1".into()]),
+            "dropped:\n  route web split blue 1\n"
         );
     }
 
