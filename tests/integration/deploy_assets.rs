@@ -257,7 +257,7 @@ fn the_example_config_has_the_production_shape_and_passes_check() {
     );
     assert_eq!(
         config["metrics"]["address"].as_str(),
-        Some("127.0.0.1:9100")
+        Some("127.0.0.1:9210")
     );
     assert!(config["state_file"]
         .as_str()
@@ -322,9 +322,9 @@ impl Prometheus {
         let dir = temp_path("prometheus");
         std::fs::create_dir_all(&dir).expect("prometheus dir");
         let shipped = read(&repo().join("deploy/prometheus/prometheus.yml"));
-        assert!(shipped.contains("127.0.0.1:9100") && shipped.contains("15s"));
+        assert!(shipped.contains("127.0.0.1:9210") && shipped.contains("15s"));
         let config = shipped
-            .replace("127.0.0.1:9100", &metrics.to_string())
+            .replace("127.0.0.1:9210", &metrics.to_string())
             .replace("15s", "1s");
         std::fs::write(dir.join("prometheus.yml"), config).expect("prometheus.yml");
         std::fs::copy(
