@@ -220,7 +220,18 @@ fn every_endpoint_answers_and_a_refused_call_changes_nothing() {
     );
 
     let r = sy.api("POST", "/api/v1/routes", None);
-    assert_eq!((r.status, r.header("allow")), (405, Some("GET")));
+    assert_eq!((r.status, r.header("allow")), (405, Some("GET, HEAD")));
+    // HEAD is GET without the body, as on / and /healthz.
+    for path in ["/api/v1/routes", "/api/v1/upstreams/green", "/api/v1/"] {
+        let (get, head) = (sy.api("GET", path, None), sy.api("HEAD", path, None));
+        assert_eq!((head.status, head.body.len()), (200, 0), "HEAD {path}");
+        assert_eq!(
+            head.header("content-length"),
+            get.header("content-length"),
+            "HEAD {path}"
+        );
+    }
+    assert_eq!(sy.api("HEAD", "/api/v1/nothing", None).status, 404);
     let r = sy.api("GET", "/api/v1/upstreams/blue/backends/1.2.3.4:5", None);
     assert_eq!((r.status, r.header("allow")), (405, Some("PATCH, DELETE")));
     assert_eq!(sy.api("GET", "/api/v1/nothing", None).status, 404);
