@@ -704,6 +704,14 @@ fn status_page_index_stats_and_effective_share_answer_over_http() {
                 == json!({"blue": 1.0, "green": 0.0})
         },
     );
+    // The upstreams view says so itself (the status page draws from it).
+    let available = |name: &str| {
+        json_of(&sy.api("GET", &format!("/api/v1/upstreams/{name}"), None))["available"].clone()
+    };
+    assert_eq!(
+        (available("blue"), available("green")),
+        (json!(true), json!(false))
+    );
     let routes = json_of(&sy.api("GET", "/api/v1/routes", None));
     assert_eq!(
         routes[0]["split"],

@@ -726,6 +726,9 @@ fn upstream_view(upstream: &Upstream) -> Value {
         // The key a `hash` upstream hashes on; null for every other algorithm.
         "hash_on": &upstream.hash_on,
         "health_checked": upstream.health_check.is_some(),
+        // The selection's own answer, so that no client redoes its rules (a retiring backend
+        // counts only on a hash ring).
+        "available": upstream.has_available(),
         "backends": (0..upstream.backends.len())
             .map(|i| backend_view(upstream, i))
             .collect::<Vec<_>>(),
