@@ -257,7 +257,7 @@ fn the_example_config_has_the_production_shape_and_passes_check() {
     );
     assert_eq!(
         config["metrics"]["address"].as_str(),
-        Some("127.0.0.1:9100")
+        Some("127.0.0.1:9210")
     );
     assert!(config["state_file"]
         .as_str()
@@ -322,9 +322,9 @@ impl Prometheus {
         let dir = temp_path("prometheus");
         std::fs::create_dir_all(&dir).expect("prometheus dir");
         let shipped = read(&repo().join("deploy/prometheus/prometheus.yml"));
-        assert!(shipped.contains("127.0.0.1:9100") && shipped.contains("15s"));
+        assert!(shipped.contains("127.0.0.1:9210") && shipped.contains("15s"));
         let config = shipped
-            .replace("127.0.0.1:9100", &metrics.to_string())
+            .replace("127.0.0.1:9210", &metrics.to_string())
             .replace("15s", "1s");
         std::fs::write(dir.join("prometheus.yml"), config).expect("prometheus.yml");
         std::fs::copy(
@@ -767,6 +767,69 @@ impl FileLock {
     }
 }
 
+/// Written before the test's `dpkg -i`, removed once its package is purged. A run that was
+/// killed (SIGKILL, a CI timeout) gets no drop and leaves the package installed, which made
+/// every later run refuse to start; the mark tells the next run that the installed package
+/// is a test's, not an admin's: it names the SHA-256 of the binary in the test's package
+/// (the installed `/usr/bin/switchyard` must still be that one), whether the test made the
+/// user, and the PID of the switchyard it started.
+const TEST_INSTALL_MARK: &str = "/var/lib/switchyard-test-installed";
+
+/// The mark's `NAME value` line.
+fn mark_field<'a>(mark: &'a str, name: &str) -> Option<&'a str> {
+    mark.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map(str::trim)
+}
+
+fn sha256_of(path: &str) -> Option<String> {
+    let (ok, text) = output(Command::new("sha256sum").arg(path));
+    ok.then(|| text.split_whitespace().next().map(String::from))
+        .flatten()
+}
+
+/// Undoes what a killed earlier run of the .deb test left: its switchyard process, its
+/// package and its user, as its mark names them. A package the mark does not vouch for
+/// stays (the test then refuses to run).
+fn clean_up_a_killed_run() {
+    let Ok(mark) = std::fs::read_to_string(TEST_INSTALL_MARK) else {
+        return;
+    };
+    if let Some(pid) = mark_field(&mark, "pid").and_then(|p| p.parse::<libc::pid_t>().ok()) {
+        // Only while that PID still runs the installed binary (" (deleted)" once purged):
+        // a PID the kernel has reused since is someone else's.
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+        if exe.to_string_lossy().starts_with("/usr/bin/switchyard") {
+            // SAFETY: kill(2) on the one PID the mark names, checked just above to be the
+            // binary that run started.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+            wait_until(
+                "the killed run's switchyard to exit",
+                Duration::from_secs(10),
+                || !Path::new(&format!("/proc/{pid}")).exists(),
+            );
+        }
+    }
+    let ours = mark_field(&mark, "sha256").is_some()
+        && sha256_of("/usr/bin/switchyard").as_deref() == mark_field(&mark, "sha256");
+    let (installed, _) = output(Command::new("dpkg").args(["-s", "switchyard"]));
+    if installed && !ours {
+        return;
+    }
+    if installed {
+        eprintln!("purging the switchyard package a killed run of this test installed");
+        let (ok, text) = output(Command::new("dpkg").args(["--purge", "switchyard"]));
+        assert!(ok, "dpkg --purge of a killed run's package: {text}");
+    }
+    if mark_field(&mark, "user_existed") == Some("false") {
+        let _ = Command::new("userdel").arg("switchyard").output();
+        let _ = Command::new("groupdel").arg("switchyard").output();
+    }
+    let _ = std::fs::remove_file(TEST_INSTALL_MARK);
+}
+
 /// The installed package: on drop, the process started from it is killed, the package
 /// purged, and the `switchyard` user removed if the test made it, so a failed test leaves
 /// the machine as it found it.
@@ -777,6 +840,45 @@ struct Installed {
 }
 
 impl Installed {
+    /// Marks the install of `deb` as this test's (see [`TEST_INSTALL_MARK`]) before it
+    /// happens.
+    fn mark(deb: &Path) -> Installed {
+        let user_existed = getent("passwd", "switchyard").is_some();
+        // The packed binary, as dpkg will install it (build.sh strips it).
+        let packed = must_succeed(
+            Command::new("sh")
+                .args([
+                    "-c",
+                    "dpkg-deb --fsys-tarfile \"$1\" | tar -xO ./usr/bin/switchyard | sha256sum",
+                    "sh",
+                ])
+                .arg(deb),
+        );
+        let sha = packed.split_whitespace().next().expect("sha256sum");
+        std::fs::write(
+            TEST_INSTALL_MARK,
+            format!("sha256 {sha}\nuser_existed {user_existed}\n"),
+        )
+        .expect("the test's install mark");
+        Installed {
+            user_existed,
+            child: None,
+            purged: false,
+        }
+    }
+
+    /// Keeps the started switchyard and names it in the mark.
+    fn started(&mut self, child: Child) {
+        use std::io::Write;
+        let pid = child.id();
+        self.child = Some(child);
+        let mut mark = std::fs::OpenOptions::new()
+            .append(true)
+            .open(TEST_INSTALL_MARK)
+            .expect("the test's install mark");
+        writeln!(mark, "pid {pid}").expect("the test's install mark");
+    }
+
     fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -786,8 +888,9 @@ impl Installed {
 
     fn purge(&mut self) -> (bool, String) {
         self.stop();
-        self.purged = true;
-        output(Command::new("dpkg").args(["--purge", "switchyard"]))
+        let (ok, text) = output(Command::new("dpkg").args(["--purge", "switchyard"]));
+        self.purged = ok;
+        (ok, text)
     }
 
     fn remove_user(&self) {
@@ -803,7 +906,11 @@ impl Drop for Installed {
         if !self.purged {
             let _ = self.purge();
         }
-        self.remove_user();
+        // A package that would not purge keeps its mark: the next run tries again.
+        if self.purged {
+            self.remove_user();
+            let _ = std::fs::remove_file(TEST_INSTALL_MARK);
+        }
     }
 }
 
@@ -835,10 +942,11 @@ fn the_debian_package_installs_runs_as_its_user_and_purges() {
         return;
     }
     let _lock = FileLock::take(&std::env::temp_dir().join("switchyard-deb-test.lock"));
+    clean_up_a_killed_run();
     let (installed_before, _) = output(Command::new("dpkg").args(["-s", "switchyard"]));
     assert!(
         !installed_before,
-        "a switchyard package is installed on this machine; this test installs and purges its own: remove it first"
+        "a switchyard package is installed on this machine; this test installs and purges its own: remove it first (and {TEST_INSTALL_MARK}, if a killed run of this test left it)"
     );
 
     let out_dir = temp_path("deb");
@@ -869,11 +977,7 @@ fn the_debian_package_installs_runs_as_its_user_and_purges() {
     );
     assert!(fields.contains("libc6 (>= 2."), "{fields}");
 
-    let mut installed = Installed {
-        user_existed: getent("passwd", "switchyard").is_some(),
-        child: None,
-        purged: false,
-    };
+    let mut installed = Installed::mark(&deb);
     must_succeed(Command::new("dpkg").arg("-i").arg(&deb));
 
     // The system user and group.
@@ -994,7 +1098,7 @@ fn the_debian_package_installs_runs_as_its_user_and_purges() {
         .spawn()
         .expect("start the installed switchyard");
     let pid = child.id();
-    installed.child = Some(child);
+    installed.started(child);
     let deadline = Instant::now() + Duration::from_secs(30);
     while [listen, admin, metrics]
         .iter()

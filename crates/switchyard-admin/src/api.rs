@@ -2,6 +2,7 @@
 //! change turned into one `Change` for the pool (which checks it, saves it, and swaps it in).
 //! `/` is the status page (`status_page.rs`), `/api/v1/` the endpoint index (`index.rs`).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,7 +49,7 @@ impl AdminApi {
 struct Reply {
     status: StatusCode,
     body: Value,
-    allow: Option<&'static str>,
+    allow: Option<Cow<'static, str>>,
 }
 
 impl Reply {
@@ -69,8 +70,14 @@ impl Reply {
     }
 
     fn method_not_allowed(method: &Method, allow: &'static str) -> Reply {
+        // An endpoint that answers GET answers HEAD too (see `response`): said here once
+        // rather than at every endpoint.
+        let allow: Cow<'static, str> = match allow.strip_prefix("GET") {
+            Some(rest) if !allow.contains("HEAD") => format!("GET, HEAD{rest}").into(),
+            _ => allow.into(),
+        };
         Reply {
-            allow: Some(allow),
+            allow: Some(allow.clone()),
             ..Reply::error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 format!("method {method} is not allowed here; allowed: {allow}"),
@@ -99,11 +106,18 @@ impl ServeHttp for AdminApi {
             log_call(&method, &path, page.status());
             return page;
         }
-        let reply = self.handle(session, &method, &path).await;
+        // HEAD is GET without the body (Pingora sends none for HEAD and keeps the GET's
+        // Content-Length), on every endpoint that answers GET.
+        let dispatched = if method == Method::HEAD {
+            Method::GET
+        } else {
+            method.clone()
+        };
+        let reply = self.handle(session, &dispatched, &path).await;
         log_call(&method, &path, reply.status);
         let mut builder = Response::builder().status(reply.status);
-        if let Some(allow) = reply.allow {
-            builder = builder.header(http::header::ALLOW, allow);
+        if let Some(allow) = &reply.allow {
+            builder = builder.header(http::header::ALLOW, allow.as_ref());
         }
         let (content_type, body) = match reply.body {
             Value::String(text) => (
@@ -747,6 +761,9 @@ fn upstream_view(upstream: &Upstream) -> Value {
         // The key a `hash` upstream hashes on; null for every other algorithm.
         "hash_on": &upstream.hash_on,
         "health_checked": upstream.health_check.is_some(),
+        // The selection's own answer, so that no client redoes its rules (a retiring backend
+        // counts only on a hash ring).
+        "available": upstream.has_available(),
         "backends": (0..upstream.backends.len())
             .map(|i| backend_view(upstream, i))
             .collect::<Vec<_>>(),

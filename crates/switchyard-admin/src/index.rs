@@ -30,7 +30,7 @@ pub const ENDPOINTS: &[Endpoint] = &[
     at("GET", "/api/v1/routes", "every route: match conditions, split, effective share now, routing counts"),
     at("GET", "/api/v1/routes/{route}", "one route"),
     at("PUT", "/api/v1/routes/{route}/split", "replaces a route's whole split, e.g. {\"blue\": 80, \"green\": 20}"),
-    at("GET", "/api/v1/upstreams", "every upstream and its backends: health, state, weight, effective weight, in flight"),
+    at("GET", "/api/v1/upstreams", "every upstream, whether it has an available backend, and its backends: health, state, weight, effective weight, in flight"),
     at("GET", "/api/v1/upstreams/{upstream}", "one upstream"),
     at("PATCH", "/api/v1/upstreams/{upstream}", "every backend's state and/or weight at once: {\"state\": \"draining\"}; 409 if a route would be left with no upstream, unless \"force\": true"),
     at("POST", "/api/v1/upstreams/{upstream}/backends", "adds a backend: {\"address\": \"IP:port\", \"weight\": 1}"),

@@ -126,7 +126,7 @@ mod tests {
         let policy = content_security_policy();
         assert!(policy.starts_with("default-src 'none'; script-src 'sha256-"));
         let script = inline_block(PAGE, "script");
-        assert!(script.contains("REFRESH_MS"));
+        assert!(script.contains("TICK_MS"));
         assert!(policy.contains(&format!("'sha256-{}'", sha256_base64(script))));
         // A known SHA-256, in the base64 form CSP uses.
         assert_eq!(

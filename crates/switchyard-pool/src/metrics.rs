@@ -36,6 +36,7 @@ pub struct Metrics {
     last_reload: Gauge,
     rollout_weight: GaugeVec,
     rollout_state: IntGaugeVec,
+    rollout_paused_by_failure: IntGaugeVec,
     rollout_windows: IntCounterVec,
     routing: IntCounterVec,
     /// Serialises scrapes: gauges are reset and refilled for each.
@@ -259,6 +260,11 @@ impl Metrics {
             "1 for the state the route's current or last rollout is in.",
             &["route", "state"],
         );
+        let rollout_paused_by_failure = gauge(
+            "switchyard_rollout_paused_by_failure",
+            "1 while the route's rollout is paused because it failed (on_failure: pause), 0 otherwise.",
+            &["route"],
+        );
         let rollout_windows = counter(
             "switchyard_rollout_windows_total",
             "Analysis windows judged by rollouts, by verdict.",
@@ -337,6 +343,7 @@ impl Metrics {
             last_reload,
             rollout_weight,
             rollout_state,
+            rollout_paused_by_failure,
             rollout_windows,
             routing,
             scrape: Mutex::new(()),
@@ -443,6 +450,7 @@ impl Metrics {
             &self.backend_state,
             &self.split_weight,
             &self.rollout_state,
+            &self.rollout_paused_by_failure,
         ] {
             gauge.reset();
         }
@@ -457,6 +465,11 @@ impl Metrics {
                     .with_label_values(&[route, state.as_str()])
                     .set(i64::from(state == rollout.state));
             }
+            // A pause by failure and one by an operator look alike in the state: this tells
+            // the one an alert should page for.
+            self.rollout_paused_by_failure
+                .with_label_values(&[route])
+                .set(i64::from(rollout.held_by_failure()));
             // Every verdict shows from the start, at 0 until it happens.
             for verdict in Verdict::ALL {
                 self.rollout_windows

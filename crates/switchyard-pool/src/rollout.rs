@@ -138,6 +138,12 @@ pub struct Rollout {
     /// An operator resumed the manual hold of the current step.
     #[serde(default)]
     pub released: bool,
+    /// Paused by `on_failure: pause` (failed windows over `failure_limit`, a failed check,
+    /// `progress_deadline`), not by an operator or a manual step: the pause that needs
+    /// someone to decide, which `switchyard_rollout_paused_by_failure` shows. Written only
+    /// while true (format 5), so other states still read in older binaries.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused_by_failure: bool,
     /// Bumped by every change, so that a change built on an older record is refused.
     #[serde(default)]
     pub revision: u64,
@@ -172,6 +178,11 @@ impl Rollout {
     /// Whether `other` is a record of this very rollout (not a later one on the route).
     pub fn same_rollout(&self, other: &Rollout) -> bool {
         self.started_at == other.started_at && self.serial == other.serial
+    }
+
+    /// Paused now because of a failure (see [`Rollout::paused_by_failure`]).
+    pub fn held_by_failure(&self) -> bool {
+        self.state == RolloutState::Paused && self.paused_by_failure
     }
 
     /// `to`'s share in percent as the API and metrics show it: the record's while the rollout
@@ -233,6 +244,7 @@ impl Rollout {
     /// Ends the rollout in `state`, saying why.
     pub fn end(&mut self, state: RolloutState, reason: impl Into<String>) {
         self.state = state;
+        self.paused_by_failure = false;
         self.reason = Some(reason.into());
         self.updated_at = crate::events::now();
     }
@@ -372,6 +384,7 @@ impl RuntimeState {
             held_ms: 0,
             stalled_ms: 0,
             released: false,
+            paused_by_failure: false,
             revision,
             serial,
         };
@@ -392,6 +405,7 @@ impl RuntimeState {
                 }
                 rollout.state = RolloutState::Paused;
                 rollout.reason = Some("paused by an operator".into());
+                rollout.paused_by_failure = false;
             }
             RolloutCommand::Resume => {
                 if rollout.state == RolloutState::Progressing {
@@ -424,6 +438,10 @@ impl RuntimeState {
                     rollout.from
                 ));
             }
+        }
+        if rollout.state != RolloutState::Paused {
+            // Resumed or ended: no failure holds it any more.
+            rollout.paused_by_failure = false;
         }
         rollout.updated_at = crate::events::now();
         rollout.revision += 1;

@@ -24,12 +24,12 @@ use crate::snapshot::BackendState;
 use switchyard_config::rollout::RolloutSpec;
 
 /// The state file's format: 1 had no rollouts (and no `format` field); 2 added them; 3 added
-/// match steps to their specs; 4 retiring backends. A file is written in the oldest format
+/// match steps to their specs; 4 retiring backends; 5 a rollout paused by a failure. A file is written in the oldest format
 /// that holds what it has, so a binary from before a feature still reads a state that does
 /// not use it. A file of a newer format than this binary knows is refused at start, never set
 /// aside as corrupt: a binary of format 3 refuses a file with a retiring backend instead of
 /// taking it for corrupt (it has no `retiring` state) and starting without the file.
-pub const STATE_FORMAT: u32 = 4;
+pub const STATE_FORMAT: u32 = 5;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -60,7 +60,9 @@ impl RuntimeState {
             .rollouts
             .values()
             .any(|r| r.spec.steps.iter().any(|s| s.matching().is_some()));
-        if self.has_retiring() {
+        if self.rollouts.values().any(|r| r.paused_by_failure) {
+            5
+        } else if self.has_retiring() {
             4
         } else if match_steps {
             3

@@ -629,9 +629,32 @@ mod tests {
                 .with_change(&config, &start, |_: &str, _| 0)
                 .expect("started");
             file.save(&state).expect("save");
+            let text = fs::read_to_string(&path).expect("read");
+            assert!(!text.contains("paused_by_failure"), "{text}");
             let back = file.load().expect("load");
             assert_eq!((back.format, &back.rollouts), (want, &state.rollouts));
         }
+        // A rollout held by a failure is format 5: format 4 has no such field and would take
+        // the file for corrupt.
+        let spec = switchyard_config::rollout::RolloutSpec::from_json(br#"{"to": "green"}"#)
+            .expect("spec");
+        let start = crate::Change::StartRollout {
+            route: "web".into(),
+            spec: Box::new(spec),
+        };
+        let mut held = RuntimeState::default()
+            .with_change(&config, &start, |_, _| 0)
+            .expect("started");
+        if let Some(rollout) = held.rollouts.get_mut("web") {
+            rollout.state = crate::RolloutState::Paused;
+            rollout.paused_by_failure = true;
+        }
+        file.save(&held).expect("save");
+        let text = fs::read_to_string(&path).expect("read");
+        assert!(text.contains("\"format\": 5"), "{text}");
+        let back = file.load().expect("load");
+        assert_eq!((back.format, &back.rollouts), (5, &held.rollouts));
+        assert!(back.rollouts["web"].held_by_failure());
         // A retiring backend is format 4: format 3 already meant match steps, and its
         // binaries would take a `retiring` state for corruption and set the file aside.
         let mut retiring = RuntimeState::default();
@@ -654,7 +677,7 @@ mod tests {
         assert!(text.contains("\"format\": 4"), "{text}");
         let back = file.load().expect("load");
         assert_eq!((back.format, &back.upstreams), (4, &retiring.upstreams));
-        assert_eq!(STATE_FORMAT, 4);
+        assert_eq!(STATE_FORMAT, 5);
         // A newer format is refused, named, and left where it is.
         let newer = format!(
             r#"{{"format": {}, "splits": {{}}, "shiny": true}}"#,

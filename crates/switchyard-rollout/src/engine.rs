@@ -541,6 +541,7 @@ fn fail(rollout: &mut Rollout, reason: String) {
         OnFailure::Pause => {
             rollout.state = RolloutState::Paused;
             rollout.reason = Some(reason);
+            rollout.paused_by_failure = true;
         }
     }
 }
@@ -658,6 +659,19 @@ mod tests {
                     Source::Api,
                 )
                 .expect("command taken");
+        }
+
+        /// The `switchyard_rollout_paused_by_failure` line of route `web` in a scrape now.
+        fn paused_by_failure_metric(&self) -> String {
+            let text = self
+                .pool
+                .metrics()
+                .render(&self.pool.snapshot(), &self.pool.rollouts());
+            String::from_utf8_lossy(&text)
+                .lines()
+                .find(|l| l.starts_with("switchyard_rollout_paused_by_failure{"))
+                .unwrap_or_default()
+                .to_string()
         }
 
         /// `to`'s weight in the route's split now.
@@ -928,6 +942,10 @@ mod tests {
         h.traffic(Duration::from_secs(2), 10, 0, Duration::ZERO)
             .await;
         assert_eq!((h.rollout().state, h.green()), (RolloutState::Paused, 1000));
+        // A manual step's hold is no failure.
+        const HELD: &str = r#"switchyard_rollout_paused_by_failure{route="web"} 1"#;
+        const NOT_HELD: &str = r#"switchyard_rollout_paused_by_failure{route="web"} 0"#;
+        assert_eq!(h.paused_by_failure_metric(), NOT_HELD);
         h.pool
             .apply(
                 &Change::RolloutCommand {
@@ -952,6 +970,62 @@ mod tests {
             .reason
             .unwrap()
             .contains("analysis failed at step 2/3"));
+        assert_eq!(h.paused_by_failure_metric(), HELD);
+        // An operator's pause of it keeps it held by the failure; resuming clears that.
+        h.command(switchyard_pool::RolloutCommand::Pause);
+        assert_eq!(h.paused_by_failure_metric(), HELD);
+        h.command(switchyard_pool::RolloutCommand::Resume);
+        assert_eq!(h.paused_by_failure_metric(), NOT_HELD);
+        assert!(!h.rollout().paused_by_failure);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_on_failure_by_a_check_or_the_deadline_shows_as_held_by_failure() {
+        // A failed check: paused before the first step, weight unmoved.
+        let h = harness();
+        h.prober.failing.store(true, Ordering::Relaxed);
+        h.start(&format!(
+            r#"{{"to": "green", "on_failure": "pause", {FAST}, "checks": [{{"url": "http://127.0.0.1:1/version"}}]}}"#
+        ));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let rollout = h.rollout();
+        assert_eq!(
+            (rollout.state, rollout.failed_windows),
+            (RolloutState::Paused, 0)
+        );
+        assert!(rollout.held_by_failure());
+        assert_eq!(
+            h.paused_by_failure_metric(),
+            r#"switchyard_rollout_paused_by_failure{route="web"} 1"#
+        );
+        // No traffic until the progress deadline: held too, with no failed window either.
+        let h = harness();
+        h.start(&format!(
+            r#"{{"to": "green", "steps": [10, 50], "progress_deadline": "3s", "on_failure": "pause", {FAST}}}"#
+        ));
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(
+            h.paused_by_failure_metric(),
+            r#"switchyard_rollout_paused_by_failure{route="web"} 0"#
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let rollout = h.rollout();
+        assert_eq!(
+            (rollout.state, rollout.failed_windows),
+            (RolloutState::Paused, 0)
+        );
+        assert!(rollout.held_by_failure(), "{:?}", rollout.reason);
+        // A tolerated failed window and then a manual pause: not held by a failure.
+        let h = harness();
+        h.start(
+            r#"{"to": "green", "steps": [10, 50], "step_interval": "1h", "analysis": {"interval": "500ms", "min_requests": 5, "failure_limit": 5}}"#,
+        );
+        h.traffic(Duration::from_millis(1200), 10, 2, Duration::ZERO)
+            .await;
+        assert!(h.rollout().failed_windows >= 1);
+        h.command(switchyard_pool::RolloutCommand::Pause);
+        assert_eq!(h.rollout().state, RolloutState::Paused);
+        assert!(!h.rollout().held_by_failure());
     }
 
     #[tokio::test(start_paused = true)]
