@@ -643,7 +643,7 @@ mod tests {
             spec: Box::new(spec),
         };
         let mut held = RuntimeState::default()
-            .with_change(&config, &start, |_, _| 0)
+            .with_change(&config, &start, |_: &str, _| 0)
             .expect("started");
         if let Some(rollout) = held.rollouts.get_mut("web") {
             rollout.state = crate::RolloutState::Paused;
