@@ -680,7 +680,7 @@ fn a_whole_upstream_drains_in_one_call_unless_a_route_would_be_left_with_none() 
     );
     let answer = sy.api("DELETE", "/api/v1/upstreams/blue", None);
     assert_eq!(answer.status, 405);
-    assert_eq!(answer.header("allow"), Some("GET, PATCH"));
+    assert_eq!(answer.header("allow"), Some("GET, HEAD, PATCH"));
     // One event per whole-upstream change, from the API.
     let events = json_of(&sy.api("GET", "/api/v1/events", None));
     let changed: Vec<&Value> = events
@@ -901,4 +901,43 @@ fn status_page_index_stats_and_effective_share_answer_over_http() {
     });
     let log = sy.log_text();
     assert!(!log.contains("admin: GET"), "{log}");
+}
+
+/// What a web page in the operator's browser could send: a cross-site "simple" POST (no
+/// preflight), and a same-origin one after rebinding its own name to the admin address. Both
+/// are refused with 403 and change nothing; curl-style requests (no Origin) go through.
+#[test]
+fn requests_from_other_web_pages_are_refused_and_change_nothing() {
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let sy = Switchyard::start(&blue_green(blue.addr, green.addr, (90, 10), "", ""));
+    let split = r#"{"blue": 0, "green": 100}"#;
+    let evil = [
+        vec![
+            ("Origin", "https://evil.example".to_string()),
+            ("Content-Type", "text/plain".to_string()),
+        ],
+        vec![
+            ("Host", format!("evil.example:{}", sy.admin.port())),
+            ("Origin", format!("http://evil.example:{}", sy.admin.port())),
+        ],
+    ];
+    for headers in &evil {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        let r = sy.api_with("PUT", "/api/v1/routes/web/split", Some(split), &headers);
+        assert_eq!(r.status, 403, "{headers:?}: {}", r.text());
+        let r = sy.api_with("GET", "/api/v1/routes/web", None, &headers);
+        assert_eq!(r.status, 403, "{headers:?}: {}", r.text());
+    }
+    let web = json_of(&sy.api("GET", "/api/v1/routes/web", None));
+    assert_eq!(web["split"], json!({"blue": 90, "green": 10}));
+    // The page's own origin, and no Origin at all, are fine.
+    let own = format!("http://{}", sy.admin);
+    let r = sy.api_with(
+        "PUT",
+        "/api/v1/routes/web/split",
+        Some(split),
+        &[("Origin", &own)],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
 }

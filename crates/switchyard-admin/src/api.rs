@@ -20,7 +20,7 @@ use switchyard_pool::{BackendState, Change, Rejection, Snapshot, Source, Upstrea
 
 use crate::control::{Control, ReloadRefused};
 use crate::stats::StatsSampler;
-use crate::{index, rollouts, status_page};
+use crate::{index, origin, rollouts, status_page};
 
 /// Larger bodies get 413; the largest real body (a split) is a few hundred bytes.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -143,6 +143,10 @@ impl AdminApi {
             };
         }
         if path.starts_with("/api/") {
+            let headers = &session.req_header().headers;
+            if let Some(why) = origin::refuse_cross_site(headers, self.control.has_token()) {
+                return Reply::error(StatusCode::FORBIDDEN, why);
+            }
             let authorization = session
                 .req_header()
                 .headers

@@ -110,6 +110,11 @@ impl Control {
         &self.pool
     }
 
+    /// Whether `/api/` needs a token (`admin.token_file`).
+    pub fn has_token(&self) -> bool {
+        self.token.load().is_some()
+    }
+
     /// Whether an `Authorization` header value lets a request into `/api/`.
     pub fn authorized(&self, authorization: Option<&[u8]>) -> bool {
         let token = self.token.load();

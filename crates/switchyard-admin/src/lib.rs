@@ -9,6 +9,7 @@ mod control;
 mod events;
 mod index;
 mod metrics_endpoint;
+mod origin;
 pub mod rollouts;
 mod state;
 pub mod stats;
