@@ -459,3 +459,35 @@ impl Drop for ChildKiller {
         let _ = self.0.wait();
     }
 }
+
+/// Heads the connection refuses before Pingora parses them (`431`, `414`) are logged too,
+/// without a request line (`"-"`, as nginx logs a request it could not read).
+#[test]
+fn heads_refused_unread_get_a_line_too() {
+    let a = TestBackend::start("a");
+    let yaml = logged_yaml(a.addr, "  path: {dir}/access.log\n  format: combined\n").replace(
+        "  debug_headers: true\n",
+        "  debug_headers: true\n  max_request_header_bytes: 4096\n",
+    );
+    let sy = Switchyard::start(&yaml);
+    let big = "b".repeat(5000);
+    let r = block_on(request_from(
+        None,
+        sy.addr,
+        "GET",
+        "/app/",
+        &[("X-Big", &big)],
+    ))
+    .expect("431");
+    assert_eq!(r.status, 431);
+    let long = format!("/app/{}", "l".repeat(5000));
+    let r = block_on(request_from(None, sy.addr, "GET", &long, &[])).expect("414");
+    assert_eq!(r.status, 414);
+    let lines = wait_for_lines(&sy.dir.join("access.log"), 2);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        lines[0].starts_with("127.0.0.1 - - [") && lines[0].contains("] \"-\" 431 "),
+        "{lines:?}"
+    );
+    assert!(lines[1].contains("] \"-\" 414 "), "{lines:?}");
+}

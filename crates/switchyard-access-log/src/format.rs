@@ -19,13 +19,14 @@ pub struct Record<'a> {
     /// When the answer was done (as nginx's `$time_iso8601`).
     pub time: SystemTime,
     pub client: Option<IpAddr>,
-    pub method: &'a str,
+    /// `None` for a head refused before it was parsed (`408`, `414`, `431`): no request line.
+    pub method: Option<&'a str>,
     /// The `Host` header (or HTTP/2 `:authority`), as sent.
     pub host: Option<&'a [u8]>,
-    pub path: &'a str,
+    pub path: Option<&'a str>,
     pub query: Option<&'a str>,
     /// `HTTP/1.1`, `HTTP/2.0`, ...
-    pub protocol: &'static str,
+    pub protocol: Option<&'static str>,
     pub status: u16,
     /// Response body bytes sent to the client (nginx's `$body_bytes_sent`).
     pub bytes_sent: usize,
@@ -64,20 +65,20 @@ fn json(out: &mut Vec<u8>, r: &Record<'_>) {
         None => out.extend_from_slice(b"null"),
     }
     out.extend_from_slice(b",\"method\":");
-    json_str(out, r.method.as_bytes());
+    json_opt(out, r.method.map(str::as_bytes));
     out.extend_from_slice(b",\"host\":");
     json_opt(out, r.host);
     out.extend_from_slice(b",\"path\":");
-    json_str(out, r.path.as_bytes());
+    json_opt(out, r.path.map(str::as_bytes));
     if let Some(query) = r.query {
         out.extend_from_slice(b",\"query\":");
         json_str(out, query.as_bytes());
     }
-    out.extend_from_slice(b",\"protocol\":\"");
-    out.extend_from_slice(r.protocol.as_bytes());
+    out.extend_from_slice(b",\"protocol\":");
+    json_opt(out, r.protocol.map(str::as_bytes));
     let _ = write!(
         out,
-        "\",\"status\":{},\"bytes_sent\":{},\"duration_ms\":{}.{:03}",
+        ",\"status\":{},\"bytes_sent\":{},\"duration_ms\":{}.{:03}",
         r.status,
         r.bytes_sent,
         r.duration.as_millis(),
@@ -129,15 +130,21 @@ fn combined(out: &mut Vec<u8>, r: &Record<'_>) {
     out.extend_from_slice(b" - - [");
     TIME.with(|t| t.borrow_mut().clf(out, r.time));
     out.extend_from_slice(b"] \"");
-    escaped(out, r.method.as_bytes());
-    out.push(b' ');
-    escaped(out, r.path.as_bytes());
-    if let Some(query) = r.query {
-        out.push(b'?');
-        escaped(out, query.as_bytes());
+    match (r.method, r.path) {
+        (Some(method), Some(path)) => {
+            escaped(out, method.as_bytes());
+            out.push(b' ');
+            escaped(out, path.as_bytes());
+            if let Some(query) = r.query {
+                out.push(b'?');
+                escaped(out, query.as_bytes());
+            }
+            out.push(b' ');
+            out.extend_from_slice(r.protocol.unwrap_or("-").as_bytes());
+        }
+        // As nginx logs a request it could not read: `"-"`.
+        _ => out.push(b'-'),
     }
-    out.push(b' ');
-    out.extend_from_slice(r.protocol.as_bytes());
     let _ = write!(out, "\" {} {} \"", r.status, r.bytes_sent);
     escaped_or_dash(out, r.referer);
     out.extend_from_slice(b"\" \"");
@@ -245,11 +252,11 @@ mod tests {
         Record {
             time: UNIX_EPOCH + Duration::from_millis(1_796_119_200_123),
             client: Some("192.0.2.7".parse().unwrap()),
-            method: "GET",
+            method: Some("GET"),
             host: Some(b"example.com"),
-            path: "/cart",
+            path: Some("/cart"),
             query: Some("id=1"),
-            protocol: "HTTP/1.1",
+            protocol: Some("HTTP/1.1"),
             status: 200,
             bytes_sent: 512,
             duration: Duration::from_micros(12_345),
@@ -347,6 +354,26 @@ mod tests {
             line(LogFormat::Combined, &record()),
             "192.0.2.7 - - [01/Dec/2026:10:00:00 +0000] \"GET /cart?id=1 HTTP/1.1\" 200 512 \"-\" \"curl/8.5\"\n"
         );
+    }
+
+    #[test]
+    fn a_head_refused_unread_has_no_request_line() {
+        let r = Record {
+            method: None,
+            path: None,
+            query: None,
+            protocol: None,
+            host: None,
+            status: 431,
+            ..record()
+        };
+        assert!(line(LogFormat::Combined, &r).contains("] \"-\" 431 512 "));
+        let v: serde_json::Value = serde_json::from_str(&line(LogFormat::Json, &r)).expect("json");
+        assert_eq!(
+            (v["method"].clone(), v["path"].clone()),
+            (serde_json::Value::Null, serde_json::Value::Null)
+        );
+        assert_eq!(v["protocol"], serde_json::Value::Null);
     }
 
     #[test]

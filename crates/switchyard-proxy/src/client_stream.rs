@@ -40,6 +40,53 @@ use tokio::time::{Instant, Sleep};
 
 use crate::connection::{ClientCounters, Rejection, Slot};
 
+/// Where a head refused here (`408`, `414`, `431`) gets its access log line: Pingora never
+/// sees these requests, so no proxy phase logs them.
+pub(crate) struct RefusalLog {
+    pub log: Arc<switchyard_access_log::AccessLog>,
+    pub client: Option<std::net::IpAddr>,
+}
+
+impl RefusalLog {
+    fn refused(&self, answer: &[u8], started: std::time::Instant) {
+        if !self.log.enabled() {
+            return;
+        }
+        // Our own canned answers: `HTTP/1.1 NNN ...`, the body after the blank line.
+        let status = std::str::from_utf8(answer.get(9..12).unwrap_or_default())
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(400);
+        let body = memchr::memmem::find(answer, b"\r\n\r\n").map_or(0, |at| answer.len() - at - 4);
+        let id = crate::request_id::new_id();
+        self.log.log(&switchyard_access_log::Record {
+            time: std::time::SystemTime::now(),
+            client: self.client,
+            method: None,
+            host: None,
+            path: None,
+            query: None,
+            protocol: None,
+            status,
+            bytes_sent: body,
+            duration: started.elapsed(),
+            route: None,
+            upstream: None,
+            backend: None,
+            request_id: id.as_bytes(),
+            retries: 0,
+            user_agent: None,
+            referer: None,
+            tls: None,
+            error: Some(match status {
+                408 => "HeaderTimeout",
+                414 => "RequestLineTooLong",
+                _ => "HeaderTooLarge",
+            }),
+        });
+    }
+}
+
 /// How long a rejected client may go on sending before the connection is closed anyway.
 const LINGER_TIME: Duration = Duration::from_secs(2);
 /// How much a rejected client may send before the connection is closed anyway.
@@ -73,6 +120,8 @@ pub struct ClientStream {
     head_len: usize,
     /// Where in the current head its request line ends, once that has arrived.
     request_line_end: Option<usize>,
+    /// Set by the connection app: where refused heads are logged.
+    refusals: Option<RefusalLog>,
     /// No request of this connection has been answered yet.
     first_request: bool,
     blank: BlankLine,
@@ -128,6 +177,7 @@ impl ClientStream {
             held_out: 0,
             head_len: 0,
             request_line_end: None,
+            refusals: None,
             first_request: true,
             blank: BlankLine::default(),
             signal: AtomicU8::new(0),
@@ -259,7 +309,15 @@ impl ClientStream {
         };
     }
 
+    /// Refused heads get an access log line through `refusals`.
+    pub(crate) fn log_refusals(&mut self, refusals: RefusalLog) {
+        self.refusals = Some(refusals);
+    }
+
     fn answer(&mut self, answer: &'static [u8]) {
+        if let Some(refusals) = &self.refusals {
+            refusals.refused(answer, self.head_started.into_std());
+        }
         self.held = Vec::new();
         self.held_out = 0;
         self.phase = Phase::Answering { answer, written: 0 };

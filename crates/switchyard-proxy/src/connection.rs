@@ -28,11 +28,12 @@ use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::protocols::{Stream, ALPN};
 use pingora_core::server::ShutdownWatch;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
+use switchyard_access_log::AccessLog;
 use switchyard_config::ClientLimits;
 use switchyard_pool::Metrics;
 use tokio::io::AsyncReadExt;
 
-use crate::client_stream::{ClientStream, HeadLimits};
+use crate::client_stream::{ClientStream, HeadLimits, RefusalLog};
 use crate::front::ListenerFront;
 use crate::h2_stream::H2Stream;
 use crate::handover::Connections;
@@ -166,6 +167,8 @@ pub struct ClientApp<A> {
     counters: Arc<ClientCounters>,
     closing: Arc<AtomicBool>,
     connections: Arc<Connections>,
+    /// For the heads this app refuses itself.
+    access_log: Arc<AccessLog>,
 }
 
 impl<A> ClientApp<A> {
@@ -179,6 +182,7 @@ impl<A> ClientApp<A> {
         counters: Arc<ClientCounters>,
         closing: Arc<AtomicBool>,
         connections: Arc<Connections>,
+        access_log: Arc<AccessLog>,
     ) -> Self {
         connections.app_created();
         ClientApp {
@@ -188,6 +192,7 @@ impl<A> ClientApp<A> {
             counters,
             closing,
             connections,
+            access_log,
         }
     }
 }
@@ -320,7 +325,14 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ClientApp<A> {
             header_timeout: self.limits.header_timeout,
             max_header_bytes: self.limits.max_request_header_bytes,
         };
+        let client = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
         let mut stream = ClientStream::new(stream, limits, Arc::clone(&self.counters), slot);
+        stream.log_refusals(RefusalLog {
+            log: Arc::clone(&self.access_log),
+            client,
+        });
         if self.closing.load(Ordering::Relaxed) {
             // When Pingora stops the listener it drops every connection whose head it has not
             // read in full; a client that connected just before has sent its request, but not

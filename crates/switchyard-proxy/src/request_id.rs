@@ -29,6 +29,11 @@ fn acceptable(id: &[u8]) -> bool {
     !id.is_empty() && id.len() <= MAX_LEN && id.iter().all(|b| (0x20..=0x7e).contains(b))
 }
 
+/// A new id, for an answer that has no request to take one from.
+pub fn new_id() -> HeaderValue {
+    generate()
+}
+
 fn generate() -> HeaderValue {
     let mut text = [0u8; 32];
     let _ = write!(&mut text[..], "{:032x}", rand::random::<u128>());

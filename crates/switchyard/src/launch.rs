@@ -187,6 +187,7 @@ pub fn run(
             Arc::clone(&counters),
             Arc::clone(&closing),
             Arc::clone(&connections),
+            Arc::clone(&access_log),
         );
         let mut service = Service::new(format!("proxy {}", listener.address), clients);
         // A 4 KiB user-space read buffer instead of Pingora's 64 KiB, which every idle
