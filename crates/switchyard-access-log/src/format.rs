@@ -222,22 +222,27 @@ fn json_opt(out: &mut Vec<u8>, value: Option<&[u8]>) {
 /// A JSON string. Bytes that are not UTF-8 (header values may carry any octet) become
 /// `\u00XX`, so the line stays valid JSON and the byte can still be read off it.
 fn json_str(out: &mut Vec<u8>, value: &[u8]) {
-    // Bytes of 0x80 and up pass as they are in UTF-8 text, and are escaped otherwise.
-    let high_ok = value.is_ascii() || std::str::from_utf8(value).is_ok();
     out.reserve(value.len() + 2);
     out.push(b'"');
     // Almost every value needs no escape at all: one pass to tell, one copy.
-    if value.iter().all(|&b| !JSON_ESCAPE[usize::from(b)]) {
-        out.extend_from_slice(value);
-        out.push(b'"');
-        return;
+    match value.iter().position(|&b| JSON_ESCAPE[usize::from(b)]) {
+        None => out.extend_from_slice(value),
+        Some(first) => json_escaped(out, value, first),
     }
-    let mut start = 0;
-    for (at, &b) in value.iter().enumerate() {
+    out.push(b'"');
+}
+
+/// The rest of [`json_str`] from the first byte that may need an escape. Bytes of 0x80 and up
+/// pass as they are in UTF-8 text, and are escaped otherwise.
+#[cold]
+fn json_escaped(out: &mut Vec<u8>, value: &[u8], first: usize) {
+    let high_ok = std::str::from_utf8(value).is_ok();
+    out.extend_from_slice(&value[..first]);
+    let mut start = first;
+    for (at, &b) in value.iter().enumerate().skip(first) {
         if !JSON_ESCAPE[usize::from(b)] || (b >= 0x80 && high_ok) {
             continue;
         }
-        // Runs of bytes that need no escape are copied whole (almost always the whole value).
         out.extend_from_slice(&value[start..at]);
         match b {
             b'"' => out.extend_from_slice(b"\\\""),
@@ -251,7 +256,6 @@ fn json_str(out: &mut Vec<u8>, value: &[u8]) {
         start = at + 1;
     }
     out.extend_from_slice(&value[start..]);
-    out.push(b'"');
 }
 
 /// The bytes a JSON string cannot carry as they are: control characters, `"`, `\\`, DEL, and
