@@ -39,6 +39,19 @@ install -D -m 0644 "$repo/deploy/prometheus/switchyard.rules.yml" "$root/usr/sha
 install -D -m 0644 "$repo/deploy/grafana/switchyard.json" "$root/usr/share/switchyard/grafana/switchyard.json"
 install -D -m 0644 "$repo/docs/operations.md" "$root/usr/share/doc/switchyard/operations.md"
 install -D -m 0644 "$here/copyright" "$root/usr/share/doc/switchyard/copyright"
+# The man page and shell completions, made by the binary itself (`switchyard man`,
+# `switchyard completions SHELL`), so they always match its commands.
+mkdir -p "$root/usr/share/man/man1"
+"$binary" man | gzip -9n >"$root/usr/share/man/man1/switchyard.1.gz"
+chmod 0644 "$root/usr/share/man/man1/switchyard.1.gz"
+install -d "$root/usr/share/bash-completion/completions" "$root/usr/share/zsh/vendor-completions" \
+    "$root/usr/share/fish/vendor_completions.d"
+"$binary" completions bash >"$root/usr/share/bash-completion/completions/switchyard"
+"$binary" completions zsh >"$root/usr/share/zsh/vendor-completions/_switchyard"
+"$binary" completions fish >"$root/usr/share/fish/vendor_completions.d/switchyard.fish"
+chmod 0644 "$root/usr/share/bash-completion/completions/switchyard" \
+    "$root/usr/share/zsh/vendor-completions/_switchyard" \
+    "$root/usr/share/fish/vendor_completions.d/switchyard.fish"
 printf 'switchyard (%s) unstable; urgency=medium\n\n  * Built from the Switchyard repository (deploy/deb/build.sh).\n\n -- Switchyard maintainers <switchyard@example.com>  %s\n' \
     "$version" "$(date -R -u -d "@${SOURCE_DATE_EPOCH:-$(date +%s)}")" \
     | gzip -9n >"$root/usr/share/doc/switchyard/changelog.gz"
