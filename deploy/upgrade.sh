@@ -47,6 +47,12 @@ if [ -z "$old_pid" ]; then
     case $old_pid in
         '' | *[!0-9]*) echo "upgrade: $pid_file (server.pid_file) holds no pid; is switchyard running with $config?" >&2; exit 1 ;;
     esac
+    # A process killed without its exit leaves its pid behind, and the pid may have been
+    # reused since: SIGQUIT goes only to a switchyard.
+    case $(readlink "/proc/$old_pid/exe" 2>/dev/null || true) in
+        *switchyard*) ;;
+        *) echo "upgrade: $pid_file names pid $old_pid, which is not a running switchyard (a stale pid file?); give OLD_PID" >&2; exit 1 ;;
+    esac
 fi
 socket=$(config_value upgrade_socket)
 socket=${socket:-/run/switchyard/upgrade.sock}

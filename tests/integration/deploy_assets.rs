@@ -1012,7 +1012,12 @@ fn the_debian_package_installs_runs_as_its_user_and_purges() {
         ),
         ("/usr/share/doc/switchyard/copyright", 0o644, 0, 0),
         ("/usr/share/man/man1/switchyard.1.gz", 0o644, 0, 0),
-        ("/usr/share/bash-completion/completions/switchyard", 0o644, 0, 0),
+        (
+            "/usr/share/bash-completion/completions/switchyard",
+            0o644,
+            0,
+            0,
+        ),
     ] {
         let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("{path}: {e}"));
         assert_eq!(

@@ -3,7 +3,10 @@
 //! removed backends): from the running instance's admin API when it answers, else from the
 //! `state_file` on disk. A header comment says which, and lists the backend states (draining,
 //! disabled, retiring) that the file has no field for. The output is a config that `check`
-//! accepts: written to a file, it starts an instance that routes as this one does.
+//! accepts, unless an upstream has lost every backend at run time (the header says so, for each
+//! one). Backend states and a running rollout are not in the file: an instance started from it
+//! sends traffic to backends this one keeps out. The file on disk is merged as it is now, which
+//! differs from what runs after an edit not yet reloaded.
 
 use std::path::Path;
 
@@ -154,13 +157,13 @@ fn header(
         );
         header.extend(states);
     }
-    if let Some(empty) = config
+    for empty in config
         .upstreams
         .iter()
-        .find(|u| state.backends(config, &u.name).is_empty())
+        .filter(|u| state.backends(config, &u.name).is_empty())
     {
         header.push(format!(
-            "upstream {} has no backend left at run time: check refuses an upstream without backends until one is added back",
+            "NOT A VALID FILE AS IT IS: upstream {} has no backend left at run time, and check refuses an upstream without backends until one is added back",
             empty.name
         ));
     }

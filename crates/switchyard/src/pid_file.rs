@@ -46,12 +46,33 @@ pub fn write(path: &Path, pid: u32) -> std::io::Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let temp = parent(path).join(format!(".{name}.tmp-{pid}"));
-    let result =
-        std::fs::write(&temp, format!("{pid}\n")).and_then(|()| std::fs::rename(&temp, path));
+    let result = write_new(&temp, pid).and_then(|()| std::fs::rename(&temp, path));
     if result.is_err() {
         let _ = std::fs::remove_file(&temp);
     }
     result
+}
+
+/// A new file only: whatever is already at `temp` (a stale temp file, or a link someone put
+/// there to make us write through it) is removed, never followed.
+fn write_new(temp: &Path, pid: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let open = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(temp)
+    };
+    let mut file = match open() {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::remove_file(temp)?;
+            open()?
+        }
+        other => other?,
+    };
+    file.write_all(format!("{pid}\n").as_bytes())
 }
 
 /// The pid a pid file holds, if it holds one.
@@ -111,6 +132,20 @@ mod tests {
             .filter_map(|e| e.ok().map(|e| e.file_name()))
             .collect();
         assert_eq!(names, [std::ffi::OsString::from("switchyard.pid")]);
+    }
+
+    #[test]
+    fn a_link_at_the_temp_name_is_replaced_not_written_through() {
+        // A directory of its own: another test lists what is in `dir()`.
+        let dir = dir().with_extension("linked");
+        std::fs::create_dir_all(&dir).expect("dir");
+        let target = dir.join("precious");
+        std::fs::write(&target, "keep me").expect("target");
+        let path = dir.join("linked.pid");
+        std::os::unix::fs::symlink(&target, dir.join(".linked.pid.tmp-43")).expect("link");
+        write(&path, 43).expect("write");
+        assert_eq!(read(&path), Some(43));
+        assert_eq!(std::fs::read_to_string(&target).expect("target"), "keep me");
     }
 
     #[test]
