@@ -215,6 +215,65 @@ fn five_binary_upgrades_in_a_row_keep_state_and_fail_nothing() {
     assert_no_failures("5 upgrades", &report);
 }
 
+/// The listening sockets on `port`, counted by the kernel (each socket once, however many
+/// processes hold it).
+fn listening_sockets(port: u16) -> usize {
+    let mut count = 0;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = fields
+                .get(1)
+                .and_then(|local| local.rsplit_once(':'))
+                .and_then(|(_, hex)| u16::from_str_radix(hex, 16).ok());
+            // State 0A is LISTEN.
+            if local_port == Some(port) && fields.get(3) == Some(&"0A") {
+                count += 1;
+            }
+        }
+    }
+    count
+}
+
+#[test]
+fn upgrades_that_change_the_thread_count_keep_every_socket_and_fail_nothing() {
+    let _one = one_at_a_time();
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let base = blue_green(blue.addr, green.addr, (1, 1), "", "");
+    let mut sy = Switchyard::start(&base);
+    let port = sy.addr.port();
+    // One socket per worker thread, bound with SO_REUSEPORT (the workers start in parallel:
+    // the first may answer before the second has bound).
+    wait_until("a socket per worker", LIMIT, || {
+        listening_sockets(port) == 2
+    });
+    let load = Load::start(sy.addr, CLIENTS);
+    load.run_for(PHASE, LIMIT);
+    // Fewer threads keep serving every inherited socket (closing one would reset the
+    // connections queued in it); more threads bind more.
+    for (threads, sockets) in [(1, 2), (3, 3), (2, 3), (1, 3)] {
+        sy.write_config(&base.replace("threads: 2", &format!("threads: {threads}")));
+        sy.upgrade();
+        wait_until(
+            &format!("{sockets} listening sockets after the upgrade to {threads} thread(s)"),
+            LIMIT,
+            || listening_sockets(port) == sockets,
+        );
+        load.run_for(PHASE, LIMIT);
+    }
+    let report = load.stop();
+    assert_no_failures("4 upgrades changing threads", &report);
+    // Every socket is accepted on: a new connection per request from one client lands on
+    // each of them (the kernel hashes each new source port), and none waits in a queue.
+    let before = blue.requests() + green.requests();
+    for _ in 0..60 {
+        assert_eq!(get(sy.addr, "/").status, 200);
+    }
+    assert_eq!(blue.requests() + green.requests(), before + 60);
+}
+
 #[test]
 fn a_backend_killed_mid_load_only_fails_what_it_had_in_flight() {
     let _one = one_at_a_time();

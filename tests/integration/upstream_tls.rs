@@ -295,8 +295,9 @@ fn h2c_backends_multiplex_and_are_health_checked_over_http2() {
     // nghttpd speaks nothing but HTTP/2: an answer is one over h2c.
     assert_eq!(get(sy.addr, "/").text(), "h2c");
     // Ten uploads held open at once, each begun 50 ms after the one before: with
-    // multiplexing they are ten streams of one backend connection (Pingora's default of one
-    // stream per connection opens ten). nghttpd echoes each body once it is complete.
+    // multiplexing they are ten streams of one backend connection per worker thread, which
+    // has its own connections (Pingora's default of one stream per connection opens ten).
+    // nghttpd echoes each body once it is complete.
     let answers = block_on(async {
         let mut held = Vec::new();
         for _ in 0..10 {
@@ -325,7 +326,10 @@ fn h2c_backends_multiplex_and_are_health_checked_over_http2() {
     assert_eq!(connections.len(), 10, "{log}");
     connections.sort_unstable();
     connections.dedup();
-    assert_eq!(connections.len(), 1, "ten uploads on {connections:?}");
+    assert!(
+        connections.len() <= 2,
+        "ten uploads on {connections:?}, with 2 worker threads"
+    );
 
     // The check is answered over h2c too: a path nghttpd has not is a 404. (nghttpd keeps
     // the files it served open for 10 s: removing one would take that long to show.)

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use http::HeaderValue;
 use log::info;
 use pingora::apps::HttpServerOptions;
-use pingora::listeners::{L4BufferSettings, ListenerConfig};
+use pingora::listeners::{L4BufferSettings, ListenerConfig, TcpSocketOptions};
 use pingora::protocols::http::v2::server::H2Options;
 use pingora::protocols::Stream;
 use pingora::proxy::HttpProxy;
@@ -53,8 +53,15 @@ pub fn run(
     }
     let admin_address = config.admin.as_ref().map(|a| a.address);
     let metrics_address = config.metrics.as_ref().map(|m| m.address);
+    let threads = config.server.threads;
     let server_conf = ServerConf {
-        threads: config.server.threads,
+        // Each proxy worker is a Pingora service of its own with one thread (see `workers`),
+        // and what else runs (health checks, admin API, metrics, rollouts) needs no more. A
+        // thread's runtime is tokio's current-thread one: no work stealing, no cross-thread
+        // wake-ups. Pingora sizes each proxy's upstream keep-alive pool and shutdown
+        // notifier by this count too: per worker, as they now are.
+        threads: 1,
+        work_stealing: false,
         upgrade_sock: config.server.upgrade_socket.display().to_string(),
         // Our drain ends the process as soon as in-flight requests are done, and at the
         // latest when server.grace_period is over; Pingora's own grace period is only the
@@ -97,6 +104,14 @@ pub fn run(
     check_system_roots()?;
     let mut server = Server::new_with_opt_and_conf(opt, server_conf);
     server.bootstrap();
+    // The listening sockets `bootstrap` received from the previous process, per address: each
+    // is served again (see `workers`).
+    let inherited = if upgrade {
+        let addresses: Vec<_> = config.listeners.iter().map(|l| l.address).collect();
+        crate::workers::inherited_sockets(&addresses)?
+    } else {
+        Default::default()
+    };
     if upgrade {
         crate::systemd::tell(&format!("MAINPID={}\n", std::process::id()));
     }
@@ -157,9 +172,9 @@ pub fn run(
     );
     let active = proxy.active_requests();
     let connections = Arc::new(Connections::default());
-    // One service per listener, each with its own app and proxy (which knows whether its
-    // requests came over TLS); the connection counters are shared. Services are started
-    // in parallel, so `ready` follows every one of them.
+    // One service per listener and worker thread, each with its own app and proxy (which
+    // knows whether its requests came over TLS) and its own sockets; the connection counters
+    // are shared. Services are started in parallel, so `ready` follows every one of them.
     let mut listener_services = Vec::new();
     for listener in &listeners {
         let front = ListenerFront {
@@ -173,36 +188,29 @@ pub fn run(
                 }
             ),
         };
-        let mut http = HttpProxy::new(
-            proxy.on_listener(front.clone()),
-            Arc::clone(&server.configuration),
-        );
-        http.handle_init_modules();
-        http.h2_options = Some(h2_options(&client_limits));
-        http.server_options = Some(h2_server_options(&client_limits));
-        let clients = ClientApp::new(
-            http,
-            front,
-            client_limits,
-            Arc::clone(&counters),
-            Arc::clone(&closing),
-            Arc::clone(&connections),
-            Arc::clone(&access_log),
-        );
-        let mut service = Service::new(format!("proxy {}", listener.address), clients);
-        // A 4 KiB user-space read buffer instead of Pingora's 64 KiB, which every idle
-        // keep-alive connection keeps (90 KiB resident per idle connection, 29 KiB with this).
-        // Not none at all (27 KiB): without it, the five-upgrade test lost a request at an
-        // upgrade in 3 of 29 runs (1 of 6 under the full parallel suite), for reasons not yet
-        // understood; with 4 KiB, as with 64 KiB, in none. A TLS listener is a TCP listener
-        // to Pingora: the connection app runs the handshake (see `ClientApp`).
-        service.add_listener(
-            ListenerConfig::tcp(listener.address.to_string())
-                .l4_buffer(L4BufferSettings::default().read(4096)),
-        );
-        let service = server.add_service(Watched::new(service, Arc::clone(&connections)));
-        service.add_dependency(&health);
-        listener_services.push(service);
+        let sockets = inherited.get(&listener.address).copied().unwrap_or(0);
+        for (worker, keys) in crate::workers::plan(listener.address, threads, sockets)
+            .into_iter()
+            .enumerate()
+        {
+            let service = worker_service(
+                listener,
+                worker,
+                &keys,
+                ClientApp::new(
+                    http_proxy(&proxy, &front, &server, &client_limits),
+                    front.clone(),
+                    client_limits,
+                    Arc::clone(&counters),
+                    Arc::clone(&closing),
+                    Arc::clone(&connections),
+                    Arc::clone(&access_log),
+                ),
+            );
+            let service = server.add_service(Watched::new(service, Arc::clone(&connections)));
+            service.add_dependency(&health);
+            listener_services.push(service);
+        }
     }
     let ready = server.add_service(background_service("systemd notify", Notify));
     for service in &listener_services {
@@ -309,6 +317,53 @@ pub fn run(
         }),
     });
     Ok(())
+}
+
+/// One listener's Pingora proxy for one worker: its own upstream connection pool.
+fn http_proxy(
+    proxy: &Proxy,
+    front: &ListenerFront,
+    server: &Server,
+    limits: &ClientLimits,
+) -> HttpProxy<Proxy> {
+    let mut http = HttpProxy::new(
+        proxy.on_listener(front.clone()),
+        Arc::clone(&server.configuration),
+    );
+    http.handle_init_modules();
+    http.h2_options = Some(h2_options(limits));
+    http.server_options = Some(h2_server_options(limits));
+    http
+}
+
+/// The service of one worker of `listener`: one thread, accepting on the sockets `keys` name.
+fn worker_service(
+    listener: &Listener,
+    worker: usize,
+    keys: &[String],
+    clients: ClientApp<HttpProxy<Proxy>>,
+) -> Service<ClientApp<HttpProxy<Proxy>>> {
+    let mut service = Service::new(
+        format!("proxy {} worker {worker}", listener.address),
+        clients,
+    );
+    service.threads = Some(1);
+    let mut options = TcpSocketOptions::default();
+    options.so_reuseport = Some(true);
+    for key in keys {
+        // A 4 KiB user-space read buffer instead of Pingora's 64 KiB, which every idle
+        // keep-alive connection keeps (90 KiB resident per idle connection, 29 KiB with this).
+        // Not none at all (27 KiB): without it, the five-upgrade test lost a request at an
+        // upgrade in 3 of 29 runs (1 of 6 under the full parallel suite), for reasons not yet
+        // understood; with 4 KiB, as with 64 KiB, in none. A TLS listener is a TCP listener
+        // to Pingora: the connection app runs the handshake (see `ClientApp`).
+        service.add_listener(
+            ListenerConfig::tcp(key.clone())
+                .tcp_socket_options(options.clone())
+                .l4_buffer(L4BufferSettings::default().read(4096)),
+        );
+    }
+    service
 }
 
 /// Pingora's grace period, whole seconds: a second past ours, so that our drain ends the

@@ -17,6 +17,7 @@ mod steer;
 mod systemd;
 mod tables;
 mod upgrade_socket;
+mod workers;
 
 use std::process::ExitCode;
 
