@@ -171,7 +171,9 @@ fn three_digits(out: &mut Vec<u8>, n: u32) {
     out.extend_from_slice(&[digit(n / 100), digit(n / 10), digit(n)]);
 }
 
-fn ip_text(out: &mut Vec<u8>, ip: IpAddr) {
+/// An address as text, appended to `out`: the access log's `client` field and the proxy's
+/// `X-Forwarded-For`, both written once per request.
+pub fn ip_text(out: &mut Vec<u8>, ip: IpAddr) {
     match ip {
         IpAddr::V4(v4) => {
             let [a, b, c, d] = v4.octets();

@@ -23,7 +23,7 @@ use switchyard_config::access_log::DEFAULT_BUFFER_LINES;
 use switchyard_config::LogFormat;
 use switchyard_pool::Metrics;
 
-pub use format::{write_line, Record};
+pub use format::{ip_text, write_line, Record};
 use writer::{Command, Commands, Message, Output, Writer};
 
 /// A line's buffer starts this big: a typical JSON line fits without growing.

@@ -26,7 +26,6 @@ pub use connection::{accepted_tcp, ClientApp, ClientCounters, Rejection};
 pub use front::{ListenerFront, TlsTerminator};
 pub use handover::{Connections, Watched};
 
-use std::io::Write;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -700,27 +699,17 @@ fn request_of<'a>(
 }
 
 /// The client's address appended to any `X-Forwarded-For` the request came with, built in one
-/// allocation (this runs for every proxied request).
+/// allocation and without `core::fmt` (this runs for every proxied request).
 fn forwarded_for(headers: &HeaderMap, client: IpAddr) -> Result<HeaderValue> {
-    // Long enough for any IPv6 address in text form.
-    let mut ip = [0u8; 46];
-    let ip_len = {
-        let mut cursor = std::io::Cursor::new(&mut ip[..]);
-        write!(cursor, "{client}").or_err(ErrorType::InternalError, "client address")?;
-        cursor.position() as usize
-    };
-    let ip = &ip[..ip_len];
     let earlier = headers.get_all(X_FORWARDED_FOR);
     let earlier_len: usize = earlier.iter().map(|v| v.len() + 2).sum();
-    if earlier_len == 0 {
-        return HeaderValue::from_bytes(ip).or_err(ErrorType::InternalError, "client address");
-    }
-    let mut value = Vec::with_capacity(earlier_len + ip.len());
+    // Long enough for any IPv6 address in text form.
+    let mut value = Vec::with_capacity(earlier_len + 46);
     for v in earlier {
         value.extend_from_slice(v.as_bytes());
         value.extend_from_slice(b", ");
     }
-    value.extend_from_slice(ip);
+    switchyard_access_log::ip_text(&mut value, client);
     HeaderValue::from_maybe_shared(Bytes::from(value)).or_err(
         ErrorType::InvalidHTTPHeader,
         "X-Forwarded-For of the request",
