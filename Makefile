@@ -74,7 +74,8 @@ upgrade-stress: build nginx-dep
 # The TLS and HTTP/2 scenarios need openssl (certificates), cc (deps: wrk's TLS shim)
 # and h2load (nghttp2-client).
 # fixed-rate-1t needs oha (an open-loop load generator, not packaged in Debian), built from
-# crates.io by `cargo install` into ~/.cargo/bin (about 8 minutes on this 2-CPU machine),
+# crates.io by `cargo install` into ~/.cargo/bin (15 CPU-minutes: 42 minutes here on a
+# 2-CPU machine shared with four parallel builds),
 # skipped when that version is already there.
 OHA_VERSION := 1.16.0
 OHA := $(or $(shell command -v oha),$${CARGO_HOME:-$$HOME/.cargo}/bin/oha)

@@ -56,6 +56,8 @@ TLS_NAME = "bench.local"
 # target on Switchyard's p99 (at most this times the better peer's)
 RATE_SHARE = 0.5
 RATE_P99_TARGET = 1.2
+# a round that achieved less than this share of the rate is flagged (the generator fell behind)
+RATE_BEHIND = 0.95
 
 
 class Scenario:
@@ -1968,6 +1970,16 @@ def rate_details(res, systems):
                  f"{fmt_ms(v.get('max_us'))} | {errs.get('client', 0)} / "
                  f"{errs.get('non_2xx', 0)} | {v['cpu_us']:.1f} | {fmt(v['cpu_load'], '.2f')} |")
     L.append("")
+    behind = [f"{LABEL[s]} round {r['round']} ({r['rps'] / rate['target_rps']:.0%})"
+              for s in systems for r in res["rounds"].get(s, [])
+              if r["rps"] < RATE_BEHIND * rate["target_rps"]]
+    if behind:
+        L.append(f"**Fewer requests than the rate** in {', '.join(behind)}: oha releases the "
+                 f"requests that are due when its timer task runs, so a generator that was "
+                 f"kept off its CPU (by the backend or by other load on the machine) catches "
+                 f"up in a burst, and what is still due at the deadline is never sent; that "
+                 f"round's tail is partly the generator's own.")
+        L.append("")
     L.append("<details><summary>per-round tail and rate</summary>")
     L.append("")
     L.append("| round | system | req/s achieved | p99 ms | p99.9 ms | p99.99 ms | max ms | "
