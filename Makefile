@@ -73,6 +73,12 @@ upgrade-stress: build nginx-dep
 # run, default 5) and BENCH_ROUNDS (default 3) tune it. perf is optional (syscall counts).
 # The TLS and HTTP/2 scenarios need openssl (certificates), cc (deps: wrk's TLS shim)
 # and h2load (nghttp2-client).
+# fixed-rate-1t needs oha (an open-loop load generator, not packaged in Debian), built from
+# crates.io by `cargo install` into ~/.cargo/bin (15 CPU-minutes: 42 minutes here on a
+# 2-CPU machine shared with four parallel builds),
+# skipped when that version is already there.
+OHA_VERSION := 1.16.0
+OHA := $(or $(shell command -v oha),$${CARGO_HOME:-$$HOME/.cargo}/bin/oha)
 nginx-dep:
 	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { $(SUDO) apt-get update -qq && { $(SUDO) apt-get install -y -qq nginx-light || $(SUDO) apt-get install -y -qq nginx; }; }
 
@@ -81,6 +87,7 @@ bench-deps: nginx-dep
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk; }
 	@command -v h2load >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nghttp2-client; }
 	@command -v openssl >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq openssl; }
+	@$(OHA) --version 2>/dev/null | grep -qx "oha $(OHA_VERSION)" || $(CARGO) install --locked oha --version $(OHA_VERSION)
 	@command -v perf >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq linux-perf; } || echo "perf not available: syscall counts will be skipped"
 	@python3 -c "import matplotlib" 2>/dev/null || python3 -m pip install --quiet matplotlib
 

@@ -52,12 +52,18 @@ H2_CLIENTS = 10
 H2_STREAMS = 32
 # The name in the benchmark certificate (SAN DNS:bench.local and IP:127.0.0.1).
 TLS_NAME = "bench.local"
+# fixed-rate-1t: the share of nginx's keepalive-1t req/s that every system is sent, and the
+# target on Switchyard's p99 (at most this times the better peer's)
+RATE_SHARE = 0.5
+RATE_P99_TARGET = 1.2
+# a round that achieved less than this share of the rate is flagged (the generator fell behind)
+RATE_BEHIND = 0.95
 
 
 class Scenario:
     def __init__(self, letter, name, title, kind="wrk", threads=1, backends=1, algorithm="rr",
                  routes=0, path="/", big=False, close=False, tls=None, resume=False, h2=False,
-                 access_log=False):
+                 access_log=False, fixed_rate=False):
         self.letter = letter
         self.name = name
         self.title = title
@@ -82,8 +88,11 @@ class Scenario:
         # (`buffer=64k flush=1s`: batched writes, as ours), HAProxy `option httplog` to stdout
         # (a file; one write per line, HAProxy's only way without a syslog daemon).
         self.access_log = access_log
-        self.client = "h2load" if h2 else "wrk"
+        self.client = "oha" if fixed_rate else "h2load" if h2 else "wrk"
         self.connections = H2_CLIENTS if h2 else CLIENT_CONNECTIONS
+        # fixed_rate: oha sends `rate` req/s (open loop, see run_oha), set by
+        # run_rate_scenario before the scenario runs
+        self.rate = None
 
     @property
     def handshakes(self):
@@ -120,6 +129,9 @@ SCENARIOS = [
              "1 thread", tls="ecdsa"),
     Scenario("q", "h2-streams", "HTTP/2 over TLS, 10 connections x 32 concurrent streams, tiny "
              "responses, ECDSA P-256, 1 thread", tls="ecdsa", h2=True),
+    Scenario("s", "fixed-rate-1t", f"keep-alive, tiny responses, 1 thread, at a fixed "
+             f"{RATE_SHARE:.0%} of nginx's maximum req/s (oha, latency-corrected)",
+             fixed_rate=True),
     Scenario("i", "idle-1000", "resident memory per idle client connection (1 000 connections)",
              kind="idle"),
     Scenario("p", "pending-heads", "resident memory per client connection holding an unfinished "
@@ -940,6 +952,7 @@ class Tools:
         self.openssl = shutil.which("openssl")
         self.h2load = shutil.which("h2load")
         self.cc = shutil.which("cc") or shutil.which("gcc")
+        self.oha = find_oha()  # only for fixed-rate-1t
         self.certs = {}  # make_certs, when a TLS scenario is selected
         self.wrk_shim = None  # build_wrk_shim, when a TLS scenario loaded by wrk is selected
         missing = [n for n, p in [("nginx", self.nginx), ("haproxy", self.haproxy),
@@ -961,6 +974,8 @@ class Tools:
                                                   run_text([self.h2load, "--version"]))
         if self.openssl:
             self.versions["openssl"] = run_text([self.openssl, "version"]).strip()
+        if self.oha:
+            self.versions["oha"] = first_match(r"oha (\S+)", run_text([self.oha, "--version"]))
         m = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", self.versions["nginx"])
         self.nginx_has_e = bool(m) and tuple(map(int, m.groups())) >= (1, 19, 5)
 
@@ -974,10 +989,12 @@ class Tools:
                 need.add("cc")  # builds the TLS shim for wrk
             if sc.client == "h2load":
                 need.add("h2load")
+            if sc.client == "oha":
+                need.add("oha")
         missing = sorted(n for n in need if not getattr(self, n))
         if missing:
-            raise BenchError(f"missing tools for the TLS/HTTP/2 scenarios: {', '.join(missing)} "
-                             f"(make bench-deps installs them)")
+            raise BenchError(f"missing tools for the TLS/HTTP/2/fixed-rate scenarios: "
+                             f"{', '.join(missing)} (make bench-deps installs them)")
 
     def pin(self, pinned, cpu):
         return [self.taskset, "-c", str(cpu)] if pinned else []
@@ -985,6 +1002,13 @@ class Tools:
     def nginx_cmd(self, prefix, conf, errlog):
         cmd = [self.nginx, "-p", prefix, "-c", conf]
         return cmd + (["-e", errlog] if self.nginx_has_e else [])
+
+
+def find_oha():
+    """oha on PATH, else where `cargo install` (make bench-deps) puts it."""
+    cargo_bin = os.path.join(os.environ.get("CARGO_HOME") or os.path.expanduser("~/.cargo"),
+                             "bin", "oha")
+    return shutil.which("oha") or (cargo_bin if os.access(cargo_bin, os.X_OK) else None)
 
 
 def first_match(pattern, text):
@@ -1190,9 +1214,62 @@ def run_h2load(tools, work, sc, port, duration):
     }, cmd
 
 
+def run_oha(tools, work, sc, port, duration):
+    """oha at a fixed rate (sc.rate req/s) for `duration` s: an open-loop load, every
+    request's latency counted from when it was due (`--latency-correction`), so a slow answer
+    cannot hold back the requests after it (see NOTES). One tokio thread (`--worker-threads
+    1`: it is pinned to one CPU with the backend); `-w` waits for the requests in flight at
+    the deadline instead of counting them as errors. Returns what run_wrk returns."""
+    out = os.path.join(work, "oha.json")
+    cmd = tools.pin(sc.pinned, 1) + [tools.oha, "--no-tui", "--output-format", "json",
+                                     "-o", out, "-q", str(sc.rate), "-z", f"{duration}s",
+                                     "--latency-correction", "-w", "-c", str(sc.connections),
+                                     "--worker-threads", "1",
+                                     f"http://127.0.0.1:{port}{sc.path}"]
+    if os.path.exists(out):
+        os.unlink(out)
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       timeout=duration + 60)
+    try:
+        with open(out) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise BenchError(f"oha failed (exit {r.returncode}, {e}): {' '.join(cmd)}\n"
+                         f"{r.stdout[-3000:]}")
+    if r.returncode != 0:
+        raise BenchError(f"oha failed (exit {r.returncode}): {' '.join(cmd)}\n{r.stdout[-3000:]}")
+    secs = data["summary"]["total"]
+    codes = {int(k): v for k, v in data.get("statusCodeDistribution", {}).items()}
+    requests = sum(codes.values())
+    pct = data.get("latencyPercentiles", {})
+
+    def us(key):
+        v = pct.get(key)
+        return None if v is None else v * 1e6  # oha reports seconds; NaN without requests
+
+    errors = {"client": sum(data.get("errorDistribution", {}).values()),
+              "non_2xx": sum(v for k, v in codes.items() if not 200 <= k < 300)}
+    return {
+        "requests": requests,
+        "duration_s": secs,
+        "rps": requests / secs if secs else 0.0,
+        "target_rps": sc.rate,
+        "bytes": data["summary"].get("totalData"),
+        "p50_us": us("p50"), "p75_us": us("p75"), "p90_us": us("p90"), "p99_us": us("p99"),
+        "p999_us": us("p99.9"), "p9999_us": us("p99.99"),
+        "max_us": data["summary"]["slowest"] * 1e6 if requests else None,
+        "errors": errors,
+        "error_total": sum(errors.values()),
+        "error_detail": data.get("errorDistribution", {}),
+        "wrk_output": r.stdout,
+    }, cmd
+
+
 def run_load(tools, work, sc, port, duration):
     if sc.client == "h2load":
         return run_h2load(tools, work, sc, port, duration)
+    if sc.client == "oha":
+        return run_oha(tools, work, sc, port, duration)
     return run_wrk(tools, work, sc, port, duration, sc.connections)
 
 
@@ -1456,6 +1533,79 @@ def run_wrk_scenario(tools, work, sc, layout, args, record):
         backend.stop()
         record(result)
     return result
+
+
+def fixed_rate(tools, work, sc, layout, args, results):
+    """The rate of fixed-rate-1t, RATE_SHARE of nginx's maximum req/s on this machine in this
+    run: keepalive-1t's nginx median when that ran before (same config: 1 pinned worker,
+    keep-alive, tiny responses), else a short wrk calibration of nginx with that config.
+    Returns (req/s, how it was found)."""
+    ka = next((r for r in results if r["scenario"] == "keepalive-1t" and
+               "nginx" in r.get("median", {})), None)
+    if ka:
+        peak = ka["median"]["nginx"]["rps"]
+        return max(1, round(RATE_SHARE * peak)), (
+            f"{RATE_SHARE:.0%} of nginx's keepalive-1t median in this run ({peak:,.0f} req/s)")
+    backend = start_backend(tools, work, sc, layout)
+    try:
+        bal, _ = start_balancer(tools, work, sc, layout, "nginx", tag="-calibration")
+        try:
+            run_wrk(tools, work, sc, bal.port, WARMUP_SECONDS)
+            seconds = min(args.duration, 3)
+            res, _ = run_wrk(tools, work, sc, bal.port, seconds)
+        finally:
+            bal.proc.stop()
+    finally:
+        backend.stop()
+    if res["error_total"] or not res["requests"]:
+        raise BenchError(f"nginx's calibration run for {sc.name} failed: {res['errors']}")
+    return max(1, round(RATE_SHARE * res["rps"])), (
+        f"{RATE_SHARE:.0%} of nginx's req/s in a {seconds} s wrk calibration run with the "
+        f"keepalive-1t config ({res['rps']:,.0f} req/s; keepalive-1t did not run before)")
+
+
+def run_rate_scenario(tools, work, sc, layout, args, record, results):
+    """fixed-rate-1t: run_wrk_scenario with oha at one rate for every system (fixed_rate),
+    plus what only this scenario reports: the rate, the p99.99 and max, the p99 target."""
+    sc.rate, source = fixed_rate(tools, work, sc, layout, args, results)
+    print(f"  {sc.name}: {sc.rate:,} req/s for every system: {source}", flush=True)
+    # How close the rate is to each system's own maximum (keepalive-1t, when it ran): the
+    # queueing, and so the tail, grows steeply as a single thread nears saturation.
+    ka = next((r for r in results if r["scenario"] == "keepalive-1t" and "median" in r), None)
+    peaks = {s: v["rps"] for s, v in ka["median"].items()} if ka else {}
+
+    def record_rate(res):
+        res["rate"] = {"target_rps": sc.rate, "source": source, "share": RATE_SHARE,
+                       "peaks": peaks}
+        for system, rounds in res.get("rounds", {}).items():
+            if system in res.get("median", {}):
+                for key in ("p9999_us", "max_us"):
+                    res["median"][system][key] = median([r.get(key) for r in rounds])
+        res["rate"]["target"] = rate_target(res)
+        record(res)
+
+    result = run_wrk_scenario(tools, work, sc, layout, args, record_rate)
+    t = result["rate"]["target"]
+    if t:
+        print(f"  {sc.name}: {t['text']}", flush=True)
+    return result
+
+
+def rate_target(res):
+    """Switchyard's p99 against the better (lower) of nginx's and HAProxy's at the same rate:
+    {"ratio", "met", "peer", "text"}, or None when one side did not run."""
+    med = res.get("median", {})
+    peers = [o for o in ("nginx", "haproxy") if med.get(o, {}).get("p99_us")]
+    if not med.get("switchyard", {}).get("p99_us") or not peers:
+        return None
+    peer = min(peers, key=lambda o: med[o]["p99_us"])
+    sy, best = med["switchyard"]["p99_us"], med[peer]["p99_us"]
+    r = sy / best
+    met = r <= RATE_P99_TARGET
+    return {"ratio": r, "met": met, "peer": peer,
+            "text": f"Target (p99 no worse than {RATE_P99_TARGET}x the better peer's): "
+                    f"Switchyard {fmt_ms(sy)} ms, better peer {fmt_ms(best)} ms "
+                    f"({LABEL[peer]}): ratio {r:.2f}, {'met' if met else 'missed'}."}
 
 
 def tls_warmup(tools, work, sc, bal):
@@ -1768,6 +1918,104 @@ def tls_summary(tls_results, systems):
     return L
 
 
+def rate_summary(rate_results, systems):
+    """The fixed-rate scenarios' own small summary: the tail at the same rate, and the
+    target on Switchyard's p99."""
+    L = ["### Tail latency at a fixed rate", ""]
+    L.append(f"Every system is sent the same rate, {RATE_SHARE:.0%} of nginx's maximum here, "
+             f"by oha with `--latency-correction` (open loop: latency counted from when a "
+             f"request was due; see Setup). Median over rounds, ms.")
+    L.append("")
+    head = "| scenario | rate req/s | " + " | ".join(f"{LABEL[s]} p50 / p99 / p99.9"
+                                                      for s in systems) + " | p99 target |"
+    L.append(head)
+    L.append("|---" * (head.count("|") - 1) + "|")
+    for res in rate_results:
+        med = res["median"]
+        t = res["rate"].get("target")
+        row = f"| {res['scenario']} | {res['rate']['target_rps']:,} | "
+        row += " | ".join(" / ".join(fmt_ms(med[s][k]) for k in ("p50_us", "p99_us", "p999_us"))
+                          if s in med else "-" for s in systems)
+        row += (f" | x{t['ratio']:.2f} of {LABEL[t['peer']]}: "
+                f"{'met' if t['met'] else '**missed**'} |" if t else " | - |")
+        L.append(row)
+    L.append("")
+    for res in rate_results:
+        if res["rate"].get("target"):
+            L.append(f"`{res['scenario']}`: {res['rate']['target']['text']}")
+            L.append("")
+    return L
+
+
+def rate_details(res, systems):
+    """The rate-specific part of a fixed-rate scenario's section: the rate asked for and
+    achieved, the whole tail (p90 to max), per system and per round."""
+    L = []
+    rate = res["rate"]
+    L.append(f"Rate: **{rate['target_rps']:,} req/s** for every system, {rate['source']}. "
+             f"`oha -q {rate['target_rps']} -z <duration>s --latency-correction -w "
+             f"-c{CLIENT_CONNECTIONS}` over keep-alive connections (see Setup and the commands "
+             f"below).")
+    L.append("")
+    if rate.get("target"):
+        L.append(rate["target"]["text"])
+        L.append("")
+    med = res["median"]
+    peaks = rate.get("peaks", {})
+    if peaks:
+        L.append("*rate / own max* = the rate over the system's own keepalive-1t req/s in this "
+                 "run: how near saturation the rate puts it (a single thread's queue, and so "
+                 "its tail, grows steeply as that nears 100%).")
+        L.append("")
+    L.append("| system | req/s achieved | of the rate | rate / own max | p50 ms | p90 ms | "
+             "p99 ms | p99.9 ms | p99.99 ms | max ms | errors / non-2xx | CPU µs/req | "
+             "CPUs busy |")
+    L.append("|---" * 13 + "|")
+    for s in systems:
+        if s not in med:
+            continue
+        v = med[s]
+        errs = v["errors"]
+        own = f"{rate['target_rps'] / peaks[s]:.0%}" if peaks.get(s) else "-"
+        L.append(f"| {LABEL[s]} | {v['rps']:,.0f} | {v['rps'] / rate['target_rps']:.1%} | "
+                 f"{own} | {fmt_ms(v['p50_us'])} | {fmt_ms(v['p90_us'])} | {fmt_ms(v['p99_us'])} | "
+                 f"{fmt_ms(v['p999_us'])} | {fmt_ms(v.get('p9999_us'))} | "
+                 f"{fmt_ms(v.get('max_us'))} | {errs.get('client', 0)} / "
+                 f"{errs.get('non_2xx', 0)} | {v['cpu_us']:.1f} | {fmt(v['cpu_load'], '.2f')} |")
+    L.append("")
+    behind = [f"{LABEL[s]} round {r['round']} ({r['rps'] / rate['target_rps']:.0%})"
+              for s in systems for r in res["rounds"].get(s, [])
+              if r["rps"] < RATE_BEHIND * rate["target_rps"]]
+    if behind:
+        L.append(f"**Fewer requests than the rate** in {', '.join(behind)}: the requests "
+                 f"still waiting in oha at the deadline are never sent. Either the system did "
+                 f"not keep up (all {CLIENT_CONNECTIONS} connections waiting for answers, the "
+                 f"rest queued in oha: see *rate / own max*), or oha itself was kept off its "
+                 f"CPU (by the backend or other load on the machine) and its timer fell "
+                 f"behind.")
+        L.append("")
+    L.append("<details><summary>per-round tail and rate</summary>")
+    L.append("")
+    L.append("| round | system | req/s achieved | p99 ms | p99.9 ms | p99.99 ms | max ms | "
+             "errors |")
+    L.append("|---" * 8 + "|")
+    rounds = max((len(r) for r in res["rounds"].values()), default=0)
+    for rnd in range(rounds):
+        for s in systems:
+            if rnd >= len(res["rounds"].get(s, [])):
+                continue
+            r = res["rounds"][s][rnd]
+            detail = "; ".join(f"{k}: {v}" for k, v in r.get("error_detail", {}).items())
+            L.append(f"| {r['round']} | {LABEL[s]} | {r['rps']:,.0f} | {fmt_ms(r['p99_us'])} | "
+                     f"{fmt_ms(r['p999_us'])} | {fmt_ms(r.get('p9999_us'))} | "
+                     f"{fmt_ms(r.get('max_us'))} | {r['error_total']}"
+                     f"{' (' + detail + ')' if detail else ''} |")
+    L.append("")
+    L.append("</details>")
+    L.append("")
+    return L
+
+
 def markdown(results, meta, args, errors):
     systems = args.systems
     L = []
@@ -1791,7 +2039,7 @@ def markdown(results, meta, args, errors):
     L.append("|---|---|")
     L.append(f"| CPU | {m['cpu']}, {m['cpus']} CPUs |")
     L.append(f"| kernel | {m['kernel']} |")
-    for k in ("switchyard", "nginx", "haproxy", "wrk", "h2load", "openssl"):
+    for k in ("switchyard", "nginx", "haproxy", "wrk", "h2load", "oha", "openssl"):
         if k in m["versions"] or k in ("switchyard", "nginx", "haproxy", "wrk"):
             L.append(f"| {k} | {m['versions'].get(k, '?')} |")
     if meta.get("tls_libraries"):
@@ -1834,13 +2082,17 @@ def markdown(results, meta, args, errors):
     tls_results = [r for r in wrk_results if r.get("cert")]
     if tls_results:
         L += tls_summary(tls_results, systems)
+    rate_results = [r for r in wrk_results if r.get("rate")]
+    if rate_results:
+        L += rate_summary(rate_results, systems)
 
     for res in results:
         L.append(f"### `{res['scenario']}`: {res['title']}")
         L.append("")
         if res["kind"] == "wrk" and "median" in res:
             med = res["median"]
-            pin = ("balancer pinned to CPU 0 (`taskset -c 0`), wrk and the backend to CPU 1"
+            pin = (f"balancer pinned to CPU 0 (`taskset -c 0`), {res['client']} and the "
+                   f"backend to CPU 1"
                    if res["pinned"] else "nothing pinned: balancer, wrk and backend share "
                    "both CPUs")
             L.append(f"{res['threads']} worker thread(s)/process(es) per balancer; {pin}.")
@@ -1877,6 +2129,8 @@ def markdown(results, meta, args, errors):
                          f"{fmt(v['cpu_load'], '.2f')} | "
                          f"{fmt(v['backend_conns_per_1k'], '.2f')} | {err_s} |")
             L.append("")
+            if res.get("rate"):
+                L += rate_details(res, systems)
             rat = wrk_ratios(res)
             if rat:
                 L.append("Switchyard relative (>1: Switchyard better): " + "; ".join(
@@ -2026,6 +2280,34 @@ NOTES = """
   percentile from wrk's histogram (p99.9 included); `new-conn` adds `-H "Connection: close"`
   so wrk opens a new connection per request. Errors = wrk's socket errors (connect, read,
   write, timeout) + non-2xx answers.
+- **Fixed rate** (`fixed-rate-1t`): wrk is a closed loop: each of its connections sends its
+  next request only when the answer to the previous one has arrived, so while the balancer
+  stalls, the requests a real client population would have sent in the meantime are not
+  sent, and a 5 ms stall shows up as one slow request instead of as every request that
+  would have arrived during it (coordinated omission): wrk under-reports the tail, and the
+  more the slower the system. oha with `-q RATE --latency-correction` is an open loop: a
+  timer releases RATE requests per second whatever the answers do, a free one of its 50
+  keep-alive connections (`-c50`) sends each, and each latency is counted from when the
+  request was released, so the time spent waiting behind a slow answer counts. RATE is
+  50% of nginx's keepalive-1t req/s in the same run (or of a short wrk calibration run of
+  nginx with that config when keepalive-1t did not run first), the same for every system:
+  well below saturation, what this scenario compares is latency under a moderate load, not
+  throughput. At that rate and sub-millisecond answers only a few requests are in flight at
+  a time (rate x latency), so 50 connections never make a request wait for a free one, and
+  they keep the 50 open client connections of the other scenarios. oha runs one tokio
+  thread (`--worker-threads 1`: it shares CPU 1 with the backend) and waits for the
+  requests in flight at the deadline (`-w`; without it they count as errors). Two things
+  from oha's source (1.16, `work_until_with_qps_latency_correction`) that apply to every
+  system alike: its timer is tokio's (1 ms granularity), so the requests are released in
+  bursts of RATE/1000 every millisecond, and the single-threaded balancer answers a burst
+  one request after the other; and the clock of a request starts when the timer task
+  wakes, not at its nominal time, so a delay of oha's own timer is not counted; and the
+  requests still queued in oha at the deadline (a system that did not keep up: all 50
+  connections waiting) are neither sent nor counted, so such a system's tail is a lower
+  bound: its achieved req/s says so (a round under 95% of the rate is flagged), and *rate /
+  own max* (the rate over its keepalive-1t req/s) says how near saturation the rate puts it.
+  CPU per request as in the other scenarios, over the oha run; errors = oha's error
+  distribution + non-2xx answers.
 - **CPU per request**: utime and stime from `/proc/PID/stat` (fields 14 and 15) of the
   balancer before and after the wrk run (nginx: master + workers, the master is idle),
   divided by the requests wrk completed. Resolution is one clock tick (10 ms) per run.
@@ -2194,18 +2476,20 @@ def write_chart(results, systems, path):
                  "handshake (tls-resume), per request (tls-keepalive, h2-streams)")
     ax2 = axes[-1]
     others = [o for o in ("nginx", "haproxy") if o in systems and "switchyard" in systems]
-    if others:
-        xs = range(len(wrk_results))
+    # a fixed-rate scenario's req/s is the rate it was sent, not a throughput
+    peak = [r for r in wrk_results if not r.get("rate")]
+    if others and peak:
+        xs = range(len(peak))
         width2 = 0.8 / len(others)
         for i, o in enumerate(others):
             pos = [x - 0.4 + width2 * (i + 0.5) for x in xs]
-            vals = [wrk_ratios(r).get(o, {}).get("rps", 0.0) for r in wrk_results]
+            vals = [wrk_ratios(r).get(o, {}).get("rps", 0.0) for r in peak]
             ax2.bar(pos, vals, width2, color=colors[o], label=f"Switchyard / {LABEL[o]}")
             for p, v in zip(pos, vals):
                 ax2.text(p, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
         ax2.axhline(1.0, color="black", linewidth=1)
         ax2.set_xticks(list(xs))
-        ax2.set_xticklabels([label(r) for r in wrk_results], rotation=20, ha="right",
+        ax2.set_xticklabels([label(r) for r in peak], rotation=20, ha="right",
                             fontsize=8)
         ax2.set_ylabel("requests/s ratio (>1: Switchyard faster)")
         ax2.set_title("Throughput: Switchyard relative to nginx and HAProxy")
@@ -2328,7 +2612,9 @@ def main():
             tools.wrk_shim = build_wrk_shim(tools, work)
         for sc in args.selected:
             print(f"[{sc.letter}] {sc.name}: {sc.title}", flush=True)
-            if sc.kind == "wrk":
+            if sc.client == "oha":
+                run_rate_scenario(tools, work, sc, layout, args, record, results)
+            elif sc.kind == "wrk":
                 run_wrk_scenario(tools, work, sc, layout, args, record)
             elif sc.kind == "idle":
                 run_memory_scenario(tools, work, sc, layout, args, record, idle_connections,
