@@ -68,7 +68,8 @@ deploy-demo: build
 upgrade-stress: build nginx-dep
 	PATH="$$PATH:/usr/sbin:/sbin" python3 deploy/upgrade_stress.py --binary target/release/switchyard
 
-# Switchyard against nginx and HAProxy on this machine (tests/bench/bench.py): results between
+# Switchyard against nginx, HAProxy and two bare Pingora references (the framework floor,
+# crates/switchyard-bench-refs) on this machine (tests/bench/bench.py): results between
 # the markers of docs/benchmarks.md and in docs/benchmarks.png. BENCH_DURATION (seconds per
 # run, default 5) and BENCH_ROUNDS (default 3) tune it. perf is optional (syscall counts).
 # The TLS and HTTP/2 scenarios need openssl (certificates), cc (deps: wrk's TLS shim)
@@ -88,4 +89,6 @@ bench: deps bench-deps
 	$(CARGO) build --release --bin switchyard --features alloc-count
 	cp target/release/switchyard target/release/switchyard-alloc-count
 	$(CARGO) build --release --bin switchyard
-	PATH="$$PATH:/usr/sbin:/sbin" python3 tests/bench/bench.py --binary target/release/switchyard
+	$(CARGO) build --release -p switchyard-bench-refs
+	PATH="$$PATH:/usr/sbin:/sbin" python3 tests/bench/bench.py --binary target/release/switchyard \
+		--pingora-proxy target/release/bare-pingora-proxy --pingora-core target/release/bare-pingora-core
