@@ -1,11 +1,11 @@
 //! The bench's bare pingora-core HTTP/1.1 proxy: no pingora-proxy, no phases. Per request it
 //! reads the head (pingora-core's keep-alive loop around `HttpServerApp`), takes a pooled
 //! upstream connection from pingora-core's HTTP connector (the one pingora-proxy uses, built
-//! from the same `ServerConf`), writes the head, streams the request body and then the response
-//! body (one after the other, not duplex: enough for the bench's GETs), writes the response
-//! head downstream, returns the upstream connection to the pool and hands the client's
-//! connection back for its next request. Round robin by an atomic counter. Only `make bench`
-//! uses it.
+//! from the same `ServerConf`), writes the head without its hop-by-hop headers, streams the
+//! request body and then the response body (one after the other, not duplex: enough for the
+//! bench's GETs), writes the response head downstream, returns the upstream connection to the
+//! pool and hands the client's connection back for its next request. Round robin by an atomic
+//! counter. Only `make bench` uses it.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -68,11 +68,26 @@ impl HttpServerApp for BareCore {
     }
 }
 
+/// Hop-by-hop request headers (RFC 9110 7.6.1) that pingora-proxy strips too: forwarded, a
+/// client's `Connection: close` would close the pooled upstream connection after each request.
+/// Transfer-Encoding stays (the body is passed through in the client's framing); headers that
+/// `Connection` nominates are not looked for (the bench sends none).
+const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
 /// One exchange: request head and body up, response head and body down.
 async fn proxy(downstream: &mut ServerSession, upstream: &mut HttpSession) -> Result<()> {
-    upstream
-        .write_request_header(Box::new(downstream.req_header().clone()))
-        .await?;
+    let mut head = Box::new(downstream.req_header().clone());
+    for name in HOP_BY_HOP {
+        head.remove_header(name);
+    }
+    upstream.write_request_header(head).await?;
     if !downstream.is_body_empty() {
         while let Some(chunk) = downstream.read_request_body().await? {
             upstream.write_request_body(chunk, false).await?;
