@@ -4,7 +4,7 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test deps test-deps build deb fmt lint deploy-demo upgrade-stress nginx-dep bench bench-deps
+.PHONY: run test deps test-deps build deb fmt lint deploy-demo upgrade-stress nginx-dep bench bench-deps bench-callgrind
 
 deps:
 	@command -v cmake >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq cmake; }
@@ -68,7 +68,8 @@ deploy-demo: build
 upgrade-stress: build nginx-dep
 	PATH="$$PATH:/usr/sbin:/sbin" python3 deploy/upgrade_stress.py --binary target/release/switchyard
 
-# Switchyard against nginx and HAProxy on this machine (tests/bench/bench.py): results between
+# Switchyard against nginx, HAProxy and two bare Pingora references (the framework floor,
+# crates/switchyard-bench-refs) on this machine (tests/bench/bench.py): results between
 # the markers of docs/benchmarks.md and in docs/benchmarks.png. BENCH_DURATION (seconds per
 # run, default 5) and BENCH_ROUNDS (default 3) tune it. perf is optional (syscall counts).
 # The TLS and HTTP/2 scenarios need openssl (certificates), cc (deps: wrk's TLS shim)
@@ -91,8 +92,20 @@ bench-deps: nginx-dep
 	@command -v perf >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq linux-perf; } || echo "perf not available: syscall counts will be skipped"
 	@python3 -c "import matplotlib" 2>/dev/null || python3 -m pip install --quiet matplotlib
 
+# Instructions per request (callgrind, 1 000 vs 4 000 keep-alive requests) for Switchyard and
+# the two bare Pingora references, and the functions that cost Switchyard most over the bare
+# proxy (tests/bench/callgrind.py): for comparing builds on a host too busy for CPU times.
+bench-callgrind: deps bench-deps
+	@command -v valgrind >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq valgrind; }
+	$(CARGO) build --release --bin switchyard
+	$(CARGO) build --release -p switchyard-bench-refs
+	PATH="$$PATH:/usr/sbin:/sbin" python3 tests/bench/callgrind.py --binary target/release/switchyard \
+		--pingora-proxy target/release/bare-pingora-proxy --pingora-core target/release/bare-pingora-core --top 30
+
 bench: deps bench-deps
 	$(CARGO) build --release --bin switchyard --features alloc-count
 	cp target/release/switchyard target/release/switchyard-alloc-count
 	$(CARGO) build --release --bin switchyard
-	PATH="$$PATH:/usr/sbin:/sbin" python3 tests/bench/bench.py --binary target/release/switchyard
+	$(CARGO) build --release -p switchyard-bench-refs
+	PATH="$$PATH:/usr/sbin:/sbin" python3 tests/bench/bench.py --binary target/release/switchyard \
+		--pingora-proxy target/release/bare-pingora-proxy --pingora-core target/release/bare-pingora-core

@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Switchyard against nginx and HAProxy: throughput, latency, CPU per request, memory per
-idle connection, syscalls and allocations per request. `make bench` builds the binaries and
-runs this; by hand:
+idle connection, syscalls and allocations per request; and against two bare Pingora
+references (crates/switchyard-bench-refs), the framework's floor under it. `make bench` builds
+the binaries and runs this; by hand:
 
     python3 tests/bench/bench.py --binary target/release/switchyard [--scenarios a,c,idle-1000]
-        [--duration 5] [--rounds 3] [--no-docs]
+        [--pingora-proxy target/release/bare-pingora-proxy]
+        [--pingora-core target/release/bare-pingora-core] [--duration 5] [--rounds 3] [--no-docs]
 
 Needs nginx, haproxy, wrk and taskset on PATH (perf optional: syscall counts), matplotlib for
 the chart. All traffic stays on 127.0.0.1; every process it starts runs from a fresh temp
@@ -35,8 +37,12 @@ import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SYSTEMS = ["switchyard", "nginx", "haproxy"]
-LABEL = {"switchyard": "Switchyard", "nginx": "nginx", "haproxy": "HAProxy"}
+SYSTEMS = ["switchyard", "pingora-proxy", "pingora-core", "nginx", "haproxy"]
+LABEL = {"switchyard": "Switchyard", "nginx": "nginx", "haproxy": "HAProxy",
+         "pingora-proxy": "bare pingora-proxy", "pingora-core": "bare pingora-core"}
+# The reference systems (crates/switchyard-bench-refs, bench only): the framework under
+# Switchyard with nothing of ours on top; see serves() for the scenarios they run.
+REFS = ("pingora-proxy", "pingora-core")
 MARK_START = "<!-- results:start -->"
 MARK_END = "<!-- results:end -->"
 CLIENT_CONNECTIONS = 50
@@ -435,7 +441,8 @@ class Layout:
     def __init__(self, base):
         self.backend_ports = [base + i for i in range(100)]
         self.stub_port = base + 100
-        self.lb_port = {"switchyard": base + 110, "nginx": base + 111, "haproxy": base + 112}
+        self.lb_port = {"switchyard": base + 110, "nginx": base + 111, "haproxy": base + 112,
+                        "pingora-proxy": base + 113, "pingora-core": base + 114}
 
     def all_ports(self):
         return self.backend_ports + [self.stub_port] + list(self.lb_port.values())
@@ -1027,6 +1034,47 @@ def write(path, text):
     return path
 
 
+def serves(system, sc):
+    """Whether `system` runs scenario `sc`: the reference systems proxy plain HTTP/1.1 with
+    round robin over one pool and have no access log, routes or other algorithms; the
+    allocation count is Switchyard's alone."""
+    if system not in REFS:
+        return True
+    return not (sc.tls or sc.h2 or sc.access_log or sc.routes or sc.algorithm != "rr" or
+                sc.kind == "alloc")
+
+
+def systems_for(sc, args):
+    return [s for s in args.systems if serves(s, sc)]
+
+
+def check_refs(tools, args):
+    """The reference binaries given on the command line (tools.refs), or BenchError."""
+    tools.refs = {s: os.path.abspath(args.refs[s]) for s in REFS if s in args.systems}
+    for system, path in tools.refs.items():
+        if not os.access(path, os.X_OK):
+            raise BenchError(f"{path} ({LABEL[system]}) is not an executable (build it: "
+                             f"cargo build --release -p switchyard-bench-refs)")
+    if tools.refs:
+        try:
+            with open(os.path.join(REPO, "Cargo.lock")) as f:
+                lock = f.read()
+            version = re.search(r'^name = "pingora-proxy"\nversion = "([^"]+)"', lock, re.M)
+        except OSError:
+            version = None
+        tools.versions["pingora"] = (f"{version.group(1) if version else '?'} (the bare "
+                                     f"references: crates/switchyard-bench-refs)")
+
+
+def ref_cmd(tools, sc, layout, system):
+    """A reference system's command line: the scenario's threads and backends."""
+    cmd = [tools.refs[system], "--listen", f"127.0.0.1:{layout.lb_port[system]}",
+           "--threads", str(sc.threads)]
+    for port in layout.backend_ports[:sc.backends]:
+        cmd += ["--backend", f"127.0.0.1:{port}"]
+    return cmd
+
+
 class Balancer:
     """A running balancer: the process and the PIDs to measure."""
 
@@ -1074,6 +1122,8 @@ def start_balancer(tools, work, sc, layout, system, binary=None, tag=""):
         conf = write(os.path.join(work, f"{name}.conf"),
                      nginx_lb_conf(work, sc, layout, name, cert))
         cmd = pin + tools.nginx_cmd(d + "/", conf, f"{work}/{name}-error.log")
+    elif system in REFS:
+        cmd = pin + ref_cmd(tools, sc, layout, system)
     else:
         conf = write(os.path.join(work, f"{name}.cfg"), haproxy_conf(work, sc, layout, cert))
         cmd = pin + [tools.haproxy, "-db", "-f", conf]
@@ -1347,6 +1397,12 @@ def perf_syscalls(tools, work, sc, bal, duration):
     return None, f"no count in perf output: {text.strip()[:300]}"
 
 
+def counts_syscalls(sc):
+    """The scenarios with a syscall count: those of the floor table (what the reference
+    systems run over wrk), keepalive-1t among them."""
+    return sc.kind == "wrk" and serves("pingora-proxy", sc)
+
+
 def idle_connections(bal, sc, count=IDLE_CONNECTIONS):
     conn = HttpConn(bal.port)
     for _ in range(200):  # warm: the backend connection, buffers, code paths
@@ -1470,12 +1526,13 @@ def run_wrk_scenario(tools, work, sc, layout, args, record):
     backend = start_backend(tools, work, sc, layout)
     balancers = {}
     result = {"scenario": sc.name, "title": sc.title, "kind": "wrk", "threads": sc.threads,
-              "pinned": sc.pinned, "rounds": {s: [] for s in args.systems}, "commands": {},
+              "pinned": sc.pinned, "rounds": {s: [] for s in systems_for(sc, args)},
+              "commands": {},
               "backends_seen": {}, "cert": sc.tls, "client": sc.client, "h2": sc.h2,
               "unit": ("resumed handshake" if sc.resume else "full handshake")
               if sc.handshakes else "request"}
     try:
-        for system in args.systems:
+        for system in systems_for(sc, args):
             try:
                 bal, cmd = start_balancer(tools, work, sc, layout, system)
             except BenchError as e:
@@ -1495,7 +1552,7 @@ def run_wrk_scenario(tools, work, sc, layout, args, record):
                 result.setdefault("tls", {})[system] = tls_warmup(tools, work, sc, bal)
             else:
                 run_load(tools, work, sc, bal.port, WARMUP_SECONDS)
-        ran = [s for s in args.systems if s in balancers]
+        ran = [s for s in systems_for(sc, args) if s in balancers]
         for s in list(result["rounds"]):
             if s not in balancers:
                 del result["rounds"][s]
@@ -1518,9 +1575,9 @@ def run_wrk_scenario(tools, work, sc, layout, args, record):
                       f"cpu {res['cpu_us']:6.1f} us/{unit} (user {res['user_us']:.1f}, "
                       f"kernel {res['sys_us']:.1f}{extra}){flag}", flush=True)
         result["median"] = {s: summarize(result["rounds"][s]) for s in ran}
-        if sc.name == "keepalive-1t" and not args.no_perf:
+        if counts_syscalls(sc) and not args.no_perf:
             result["syscalls"] = {}
-            for system in args.systems:
+            for system in ran:
                 value, why = perf_syscalls(tools, work, sc, balancers[system],
                                            min(args.duration, 3))
                 result["syscalls"][system] = value if value else {"skipped": why}
@@ -1648,7 +1705,7 @@ def run_memory_scenario(tools, work, sc, layout, args, record, measure, describe
     result = {"scenario": sc.name, "title": sc.title, "kind": sc.kind, "systems": {},
               "commands": {}}
     try:
-        for system in args.systems:
+        for system in systems_for(sc, args):
             bal, cmd = start_balancer(tools, work, sc, layout, system)
             result["commands"][system] = show_cmd(cmd, work)
             try:
@@ -1777,17 +1834,20 @@ def any_errors(results):
 
 def print_summary(results, systems):
     print("\n" + "=" * 100)
-    head = f"{'scenario':<20}" + "".join(f"{LABEL[s] + ' req/s':>18}" for s in systems) + \
-        "".join(f"{LABEL[s] + ' cpu us/req':>22}" for s in systems) + "  errors"
+    # each column as wide as its heading ("bare pingora-proxy cpu us/req" is 29 characters)
+    rw = {s: max(18, len(LABEL[s]) + 8) for s in systems}
+    cw = {s: max(22, len(LABEL[s]) + 13) for s in systems}
+    head = f"{'scenario':<20}" + "".join(f"{LABEL[s] + ' req/s':>{rw[s]}}" for s in systems) + \
+        "".join(f"{LABEL[s] + ' cpu us/req':>{cw[s]}}" for s in systems) + "  errors"
     print(head)
     for res in results:
         if res["kind"] != "wrk" or "median" not in res:
             continue
         med = res["median"]
         line = f"{res['scenario']:<20}"
-        line += "".join(f"{med[s]['rps']:>18.0f}" if s in med else f"{'-':>18}"
+        line += "".join(f"{med[s]['rps']:>{rw[s]}.0f}" if s in med else f"{'-':>{rw[s]}}"
                         for s in systems)
-        line += "".join(f"{med[s]['cpu_us']:>22.1f}" if s in med else f"{'-':>22}"
+        line += "".join(f"{med[s]['cpu_us']:>{cw[s]}.1f}" if s in med else f"{'-':>{cw[s]}}"
                         for s in systems)
         errs = sum(med[s]["error_total"] for s in systems if s in med)
         line += f"  {'!!! ' + str(errs) if errs else 0}"
@@ -2016,6 +2076,70 @@ def rate_details(res, systems):
     return L
 
 
+# The floor table's steps: each system against the one below it, which has less of the stack.
+FLOOR_STEPS = [("switchyard", "pingora-proxy", "our features"),
+               ("pingora-proxy", "pingora-core", "pingora-proxy's machinery"),
+               ("pingora-core", "nginx", "the framework's floor"),
+               ("haproxy", "nginx", "")]
+FLOOR_TARGET = 1.05  # issue 16: Switchyard within 5% of bare pingora-proxy in every scenario
+
+
+def floor_section(wrk_results, systems):
+    """The floor: per scenario the five systems' CPU per request (user, kernel) and syscalls
+    per request, each with its ratio to the next system down the stack. Empty when no
+    reference system ran."""
+    rows = [r for r in wrk_results if any(s in r["median"] for s in REFS)]
+    if not rows:
+        return []
+    L = ["### The floor: what our features cost over the framework, and what the framework "
+         "costs over nginx", ""]
+    L.append("Bare pingora-proxy = pingora-proxy with only `upstream_peer` (round robin); bare "
+             "pingora-core = pingora-core's HTTP/1.1 session and connector with no "
+             "pingora-proxy (both: `crates/switchyard-bench-refs`, same release profile and "
+             "allocator as Switchyard; see Setup). Ratios are the row's system over the next "
+             "one down the stack (>1: it costs more): Switchyard ÷ bare pingora-proxy = our "
+             "features, bare pingora-proxy ÷ bare pingora-core = pingora-proxy's request "
+             "machinery, bare pingora-core ÷ nginx = the framework's floor. CPU µs per request "
+             "as in the per-scenario tables (medians over the rounds); syscalls per request "
+             "from a separate `perf stat` run.")
+    L.append("")
+    L.append("| scenario | system | user µs/req | kernel µs/req | total µs/req | syscalls/req | "
+             "step | total × | user × | kernel × | syscalls × |")
+    L.append("|---" * 11 + "|")
+    missed = []
+    for res in rows:
+        med = res["median"]
+        sys_per = {s: v.get("per_request") for s, v in res.get("syscalls", {}).items()}
+        for s in [s for s in systems if s in med]:
+            v = med[s]
+            row = (f"| {res['scenario']} | {LABEL[s]} | {v['user_us']:.1f} | {v['sys_us']:.1f} | "
+                   f"{v['cpu_us']:.1f} | {fmt(sys_per.get(s), '.2f')} | ")
+            step = next(((b, what) for a, b, what in FLOOR_STEPS if a == s), None)
+            if step and step[0] in med:
+                b = med[step[0]]
+                row += (f"{step[1] + ': ' if step[1] else ''}÷ {LABEL[step[0]]} | "
+                        f"{fmt(ratio(v['cpu_us'], b['cpu_us']), '.2f')} | "
+                        f"{fmt(ratio(v['user_us'], b['user_us']), '.2f')} | "
+                        f"{fmt(ratio(v['sys_us'], b['sys_us']), '.2f')} | "
+                        f"{fmt(ratio(sys_per.get(s), sys_per.get(step[0])), '.2f')} |")
+            else:
+                row += "- | - | - | - | - |"
+            L.append(row)
+        if "switchyard" in med and "pingora-proxy" in med:
+            r = ratio(med["switchyard"]["cpu_us"], med["pingora-proxy"]["cpu_us"])
+            if r and r > FLOOR_TARGET:
+                missed.append(f"{res['scenario']} ×{r:.2f}")
+    L.append("")
+    both = [r for r in rows if "switchyard" in r["median"] and "pingora-proxy" in r["median"]]
+    if both:
+        L.append(f"Target (Switchyard's total CPU per request within "
+                 f"{100 * (FLOOR_TARGET - 1):.0f}% of bare pingora-proxy's in every scenario): "
+                 + (f"missed in {', '.join(missed)}." if missed else "met in all "
+                    f"{len(both)}."))
+        L.append("")
+    return L
+
+
 def markdown(results, meta, args, errors):
     systems = args.systems
     L = []
@@ -2079,9 +2203,10 @@ def markdown(results, meta, args, errors):
             row += f" | {'**' + str(errs) + '**' if errs else 0} |"
             L.append(row)
         L.append("")
+        L += floor_section(wrk_results, systems)
     tls_results = [r for r in wrk_results if r.get("cert")]
     if tls_results:
-        L += tls_summary(tls_results, systems)
+        L += tls_summary(tls_results, [s for s in systems if s not in REFS])
     rate_results = [r for r in wrk_results if r.get("rate")]
     if rate_results:
         L += rate_summary(rate_results, systems)
@@ -2115,6 +2240,8 @@ def markdown(results, meta, args, errors):
                      "kernel | total | CPUs busy | backend conns /1k req | errors |")
             L.append("|---|---|---|---|---|---|---|---|---|---|---|")
             for s in systems:
+                if s not in med and s in REFS:
+                    continue  # not a scenario the reference systems serve (serves())
                 if s not in med:
                     why = res.get("not_run", {}).get(s, "not run")
                     L.append(f"| {LABEL[s]} | not run: {why.splitlines()[0][:200]} |" +
@@ -2331,6 +2458,25 @@ NOTES = """
   `hash-type consistent`. With a single client IP, ip hash sends everything to one backend
   in all three. nginx buffers proxied responses in memory (`proxy_buffering` default, 16 KiB
   fits), Switchyard and HAProxy stream.
+- **The reference systems** (`crates/switchyard-bench-refs`, built by `make bench` with the
+  workspace's release profile, fat LTO and one codegen unit, and mimalloc as Switchyard; used
+  only here): *bare pingora-proxy* is pingora-proxy's `ProxyHttp` with only `new_ctx` and
+  `upstream_peer` (Pingora's `LoadBalancer<RoundRobin>`, no health checks); *bare
+  pingora-core* is a pingora-core `HttpServerApp` without pingora-proxy: read the head, take
+  a pooled connection from pingora-core's HTTP connector (the one pingora-proxy uses), write
+  the head, stream the request body and then the response body (not duplex), write the
+  response head, give the upstream connection back to the pool, keep the client's. Both run
+  the scenario's threads (`--threads`) and backends (`--backend`, round robin), and keep
+  Pingora's defaults otherwise, where Switchyard sets: a 4 KiB listener read buffer (Pingora:
+  64 KiB, which every idle connection keeps: `idle-1000` shows it), `max_retries` 3 (16; no
+  request is retried here), its h2 server options (no h2 here) and its client limits
+  (`server.clients`: keep-alive and header timeouts, a connection cap). They
+  add no `X-Forwarded-*` headers, keep no metrics and have no routes: that is part of what
+  the floor table calls our features. They run the plain-HTTP scenarios with round robin
+  over one pool: `keepalive-1t`, `keepalive-2t`, `new-conn`, `16k`, `100-backends`,
+  `shared-pool-2t`, `idle-1000` and `pending-heads`; not TLS, HTTP/2, the access log, routes,
+  least connections, ip hash or the allocation count. Syscalls per request are counted in
+  each of their wrk scenarios (a separate `perf stat` run per system).
 - **100 routes**: Switchyard and HAProxy check rules in order (the request matches the last
   of 100); nginx picks the longest matching `location` prefix from a tree, so the number of
   locations barely matters to it.
@@ -2433,7 +2579,8 @@ def write_chart(results, systems, path):
     wrk_results = [r for r in results if r["kind"] == "wrk" and "median" in r]
     if not wrk_results:
         return False
-    colors = {"switchyard": "#2b7bba", "nginx": "#3a9e4f", "haproxy": "#d9822b"}
+    colors = {"switchyard": "#2b7bba", "nginx": "#3a9e4f", "haproxy": "#d9822b",
+              "pingora-proxy": "#7f63b8", "pingora-core": "#9a9a9a"}
 
     def label(r):
         return r["scenario"] + (" (!)" if sum(r["median"][s]["error_total"] for s in systems
@@ -2517,13 +2664,19 @@ def parse_args():
                    help="comma-separated letters or names: " + ", ".join(
                        f"{s.letter}={s.name}" for s in SCENARIOS))
     p.add_argument("--systems", default=",".join(SYSTEMS),
-                   help="comma-separated subset of switchyard,nginx,haproxy")
+                   help="comma-separated subset of " + ",".join(SYSTEMS))
+    p.add_argument("--pingora-proxy", default=None, metavar="PATH",
+                   help="the bare pingora-proxy LB (target/release/bare-pingora-proxy); "
+                        "without it that system is skipped")
+    p.add_argument("--pingora-core", default=None, metavar="PATH",
+                   help="the bare pingora-core proxy (target/release/bare-pingora-core); "
+                        "without it that system is skipped")
     p.add_argument("--duration", type=int, default=int(os.environ.get("BENCH_DURATION", 5)),
                    help="seconds per wrk run (env BENCH_DURATION, default 5)")
     p.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", 3)),
                    help="rounds per scenario (env BENCH_ROUNDS, default 3)")
     p.add_argument("--base-port", type=int, default=20000,
-                   help="first of 113 consecutive 127.0.0.1 ports used (default 20000)")
+                   help="first of 115 consecutive 127.0.0.1 ports used (default 20000)")
     p.add_argument("--no-docs", action="store_true",
                    help="do not write docs/benchmarks.md and docs/benchmarks.png")
     p.add_argument("--no-perf", action="store_true", help="skip the syscall count")
@@ -2545,6 +2698,11 @@ def parse_args():
     if not args.systems or any(s not in SYSTEMS for s in args.systems):
         p.error(f"--systems: choose from {SYSTEMS}")
     args.systems = [s for s in SYSTEMS if s in args.systems]
+    args.refs = {"pingora-proxy": args.pingora_proxy, "pingora-core": args.pingora_core}
+    for system in REFS:
+        if system in args.systems and not args.refs[system]:
+            print(f"{LABEL[system]}: skipped (no --{system} PATH; make bench builds it)")
+            args.systems.remove(system)
     if args.duration < 1 or args.rounds < 1:
         p.error("--duration and --rounds must be at least 1")
     if args.alloc_binary is None:
@@ -2574,6 +2732,7 @@ def main():
     started = time.monotonic()
     try:
         tools = Tools(os.path.abspath(args.binary), os.path.abspath(args.alloc_binary))
+        check_refs(tools, args)
     except BenchError as e:
         print(f"bench: {e}", file=sys.stderr)
         return 2
