@@ -69,7 +69,7 @@ RATE_BEHIND = 0.95
 class Scenario:
     def __init__(self, letter, name, title, kind="wrk", threads=1, backends=1, algorithm="rr",
                  routes=0, path="/", big=False, close=False, tls=None, resume=False, h2=False,
-                 access_log=False, fixed_rate=False):
+                 access_log=False, fixed_rate=False, connections=None):
         self.letter = letter
         self.name = name
         self.title = title
@@ -95,7 +95,7 @@ class Scenario:
         # (a file; one write per line, HAProxy's only way without a syslog daemon).
         self.access_log = access_log
         self.client = "oha" if fixed_rate else "h2load" if h2 else "wrk"
-        self.connections = H2_CLIENTS if h2 else CLIENT_CONNECTIONS
+        self.connections = connections or (H2_CLIENTS if h2 else CLIENT_CONNECTIONS)
         # fixed_rate: oha sends `rate` req/s (open loop, see run_oha), set by
         # run_rate_scenario before the scenario runs
         self.rate = None
@@ -113,6 +113,9 @@ SCENARIOS = [
              "file", access_log=True),
     Scenario("b", "keepalive-2t", "keep-alive, tiny responses, 2 worker threads (nothing pinned)",
              threads=2),
+    Scenario("t", "keepalive-2t-4c", "keepalive-2t with only 4 client connections: how evenly "
+             "each balancer spreads few connections over its 2 workers", threads=2,
+             connections=4),
     Scenario("c", "new-conn", "a new client connection per request, 1 thread", close=True),
     Scenario("d", "16k", "16 KiB responses, keep-alive, 1 thread", path="/16k.bin", big=True),
     Scenario("e", "100-backends", "round robin over 100 backends, 1 thread", backends=100),
@@ -1323,6 +1326,45 @@ def run_load(tools, work, sc, port, duration):
     return run_wrk(tools, work, sc, port, duration, sc.connections)
 
 
+def worker_ticks(bal):
+    """CPU ticks per worker of a balancer: Switchyard's proxy threads (one per worker, each
+    accepting on its own SO_REUSEPORT socket), nginx's worker processes, HAProxy's threads.
+    None for the bare references (Pingora's work-stealing runtime has no fixed workers)."""
+    pid = bal.proc.pid
+    if bal.system == "nginx":
+        paths = [f"/proc/{child}/stat" for child in bal.proc.children()]
+    elif bal.system in ("switchyard", "haproxy"):
+        try:
+            paths = [f"/proc/{pid}/task/{tid}/stat" for tid in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            return None
+    else:
+        return None
+    out = {}
+    for path in paths:
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError:
+            continue
+        comm = text[text.index("(") + 1:text.rindex(")")]
+        if bal.system == "switchyard" and not comm.startswith("proxy "):
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        out[path] = int(fields[11]) + int(fields[12])
+    return out
+
+
+def busiest_worker_share(before, after):
+    """The busiest worker's share of all workers' CPU between two `worker_ticks` readings
+    (1/N is an even spread), or None."""
+    if not before or not after:
+        return None
+    deltas = [after[k] - before.get(k, 0) for k in after]
+    total = sum(deltas)
+    return max(deltas) / total if total > 0 and len(deltas) > 1 else None
+
+
 def measure(tools, work, sc, bal, layout, duration):
     clk = os.sysconf("SC_CLK_TCK")
     pids = bal.cpu_pids()
@@ -1337,9 +1379,11 @@ def measure(tools, work, sc, bal, layout, duration):
         except OSError:  # not root: per completed request instead (the warm-up says so)
             cap = None
     try:
+        w0 = worker_ticks(bal) if sc.threads > 1 else None
         u0, s0 = cpu_ticks(pids)
         res, cmd = run_load(tools, work, sc, bal.port, duration)
         u1, s1 = cpu_ticks(pids)
+        res["busiest_worker"] = busiest_worker_share(w0, worker_ticks(bal) if w0 else None)
     finally:
         stats = cap.stop() if cap else None
     acc1 = stub_accepts(layout.stub_port)
@@ -2140,6 +2184,34 @@ def floor_section(wrk_results, systems):
     return L
 
 
+# issue 16: Switchyard's CPU per request at 2 worker threads within this factor of 1 thread's,
+# round by round, and its req/s at 2 threads not below the best round before shared-nothing
+# workers (issue 15's run, docs/benchmarks.md of 2026-12-01 17:02).
+THREADS_TARGET = 1.10
+THREADS_RPS_BEFORE = 14139
+
+
+def threads_target(wrk_results):
+    """The shared-nothing workers' target line: keepalive-2t against keepalive-1t, per round."""
+    by = {r["scenario"]: r for r in wrk_results}
+    one, two = by.get("keepalive-1t"), by.get("keepalive-2t")
+    if not one or not two:
+        return []
+    r1 = one["rounds"].get("switchyard", [])
+    r2 = two["rounds"].get("switchyard", [])
+    ratios = [b["cpu_us"] / a["cpu_us"] for a, b in zip(r1, r2) if a.get("cpu_us")]
+    if not ratios:
+        return []
+    best = max(r["rps"] for r in r2)
+    met = all(x <= THREADS_TARGET for x in ratios)
+    return [f"Target (Switchyard's CPU per request at `keepalive-2t` within "
+            f"{100 * (THREADS_TARGET - 1):.0f}% of `keepalive-1t`'s in every round): "
+            + ", ".join(f"×{x:.2f}" for x in ratios) + f" by round, {'met' if met else 'missed'}"
+            f"; req/s at 2 threads, best round {best:,.0f} against {THREADS_RPS_BEFORE:,} "
+            f"before shared-nothing workers: {'met' if best >= THREADS_RPS_BEFORE else 'missed'}.",
+            ""]
+
+
 def markdown(results, meta, args, errors):
     systems = args.systems
     L = []
@@ -2204,6 +2276,7 @@ def markdown(results, meta, args, errors):
             L.append(row)
         L.append("")
         L += floor_section(wrk_results, systems)
+        L += threads_target(wrk_results)
     tls_results = [r for r in wrk_results if r.get("cert")]
     if tls_results:
         L += tls_summary(tls_results, [s for s in systems if s not in REFS])
@@ -2278,6 +2351,15 @@ def markdown(results, meta, args, errors):
             if seen:
                 L.append("Distinct backends answering 200 sequential requests (sanity check): " +
                          ", ".join(f"{LABEL[s]} {n}" for s, n in seen.items()) + ".")
+                L.append("")
+            spread = {s: [r.get("busiest_worker") for r in res["rounds"].get(s, [])]
+                      for s in systems}
+            spread = {s: v for s, v in spread.items() if v and all(x is not None for x in v)}
+            if spread:
+                L.append("Busiest worker's share of the workers' CPU, per round (50% is an "
+                         "even spread over 2): " + "; ".join(
+                             f"{LABEL[s]} " + ", ".join(f"{100 * x:.0f}%" for x in v)
+                             for s, v in spread.items()) + ".")
                 L.append("")
             sc = res.get("syscalls")
             if sc:
