@@ -2524,7 +2524,12 @@ NOTES = """
   backend under `taskset -c 1`; `keepalive-2t` pins nothing (on a 2-CPU machine the balancer
   then competes with wrk and the backend).
 - **Equivalent settings**: the same number of worker threads (Switchyard `server.threads`,
-  nginx `worker_processes`, HAProxy `nbthread`); backend keep-alive everywhere (nginx
+  nginx `worker_processes`, HAProxy `nbthread`). At 2 threads Switchyard runs one
+  single-threaded worker per thread, each accepting on its own `SO_REUSEPORT` socket, as
+  nginx's workers with `reuseport` would (nginx here shares one listening socket between its
+  workers; HAProxy binds as its defaults do); the bare references run Pingora's default
+  work-stealing runtime. The per-scenario text gives the busiest worker's share of the
+  workers' CPU in each round; backend keep-alive everywhere (nginx
   `keepalive 64`, `keepalive_requests 1000000`, `proxy_http_version 1.1`,
   `proxy_set_header Connection ""`; HAProxy `http-reuse always`; Switchyard always reuses);
   client keep-alive without a request limit (nginx `keepalive_requests 1000000`); no access
