@@ -69,7 +69,8 @@ RATE_BEHIND = 0.95
 class Scenario:
     def __init__(self, letter, name, title, kind="wrk", threads=1, backends=1, algorithm="rr",
                  routes=0, path="/", big=False, close=False, tls=None, resume=False, h2=False,
-                 access_log=False, fixed_rate=False, connections=None):
+                 access_log=False, fixed_rate=False, connections=None,
+                 idle=IDLE_CONNECTIONS):
         self.letter = letter
         self.name = name
         self.title = title
@@ -99,6 +100,8 @@ class Scenario:
         # fixed_rate: oha sends `rate` req/s (open loop, see run_oha), set by
         # run_rate_scenario before the scenario runs
         self.rate = None
+        # Client connections the memory scenarios (idle, pending) hold open at once.
+        self.idle = idle
 
     @property
     def handshakes(self):
@@ -143,6 +146,8 @@ SCENARIOS = [
              fixed_rate=True),
     Scenario("i", "idle-1000", "resident memory per idle client connection (1 000 connections)",
              kind="idle"),
+    Scenario("u", "idle-10000", "resident memory per idle client connection (10 000 "
+             "connections; not in `all`)", kind="idle", idle=10000),
     Scenario("p", "pending-heads", "resident memory per client connection holding an unfinished "
              f"{PENDING_HEAD_BYTES}-byte request head (1 000 connections)", kind="pending"),
     Scenario("j", "allocs", "heap allocations per proxied request (Switchyard only)",
@@ -498,8 +503,9 @@ def switchyard_conf(work, sc, layout, cert=None):
         f"  threads: {sc.threads}",
         "  grace_period: 5s",
         # Fits a hard open-file limit of 20 000 (this kind of machine); the default 10 000
-        # connections would need 20 256 descriptors.
-        "  max_connections: 4096",
+        # connections would need 20 256 descriptors. More for idle-10000, whose descriptors
+        # are almost all client connections (Switchyard raises its own limit, as root).
+        f"  max_connections: {max(4096, sc.idle + 64)}",
         f"  upgrade_socket: {work}/sy.sock",
         "listeners:",
         f"  - address: 127.0.0.1:{layout.lb_port['switchyard']}",
@@ -576,10 +582,10 @@ def nginx_lb_conf(work, sc, layout, name, cert=None):
 {user_line()}daemon off;
 master_process on;
 worker_processes {sc.threads};
-worker_rlimit_nofile 20000;
+worker_rlimit_nofile {max(20000, 2 * sc.idle + 256)};
 pid {work}/{name}.pid;
 error_log {work}/{name}-error.log warn;
-events {{ worker_connections 10000; }}
+events {{ worker_connections {max(10000, sc.idle + 256)}; }}
 http {{
   {access_log}
   keepalive_requests 1000000;
@@ -627,7 +633,7 @@ def haproxy_conf(work, sc, layout, cert=None):
     return f"""# HAProxy as the load balancer: {sc.name}
 global
   nbthread {sc.threads}
-  maxconn 4000
+  maxconn {max(4000, sc.idle + 256)}
 {global_log}{global_tls}
 defaults
   mode http
@@ -1447,7 +1453,8 @@ def counts_syscalls(sc):
     return sc.kind == "wrk" and serves("pingora-proxy", sc)
 
 
-def idle_connections(bal, sc, count=IDLE_CONNECTIONS):
+def idle_connections(bal, sc):
+    count = sc.idle
     conn = HttpConn(bal.port)
     for _ in range(200):  # warm: the backend connection, buffers, code paths
         conn.get(sc.path)
@@ -1457,9 +1464,12 @@ def idle_connections(bal, sc, count=IDLE_CONNECTIONS):
     socks = []
     bad = 0
     try:
+        # One after the other, each asked right after its connect: a single backend
+        # connection suffices, and no connection waits for the whole batch (10 000 take
+        # longer to open than a balancer's header timeout).
         for _ in range(count):
-            socks.append(HttpConn(bal.port, timeout=10))
-        for c in socks:  # one after the other: a single backend connection suffices
+            c = HttpConn(bal.port, timeout=10)
+            socks.append(c)
             status, _, _ = c.get(sc.path)
             if status != 200:
                 bad += 1
@@ -1476,8 +1486,8 @@ def idle_connections(bal, sc, count=IDLE_CONNECTIONS):
         time.sleep(1.0)
         closed = rss_kib(bal.rss_pids())
         for _ in range(count):
-            socks.append(HttpConn(bal.port, timeout=10))
-        for c in socks:
+            c = HttpConn(bal.port, timeout=10)
+            socks.append(c)
             status, _, _ = c.get(sc.path)
             if status != 200:
                 bad += 1
@@ -1768,7 +1778,7 @@ def describe_idle(res):
     flag = "" if res["non_200"] == 0 and res["still_answering"] == res["connections"] \
         else f"  !!! {res['non_200']} non-200, {res['still_answering']} still answering"
     return (f"{res['per_conn_kib']:6.2f} KiB/conn  RSS {res['rss_before_kib']} -> "
-            f"{res['rss_after_kib']} KiB; closed {res['rss_closed_kib']}, second 1000 "
+            f"{res['rss_after_kib']} KiB; closed {res['rss_closed_kib']}, second {res['connections']} "
             f"{res['rss_second_kib']} KiB ({res['second_per_conn_kib']:.2f} KiB/conn){flag}")
 
 
@@ -1871,7 +1881,7 @@ def any_errors(results):
         elif res["kind"] == "idle":
             for system, v in res["systems"].items():
                 if v["non_200"] or v["still_answering"] != v["connections"]:
-                    bad.append(f"idle-1000 {LABEL[system]}: {v['non_200']} non-200 answers, "
+                    bad.append(f"{res['scenario']} {LABEL[system]}: {v['non_200']} non-200 answers, "
                                f"{v['still_answering']}/{v['connections']} still answering")
     return bad
 
@@ -1902,8 +1912,8 @@ def print_summary(results, systems):
     for res in results:
         if res["kind"] == "idle":
             for s, v in res["systems"].items():
-                print(f"idle-1000     {LABEL[s]:<10} {v['per_conn_kib']:.2f} KiB per idle "
-                      f"connection, RSS {v['rss_after_kib']} KiB with 1000 open")
+                print(f"{res['scenario']:<13} {LABEL[s]:<10} {v['per_conn_kib']:.2f} KiB per idle "
+                      f"connection, RSS {v['rss_after_kib']} KiB with {v['connections']} open")
         elif res["kind"] == "pending":
             for s, v in res["systems"].items():
                 print(f"pending-heads {LABEL[s]:<10} {v['per_conn_kib']:.2f} KiB per pending "
@@ -2397,19 +2407,20 @@ def markdown(results, meta, args, errors):
             L.append("")
             L.append("</details>")
         elif res["kind"] == "idle":
+            n = next(iter(res["systems"].values()), {}).get("connections", IDLE_CONNECTIONS)
             L.append(f"One worker thread, same config as `keepalive-1t`, balancer pinned to "
                      f"CPU 0. After 200 warm-up requests, RSS (`VmRSS`; nginx: its worker) is "
-                     f"read, {IDLE_CONNECTIONS} client connections are opened, each sends one "
+                     f"read, {n:,} client connections are opened, each sends one "
                      f"keep-alive GET and reads the answer (one after the other, so one "
                      f"backend connection suffices), and RSS is read again after 1 s. Then "
                      f"they are closed (RSS read after 1 s) and a second batch of "
-                     f"{IDLE_CONNECTIONS} is opened the same way: its per-connection figure "
+                     f"{n:,} is opened the same way: its per-connection figure "
                      f"is against the first baseline, so it shows whether the memory of "
                      f"closed connections is reused.")
             L.append("")
-            L.append("| system | KiB per idle connection | RSS before KiB | RSS with 1 000 "
-                     "open KiB | RSS after closing KiB | second 1 000: RSS KiB | "
-                     "second 1 000: KiB/conn | non-200 answers | still answering after 1 s |")
+            L.append(f"| system | KiB per idle connection | RSS before KiB | RSS with {n:,} "
+                     f"open KiB | RSS after closing KiB | second {n:,}: RSS KiB | "
+                     f"second {n:,}: KiB/conn | non-200 answers | still answering after 1 s |")
             L.append("|---|---|---|---|---|---|---|---|---|")
             for s, v in res["systems"].items():
                 L.append(f"| {LABEL[s]} | {v['per_conn_kib']:.2f} | {v['rss_before_kib']:,} | "
@@ -2772,7 +2783,9 @@ def parse_args():
     args = p.parse_args()
     wanted = [w.strip() for w in args.scenarios.split(",") if w.strip()]
     if wanted == ["all"]:
-        args.selected = list(SCENARIOS)
+        # idle-10000 takes 10 000 descriptors in every process and adds little to idle-1000
+        # between builds; asked for by name.
+        args.selected = [s for s in SCENARIOS if s.idle <= IDLE_CONNECTIONS]
     else:
         by = {s.letter: s for s in SCENARIOS}
         by.update({s.name: s for s in SCENARIOS})
@@ -2798,16 +2811,23 @@ def parse_args():
     return args
 
 
-def raise_nofile():
+def raise_nofile(selected):
+    idle = max(s.idle for s in selected) if selected else IDLE_CONNECTIONS
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < idle * 3:
+        try:  # root may raise the hard limit too; the balancers inherit it
+            resource.setrlimit(resource.RLIMIT_NOFILE, (idle * 3, idle * 3))
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        except (ValueError, OSError):
+            pass
     target = hard if hard != resource.RLIM_INFINITY else 65536
     target = min(target, 65536) if hard == resource.RLIM_INFINITY else target
     if soft < target:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < IDLE_CONNECTIONS * 3:
-        print(f"warning: RLIMIT_NOFILE is {soft}; idle-1000 needs about "
-              f"{IDLE_CONNECTIONS * 3}", file=sys.stderr)
+    if soft < idle * 3:
+        print(f"warning: RLIMIT_NOFILE is {soft}; {idle} idle connections need about "
+              f"{idle * 3}", file=sys.stderr)
 
 
 def main():
@@ -2815,7 +2835,7 @@ def main():
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
     atexit.register(stop_all)
-    raise_nofile()
+    raise_nofile(args.selected)
     started = time.monotonic()
     try:
         tools = Tools(os.path.abspath(args.binary), os.path.abspath(args.alloc_binary))

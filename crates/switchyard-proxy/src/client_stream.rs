@@ -124,6 +124,9 @@ pub struct ClientStream {
     refusals: Option<RefusalLog>,
     /// No request of this connection has been answered yet.
     first_request: bool,
+    /// The reader has had bytes past the current request's head: body, or the start of a
+    /// pipelined request that Pingora keeps for the next session, out of our sight.
+    read_ahead: bool,
     blank: BlankLine,
     /// [`HEAD_COMPLETE`] or [`REQUEST_DONE`], from the proxy and the connection loop.
     signal: AtomicU8,
@@ -179,6 +182,7 @@ impl ClientStream {
             request_line_end: None,
             refusals: None,
             first_request: true,
+            read_ahead: false,
             blank: BlankLine::default(),
             signal: AtomicU8::new(0),
             counters,
@@ -197,6 +201,12 @@ impl ClientStream {
         self.signal.store(REQUEST_DONE, Ordering::Relaxed);
     }
 
+    /// Whether the reader has had bytes past the head of the request just done: then Pingora
+    /// may hold the next request already, and only its own read of the next head sees it.
+    pub fn read_ahead(&self) -> bool {
+        self.read_ahead
+    }
+
     /// When the request head being handled began to arrive (its first byte).
     pub fn head_started(&self) -> std::time::Instant {
         self.head_started.into_std()
@@ -207,20 +217,54 @@ impl ClientStream {
         stream.as_any().downcast_ref::<ClientStream>()
     }
 
-    /// Reads until the next request head is complete without handing anything on, so that a
-    /// proxy that stops listening finds the whole head already read. False: the connection
-    /// closed or was refused first.
-    pub async fn prefetch_head(&mut self) -> bool {
+    /// Waits, reading, until the next request head is complete, without handing anything
+    /// on: the connection loop calls this before it gives the stream to Pingora, so that an
+    /// idle keep-alive connection holds no HTTP session, parser buffer or proxy task state,
+    /// and a proxy that stops listening finds the whole head already read. While nothing has
+    /// arrived, nothing is allocated for the next request either: the first read goes to the
+    /// stack, and only the bytes that came are kept.
+    ///
+    /// True: there is something for the proxy to read (a whole head, or a refusal of ours to
+    /// send). False: the client closed, the read failed, or the connection ran out of time
+    /// with nothing to answer; drop it.
+    pub async fn next_head(&mut self) -> bool {
         std::future::poll_fn(|cx| loop {
             self.take_signal();
             match self.phase {
-                Phase::Released | Phase::Body => return Poll::Ready(true),
+                Phase::Released
+                | Phase::Body
+                | Phase::Answering { .. }
+                | Phase::Lingering { .. } => return Poll::Ready(true),
+                Phase::Closed => return Poll::Ready(false),
+                Phase::Waiting { .. } if self.held.is_empty() => {
+                    let mut first = [0u8; HEAD_CHUNK];
+                    let mut chunk = ReadBuf::new(&mut first);
+                    match Pin::new(&mut *self.inner).poll_read(cx, &mut chunk) {
+                        Poll::Pending => {
+                            if !self.poll_deadline(cx) {
+                                return Poll::Pending;
+                            }
+                            self.expire();
+                        }
+                        Poll::Ready(Err(_)) => return Poll::Ready(false),
+                        Poll::Ready(Ok(())) if chunk.filled().is_empty() => {
+                            return Poll::Ready(false)
+                        }
+                        Poll::Ready(Ok(())) => {
+                            let new = chunk.filled();
+                            self.arrived(new);
+                            // A refused head's bytes are dropped with it.
+                            if !matches!(self.phase, Phase::Answering { .. }) {
+                                self.held.extend_from_slice(new);
+                            }
+                        }
+                    }
+                }
                 Phase::Waiting { .. } | Phase::Head => match self.poll_head(cx) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(false),
                     Poll::Ready(Ok(_)) => {}
                     Poll::Pending => return Poll::Pending,
                 },
-                _ => return Poll::Ready(false),
             }
         })
         .await
@@ -243,6 +287,7 @@ impl ClientStream {
                 self.head_len = 0;
                 self.request_line_end = None;
                 self.first_request = false;
+                self.read_ahead = false;
                 if self.held_out < self.held.len() {
                     // Pipelined requests read ahead and not taken yet: the next head starts
                     // among them, and is held back or handed on like one that just arrived.
@@ -384,6 +429,7 @@ impl ClientStream {
                 // Pingora reads on, and all of it counts as head (see `poll_read`).
                 self.head_len += new.len();
                 self.blank.follow(&new[end..]);
+                self.read_ahead |= end < new.len();
                 self.phase = Phase::Released;
                 true
             }
@@ -500,10 +546,12 @@ impl AsyncRead for ClientStream {
                     let read = Pin::new(&mut *this.inner).poll_read(cx, buf);
                     if let Poll::Ready(Ok(())) = read {
                         this.blank.follow(&buf.filled()[before..]);
+                        this.read_ahead |= buf.filled().len() > before;
                     }
                     return read;
                 }
-                // The common case: the whole head comes in one read, straight into the reader's
+                // A reader that did not wait in `next_head` first (the connection loop always
+                // does): the whole head usually comes in one read, straight into the reader's
                 // buffer, and nothing is held.
                 Phase::Waiting { .. } if this.held.is_empty() => {
                     let before = buf.filled().len();
@@ -683,6 +731,68 @@ mod tests {
         // The wait began 59 s before this read, with the request's end.
         let answer = ends_after(stream, client, Instant::now(), Duration::from_secs(1)).await;
         assert_eq!(answer, "", "closed silently");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn next_head_waits_for_a_whole_head_and_hands_it_on_in_one_read() {
+        let (mut stream, mut client) = client_stream();
+        serve_one(&mut stream, &mut client).await;
+        assert!(!stream.read_ahead(), "nothing past the head");
+        let head = b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n";
+        let waiting = tokio::spawn(async move {
+            let ready = stream.next_head().await;
+            (stream, ready)
+        });
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        client.write_all(&head[..10]).await.expect("part of a head");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        client.write_all(&head[10..]).await.expect("the rest");
+        let (mut stream, ready) = waiting.await.expect("the wait");
+        assert!(ready);
+        let mut buf = [0u8; 1024];
+        let n = stream.read(&mut buf).await.expect("read");
+        assert_eq!(&buf[..n], head);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn next_head_ends_an_idle_connection_at_keepalive_timeout_and_a_closed_one_at_once() {
+        let (mut stream, mut client) = client_stream();
+        serve_one(&mut stream, &mut client).await;
+        let since = Instant::now();
+        assert!(!stream.next_head().await, "nothing to serve");
+        let waited = since.elapsed();
+        assert!(
+            waited >= LIMITS.keepalive_timeout
+                && waited < LIMITS.keepalive_timeout + Duration::from_millis(10),
+            "ended after {waited:?}"
+        );
+        let (mut stream, client) = client_stream();
+        drop(client);
+        assert!(!stream.next_head().await, "the client closed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn next_head_hands_on_a_refusal_for_the_reader_to_send() {
+        let (mut stream, mut client) = client_stream();
+        serve_one(&mut stream, &mut client).await;
+        client.write_all(b"GET / HT").await.expect("part of a head");
+        assert!(stream.next_head().await, "a 408 to send");
+        let answer = ends_after(stream, client, Instant::now(), Duration::from_secs(2)).await;
+        assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pipelined_request_read_with_the_head_is_read_ahead() {
+        let (mut stream, mut client) = client_stream();
+        let two = b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n";
+        client.write_all(two).await.expect("send");
+        assert!(stream.next_head().await);
+        let mut buf = [0u8; 1024];
+        let n = stream.read(&mut buf).await.expect("read");
+        assert_eq!(&buf[..n], two, "both, as Pingora reads them");
+        stream.head_complete();
+        stream.request_done();
+        assert!(stream.read_ahead(), "Pingora may hold the second");
     }
 
     #[tokio::test(start_paused = true)]

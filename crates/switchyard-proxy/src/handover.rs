@@ -5,10 +5,10 @@
 //! - When it stops a listener it also drops every connection whose request head it has not
 //!   read in full (`handle_new_request` selects on shutdown). A client that connected a few
 //!   microseconds before the listener closed has sent its request, but the bytes are not read
-//!   yet, or not all of them. Once the process is closing, the connection app
-//!   ([`crate::ClientApp`]) reads a new connection's request head itself and only then hands
-//!   the connection to the proxy, which finds the whole head already read and serves it.
-//!   Before closing, connections go straight through, at no cost. Over TLS the same holds:
+//!   yet, or not all of them. The connection app ([`crate::ClientApp`]) reads every request
+//!   head itself and only then hands the connection to the proxy, which finds the whole head
+//!   already read and serves it; once the process is closing, that wait no longer ends at
+//!   the stop, only after a while without a whole head. Over TLS the same holds:
 //!   the app has run the handshake itself, and the [`crate::ClientStream`] it reads the head
 //!   through reads (it does not peek, which a rustls stream cannot), so the head it holds is
 //!   the decrypted one. HTTP/2 needs none of this: Pingora's HTTP/2 server answers a stop

@@ -86,6 +86,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
+            alloc::start_live_report();
             exit_on_error(launch::run(loaded, Some(config), upgrade, Vec::new()))
         }
         Command::Demo => {
