@@ -84,6 +84,15 @@ bench-deps: nginx-dep
 	@command -v perf >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq linux-perf; } || echo "perf not available: syscall counts will be skipped"
 	@python3 -c "import matplotlib" 2>/dev/null || python3 -m pip install --quiet matplotlib
 
+# The release binary with profile-guided optimisation, in target/pgo/switchyard
+# (tests/bench/pgo.sh): an instrumented build, a short training pass of the bench scenarios,
+# llvm-profdata-N (Debian's llvm-N, N = rustc's LLVM major, installed when missing), a build
+# with the profile. Its target dirs are under target/pgo; target/release is left alone.
+# Not used by run or bench: docs/benchmarks.md, "Profile-guided optimisation", says why.
+.PHONY: pgo
+pgo: deps bench-deps
+	tests/bench/pgo.sh
+
 bench: deps bench-deps
 	$(CARGO) build --release --bin switchyard --features alloc-count
 	cp target/release/switchyard target/release/switchyard-alloc-count
