@@ -88,7 +88,7 @@ bench-deps: nginx-dep
 # (tests/bench/pgo.sh): an instrumented build, a short training pass of the bench scenarios,
 # llvm-profdata-N (Debian's llvm-N, N = rustc's LLVM major, installed when missing), a build
 # with the profile. Its target dirs are under target/pgo; target/release is left alone.
-# Not used by run or bench: docs/benchmarks.md, "Profile-guided optimisation", says why.
+# Not used by run or bench: docs/benchmarks.md ("Profile-guided optimisation") says why.
 .PHONY: pgo
 pgo: deps bench-deps
 	tests/bench/pgo.sh
