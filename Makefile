@@ -102,6 +102,15 @@ bench-callgrind: deps bench-deps
 	PATH="$$PATH:/usr/sbin:/sbin" python3 tests/bench/callgrind.py --binary target/release/switchyard \
 		--pingora-proxy target/release/bare-pingora-proxy --pingora-core target/release/bare-pingora-core --top 30
 
+# The release binary with profile-guided optimisation, in target/pgo/switchyard
+# (tests/bench/pgo.sh): an instrumented build, a short training pass of the bench scenarios,
+# llvm-profdata-N (Debian's llvm-N, N = rustc's LLVM major, installed when missing), a build
+# with the profile. Its target dirs are under target/pgo; target/release is left alone.
+# Not used by run or bench: docs/benchmarks.md ("Profile-guided optimisation") says why.
+.PHONY: pgo
+pgo: deps bench-deps
+	tests/bench/pgo.sh
+
 bench: deps bench-deps
 	$(CARGO) build --release --bin switchyard --features alloc-count
 	cp target/release/switchyard target/release/switchyard-alloc-count
