@@ -275,6 +275,27 @@ fn upgrades_that_change_the_thread_count_keep_every_socket_and_fail_nothing() {
 }
 
 #[test]
+fn more_threads_than_one_hand_over_can_carry_sockets_for_still_upgrade() {
+    let _one = one_at_a_time();
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let base =
+        blue_green(blue.addr, green.addr, (1, 1), "", "").replace("threads: 2", "threads: 40");
+    let mut sy = Switchyard::start(&base);
+    let port = sy.addr.port();
+    // Pingora hands over at most 32 sockets: beside admin and metrics, 30 for the listener,
+    // its 40 threads shared out among 30 workers.
+    wait_until("30 sockets", LIMIT, || listening_sockets(port) == 30);
+    let load = Load::start(sy.addr, CLIENTS);
+    load.run_for(PHASE, LIMIT);
+    sy.upgrade();
+    assert_eq!(listening_sockets(port), 30);
+    load.run_for(PHASE, LIMIT);
+    let report = load.stop();
+    assert_no_failures("an upgrade at 40 threads", &report);
+}
+
+#[test]
 fn a_backend_killed_mid_load_only_fails_what_it_had_in_flight() {
     let _one = one_at_a_time();
     let a = TestBackend::start("a");

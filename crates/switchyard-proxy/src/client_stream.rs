@@ -217,6 +217,11 @@ impl ClientStream {
         stream.as_any().downcast_ref::<ClientStream>()
     }
 
+    /// Whether part of a request head has arrived and the rest is awaited.
+    pub fn head_begun(&self) -> bool {
+        matches!(self.phase, Phase::Head)
+    }
+
     /// Waits, reading, until the next request head is complete, without handing anything
     /// on: the connection loop calls this before it gives the stream to Pingora, so that an
     /// idle keep-alive connection holds no HTTP session, parser buffer or proxy task state,

@@ -253,7 +253,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ClientApp<A> {
     /// Waits for the next request head of an HTTP/1 connection in our code, before Pingora
     /// gets the stream (see [`ClientStream::next_head`]): an idle keep-alive connection then
     /// holds no Pingora session or proxy future. False: drop the connection. An idle wait ends
-    /// at a stop, as Pingora's own does. Once the process is closing, a head is awaited
+    /// at a stop, as Pingora's own does, unless part of a head has arrived. Once the process is closing, a head is awaited
     /// whatever the stop, for a while: when Pingora stops the listener it drops every
     /// connection whose head it has not read in full, and a client that connected just before
     /// has sent its request, but not all of it may be here yet.
@@ -272,9 +272,16 @@ impl<A: HttpServerApp + Send + Sync + 'static> ClientApp<A> {
         tokio::select! {
             // A head that is already here is served, as Pingora's own wait does.
             biased;
-            ready = stream.next_head() => ready,
-            _ = stopped => false,
+            ready = stream.next_head() => return ready,
+            _ = stopped => {}
         }
+        // Stopped with part of a head here: its client has sent a request, which is awaited
+        // for a while, as once closing (`next_head` keeps what it read in the stream).
+        if stream.head_begun() {
+            let head = tokio::time::timeout(HANDOVER_HEAD_TIME, stream.next_head());
+            return head.await.unwrap_or(false);
+        }
+        false
     }
 
     /// The HTTP/1 keep-alive loop of one connection, each head awaited here (see

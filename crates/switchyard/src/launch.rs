@@ -102,16 +102,35 @@ pub fn run(
     }
     crate::limits::raise_open_files(config.server.clients.max_connections)?;
     check_system_roots()?;
+    if upgrade {
+        // Read after `bootstrap` to find the inherited sockets (see `workers`): a process
+        // that could not would find out only once the old one had sent them.
+        std::fs::read_dir("/proc/self/fd")
+            .map_err(|e| format!("/proc/self/fd: cannot list this process's descriptors: {e}"))?;
+    }
     let mut server = Server::new_with_opt_and_conf(opt, server_conf);
     server.bootstrap();
     // The listening sockets `bootstrap` received from the previous process, per address: each
     // is served again (see `workers`).
+    let addresses: Vec<_> = config.listeners.iter().map(|l| l.address).collect();
     let inherited = if upgrade {
-        let addresses: Vec<_> = config.listeners.iter().map(|l| l.address).collect();
-        crate::workers::inherited_sockets(&addresses)?
+        // Not a reason to exit: the old process has sent its sockets and is going.
+        crate::workers::inherited_sockets(&addresses).unwrap_or_else(|e| {
+            log::warn!("{e}: serving the inherited sockets found so far");
+            Default::default()
+        })
     } else {
         Default::default()
     };
+    let others: Vec<String> = admin_address
+        .iter()
+        .chain(metrics_address.iter())
+        .map(|a| a.to_string())
+        .collect();
+    let plan = crate::workers::plan(&addresses, threads, &inherited, &others);
+    if let Some(problem) = &plan.too_many {
+        log::warn!("{problem}");
+    }
     if upgrade {
         crate::systemd::tell(&format!("MAINPID={}\n", std::process::id()));
     }
@@ -176,7 +195,7 @@ pub fn run(
     // knows whether its requests came over TLS) and its own sockets; the connection counters
     // are shared. Services are started in parallel, so `ready` follows every one of them.
     let mut listener_services = Vec::new();
-    for listener in &listeners {
+    for (listener, workers) in listeners.iter().zip(&plan.workers) {
         let front = ListenerFront {
             tls: tls_terminator(listener, &tls_fronts)?,
             h2c: matches!(listener.kind, ListenerKind::Plain { h2c: true, .. }),
@@ -188,15 +207,11 @@ pub fn run(
                 }
             ),
         };
-        let sockets = inherited.get(&listener.address).copied().unwrap_or(0);
-        for (worker, keys) in crate::workers::plan(listener.address, threads, sockets)
-            .into_iter()
-            .enumerate()
-        {
+        for (index, worker) in workers.iter().enumerate() {
             let service = worker_service(
                 listener,
+                index,
                 worker,
-                &keys,
                 ClientApp::new(
                     http_proxy(&proxy, &front, &server, &client_limits),
                     front.clone(),
@@ -283,6 +298,7 @@ pub fn run(
             listener.address
         );
     }
+    let too_many = plan.too_many.clone();
     let reload = move || {
         // Off the signal task: a reload that waits (for a file on a slow disk) must not hold
         // up SIGTERM and SIGQUIT. The outcome is logged by the reload itself.
@@ -312,7 +328,13 @@ pub fn run(
             closing,
             on_hangup: Box::new(reload),
             access_log,
-            may_upgrade: Box::new(move || crate::upgrade_socket::check_peer(&upgrade_socket)),
+            may_upgrade: Box::new(move || {
+                // Pingora would send more sockets than the new process can take.
+                if let Some(problem) = &too_many {
+                    return Err(problem.clone());
+                }
+                crate::upgrade_socket::check_peer(&upgrade_socket)
+            }),
             on_upgrade: Box::new(hand_over),
         }),
     });
@@ -336,21 +358,22 @@ fn http_proxy(
     http
 }
 
-/// The service of one worker of `listener`: one thread, accepting on the sockets `keys` name.
+/// The service of one worker of `listener`: its threads (one, unless the listener has fewer
+/// sockets than threads), accepting on its sockets.
 fn worker_service(
     listener: &Listener,
-    worker: usize,
-    keys: &[String],
+    index: usize,
+    worker: &crate::workers::Worker,
     clients: ClientApp<HttpProxy<Proxy>>,
 ) -> Service<ClientApp<HttpProxy<Proxy>>> {
     let mut service = Service::new(
-        format!("proxy {} worker {worker}", listener.address),
+        format!("proxy {} worker {index}", listener.address),
         clients,
     );
-    service.threads = Some(1);
+    service.threads = Some(worker.threads);
     let mut options = TcpSocketOptions::default();
     options.so_reuseport = Some(true);
-    for key in keys {
+    for key in &worker.keys {
         // No user-space read buffer (Pingora's default of 64 KiB stays with every connection,
         // idle ones too): the client stream reads each request head itself. The five-upgrade
         // test's losses once put down to its absence (3 of 29 runs, against 0 of 8 with one:
