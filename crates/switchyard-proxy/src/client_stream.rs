@@ -242,8 +242,10 @@ impl ClientStream {
                 | Phase::Lingering { .. } => return Poll::Ready(true),
                 Phase::Closed => return Poll::Ready(false),
                 Phase::Waiting { .. } if self.held.is_empty() => {
-                    let mut first = [0u8; HEAD_CHUNK];
-                    let mut chunk = ReadBuf::new(&mut first);
+                    // Uninitialised: zeroing 4 KiB before every wait would cost more than
+                    // the rest of the wait.
+                    let mut first = [std::mem::MaybeUninit::<u8>::uninit(); HEAD_CHUNK];
+                    let mut chunk = ReadBuf::uninit(&mut first);
                     match Pin::new(&mut *self.inner).poll_read(cx, &mut chunk) {
                         Poll::Pending => {
                             if !self.poll_deadline(cx) {
