@@ -253,35 +253,32 @@ impl<A: HttpServerApp + Send + Sync + 'static> ClientApp<A> {
     /// Waits for the next request head of an HTTP/1 connection in our code, before Pingora
     /// gets the stream (see [`ClientStream::next_head`]): an idle keep-alive connection then
     /// holds no Pingora session or proxy future. False: drop the connection. An idle wait ends
-    /// at a stop, as Pingora's own does, unless part of a head has arrived. Once the process is closing, a head is awaited
-    /// whatever the stop, for a while: when Pingora stops the listener it drops every
-    /// connection whose head it has not read in full, and a client that connected just before
-    /// has sent its request, but not all of it may be here yet.
+    /// at a stop, as Pingora's own does. A head is awaited whatever the stop, for a while,
+    /// once the process is closing or when part of it has arrived by the stop: when Pingora
+    /// stops the listener it drops every connection whose head it has not read in full, and a
+    /// client that connected just before has sent its request, but not all of it may be here
+    /// yet (`next_head` keeps what it read in the stream).
     async fn next_head(&self, stream: &mut ClientStream, shutdown: &ShutdownWatch) -> bool {
-        if self.closing.load(Ordering::Relaxed) {
-            let head = tokio::time::timeout(HANDOVER_HEAD_TIME, stream.next_head());
-            return head.await.unwrap_or(false);
-        }
-        let mut stop = shutdown.clone();
-        let stopped = async move {
-            if stop.wait_for(|stopping| *stopping).await.is_err() {
-                // No one can stop this process any more: it ends with the runtime.
-                std::future::pending::<()>().await;
+        if !self.closing.load(Ordering::Relaxed) {
+            let mut stop = shutdown.clone();
+            let stopped = async move {
+                if stop.wait_for(|stopping| *stopping).await.is_err() {
+                    // No one can stop this process any more: it ends with the runtime.
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                // A head that is already here is served, as Pingora's own wait does.
+                biased;
+                ready = stream.next_head() => return ready,
+                _ = stopped => {}
             }
-        };
-        tokio::select! {
-            // A head that is already here is served, as Pingora's own wait does.
-            biased;
-            ready = stream.next_head() => return ready,
-            _ = stopped => {}
+            if !stream.head_begun() {
+                return false;
+            }
         }
-        // Stopped with part of a head here: its client has sent a request, which is awaited
-        // for a while, as once closing (`next_head` keeps what it read in the stream).
-        if stream.head_begun() {
-            let head = tokio::time::timeout(HANDOVER_HEAD_TIME, stream.next_head());
-            return head.await.unwrap_or(false);
-        }
-        false
+        let head = tokio::time::timeout(HANDOVER_HEAD_TIME, stream.next_head());
+        head.await.unwrap_or(false)
     }
 
     /// The HTTP/1 keep-alive loop of one connection, each head awaited here (see

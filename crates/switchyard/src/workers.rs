@@ -82,18 +82,18 @@ pub fn plan(
     let had = |address: &SocketAddr| inherited.get(address).copied().unwrap_or(0);
     let listeners = addresses.len().max(1);
     let mut budget = (HANDOVER_FDS.saturating_sub(others.len()) / listeners).max(1);
-    let counts = loop {
+    let (counts, bytes) = loop {
         let counts: Vec<usize> = addresses
             .iter()
             .map(|a| threads.min(budget).max(had(a)))
             .collect();
-        if key_bytes(addresses, &counts, others) <= HANDOVER_KEY_BYTES || budget == 1 {
-            break counts;
+        let bytes = key_bytes(addresses, &counts, others);
+        if bytes <= HANDOVER_KEY_BYTES || budget == 1 {
+            break (counts, bytes);
         }
         budget -= 1;
     };
     let sockets: usize = counts.iter().sum::<usize>() + others.len();
-    let bytes = key_bytes(addresses, &counts, others);
     let too_many = (sockets > HANDOVER_FDS || bytes > HANDOVER_KEY_BYTES).then(|| {
         format!(
             "this process holds {sockets} listening sockets ({bytes} bytes of keys), more than a binary upgrade can hand over ({HANDOVER_FDS}, {HANDOVER_KEY_BYTES} bytes); restart it instead"
