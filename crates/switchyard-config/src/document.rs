@@ -79,6 +79,9 @@ impl Config {
             "state_file",
             self.state_file.as_ref().map(|p| p.display().to_string()),
         );
+        if let Some(crate::StateStoreConfig::Etcd(etcd)) = &self.state_store {
+            top.put("state_store", state_store(etcd));
+        }
         if let Some(log) = &self.access_log {
             top.put(
                 "access_log",
@@ -106,6 +109,40 @@ impl Config {
         // A mapping of strings, numbers and booleans always serializes.
         serde_yaml::to_string(&self.to_document()).unwrap_or_default()
     }
+}
+
+/// The store's settings as written; the password file is named, never read here.
+fn state_store(etcd: &crate::EtcdConfig) -> Value {
+    let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string());
+    let tls = etcd.tls.as_ref().map(|t| {
+        Fields::new()
+            .put_some("ca_file", path(&t.ca_file))
+            .put_some("cert_file", path(&t.cert_file))
+            .put_some("key_file", path(&t.key_file))
+            .done()
+    });
+    let mut fields = Fields::new();
+    fields
+        .put(
+            "endpoints",
+            Value::Sequence(
+                etcd.endpoints
+                    .iter()
+                    .map(|e| Value::from(e.as_str()))
+                    .collect(),
+            ),
+        )
+        .put("prefix", etcd.prefix.as_str())
+        .put_some("name", etcd.name.clone())
+        .put_some("username", etcd.username.clone())
+        .put_some("password_file", path(&etcd.password_file));
+    if let Some(tls) = tls {
+        fields.put("tls", tls);
+    }
+    fields
+        .duration("request_timeout", etcd.request_timeout)
+        .duration("lease_ttl", etcd.lease_ttl);
+    Fields::new().put("etcd", fields.done()).done()
 }
 
 fn server(s: &Server) -> Value {

@@ -12,6 +12,7 @@ pub mod limits;
 pub mod matching;
 mod raw;
 pub mod rollout;
+pub mod state_store;
 pub mod tls;
 mod validate;
 mod yaml_errors;
@@ -26,6 +27,7 @@ pub use access_log::{AccessLog, LogFormat, LogTarget};
 pub use duration::{format_duration, parse_duration};
 pub use matching::{RequestKey, RouteMatch, Sticky, ValueMatch};
 pub use raw::{Algorithm, HealthCheckType};
+pub use state_store::{EtcdConfig, EtcdTls, StateStoreConfig};
 pub use tls::{
     CertificateFiles, Hsts, ListenerKind, ListenerTls, TlsVersion, UpstreamProtocol, UpstreamTls,
 };
@@ -40,6 +42,8 @@ pub struct Config {
     pub admin: Option<Admin>,
     pub metrics: Option<Metrics>,
     pub state_file: Option<PathBuf>,
+    /// The store shared with other instances; `None`: the state file (or memory) alone.
+    pub state_store: Option<StateStoreConfig>,
     /// One line per request, off the request path; `None`: no access log.
     pub access_log: Option<AccessLog>,
     /// Sorted by name.

@@ -19,6 +19,7 @@ pub struct File {
     pub admin: Option<Admin>,
     pub metrics: Option<Metrics>,
     pub state_file: Option<PathBuf>,
+    pub state_store: Option<crate::state_store::RawStateStore>,
     pub access_log: Option<RawAccessLog>,
     pub upstreams: Option<UniqueMap<Upstream>>,
     pub routes: Option<Vec<Route>>,

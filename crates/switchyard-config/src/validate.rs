@@ -115,6 +115,9 @@ pub fn validate(file: raw::File) -> Result<Config, Problems> {
     let access_log = file
         .access_log
         .and_then(|raw| crate::access_log::access_log(raw, &mut c.problems));
+    let state_store = file
+        .state_store
+        .and_then(|raw| crate::state_store::state_store(raw, &mut c.problems));
     let upstreams = upstreams(&mut c, file.upstreams.map(|m| m.0).unwrap_or_default());
     let routes = routes(&mut c, file.routes.unwrap_or_default(), &upstreams);
     if c.problems.is_empty() {
@@ -124,6 +127,7 @@ pub fn validate(file: raw::File) -> Result<Config, Problems> {
             admin,
             metrics,
             state_file: file.state_file,
+            state_store,
             access_log,
             upstreams,
             routes,

@@ -223,7 +223,7 @@ mod tests {
     fn unknown_and_missing_fields_name_the_field_itself() {
         assert_eq!(
             error("bogus: 1\nupstreams: {}\n"),
-            "bogus: unknown field; expected one of server, listeners, admin, metrics, state_file, access_log, upstreams, routes (line 1, column 1); problems after this one are not checked until it is fixed"
+            "bogus: unknown field; expected one of server, listeners, admin, metrics, state_file, state_store, access_log, upstreams, routes (line 1, column 1); problems after this one are not checked until it is fixed"
         );
         assert_eq!(
             error("listeners:\n  - address: 127.0.0.1:8080\n    wieght: 3\n"),

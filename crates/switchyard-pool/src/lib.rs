@@ -32,6 +32,7 @@ mod state;
 mod state_file;
 pub mod stats;
 pub mod sticky;
+pub mod store;
 pub mod upstream_tls;
 
 use std::path::Path;
@@ -57,6 +58,10 @@ pub use snapshot::{Backend, BackendState, Snapshot, Upstream};
 pub use state::{Change, Live, Rejection, RuntimeState, STATE_FORMAT};
 pub use state_file::StateFile;
 pub use stats::{PairStats, StatsReading, Window};
+pub use store::{
+    InstanceReport, LocalStore, Revision, SharedStore, StateStore, StoreError, StoreInfo,
+    StoreUpdate, Stored,
+};
 pub use upstream_tls::{load_upstream_tls, UpstreamCas};
 
 /// The shared, swappable runtime state of one Switchyard process.

@@ -161,6 +161,58 @@ impl StatsReading {
     }
 }
 
+/// A reading as instances send it to each other (`store::InstanceReport`): the latency
+/// histogram as `[bucket, count]` pairs of its non-empty buckets, most being empty.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SentReading {
+    requests: u64,
+    errors: u64,
+    #[serde(default)]
+    latency: Vec<(usize, u64)>,
+}
+
+impl serde::Serialize for StatsReading {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        SentReading {
+            requests: self.requests,
+            errors: self.errors,
+            latency: (0..BUCKETS)
+                .filter(|&i| self.latency[i] > 0)
+                .map(|i| (i, self.latency[i]))
+                .collect(),
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for StatsReading {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let sent = SentReading::deserialize(deserializer)?;
+        let mut latency = [0; BUCKETS];
+        for (bucket, count) in sent.latency {
+            *latency.get_mut(bucket).ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "latency bucket {bucket} out of range (0..{BUCKETS})"
+                ))
+            })? = count;
+        }
+        Ok(StatsReading {
+            requests: sent.requests,
+            errors: sent.errors,
+            latency,
+        })
+    }
+}
+
+impl PartialEq for StatsReading {
+    fn eq(&self, other: &Self) -> bool {
+        self.requests == other.requests
+            && self.errors == other.errors
+            && self.latency == other.latency
+    }
+}
+
 impl Default for StatsReading {
     fn default() -> Self {
         StatsReading {
