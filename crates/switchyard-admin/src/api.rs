@@ -91,6 +91,7 @@ impl Reply {
             Rejection::NotFound(_) => StatusCode::NOT_FOUND,
             Rejection::Conflict(_) => StatusCode::CONFLICT,
             Rejection::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Rejection::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         Reply::error(status, rejection.to_string())
     }
@@ -293,6 +294,12 @@ impl AdminApi {
                     crate::state::reset(self.control.pool()).map_or_else(Reply::rejected, Reply::ok)
                 }
                 _ => Reply::method_not_allowed(method, "POST"),
+            },
+            ["store"] => match *method {
+                Method::GET => Reply::ok(
+                    serde_json::to_value(self.control.pool().store_status()).unwrap_or(Value::Null),
+                ),
+                _ => Reply::method_not_allowed(method, "GET"),
             },
             ["events"] => match *method {
                 Method::GET => {

@@ -12,6 +12,7 @@
 //! process's life, is recorded once in its [`Events`] log.
 
 pub mod events;
+mod follow;
 pub mod health;
 mod keys;
 mod least;
@@ -27,6 +28,7 @@ pub mod retire;
 pub mod rollout;
 mod route;
 mod select;
+mod shared;
 mod snapshot;
 mod state;
 mod state_file;
@@ -35,9 +37,11 @@ pub mod sticky;
 pub mod store;
 pub mod upstream_tls;
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use log::{info, warn};
@@ -46,6 +50,7 @@ use switchyard_config::Config;
 use tokio::sync::watch;
 
 pub use events::{Draft, Event, Events, Source};
+pub use follow::{InstanceStatus, StoreFollower, StoreStatus};
 pub use live::{BackendLive, InFlight};
 pub use local::{local_failure, LocalErrors, LocalFailure};
 pub use metrics::Metrics;
@@ -54,6 +59,7 @@ pub use retire::Deadline;
 pub use rollout::{Rollout, RolloutCommand, RolloutState, Verdict, WindowRecord};
 pub use route::{Pick, Route, Routing};
 pub use select::smooth_sequence;
+pub use shared::ClusterReading;
 pub use snapshot::{Backend, BackendState, Snapshot, Upstream};
 pub use state::{Change, Live, Rejection, RuntimeState, STATE_FORMAT};
 pub use state_file::StateFile;
@@ -64,12 +70,32 @@ pub use store::{
 };
 pub use upstream_tls::{load_upstream_tls, UpstreamCas};
 
+/// Tries of a change whose compare-and-swap finds that another instance changed the state
+/// first; then the change is refused (`409`).
+const CAS_ATTEMPTS: usize = 5;
+
+/// The longest this process waits for a shared store's answer, beyond the store's own
+/// request timeout.
+const STORE_WAIT: Duration = Duration::from_secs(30);
+
 /// The shared, swappable runtime state of one Switchyard process.
 pub struct Pool {
     current: ArcSwap<Snapshot>,
-    /// The writer lock, and what the current snapshot was built from.
+    /// What the current snapshot was built from; held briefly, never across a store request.
     desired: Mutex<Desired>,
-    store: Option<StateFile>,
+    /// Orders this process's own changes: held across the store's compare-and-swap, so two
+    /// local changes never race each other (other instances' changes are the CAS's job).
+    writer: Mutex<()>,
+    /// Where the state lives: the state file (or memory) alone, or a shared store.
+    store: SharedStore,
+    /// The config's state file. With a shared store, the local copy an instance starts from
+    /// while the store is unreachable, written after every revision it applies.
+    state_file: Option<StateFile>,
+    /// With a shared store: this instance's name among the others, and their latest reports.
+    name: String,
+    peers: ArcSwap<Vec<InstanceReport>>,
+    store_up: AtomicBool,
+    store_metrics: shared::StoreMetrics,
     metrics: Arc<Metrics>,
     local_errors: LocalErrors,
     /// Bumped after every swap, for background work that follows the state (health checks).
@@ -83,11 +109,19 @@ pub struct Pool {
     handed_over: AtomicBool,
 }
 
-struct Desired {
+pub(crate) struct Desired {
     config: Config,
     /// The CA certificates `config`'s upstreams name, read with it.
     cas: UpstreamCas,
+    /// The runtime state fitted to `config`: what runs.
     state: RuntimeState,
+    /// The state as the store holds it (with a shared store, entries only other instances'
+    /// configs have too; on one node the same as `state`), and its revision.
+    stored: RuntimeState,
+    revision: Revision,
+    /// What fitting the store's last state to `config` dropped: said once, not at every
+    /// revision that still has it.
+    dropped: BTreeSet<String>,
     /// The state file is behind `state` (a save failed and the change applied anyway).
     unsaved: bool,
 }
@@ -105,8 +139,42 @@ impl Pool {
         metrics: Arc<Metrics>,
         handover: Option<&Path>,
     ) -> Result<Pool, String> {
-        let store = config.state_file.clone().map(StateFile::new);
-        let (saved, origin) = match (&store, handover.filter(|p| p.exists())) {
+        let store = LocalStore::new(config.state_file.clone().map(StateFile::new));
+        Pool::with_store(
+            config,
+            cas,
+            metrics,
+            handover,
+            Arc::new(store),
+            String::new(),
+        )
+    }
+
+    /// [`Pool::new`] on a store shared with other instances, where this one is `name`. It
+    /// starts from the state file (the local copy of the store's last state it applied) at
+    /// once, whether or not the store answers; [`Pool::follow_store`] catches up from there.
+    pub fn shared(
+        config: Config,
+        cas: UpstreamCas,
+        metrics: Arc<Metrics>,
+        handover: Option<&Path>,
+        store: SharedStore,
+        name: String,
+    ) -> Result<Pool, String> {
+        Pool::with_store(config, cas, metrics, handover, store, name)
+    }
+
+    fn with_store(
+        config: Config,
+        cas: UpstreamCas,
+        metrics: Arc<Metrics>,
+        handover: Option<&Path>,
+        store: SharedStore,
+        name: String,
+    ) -> Result<Pool, String> {
+        let is_shared = store.info().shared;
+        let file = config.state_file.clone().map(StateFile::new);
+        let (saved, origin) = match (&file, handover.filter(|p| p.exists())) {
             (Some(store), _) => (store.load()?, "state_file"),
             (None, Some(path)) => {
                 let state = StateFile::new(path.to_path_buf()).load()?;
@@ -125,7 +193,14 @@ impl Pool {
         // The pool's version is the workspace's, which the binary shares.
         let version = env!("CARGO_PKG_VERSION");
         let pid = std::process::id();
+        let info = store.info();
         let loaded = match (origin, &config.state_file) {
+            ("state_file", Some(path)) if is_shared => format!(
+                "runtime state from the local copy {} (revision {}) until state store {} answers",
+                path.display(),
+                saved.store_revision.unwrap_or(0),
+                info.name
+            ),
             ("state_file", Some(path)) => format!("runtime state from {}", path.display()),
             ("handed_over", _) => "runtime state handed over by the previous process".into(),
             _ => "no runtime state (no state_file), the config file alone".into(),
@@ -138,20 +213,34 @@ impl Pool {
             )
             .after(json!({ "version": version, "pid": pid, "runtime_state": origin })),
         );
+        let revision = if is_shared {
+            saved.store_revision.unwrap_or(0)
+        } else {
+            0
+        };
+        let mut stored = saved.clone();
+        stored.store_revision = None;
         let (state, warnings) = saved.fit(&config);
-        for warning in warnings {
+        for warning in warnings.iter().cloned() {
             events.record(Draft::new(Source::Startup, "state_dropped", warning).warning());
         }
         // Rollouts the file no longer fits (it changed while the process was down) end here.
         for event in rollout::rollout_events(&saved, &state, Source::Startup) {
             events.record(event);
         }
-        // What was ended is saved at once: a later start must not bring it back.
-        if let (Some(store), true) = (&store, state.rollouts != saved.rollouts) {
-            if let Err(e) = store.save(&state) {
+        // What was ended is saved at once: a later start must not bring it back. (With a
+        // shared store, the store decides: the local copy is only a copy.)
+        if let (Some(file), true, false) = (&file, state.rollouts != saved.rollouts, is_shared) {
+            if let Err(e) = file.save(&state) {
                 warn!("{e}");
             }
         }
+        let stored = if is_shared { stored } else { state.clone() };
+        let dropped = if is_shared {
+            warnings.iter().cloned().collect()
+        } else {
+            BTreeSet::new()
+        };
         let snapshot = Snapshot::build(&config, &cas, &state, &metrics, None);
         let pool = Pool {
             current: ArcSwap::from_pointee(snapshot),
@@ -159,9 +248,18 @@ impl Pool {
                 config,
                 cas,
                 state,
+                stored,
+                revision,
+                dropped,
                 unsaved: false,
             }),
+            writer: Mutex::new(()),
+            state_file: file,
             store,
+            name,
+            peers: ArcSwap::from_pointee(Vec::new()),
+            store_up: AtomicBool::new(!is_shared),
+            store_metrics: shared::StoreMetrics::new(&metrics),
             local_errors: LocalErrors::new(&metrics),
             metrics,
             version: watch::Sender::new(0),
@@ -169,6 +267,8 @@ impl Pool {
             events,
             handed_over: AtomicBool::new(false),
         };
+        pool.store_metrics.up.set(i64::from(!is_shared));
+        pool.store_metrics.revision.set(revision as i64);
         if let Some(handover) = handover {
             pool.take_over_keys(handover);
         }
@@ -228,7 +328,7 @@ impl Pool {
         source: Source,
         even_unsaved: bool,
     ) -> Result<(), Rejection> {
-        let mut desired = self.lock();
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         // Only the retire service is stopped here: the admin API refuses changes once the
         // process is closing, and the rollout engine is stopped before the hand-over.
         if source == Source::Retire && self.handed_over.load(Ordering::Relaxed) {
@@ -236,25 +336,78 @@ impl Pool {
                 "this process handed its state over to a new one, which ends retiring windows from now on".into(),
             ));
         }
-        let current = self.current.load_full();
-        let next = desired
-            .state
-            .with_change(&desired.config, change, &*current)?;
-        let mut unsaved = None;
-        if let Some(store) = &self.store {
-            match store.save(&next) {
-                Ok(()) => desired.unsaved = false,
-                Err(e) if even_unsaved => {
-                    // Said once, until a save works again.
-                    if !std::mem::replace(&mut desired.unsaved, true) {
-                        unsaved = Some(e);
-                    } else {
-                        warn!("{e}");
-                    }
+        let as_driver = source == Source::Rollout && self.store.info().shared;
+        for _ in 0..CAS_ATTEMPTS {
+            let (next, stored, revision, why) = {
+                let desired = self.lock();
+                let current = self.current.load_full();
+                let peers = self.peers.load();
+                let live = shared::ClusterLive {
+                    local: &*current,
+                    peers: &peers,
+                    me: &self.name,
+                };
+                let next = desired.state.with_change(&desired.config, change, live)?;
+                let stored = shared::merge(&desired.stored, &desired.state, &next);
+                let why =
+                    state::change_event(&desired.config, &desired.state, &next, change, source)
+                        .first()
+                        .map_or_else(|| format!("{change:?}"), |e| e.message().to_string());
+                (next, stored, desired.revision, why)
+            };
+            let written = self.wait({
+                let store = Arc::clone(&self.store);
+                let stored = stored.clone();
+                async move {
+                    store
+                        .compare_and_swap(&stored, revision, as_driver, &why)
+                        .await
                 }
-                Err(e) => return Err(Rejection::Storage(e)),
-            }
+            });
+            let (revision, unsaved) = match written {
+                Ok(revision) => (revision, None),
+                Err(StoreError::NotSaved(e)) if even_unsaved => (revision, Some(e)),
+                Err(StoreError::Conflict { current }) => {
+                    // Another instance was first: take its state and build the change again.
+                    match current {
+                        Some(current) => self.adopt(*current),
+                        None => self.adopt_nothing(),
+                    }
+                    continue;
+                }
+                Err(e @ StoreError::Unavailable { .. }) => {
+                    self.store_down(&e.to_string());
+                    return Err(Rejection::Unavailable(e.to_string()));
+                }
+                Err(StoreError::NotDriver { store }) => {
+                    return Err(Rejection::Conflict(format!(
+                        "this instance is no longer the rollout driver (its lease in state store {store} is gone); the new driver goes on"
+                    )))
+                }
+                Err(e) => return Err(Rejection::Storage(e.to_string())),
+            };
+            self.commit(change, source, next, stored, revision, unsaved);
+            return Ok(());
         }
+        Err(Rejection::Conflict(format!(
+            "the state in {} changed {CAS_ATTEMPTS} times in a row while this change was being made (other instances are changing it): try again",
+            self.store.info().name
+        )))
+    }
+
+    /// Runs `next` (and `stored`, the store's side of it, at `revision`) after the store took
+    /// it: the next snapshot, the events, the local copy.
+    fn commit(
+        &self,
+        change: &Change,
+        source: Source,
+        next: RuntimeState,
+        stored: RuntimeState,
+        revision: Revision,
+        unsaved: Option<String>,
+    ) {
+        let mut desired = self.lock();
+        let current = self.current.load_full();
         // A rollout's progress that leaves every split, rollout pair and match step as it was
         // (a judged window, hold time) needs no new snapshot: selection would be rebuilt for
         // nothing.
@@ -263,6 +416,9 @@ impl Pool {
             || next.rollouts_in_snapshot() != desired.state.rollouts_in_snapshot();
         let rollouts_moved = next.rollouts != desired.state.rollouts;
         let events = state::change_event(&desired.config, &desired.state, &next, change, source);
+        if unsaved.is_none() {
+            desired.unsaved = false;
+        }
         if rebuild {
             let built = Snapshot::build(
                 &desired.config,
@@ -271,29 +427,68 @@ impl Pool {
                 &self.metrics,
                 Some(&current),
             );
-            desired.state = next;
             self.swap(built);
-        } else {
-            desired.state = next;
         }
+        desired.state = next;
+        desired.stored = stored;
+        desired.revision = revision;
+        self.store_metrics.revision.set(revision as i64);
+        self.save_local_copy(&desired);
         if rollouts_moved {
             self.rollouts_moved.send_modify(|v| *v += 1);
         }
-        // Under the writer lock, so that events are in the order the changes were made.
+        // Under the lock, so that events are in the order the changes were made.
         if let Some(e) = unsaved {
-            self.events.record(
-                Draft::new(
-                    source,
-                    "state_not_saved",
-                    format!("{e}; the rollout engine's changes apply anyway, in memory only, until a save works again: a restart now would not know them"),
-                )
-                .warning(),
-            );
+            // Said once, until a save works again.
+            if !std::mem::replace(&mut desired.unsaved, true) {
+                self.events.record(
+                    Draft::new(
+                        source,
+                        "state_not_saved",
+                        format!("{e}; the rollout engine's changes apply anyway, in memory only, until a save works again: a restart now would not know them"),
+                    )
+                    .warning(),
+                );
+            } else {
+                warn!("{e}");
+            }
         }
         for event in events {
             self.events.record(event);
         }
-        Ok(())
+    }
+
+    /// Runs a store request to its end. The local store's requests finish without waiting;
+    /// a shared store's run on its own runtime, bounded by its request timeout (and by
+    /// [`STORE_WAIT`] here, should it hang anyway).
+    fn wait<T: Send + 'static>(
+        &self,
+        request: impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let unavailable = |reason: &str| StoreError::Unavailable {
+            store: self.store.info().name,
+            reason: reason.into(),
+        };
+        match self.store.runtime() {
+            None => {
+                let mut request = std::pin::pin!(request);
+                let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+                match request.as_mut().poll(&mut context) {
+                    std::task::Poll::Ready(result) => result,
+                    std::task::Poll::Pending => {
+                        Err(unavailable("a local store request did not finish at once"))
+                    }
+                }
+            }
+            Some(runtime) => {
+                let (tx, rx) = std::sync::mpsc::sync_channel(1);
+                runtime.spawn(async move {
+                    let _ = tx.send(request.await);
+                });
+                rx.recv_timeout(STORE_WAIT)
+                    .unwrap_or_else(|_| Err(unavailable("no answer in time")))
+            }
+        }
     }
 
     /// Follows changes of any rollout (started, moved, ended), for the engine.
@@ -321,11 +516,21 @@ impl Pool {
     /// still fits it. Records a `reloaded` event naming what the file changed, and one
     /// `state_dropped` event per warning about state that was dropped; returns those warnings.
     pub fn reload(&self, config: Config, cas: UpstreamCas) -> Vec<String> {
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let mut desired = self.lock();
-        let (state, mut warnings) = desired.state.fit(&config);
-        if state != desired.state {
-            if let Some(store) = &self.store {
-                if let Err(e) = store.save(&state) {
+        let shared = self.store.info().shared;
+        // With a shared store the store's state is fitted again (an entry the old config
+        // dropped may fit the new one); nothing is written back: what this config does not
+        // have stays in the store for the instances whose config has it.
+        let base = if shared {
+            &desired.stored
+        } else {
+            &desired.state
+        };
+        let (state, mut warnings) = base.fit(&config);
+        if !shared && state != desired.state {
+            if let Some(file) = self.local_file() {
+                if let Err(e) = file.save(&state) {
                     warn!("{e}");
                 }
             }
@@ -340,10 +545,23 @@ impl Pool {
         let changed = config_changes(&desired.config, &config);
         let ended = rollout::rollout_events(&desired.state, &state, Source::Reload);
         let rollouts_moved = desired.state.rollouts != state.rollouts;
+        let stored = if shared {
+            desired.stored.clone()
+        } else {
+            state.clone()
+        };
+        let dropped = if shared {
+            warnings.iter().cloned().collect()
+        } else {
+            BTreeSet::new()
+        };
         *desired = Desired {
             config,
             cas,
             state,
+            stored,
+            revision: desired.revision,
+            dropped,
             unsaved: false,
         };
         self.swap(built);
@@ -374,15 +592,23 @@ impl Pool {
         let desired = self.lock();
         // Under the writer lock, so that no retiring window ends after the state written here.
         self.handed_over.store(true, Ordering::Relaxed);
-        let result = match &self.store {
+        let shared = self.store.info().shared;
+        let result = match self.local_file() {
+            Some(_) if shared => Ok("the runtime state is in the local copy of the state store"),
             // A state the file is behind gets one more try: the new process reads the file.
-            Some(store) if desired.unsaved => store
+            Some(file) if desired.unsaved => file
                 .save(&desired.state)
                 .map(|()| "the runtime state is in the state file"),
             Some(_) => Ok("the runtime state is in the state file"),
-            None => StateFile::new(path.to_path_buf())
-                .save(&desired.state)
-                .map(|()| "the runtime state was written for it"),
+            None => {
+                // With a shared store, the new process starts from the store's state at
+                // this revision and catches up from there.
+                let mut state = desired.stored.clone();
+                state.store_revision = shared.then_some(desired.revision);
+                StateFile::new(path.to_path_buf())
+                    .save(&state)
+                    .map(|()| "the runtime state was written for it")
+            }
         };
         drop(desired);
         // Handed over even when the state was not: the deadlines may be in the state file.
@@ -463,6 +689,12 @@ impl Pool {
                 });
             }
         }
+    }
+
+    /// The state file this process writes: the single-node store's, or the shared store's
+    /// local copy.
+    fn local_file(&self) -> Option<&StateFile> {
+        self.state_file.as_ref()
     }
 
     /// Whether [`Pool::hand_over`] ran: the next process has the state from then on.

@@ -24,12 +24,13 @@ use crate::snapshot::BackendState;
 use switchyard_config::rollout::RolloutSpec;
 
 /// The state file's format: 1 had no rollouts (and no `format` field); 2 added them; 3 added
-/// match steps to their specs; 4 retiring backends; 5 a rollout paused by a failure. A file is written in the oldest format
+/// match steps to their specs; 4 retiring backends; 5 a rollout paused by a failure; 6 the revision of
+/// a shared store the file is the local copy of. A file is written in the oldest format
 /// that holds what it has, so a binary from before a feature still reads a state that does
 /// not use it. A file of a newer format than this binary knows is refused at start, never set
 /// aside as corrupt: a binary of format 3 refuses a file with a retiring backend instead of
 /// taking it for corrupt (it has no `retiring` state) and starting without the file.
-pub const STATE_FORMAT: u32 = 5;
+pub const STATE_FORMAT: u32 = 6;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -46,6 +47,11 @@ pub struct RuntimeState {
     /// Route name -> its current or last rollout.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub rollouts: BTreeMap<String, Rollout>,
+    /// In the local copy of a shared store's state (the state file beside etcd): the store's
+    /// revision it was copied at, so that a start from the copy knows how far behind it is.
+    /// Never part of what the store itself holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_revision: Option<u64>,
 }
 
 fn format_1() -> u32 {
@@ -60,7 +66,9 @@ impl RuntimeState {
             .rollouts
             .values()
             .any(|r| r.spec.steps.iter().any(|s| s.matching().is_some()));
-        if self.rollouts.values().any(|r| r.paused_by_failure) {
+        if self.store_revision.is_some() {
+            6
+        } else if self.rollouts.values().any(|r| r.paused_by_failure) {
             5
         } else if self.has_retiring() {
             4
@@ -81,6 +89,7 @@ impl Default for RuntimeState {
             splits: BTreeMap::new(),
             upstreams: BTreeMap::new(),
             rollouts: BTreeMap::new(),
+            store_revision: None,
         }
     }
 }
@@ -213,6 +222,8 @@ pub enum Rejection {
     Conflict(String),
     /// The state could not be saved.
     Storage(String),
+    /// The shared state store does not answer: the message names it (`503`).
+    Unavailable(String),
 }
 
 impl std::fmt::Display for Rejection {
@@ -221,7 +232,8 @@ impl std::fmt::Display for Rejection {
             Rejection::Invalid(m)
             | Rejection::NotFound(m)
             | Rejection::Conflict(m)
-            | Rejection::Storage(m) => f.write_str(m),
+            | Rejection::Storage(m)
+            | Rejection::Unavailable(m) => f.write_str(m),
         }
     }
 }

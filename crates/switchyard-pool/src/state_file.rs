@@ -677,7 +677,17 @@ mod tests {
         assert!(text.contains("\"format\": 4"), "{text}");
         let back = file.load().expect("load");
         assert_eq!((back.format, &back.upstreams), (4, &retiring.upstreams));
-        assert_eq!(STATE_FORMAT, 5);
+        // The local copy of a shared store's state carries its revision: format 6, which a
+        // binary before shared stores refuses instead of setting the copy aside.
+        let copy = RuntimeState {
+            store_revision: Some(42),
+            ..RuntimeState::default()
+        };
+        file.save(&copy).expect("save");
+        let text = fs::read_to_string(&path).expect("read");
+        assert!(text.contains("\"format\": 6"), "{text}");
+        assert_eq!(file.load().expect("load").store_revision, Some(42));
+        assert_eq!(STATE_FORMAT, 6);
         // A newer format is refused, named, and left where it is.
         let newer = format!(
             r#"{{"format": {}, "splits": {{}}, "shiny": true}}"#,

@@ -155,6 +155,15 @@ impl StatsReading {
         }
     }
 
+    #[cfg(test)]
+    pub(crate) fn for_test(requests: u64, errors: u64) -> StatsReading {
+        StatsReading {
+            requests,
+            errors,
+            ..StatsReading::default()
+        }
+    }
+
     /// Everything since the pair was made, as one window.
     pub fn total(&self) -> Window {
         self.since(&StatsReading::default())
@@ -242,6 +251,15 @@ pub struct Window {
 }
 
 impl Window {
+    /// Adds another instance's window of the same pair to this one.
+    pub fn add(&mut self, other: &Window) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        for (mine, theirs) in self.latency.iter_mut().zip(other.latency.iter()) {
+            *mine += theirs;
+        }
+    }
+
     /// Errors over requests; 0 without requests.
     pub fn error_rate(&self) -> f64 {
         if self.requests == 0 {

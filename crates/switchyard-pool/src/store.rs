@@ -84,6 +84,14 @@ pub enum StoreUpdate {
     /// The store has no state at all (a new or wiped cluster): never a reason to apply an
     /// empty state; the follower writes back what it has.
     Empty { revision: Revision },
+    /// The store was wiped, restored from a backup or replaced by another cluster (its
+    /// revision went backwards, its cluster ID changed): what it holds now, listed again,
+    /// whatever its revision. `None`: it holds nothing, which the follower never applies as
+    /// an empty state (it writes back what it has).
+    Reset {
+        state: Option<Stored>,
+        reason: String,
+    },
     /// The store answered again (after `Down`, or for the first time).
     Up,
     /// The store stopped answering; the reason names it.
@@ -126,6 +134,11 @@ pub struct StoreInfo {
 #[async_trait]
 pub trait StateStore: Send + Sync {
     fn info(&self) -> StoreInfo;
+
+    /// The runtime the store's requests run on, for callers outside any runtime or on a
+    /// runtime of their own (the pool's change path is synchronous and waits for the answer
+    /// there). `None`: its requests finish without waiting (the local store).
+    fn runtime(&self) -> Option<tokio::runtime::Handle>;
 
     /// The stored state, or `None` when nothing is stored yet.
     async fn load(&self) -> Result<Option<Stored>, StoreError>;
@@ -199,6 +212,10 @@ impl StateStore for LocalStore {
                 shared: false,
             },
         }
+    }
+
+    fn runtime(&self) -> Option<tokio::runtime::Handle> {
+        None
     }
 
     async fn load(&self) -> Result<Option<Stored>, StoreError> {

@@ -8,8 +8,10 @@
 //! measured from, and whether a window passed at this step since the engine took over (the
 //! contract asks for a new passing window after a restart or upgrade).
 //!
-//! One engine drives at a time: [`Lease`] says whether this process may (always, on one
-//! node), and [`Engine::stop`] ends driving before a binary upgrade hands the state over.
+//! One engine drives at a time: the pool's store says whether this process may (always on one
+//! node; with a shared store, while it holds the store's lease, and its windows then count
+//! every instance's traffic), and [`Engine::stop`] ends driving before a binary upgrade hands
+//! the state over.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,7 +19,7 @@ use std::time::Duration;
 
 use log::{debug, info, warn};
 use switchyard_config::rollout::{Hold, OnFailure};
-use switchyard_pool::stats::{PairStats, StatsReading};
+use switchyard_pool::ClusterReading;
 use switchyard_pool::{Change, Pool, Rejection, Rollout, RolloutState, Verdict, WindowRecord};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -25,25 +27,9 @@ use tokio::time::Instant;
 use crate::checks::{run_checks, Prober};
 use crate::judge::{judge, Counts};
 
-/// Whether this process drives rollouts now. On one node it always does; a shared store puts
-/// a lease behind it, so that of several instances only one moves the weights.
-pub trait Lease: Send + Sync {
-    fn held(&self) -> bool;
-}
-
-/// The single-node lease: always held.
-pub struct SingleNode;
-
-impl Lease for SingleNode {
-    fn held(&self) -> bool {
-        true
-    }
-}
-
 pub struct Engine {
     pool: Arc<Pool>,
     prober: Arc<dyn Prober>,
-    lease: Arc<dyn Lease>,
     /// `false` once stopped. Held while a change is applied, so that when [`Engine::stop`]
     /// returns no change of the engine is half made and none follows.
     driving: Mutex<bool>,
@@ -60,10 +46,9 @@ struct Driver {
     due: Instant,
     /// When the last window closed (or the engine took the rollout over).
     last: Instant,
-    to: Arc<PairStats>,
-    from: Arc<PairStats>,
-    to_before: StatsReading,
-    from_before: StatsReading,
+    /// The pairs' counters over every instance when the window began.
+    to_before: ClusterReading,
+    from_before: ClusterReading,
     /// A window passed at the current step since this engine took the rollout over.
     passed: bool,
     /// The step `passed` is about.
@@ -75,14 +60,22 @@ struct Driver {
 impl Driver {
     /// The rollout is at `step` now: its first window starts here, not at the last window's
     /// end, and a window must pass at it.
-    fn start_step(&mut self, step: Option<usize>, interval: Duration) {
+    fn start_step(&mut self, pool: &Pool, step: Option<usize>, interval: Duration) {
         let now = Instant::now();
         self.last = now;
         self.due = now + interval;
         self.step = step;
         self.passed = false;
-        self.to_before = self.to.read();
-        self.from_before = self.from.read();
+        (self.to_before, self.from_before) = self.read(pool);
+    }
+
+    /// The counters of `to` and `from` now, over every instance.
+    fn read(&self, pool: &Pool) -> (ClusterReading, ClusterReading) {
+        let r = &self.rollout;
+        (
+            pool.cluster_reading(&r.route, &r.to),
+            pool.cluster_reading(&r.route, &r.from),
+        )
     }
 }
 
@@ -103,11 +96,10 @@ impl Drop for RunningChecks {
 }
 
 impl Engine {
-    pub fn new(pool: Arc<Pool>, prober: Arc<dyn Prober>, lease: Arc<dyn Lease>) -> Engine {
+    pub fn new(pool: Arc<Pool>, prober: Arc<dyn Prober>) -> Engine {
         Engine {
             pool,
             prober,
-            lease,
             driving: Mutex::new(true),
             generations: std::sync::atomic::AtomicU64::new(0),
         }
@@ -137,7 +129,9 @@ impl Engine {
             if *shutdown.borrow() || !*self.gate() {
                 return;
             }
-            if self.lease.held() {
+            // Of several instances sharing a store, the one holding its lease drives
+            // (always this one on one node); a deposed driver's writes fail at the store.
+            if self.pool.is_driver() {
                 self.follow(&mut drivers);
                 let now = Instant::now();
                 let due: Vec<String> = drivers
@@ -191,8 +185,8 @@ impl Engine {
 
     fn take_on(&self, rollout: &Rollout) -> Driver {
         let now = Instant::now();
-        let to = self.pool.pair_stats(&rollout.route, &rollout.to);
-        let from = self.pool.pair_stats(&rollout.route, &rollout.from);
+        let to_before = self.pool.cluster_reading(&rollout.route, &rollout.to);
+        let from_before = self.pool.cluster_reading(&rollout.route, &rollout.from);
         info!("rollout {}: driving", rollout.describe());
         Driver {
             rollout: rollout.clone(),
@@ -203,10 +197,8 @@ impl Engine {
                 now + rollout.spec.analysis.interval
             },
             last: now,
-            to_before: to.read(),
-            from_before: from.read(),
-            to,
-            from,
+            to_before,
+            from_before,
             passed: false,
             step: rollout.step,
             checks: None,
@@ -240,7 +232,7 @@ impl Engine {
             driver.step = rollout.step;
             driver.passed = false;
         }
-        let (to_now, from_now) = (driver.to.read(), driver.from.read());
+        let (to_now, from_now) = driver.read(&self.pool);
         let to = counts(&to_now, &driver.to_before);
         let from = counts(&from_now, &driver.from_before);
         driver.to_before = to_now;
@@ -330,7 +322,7 @@ impl Engine {
         }
         let (step, interval) = (rollout.step, rollout.spec.analysis.interval);
         if self.commit(route, rollout, verdict) && step != driver.step {
-            driver.start_step(step, interval);
+            driver.start_step(&self.pool, step, interval);
         }
     }
 
@@ -358,8 +350,9 @@ impl Engine {
             return;
         };
         if rollout.step.is_some() {
-            let to = counts(&driver.to.read(), &driver.to_before);
-            let from = counts(&driver.from.read(), &driver.from_before);
+            let (to_now, from_now) = driver.read(&self.pool);
+            let to = counts(&to_now, &driver.to_before);
+            let from = counts(&from_now, &driver.from_before);
             if judge(&rollout.spec.analysis, &to, &from).0 == Verdict::Failed {
                 // Judged as a window of its own now, by `drive`; checks again when it is
                 // ready to move on.
@@ -382,7 +375,7 @@ impl Engine {
         if self.commit(route, rollout, None) {
             // The traffic since the last window passed or said nothing (above), at the old
             // weight.
-            driver.start_step(step, interval);
+            driver.start_step(&self.pool, step, interval);
         }
     }
 
@@ -419,7 +412,7 @@ impl Engine {
     /// was taken.
     fn commit(&self, route: &str, mut rollout: Rollout, verdict: Option<Verdict>) -> bool {
         let gate = self.gate();
-        if !*gate || !self.lease.held() {
+        if !*gate || !self.pool.is_driver() {
             return false;
         }
         rollout.updated_at = switchyard_pool::events::now();
@@ -546,7 +539,7 @@ fn fail(rollout: &mut Rollout, reason: String) {
     }
 }
 
-fn counts(now: &StatsReading, before: &StatsReading) -> Counts {
+fn counts(now: &ClusterReading, before: &ClusterReading) -> Counts {
     let window = now.since(before);
     Counts {
         requests: window.requests,
@@ -618,7 +611,6 @@ mod tests {
         let engine = Arc::new(Engine::new(
             Arc::clone(&pool),
             Arc::clone(&prober) as Arc<dyn Prober>,
-            Arc::new(SingleNode),
         ));
         let (shutdown, watch) = watch::channel(false);
         let running = Arc::clone(&engine);

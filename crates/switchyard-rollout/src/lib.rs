@@ -17,7 +17,7 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 
 pub use checks::{run_checks, HttpProber, Prober};
-pub use engine::{Engine, Lease, SingleNode};
+pub use engine::Engine;
 pub use judge::{judge, Counts};
 pub use notify::Notifier;
 

@@ -29,7 +29,7 @@ use switchyard_proxy::{
     accepted_tcp, ClientApp, ClientCounters, Connections, ListenerFront, Proxy, TlsTerminator,
     Watched,
 };
-use switchyard_rollout::{Engine, HttpProber, RolloutService, SingleNode};
+use switchyard_rollout::{Engine, HttpProber, RolloutService};
 
 use crate::signals::{Drain, Signals};
 use crate::systemd::Notify;
@@ -277,10 +277,13 @@ pub fn run(
         "retiring backends",
         Retirement::new(Arc::clone(&pool)),
     ));
+    server.add_service(background_service(
+        "state store",
+        switchyard_pool::StoreFollower::new(Arc::clone(&pool)),
+    ));
     let engine = Arc::new(Engine::new(
         Arc::clone(&pool),
         Arc::new(HttpProber::default()),
-        Arc::new(SingleNode),
     ));
     server.add_service(background_service(
         "rollouts",
