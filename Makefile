@@ -9,6 +9,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 deps:
 	@command -v cmake >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq cmake; }
 	@command -v cc >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq build-essential; }
+	@# The etcd client's gRPC definitions are compiled at build time.
+	@command -v protoc >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq protobuf-compiler; }
 
 # promtool (Debian package prometheus) checks the metrics output in the tests; h2load (Debian
 # package nghttp2-client) is the HTTP/2 load of the deploy suite under TLS; openssl makes and
@@ -18,8 +20,11 @@ deps:
 # (chromium-driver) render the status page in the tests. The deploy assets' tests
 # (tests/integration/deploy_assets.rs) run prometheus and promtool, systemd-analyze (systemd)
 # on the unit, and build the .deb (dpkg-deb, objdump from binutils for its libc6 dependency)
-# and install it (adduser for its postinst, logrotate to read its snippet).
+# and install it (adduser for its postinst, logrotate to read its snippet). etcd and etcdctl
+# (etcd-server, etcd-client) are the shared state store of the several-instances tests.
 test-deps: deps
+	@command -v etcd >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq etcd-server; }
+	@command -v etcdctl >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq etcd-client; }
 	@command -v curl >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq curl; }
 	@command -v promtool >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
 	@command -v h2load >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nghttp2-client; }

@@ -26,6 +26,7 @@ mod proxying;
 mod retiring;
 mod rollout_lifecycle;
 mod rollouts;
+mod shared_state;
 mod state;
 mod status_page;
 mod tls;

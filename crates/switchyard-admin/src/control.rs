@@ -295,6 +295,8 @@ fn needs_restart(running: &Config, next: &Config) -> Vec<String> {
         was.max_request_body_bytes != now.max_request_body_bytes,
     );
     differs("state_file", running.state_file != next.state_file);
+    // The store's connection, lease and name are made once, at start.
+    differs("state_store", running.state_store != next.state_store);
     out
 }
 

@@ -16,7 +16,6 @@ use tokio::sync::watch;
 use crate::events::{Draft, Source};
 use crate::shared::ClusterReading;
 use crate::snapshot::Snapshot;
-use crate::state::RuntimeState;
 use crate::store::{InstanceReport, Revision, StoreInfo, StoreUpdate, Stored};
 use crate::{rollout, Pool};
 
@@ -164,12 +163,12 @@ impl Pool {
     /// Writes this instance's state into an empty store, unless another instance did first
     /// (then its state is taken). Nothing is written for a state that has nothing in it.
     fn reseed(&self) {
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         self.adopt_nothing();
         let stored = self.lock().stored.clone();
-        if stored == RuntimeState::default() {
+        if stored.splits.is_empty() && stored.upstreams.is_empty() && stored.rollouts.is_empty() {
             return;
         }
-        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let store = Arc::clone(&self.store);
         let state = stored.clone();
         let written = self.wait(async move {
@@ -272,9 +271,13 @@ impl Pool {
     }
 
     fn on_update(&self, update: StoreUpdate) {
+        // After any change of this process's own that is being written: its revision is
+        // then known, and the watch's copy of it is not taken for someone else's.
+        let writer = || self.writer.lock().unwrap_or_else(|p| p.into_inner());
         match update {
             StoreUpdate::State(stored) => {
                 self.store_answers();
+                let _writer = writer();
                 // Ours (applied at the write) or older than what a conflict already brought.
                 if stored.revision > self.lock().revision {
                     self.adopt(stored);
@@ -285,6 +288,7 @@ impl Pool {
                 reason,
             } => {
                 self.store_answers();
+                let _writer = writer();
                 self.adopt_as(stored, Some(&reason));
             }
             StoreUpdate::Reset { state: None, .. } | StoreUpdate::Empty { .. } => {

@@ -90,6 +90,7 @@ pub fn run(
     );
     let upstream_cas =
         switchyard_pool::load_upstream_tls(&config).map_err(|problems| problems.join("\n"))?;
+    let store = crate::store::open(&config)?;
     // The admin token file too (`Control::new` reads it again below, where it must not fail).
     if let Some(file) = config.admin.as_ref().and_then(|a| a.token_file.as_deref()) {
         switchyard_admin::Token::read(file)?;
@@ -150,12 +151,11 @@ pub fn run(
         let _ = std::fs::remove_file(&handover);
         switchyard_pool::retire::discard_keys(&handover);
     }
-    let pool = Arc::new(Pool::new(
-        config,
-        upstream_cas,
-        metrics,
-        upgrade.then_some(handover.as_path()),
-    )?);
+    let handed = upgrade.then_some(handover.as_path());
+    let pool = Arc::new(match store {
+        Some((store, name)) => Pool::shared(config, upstream_cas, metrics, handed, store, name)?,
+        None => Pool::new(config, upstream_cas, metrics, handed)?,
+    });
     if upgrade {
         // `bootstrap` above has received the listening sockets from the old process.
         pool.events().record(Draft::new(

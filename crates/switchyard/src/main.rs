@@ -14,6 +14,7 @@ mod pid_file;
 mod remote;
 mod signals;
 mod steer;
+mod store;
 mod systemd;
 mod tables;
 mod upgrade_socket;

@@ -1,0 +1,399 @@
+//! Several balancers, one state: real etcd (Debian's `etcd-server`) on 127.0.0.1 with a
+//! temporary data dir, and two or three real Switchyard instances sharing it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::fixtures::*;
+use crate::load::{assert_no_failures, Load};
+
+/// One etcd member, killed (by its PID) when dropped.
+struct Etcd {
+    client: SocketAddr,
+    peer: SocketAddr,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Etcd {
+    fn start() -> Etcd {
+        let port = |_| SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut etcd = Etcd {
+            client: port(0),
+            peer: port(1),
+            dir: temp_path("etcd"),
+            child: None,
+        };
+        etcd.spawn();
+        etcd
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.client)
+    }
+
+    fn spawn(&mut self) {
+        let (client, peer) = (format!("http://{}", self.client), format!("http://{}", self.peer));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.with_extension("log"))
+            .expect("etcd log");
+        let child = Command::new("etcd")
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(["--name", "default"])
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("default={peer}")])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("etcd (apt-get install etcd-server)");
+        self.child = Some(child);
+        wait_until("etcd answers", Duration::from_secs(20), || {
+            self.ctl(&["endpoint", "health"]).is_ok()
+        });
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// `etcdctl` against this member: its output, or what it printed when it failed.
+    fn ctl(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &self.endpoint(), "--command-timeout", "2s"])
+            .args(args)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    fn state(&self, prefix: &str) -> Option<Value> {
+        let text = self
+            .ctl(&["get", &format!("{prefix}/state"), "--print-value-only"])
+            .ok()?;
+        serde_json::from_str(text.trim()).ok()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn store(etcd: &Etcd, prefix: &str) -> String {
+    format!(
+        "state_file: {{dir}}/state.json\nstate_store:\n  etcd:\n    endpoints: [\"{}\"]\n    prefix: {prefix}\n    request_timeout: 500ms\n    lease_ttl: 2s\n",
+        etcd.endpoint()
+    )
+}
+
+fn instance(blue: &TestBackend, green: &TestBackend, etcd: &Etcd, prefix: &str) -> Switchyard {
+    Switchyard::start(&blue_green(
+        blue.addr,
+        green.addr,
+        (1, 0),
+        "",
+        &store(etcd, prefix),
+    ))
+}
+
+fn json(r: &Response) -> Value {
+    serde_json::from_slice(&r.body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", r.status, r.text()))
+}
+
+fn split(sy: &Switchyard) -> Value {
+    json(&sy.api("GET", "/api/v1/routes/web", None))["split"].clone()
+}
+
+fn set_split(sy: &Switchyard, blue: u32, green: u32) -> Response {
+    sy.api(
+        "PUT",
+        "/api/v1/routes/web/split",
+        Some(&format!(r#"{{"blue": {blue}, "green": {green}}}"#)),
+    )
+}
+
+fn store_status(sy: &Switchyard) -> Value {
+    json(&sy.api("GET", "/api/v1/store", None))
+}
+
+fn metric(sy: &Switchyard, name: &str) -> Option<f64> {
+    sample(&sy.scrape(), name)
+}
+
+#[test]
+fn a_split_set_on_one_instance_is_live_on_the_others_within_a_second() {
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let etcd = Etcd::start();
+    let all: Vec<Switchyard> = (0..3)
+        .map(|_| instance(&blue, &green, &etcd, "/sy/a"))
+        .collect();
+    wait_until("every instance reports", Duration::from_secs(10), || {
+        all.iter()
+            .all(|sy| store_status(sy)["instances"].as_array().map_or(0, Vec::len) == 3)
+    });
+    // Exactly one drives rollouts, and every instance says which.
+    let drivers: Vec<bool> = all
+        .iter()
+        .map(|sy| store_status(sy)["driver"] == true)
+        .collect();
+    assert_eq!(drivers.iter().filter(|d| **d).count(), 1, "{drivers:?}");
+
+    let mut slowest = Duration::ZERO;
+    for (round, (b, g)) in [(90, 10), (50, 50), (100, 0)].into_iter().enumerate() {
+        let writer = &all[round % 3];
+        let set = Instant::now();
+        let r = set_split(writer, b, g);
+        assert_eq!(r.status, 200, "{}", r.text());
+        for sy in &all {
+            let want = serde_json::json!({"blue": b, "green": g});
+            wait_until("the split on every instance", Duration::from_secs(1), || {
+                split(sy) == want
+            });
+        }
+        slowest = slowest.max(set.elapsed());
+    }
+    println!("split propagation to 3 instances, slowest of 3 rounds: {slowest:?}");
+    let revisions: Vec<Value> = all.iter().map(|sy| store_status(sy)["revision"].clone()).collect();
+    assert!(revisions.windows(2).all(|w| w[0] == w[1]), "{revisions:?}");
+    assert_eq!(
+        metric(&all[1], "switchyard_state_store_revision"),
+        revisions[0].as_f64()
+    );
+    assert_eq!(metric(&all[2], "switchyard_state_store_up"), Some(1.0));
+    // The store holds it, and every change left an audit entry.
+    let stored = etcd.state("/sy/a").expect("state key");
+    assert_eq!(stored["splits"]["web"]["split"]["blue"], 100, "{stored:#}");
+    let audit = etcd
+        .ctl(&["get", "--prefix", "/sy/a/audit/", "--keys-only"])
+        .expect("audit");
+    assert!(audit.lines().filter(|l| !l.is_empty()).count() >= 3, "{audit}");
+    // Changes that came from the store are events with source `store`.
+    let events = json(&all[2].api("GET", "/api/v1/events", None));
+    assert!(
+        events.to_string().contains("\"source\":\"store\""),
+        "{events:#}"
+    );
+}
+
+#[test]
+fn concurrent_changes_from_several_instances_lose_none() {
+    let backends: Vec<TestBackend> = (0..8).map(|i| TestBackend::start(&format!("b{i}"))).collect();
+    let etcd = Etcd::start();
+    let list: Vec<(SocketAddr, u32)> = backends.iter().map(|b| (b.addr, 1)).collect();
+    let yaml = one_upstream("round_robin", &list, &format!("admin:\n  address: {{admin}}\nmetrics:\n  address: {{metrics}}\n{}", store(&etcd, "/sy/b")));
+    let a = Switchyard::start(&yaml);
+    let b = Switchyard::start(&yaml);
+    // Each instance sets the weights of its half of the backends, both at once, three rounds.
+    std::thread::scope(|s| {
+        for (who, half) in [(&a, 0..4), (&b, 4..8)] {
+            let backends = &backends;
+            s.spawn(move || {
+                for round in 2..5u32 {
+                    for i in half.clone() {
+                        let path = format!("/api/v1/upstreams/pool/backends/{}", backends[i].addr);
+                        let body = format!(r#"{{"weight": {}}}"#, round * 10 + i as u32);
+                        let r = who.api("PATCH", &path, Some(&body));
+                        assert_eq!(r.status, 200, "{path}: {}", r.text());
+                    }
+                }
+            });
+        }
+    });
+    for sy in [&a, &b] {
+        wait_until("every weight on both instances", Duration::from_secs(2), || {
+            let view = json(&sy.api("GET", "/api/v1/upstreams/pool", None));
+            (0..8).all(|i| {
+                view["backends"].as_array().is_some_and(|list| {
+                    list.iter().any(|x| {
+                        x["address"] == backends[i].addr.to_string()
+                            && x["weight"] == 40 + i as u64
+                    })
+                })
+            })
+        });
+    }
+}
+
+#[test]
+fn etcd_down_keeps_serving_refuses_changes_with_503_and_everyone_catches_up() {
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let mut etcd = Etcd::start();
+    let a = instance(&blue, &green, &etcd, "/sy/c");
+    let b = instance(&blue, &green, &etcd, "/sy/c");
+    assert_eq!(set_split(&a, 50, 50).status, 200);
+    wait_until("b has the split", Duration::from_secs(1), || {
+        split(&b) == serde_json::json!({"blue": 50, "green": 50})
+    });
+    let load_a = Load::start(a.addr, 4);
+    let load_b = Load::start(b.addr, 4);
+    load_a.run_for(50, Duration::from_secs(10));
+    etcd.kill();
+    wait_until("both see the store down", Duration::from_secs(5), || {
+        [&a, &b]
+            .iter()
+            .all(|sy| metric(sy, "switchyard_state_store_up") == Some(0.0))
+    });
+    let refused = set_split(&a, 10, 90);
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert!(refused.text().contains(&etcd.endpoint()), "{}", refused.text());
+    assert_eq!(split(&a), serde_json::json!({"blue": 50, "green": 50}));
+    load_b.run_for(200, Duration::from_secs(10));
+    etcd.spawn();
+    wait_until("both see the store up", Duration::from_secs(10), || {
+        [&a, &b]
+            .iter()
+            .all(|sy| metric(sy, "switchyard_state_store_up") == Some(1.0))
+    });
+    assert_eq!(set_split(&b, 20, 80).status, 200);
+    wait_until("a catches up", Duration::from_secs(1), || {
+        split(&a) == serde_json::json!({"blue": 20, "green": 80})
+    });
+    load_a.run_for(100, Duration::from_secs(10));
+    assert_no_failures("a", &load_a.stop());
+    assert_no_failures("b", &load_b.stop());
+}
+
+#[test]
+fn an_instance_started_while_etcd_is_down_serves_from_its_local_copy() {
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let mut etcd = Etcd::start();
+    let mut a = instance(&blue, &green, &etcd, "/sy/d");
+    assert_eq!(set_split(&a, 0, 100).status, 200);
+    let copy = std::fs::read_to_string(a.dir.join("state.json")).expect("local copy");
+    assert!(copy.contains("store_revision"), "{copy}");
+    etcd.kill();
+    a.restart();
+    assert_eq!(split(&a), serde_json::json!({"blue": 0, "green": 100}));
+    for _ in 0..5 {
+        assert_eq!(get(a.addr, "/").text(), "green");
+    }
+    assert_eq!(metric(&a, "switchyard_state_store_up"), Some(0.0));
+    etcd.spawn();
+    wait_until("the store up again", Duration::from_secs(10), || {
+        metric(&a, "switchyard_state_store_up") == Some(1.0)
+    });
+    assert_eq!(set_split(&a, 100, 0).status, 200);
+}
+
+#[test]
+fn the_rollout_driver_killed_mid_rollout_is_replaced_and_goes_on_at_the_same_step() {
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let etcd = Etcd::start();
+    let mut all: Vec<Switchyard> = (0..2)
+        .map(|_| instance(&blue, &green, &etcd, "/sy/e"))
+        .collect();
+    wait_until("a driver", Duration::from_secs(10), || {
+        all.iter().any(|sy| store_status(sy)["driver"] == true)
+    });
+    let driver = all
+        .iter()
+        .position(|sy| store_status(sy)["driver"] == true)
+        .expect("driver");
+    let r = all[driver].api(
+        "POST",
+        "/api/v1/routes/web/rollout",
+        Some(r#"{"to": "green", "steps": [10, 50], "step_interval": "1h", "analysis": {"interval": "250ms", "min_requests": 1}}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let step = |sy: &Switchyard| json(&sy.api("GET", "/api/v1/routes/web/rollout", None));
+    let other = 1 - driver;
+    wait_until("step 1 on both", Duration::from_secs(5), || {
+        all.iter().all(|sy| step(sy)["step"] == 1)
+    });
+    let load = Load::start(all[other].addr, 2);
+    load.run_for(20, Duration::from_secs(10));
+    all[driver].signal("KILL");
+    let killed = Instant::now();
+    wait_until("the other drives", Duration::from_secs(8), || {
+        store_status(&all[other])["driver"] == true
+    });
+    println!("rollout driver taken over after {:?}", killed.elapsed());
+    // Same step, still progressing, and the new driver judges windows.
+    let windows = |v: &Value| v["windows"].as_array().map_or(0, Vec::len);
+    let before = windows(&step(&all[other]));
+    wait_until("windows from the new driver", Duration::from_secs(5), || {
+        windows(&step(&all[other])) > before
+    });
+    let now = step(&all[other]);
+    assert_eq!((now["step"].clone(), now["state"].clone()), (1.into(), "progressing".into()), "{now:#}");
+    assert_no_failures("survivor", &load.stop());
+    drop(all.remove(driver));
+}
+
+#[test]
+fn a_wiped_store_gets_the_state_back_and_compaction_changes_nothing() {
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let etcd = Etcd::start();
+    let a = instance(&blue, &green, &etcd, "/sy/f");
+    let b = instance(&blue, &green, &etcd, "/sy/f");
+    assert_eq!(set_split(&a, 70, 30).status, 200);
+    let want = serde_json::json!({"blue": 70, "green": 30});
+    wait_until("b has it", Duration::from_secs(1), || split(&b) == want);
+    // Compaction of everything so far: the next change still reaches both.
+    let status = etcd.ctl(&["endpoint", "status", "--write-out", "json"]).expect("status");
+    let revision = serde_json::from_str::<Value>(&status).expect("json")[0]["Status"]["header"]
+        ["revision"]
+        .as_u64()
+        .expect("revision");
+    etcd.ctl(&["compact", &revision.to_string()]).expect("compact");
+    assert_eq!(set_split(&b, 60, 40).status, 200);
+    let want = serde_json::json!({"blue": 60, "green": 40});
+    wait_until("a has it after compaction", Duration::from_secs(1), || split(&a) == want);
+    // Wiped: nobody runs an empty state, and the state is written back.
+    etcd.ctl(&["del", "--prefix", "/sy/f/"]).expect("wipe");
+    wait_until("the state written back", Duration::from_secs(5), || {
+        etcd.state("/sy/f")
+            .is_some_and(|s| s["splits"]["web"]["split"]["blue"] == 60)
+    });
+    assert_eq!(split(&a), want);
+    assert_eq!(split(&b), want);
+}
+
+#[test]
+fn an_instance_on_an_older_config_keeps_what_only_the_newer_config_has() {
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let etcd = Etcd::start();
+    let old = instance(&blue, &green, &etcd, "/sy/g");
+    // The newer config has a second route, `api`.
+    let newer = blue_green(blue.addr, green.addr, (1, 0), "", &store(&etcd, "/sy/g"))
+        + "  - name: api\n    host: api.example.com\n    split:\n      blue: 1\n";
+    let new = Switchyard::start(&newer);
+    let r = new.api("PUT", "/api/v1/routes/api/split", Some(r#"{"blue": 1, "green": 1}"#));
+    assert_eq!(r.status, 200, "{}", r.text());
+    wait_until("the old instance at that revision", Duration::from_secs(1), || {
+        store_status(&old)["revision"] == store_status(&new)["revision"]
+    });
+    assert_eq!(set_split(&old, 30, 70).status, 200);
+    let stored = etcd.state("/sy/g").expect("state");
+    assert_eq!(stored["splits"]["api"]["split"]["green"], 1, "{stored:#}");
+    assert_eq!(stored["splits"]["web"]["split"]["green"], 70, "{stored:#}");
+    wait_until("the newer instance has both", Duration::from_secs(1), || {
+        split(&new) == serde_json::json!({"blue": 30, "green": 70})
+    });
+    let api = json(&new.api("GET", "/api/v1/routes/api", None));
+    assert_eq!(api["split"], serde_json::json!({"blue": 1, "green": 1}));
+}
