@@ -1,0 +1,469 @@
+//! The etcd state store: the only crate that knows etcd. [`EtcdStore`] is the pool's
+//! [`StateStore`] when the config has `state_store.etcd`: the runtime state, a lease that
+//! says which instance drives rollouts, and every instance's report live in one etcd cluster,
+//! under the configured prefix:
+//!
+//! | key | value |
+//! |---|---|
+//! | `{prefix}/state` | the whole [`RuntimeState`] as JSON; its `mod_revision` is the [`Revision`] |
+//! | `{prefix}/driver` | the rollout driver's instance name, under its lease |
+//! | `{prefix}/instances/{name}` | each instance's [`InstanceReport`] as JSON, under its lease |
+//! | `{prefix}/audit/{revision:020}` | one entry per state written, in the same transaction |
+//!
+//! An audit entry is `{"instance": name, "replaces": r0, "why": why, "at": RFC 3339}`, named
+//! by `r0`, the revision of the state the write replaced (`0`: none). A transaction cannot
+//! know the revision it will be given, so that of the new state is the entry's own
+//! `mod_revision` (`etcdctl get --prefix {prefix}/audit/ -w json`): the entry and the state
+//! are one write. The same transaction deletes the entries that replaced a state more than
+//! 1000 revisions older than the one it replaces (a range delete: keys below
+//! `{prefix}/audit/{r0 - 1000:020}`). The store's revision counts every write under it,
+//! reports included, so 1000 revisions are minutes to hours of history, not 1000 changes.
+//!
+//! The client lives on a runtime of its own: a thread named `etcd` running a current-thread
+//! tokio runtime, where every request and every background task (the watches, the lease and
+//! its campaign) runs. The trait's methods may be called from any runtime (Pingora's services
+//! each have one); they hand their request over and wait for its answer. Nothing here blocks
+//! on the network at start: etcd may be down, and the client connects (and reconnects, with
+//! a jittered backoff from 100 ms to 5 s) in the background. Every request is bounded by
+//! `request_timeout`.
+
+mod conn;
+mod lease;
+mod watch;
+
+#[cfg(test)]
+mod tests;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{KeyValue, TxnOpResponse};
+use log::debug;
+use switchyard_config::EtcdConfig;
+use switchyard_pool::{
+    InstanceReport, Revision, RuntimeState, StateStore, StoreError, StoreInfo, StoreUpdate, Stored,
+    STATE_FORMAT,
+};
+use tokio::runtime::Handle;
+use tokio::sync::{mpsc, oneshot, watch as tokio_watch, Notify};
+
+use crate::conn::{Conn, Failure, Settings};
+use crate::lease::LeaseState;
+
+/// Audit entries older than this many revisions before a write go with it.
+const AUDIT_KEEP: u64 = 1000;
+
+/// The keys of one store, all under its prefix.
+pub(crate) struct Keys {
+    pub(crate) state: String,
+    pub(crate) driver: String,
+    /// `{prefix}/instances/`: a report's key is this and the instance's name.
+    pub(crate) instances: String,
+    /// `{prefix}/audit/`.
+    pub(crate) audit: String,
+}
+
+impl Keys {
+    fn new(prefix: &str) -> Keys {
+        let prefix = prefix.trim_end_matches('/');
+        Keys {
+            state: format!("{prefix}/state"),
+            driver: format!("{prefix}/driver"),
+            instances: format!("{prefix}/instances/"),
+            audit: format!("{prefix}/audit/"),
+        }
+    }
+
+    fn audit_entry(&self, replaces: Revision) -> String {
+        format!("{}{replaces:020}", self.audit)
+    }
+}
+
+/// What every task of one store shares.
+pub(crate) struct Inner {
+    pub(crate) conn: Conn,
+    /// This instance's name (reports, the driver key, audit entries).
+    pub(crate) name: String,
+    /// What messages call the store: `etcd http://a:2379,http://b:2379 /prefix`.
+    pub(crate) store: String,
+    pub(crate) keys: Keys,
+    pub(crate) lease_ttl: Duration,
+    /// This instance's lease and whether it holds the driver key with it.
+    pub(crate) lease: tokio_watch::Sender<LeaseState>,
+    /// The public side of `lease.driver`.
+    pub(crate) driver: tokio_watch::Sender<bool>,
+    /// Wakes the lease task: something found the driver key or the lease not as it thought.
+    pub(crate) poke: Notify,
+}
+
+impl Inner {
+    pub(crate) fn request_timeout(&self) -> Duration {
+        self.conn.request_timeout()
+    }
+
+    fn error(&self, failure: Failure) -> StoreError {
+        match failure {
+            Failure::Unavailable(reason) => StoreError::Unavailable {
+                store: self.store.clone(),
+                reason,
+            },
+            Failure::Refused(reason) => StoreError::Refused {
+                store: self.store.clone(),
+                reason,
+            },
+        }
+    }
+}
+
+/// The state store in etcd. Dropping it stops its runtime (and with it every watch stream
+/// and the lease's keep-alive: the lease runs out after its TTL; [`StateStore::resign`]
+/// gives it up at once).
+pub struct EtcdStore {
+    inner: Arc<Inner>,
+    runtime: Handle,
+    /// Dropped with the store: the runtime's thread then ends, and the runtime with it.
+    _stop: oneshot::Sender<()>,
+}
+
+impl EtcdStore {
+    /// Reads the password and TLS files named in `config` (errors name the field) and starts
+    /// the client's thread, its lease and its campaign for the driver's key. Never waits for
+    /// etcd.
+    pub fn start(config: &EtcdConfig, name: String) -> Result<EtcdStore, String> {
+        let settings = Settings::read(config)?;
+        let store = format!(
+            "etcd {} {}",
+            config.endpoints.join(","),
+            config.prefix.trim_end_matches('/')
+        );
+        let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("etcd".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = handle_tx.send(Err(format!(
+                            "state_store.etcd: cannot start the etcd client's runtime: {e}"
+                        )));
+                        return;
+                    }
+                };
+                let _ = handle_tx.send(Ok(runtime.handle().clone()));
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+                // The runtime (and every task on it) is dropped here, outside async code.
+            })
+            .map_err(|e| format!("state_store.etcd: cannot start the etcd client's thread: {e}"))?;
+        let runtime = handle_rx.recv().map_err(|_| {
+            "state_store.etcd: the etcd client's thread ended at start".to_string()
+        })??;
+        let inner = Arc::new(Inner {
+            conn: Conn::new(settings),
+            name,
+            store,
+            keys: Keys::new(&config.prefix),
+            lease_ttl: config.lease_ttl,
+            lease: tokio_watch::Sender::new(LeaseState::default()),
+            driver: tokio_watch::Sender::new(false),
+            poke: Notify::new(),
+        });
+        runtime.spawn(lease::run(inner.clone()));
+        Ok(EtcdStore {
+            inner,
+            runtime,
+            _stop: stop,
+        })
+    }
+
+    /// Runs `request` on the store's runtime and waits for its answer, from any runtime.
+    async fn on_runtime<T, F>(&self, request: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        match self.runtime.spawn(request).await {
+            Ok(result) => result,
+            Err(e) => Err(StoreError::Unavailable {
+                store: self.inner.store.clone(),
+                reason: format!("the etcd client stopped ({e})"),
+            }),
+        }
+    }
+}
+
+/// The state in `kv` (the state key), or why it cannot be read.
+pub(crate) fn parse_state(key: &str, kv: &KeyValue) -> Result<Stored, String> {
+    #[derive(serde::Deserialize)]
+    struct Format {
+        format: Option<u32>,
+    }
+    let revision = kv.mod_revision().max(0) as Revision;
+    if let Ok(Format {
+        format: Some(format),
+    }) = serde_json::from_slice::<Format>(kv.value())
+    {
+        if format > STATE_FORMAT {
+            return Err(format!(
+                "{key} at revision {revision} has format {format}, written by a newer Switchyard; this binary reads formats up to {STATE_FORMAT}"
+            ));
+        }
+    }
+    match serde_json::from_slice::<RuntimeState>(kv.value()) {
+        Ok(state) => Ok(Stored { state, revision }),
+        Err(e) => Err(format!("{key} at revision {revision}: {e}")),
+    }
+}
+
+#[derive(serde::Serialize)]
+struct AuditEntry<'a> {
+    instance: &'a str,
+    replaces: Revision,
+    why: &'a str,
+    at: String,
+}
+
+async fn compare_and_swap(
+    inner: Arc<Inner>,
+    value: Vec<u8>,
+    expected: Revision,
+    driver_lease: Option<i64>,
+    why: String,
+) -> Result<Revision, StoreError> {
+    let keys = &inner.keys;
+    let audit = serde_json::to_vec(&AuditEntry {
+        instance: &inner.name,
+        replaces: expected,
+        why: &why,
+        at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    })
+    .map_err(|e| {
+        inner.error(Failure::Refused(format!(
+            "cannot write the audit entry: {e}"
+        )))
+    })?;
+    let mut compares = vec![Compare::mod_revision(
+        keys.state.as_str(),
+        CompareOp::Equal,
+        expected as i64,
+    )];
+    if let Some(lease) = driver_lease {
+        compares.push(Compare::lease(
+            keys.driver.as_str(),
+            CompareOp::Equal,
+            lease,
+        ));
+    }
+    let mut writes = vec![
+        TxnOp::put(keys.state.as_str(), value, None),
+        TxnOp::put(keys.audit_entry(expected), audit, None),
+    ];
+    if expected > AUDIT_KEEP {
+        writes.push(TxnOp::delete(
+            keys.audit.as_str(),
+            Some(DeleteOptions::new().with_range(keys.audit_entry(expected - AUDIT_KEEP))),
+        ));
+    }
+    let txn = Txn::new().when(compares).and_then(writes).or_else(vec![
+        TxnOp::get(keys.state.as_str(), None),
+        TxnOp::get(keys.driver.as_str(), None),
+    ]);
+    let response = inner
+        .conn
+        .run(|mut client| {
+            let txn = txn.clone();
+            async move { client.txn(txn).await }
+        })
+        .await
+        .map_err(|f| inner.error(f))?;
+    if response.succeeded() {
+        let revision = response.header().map_or(0, |h| h.revision()).max(0) as Revision;
+        return Ok(revision);
+    }
+    let responses = response.op_responses();
+    let current = match responses.first() {
+        Some(TxnOpResponse::Get(get)) => get.kvs().first().cloned(),
+        _ => None,
+    };
+    let current_revision = current
+        .as_ref()
+        .map_or(0, |kv| kv.mod_revision().max(0) as Revision);
+    if current_revision != expected {
+        let current = match current {
+            Some(kv) => Some(Box::new(
+                parse_state(&keys.state, &kv).map_err(|e| inner.error(Failure::Refused(e)))?,
+            )),
+            None => None,
+        };
+        return Err(StoreError::Conflict { current });
+    }
+    // The state was as expected: the driver's key is not ours any more.
+    inner.poke.notify_one();
+    Err(StoreError::NotDriver {
+        store: inner.store.clone(),
+    })
+}
+
+async fn load(inner: Arc<Inner>) -> Result<Option<Stored>, StoreError> {
+    let key = inner.keys.state.clone();
+    let response = inner
+        .conn
+        .run(|mut client| {
+            let key = key.clone();
+            async move { client.get(key, None).await }
+        })
+        .await
+        .map_err(|f| inner.error(f))?;
+    match response.kvs().first() {
+        None => Ok(None),
+        Some(kv) => parse_state(&inner.keys.state, kv)
+            .map(Some)
+            .map_err(|e| inner.error(Failure::Refused(e))),
+    }
+}
+
+async fn report(inner: Arc<Inner>, mine: Vec<u8>) -> Result<Vec<InstanceReport>, StoreError> {
+    let deadline = inner.request_timeout();
+    let attempt = async {
+        // At start the first lease may still be on its way.
+        let mut lease = inner.lease.subscribe();
+        let state = *lease
+            .wait_for(|l| l.lease.is_some() || l.resigned)
+            .await
+            .map_err(|_| Failure::Unavailable("the etcd client stopped".into()))?;
+        let key = format!("{}{}", inner.keys.instances, inner.name);
+        let mut ops = Vec::new();
+        if let Some(lease) = state.lease {
+            ops.push(TxnOp::put(
+                key,
+                mine,
+                Some(PutOptions::new().with_lease(lease)),
+            ));
+        }
+        ops.push(TxnOp::get(
+            inner.keys.instances.as_str(),
+            Some(GetOptions::new().with_prefix()),
+        ));
+        let txn = Txn::new().and_then(ops);
+        let result = inner
+            .conn
+            .run_within(deadline, |mut client| {
+                let txn = txn.clone();
+                async move { client.txn(txn).await }
+            })
+            .await
+            .map(|(_, response)| response);
+        if matches!(&result, Err(f) if lease::is_lease_gone(f)) {
+            inner.poke.notify_one();
+        }
+        result
+    };
+    let response = match tokio::time::timeout(deadline, attempt).await {
+        Ok(response) => response,
+        Err(_) => Err(Failure::Unavailable(format!(
+            "no lease from etcd within {}",
+            conn::show(deadline)
+        ))),
+    }
+    .map_err(|f| inner.error(f))?;
+    let mut reports = Vec::new();
+    for op in response.op_responses() {
+        let TxnOpResponse::Get(get) = op else {
+            continue;
+        };
+        for kv in get.kvs() {
+            match serde_json::from_slice::<InstanceReport>(kv.value()) {
+                Ok(report) => reports.push(report),
+                Err(e) => debug!(
+                    "{}: skipping the report at {}: {e}",
+                    inner.store,
+                    String::from_utf8_lossy(kv.key())
+                ),
+            }
+        }
+    }
+    Ok(reports)
+}
+
+#[async_trait]
+impl StateStore for EtcdStore {
+    fn info(&self) -> StoreInfo {
+        StoreInfo {
+            kind: "etcd",
+            name: self.inner.store.clone(),
+            shared: true,
+        }
+    }
+
+    async fn load(&self) -> Result<Option<Stored>, StoreError> {
+        self.on_runtime(load(self.inner.clone())).await
+    }
+
+    async fn compare_and_swap(
+        &self,
+        next: &RuntimeState,
+        expected: Revision,
+        as_driver: bool,
+        why: &str,
+    ) -> Result<Revision, StoreError> {
+        let value = serde_json::to_vec(next).map_err(|e| StoreError::Refused {
+            store: self.inner.store.clone(),
+            reason: format!("cannot write the state as JSON: {e}"),
+        })?;
+        let driver_lease = if as_driver {
+            let state = *self.inner.lease.borrow();
+            match state.lease {
+                Some(lease) if state.driver => Some(lease),
+                _ => {
+                    return Err(StoreError::NotDriver {
+                        store: self.inner.store.clone(),
+                    })
+                }
+            }
+        } else {
+            None
+        };
+        self.on_runtime(compare_and_swap(
+            self.inner.clone(),
+            value,
+            expected,
+            driver_lease,
+            why.to_string(),
+        ))
+        .await
+    }
+
+    fn watch(&self, from: Revision) -> mpsc::Receiver<StoreUpdate> {
+        watch::spawn(self.inner.clone(), &self.runtime, from)
+    }
+
+    fn driver(&self) -> tokio_watch::Receiver<bool> {
+        self.inner.driver.subscribe()
+    }
+
+    async fn report(&self, mine: &InstanceReport) -> Result<Vec<InstanceReport>, StoreError> {
+        let value = serde_json::to_vec(mine).map_err(|e| StoreError::Refused {
+            store: self.inner.store.clone(),
+            reason: format!("cannot write the report as JSON: {e}"),
+        })?;
+        self.on_runtime(report(self.inner.clone(), value)).await
+    }
+
+    async fn resign(&self) {
+        let inner = self.inner.clone();
+        let _ = self
+            .on_runtime(async move {
+                lease::resign(&inner).await;
+                Ok(())
+            })
+            .await;
+    }
+}
