@@ -37,7 +37,10 @@ impl Etcd {
     }
 
     fn spawn(&mut self) {
-        let (client, peer) = (format!("http://{}", self.client), format!("http://{}", self.peer));
+        let (client, peer) = (
+            format!("http://{}", self.client),
+            format!("http://{}", self.peer),
+        );
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -47,8 +50,18 @@ impl Etcd {
             .arg("--data-dir")
             .arg(&self.dir)
             .args(["--name", "default"])
-            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
             .args(["--initial-cluster", &format!("default={peer}")])
             .stdout(Stdio::null())
             .stderr(log)
@@ -98,7 +111,7 @@ impl Drop for Etcd {
 
 fn store(etcd: &Etcd, prefix: &str) -> String {
     format!(
-        "state_file: {{dir}}/state.json\nstate_store:\n  etcd:\n    endpoints: [\"{}\"]\n    prefix: {prefix}\n    request_timeout: 500ms\n    lease_ttl: 2s\n",
+        "state_file: {{dir}}/state.json\nstate_store:\n  etcd:\n    endpoints: [\"{}\"]\n    prefix: {prefix}\n    request_timeout: 2s\n    lease_ttl: 2s\n",
         etcd.endpoint()
     )
 }
@@ -165,14 +178,19 @@ fn a_split_set_on_one_instance_is_live_on_the_others_within_a_second() {
         assert_eq!(r.status, 200, "{}", r.text());
         for sy in &all {
             let want = serde_json::json!({"blue": b, "green": g});
-            wait_until("the split on every instance", Duration::from_secs(1), || {
-                split(sy) == want
-            });
+            wait_until(
+                "the split on every instance",
+                Duration::from_secs(1),
+                || split(sy) == want,
+            );
         }
         slowest = slowest.max(set.elapsed());
     }
     println!("split propagation to 3 instances, slowest of 3 rounds: {slowest:?}");
-    let revisions: Vec<Value> = all.iter().map(|sy| store_status(sy)["revision"].clone()).collect();
+    let revisions: Vec<Value> = all
+        .iter()
+        .map(|sy| store_status(sy)["revision"].clone())
+        .collect();
     assert!(revisions.windows(2).all(|w| w[0] == w[1]), "{revisions:?}");
     assert_eq!(
         metric(&all[1], "switchyard_state_store_revision"),
@@ -185,7 +203,10 @@ fn a_split_set_on_one_instance_is_live_on_the_others_within_a_second() {
     let audit = etcd
         .ctl(&["get", "--prefix", "/sy/a/audit/", "--keys-only"])
         .expect("audit");
-    assert!(audit.lines().filter(|l| !l.is_empty()).count() >= 3, "{audit}");
+    assert!(
+        audit.lines().filter(|l| !l.is_empty()).count() >= 3,
+        "{audit}"
+    );
     // Changes that came from the store are events with source `store`.
     let events = json(&all[2].api("GET", "/api/v1/events", None));
     assert!(
@@ -196,10 +217,19 @@ fn a_split_set_on_one_instance_is_live_on_the_others_within_a_second() {
 
 #[test]
 fn concurrent_changes_from_several_instances_lose_none() {
-    let backends: Vec<TestBackend> = (0..8).map(|i| TestBackend::start(&format!("b{i}"))).collect();
+    let backends: Vec<TestBackend> = (0..8)
+        .map(|i| TestBackend::start(&format!("b{i}")))
+        .collect();
     let etcd = Etcd::start();
     let list: Vec<(SocketAddr, u32)> = backends.iter().map(|b| (b.addr, 1)).collect();
-    let yaml = one_upstream("round_robin", &list, &format!("admin:\n  address: {{admin}}\nmetrics:\n  address: {{metrics}}\n{}", store(&etcd, "/sy/b")));
+    let yaml = one_upstream(
+        "round_robin",
+        &list,
+        &format!(
+            "admin:\n  address: {{admin}}\nmetrics:\n  address: {{metrics}}\n{}",
+            store(&etcd, "/sy/b")
+        ),
+    );
     let a = Switchyard::start(&yaml);
     let b = Switchyard::start(&yaml);
     // Each instance sets the weights of its half of the backends, both at once, three rounds.
@@ -219,17 +249,21 @@ fn concurrent_changes_from_several_instances_lose_none() {
         }
     });
     for sy in [&a, &b] {
-        wait_until("every weight on both instances", Duration::from_secs(2), || {
-            let view = json(&sy.api("GET", "/api/v1/upstreams/pool", None));
-            (0..8).all(|i| {
-                view["backends"].as_array().is_some_and(|list| {
-                    list.iter().any(|x| {
-                        x["address"] == backends[i].addr.to_string()
-                            && x["weight"] == 40 + i as u64
+        wait_until(
+            "every weight on both instances",
+            Duration::from_secs(2),
+            || {
+                let view = json(&sy.api("GET", "/api/v1/upstreams/pool", None));
+                (0..8).all(|i| {
+                    view["backends"].as_array().is_some_and(|list| {
+                        list.iter().any(|x| {
+                            x["address"] == backends[i].addr.to_string()
+                                && x["weight"] == 40 + i as u64
+                        })
                     })
                 })
-            })
-        });
+            },
+        );
     }
 }
 
@@ -255,7 +289,11 @@ fn etcd_down_keeps_serving_refuses_changes_with_503_and_everyone_catches_up() {
     });
     let refused = set_split(&a, 10, 90);
     assert_eq!(refused.status, 503, "{}", refused.text());
-    assert!(refused.text().contains(&etcd.endpoint()), "{}", refused.text());
+    assert!(
+        refused.text().contains(&etcd.endpoint()),
+        "{}",
+        refused.text()
+    );
     assert_eq!(split(&a), serde_json::json!({"blue": 50, "green": 50}));
     load_b.run_for(200, Duration::from_secs(10));
     etcd.spawn();
@@ -333,11 +371,17 @@ fn the_rollout_driver_killed_mid_rollout_is_replaced_and_goes_on_at_the_same_ste
     // Same step, still progressing, and the new driver judges windows.
     let windows = |v: &Value| v["windows"].as_array().map_or(0, Vec::len);
     let before = windows(&step(&all[other]));
-    wait_until("windows from the new driver", Duration::from_secs(5), || {
-        windows(&step(&all[other])) > before
-    });
+    wait_until(
+        "windows from the new driver",
+        Duration::from_secs(5),
+        || windows(&step(&all[other])) > before,
+    );
     let now = step(&all[other]);
-    assert_eq!((now["step"].clone(), now["state"].clone()), (1.into(), "progressing".into()), "{now:#}");
+    assert_eq!(
+        (now["step"].clone(), now["state"].clone()),
+        (1.into(), "progressing".into()),
+        "{now:#}"
+    );
     assert_no_failures("survivor", &load.stop());
     drop(all.remove(driver));
 }
@@ -353,15 +397,20 @@ fn a_wiped_store_gets_the_state_back_and_compaction_changes_nothing() {
     let want = serde_json::json!({"blue": 70, "green": 30});
     wait_until("b has it", Duration::from_secs(1), || split(&b) == want);
     // Compaction of everything so far: the next change still reaches both.
-    let status = etcd.ctl(&["endpoint", "status", "--write-out", "json"]).expect("status");
+    let status = etcd
+        .ctl(&["endpoint", "status", "--write-out", "json"])
+        .expect("status");
     let revision = serde_json::from_str::<Value>(&status).expect("json")[0]["Status"]["header"]
         ["revision"]
         .as_u64()
         .expect("revision");
-    etcd.ctl(&["compact", &revision.to_string()]).expect("compact");
+    etcd.ctl(&["compact", &revision.to_string()])
+        .expect("compact");
     assert_eq!(set_split(&b, 60, 40).status, 200);
     let want = serde_json::json!({"blue": 60, "green": 40});
-    wait_until("a has it after compaction", Duration::from_secs(1), || split(&a) == want);
+    wait_until("a has it after compaction", Duration::from_secs(1), || {
+        split(&a) == want
+    });
     // Wiped: nobody runs an empty state, and the state is written back.
     etcd.ctl(&["del", "--prefix", "/sy/f/"]).expect("wipe");
     wait_until("the state written back", Duration::from_secs(5), || {
@@ -382,18 +431,26 @@ fn an_instance_on_an_older_config_keeps_what_only_the_newer_config_has() {
     let newer = blue_green(blue.addr, green.addr, (1, 0), "", &store(&etcd, "/sy/g"))
         + "  - name: api\n    host: api.example.com\n    split:\n      blue: 1\n";
     let new = Switchyard::start(&newer);
-    let r = new.api("PUT", "/api/v1/routes/api/split", Some(r#"{"blue": 1, "green": 1}"#));
+    let r = new.api(
+        "PUT",
+        "/api/v1/routes/api/split",
+        Some(r#"{"blue": 1, "green": 1}"#),
+    );
     assert_eq!(r.status, 200, "{}", r.text());
-    wait_until("the old instance at that revision", Duration::from_secs(1), || {
-        store_status(&old)["revision"] == store_status(&new)["revision"]
-    });
+    wait_until(
+        "the old instance at that revision",
+        Duration::from_secs(1),
+        || store_status(&old)["revision"] == store_status(&new)["revision"],
+    );
     assert_eq!(set_split(&old, 30, 70).status, 200);
     let stored = etcd.state("/sy/g").expect("state");
     assert_eq!(stored["splits"]["api"]["split"]["green"], 1, "{stored:#}");
     assert_eq!(stored["splits"]["web"]["split"]["green"], 70, "{stored:#}");
-    wait_until("the newer instance has both", Duration::from_secs(1), || {
-        split(&new) == serde_json::json!({"blue": 30, "green": 70})
-    });
+    wait_until(
+        "the newer instance has both",
+        Duration::from_secs(1),
+        || split(&new) == serde_json::json!({"blue": 30, "green": 70}),
+    );
     let api = json(&new.api("GET", "/api/v1/routes/api", None));
     assert_eq!(api["split"], serde_json::json!({"blue": 1, "green": 1}));
 }

@@ -403,6 +403,10 @@ impl StateStore for EtcdStore {
         }
     }
 
+    fn runtime(&self) -> Option<Handle> {
+        Some(self.runtime.clone())
+    }
+
     async fn load(&self) -> Result<Option<Stored>, StoreError> {
         self.on_runtime(load(self.inner.clone())).await
     }

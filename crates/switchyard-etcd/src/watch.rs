@@ -41,6 +41,7 @@ pub(crate) fn spawn(
         seen: from as i64,
         health: Health::Unknown,
         relist: false,
+        reset: None,
         member: None,
     }));
     receiver
@@ -77,6 +78,9 @@ struct Follower {
     health: Health,
     /// List before watching again.
     relist: bool,
+    /// Why the store counts as reset (wiped, restored, replaced): the next listing is
+    /// delivered as [`StoreUpdate::Reset`], to be run whatever its revision.
+    reset: Option<String>,
     /// The member the current watch goes to.
     member: Option<Member>,
 }
@@ -148,6 +152,17 @@ impl Follower {
             StoreUpdate::State(stored) => stored.revision,
             StoreUpdate::Unreadable { revision, .. } | StoreUpdate::Empty { revision } => *revision,
             _ => self.delivered,
+        };
+        let update = match (self.reset.take(), update) {
+            (Some(reason), StoreUpdate::State(stored)) => StoreUpdate::Reset {
+                state: Some(stored),
+                reason,
+            },
+            (Some(reason), StoreUpdate::Empty { .. }) => StoreUpdate::Reset {
+                state: None,
+                reason,
+            },
+            (_, update) => update,
         };
         self.relist = false;
         self.send(update).await
@@ -231,21 +246,23 @@ impl Follower {
     async fn answer(&mut self, answer: WatchResponse, backoff: &mut Backoff) -> Result<(), End> {
         if let Some(header) = answer.header() {
             if self.cluster.is_some_and(|c| c != header.cluster_id()) {
-                warn!(
-                    "{}: the cluster's ID changed ({:x} -> {:x}): listing the state again",
-                    self.inner.store,
+                let reason = format!(
+                    "the cluster's ID changed ({:x} -> {:x})",
                     self.cluster.unwrap_or(0),
                     header.cluster_id()
                 );
+                warn!("{}: {reason}: listing the state again", self.inner.store);
+                self.reset = Some(reason);
                 return Err(End::Relist);
             }
             if header.revision() < self.seen {
-                warn!(
-                    "{}: the store's revision went backwards ({} -> {}): listing the state again",
-                    self.inner.store,
+                let reason = format!(
+                    "its revision went backwards ({} -> {})",
                     self.seen,
                     header.revision()
                 );
+                warn!("{}: {reason}: listing the state again", self.inner.store);
+                self.reset = Some(reason);
                 return Err(End::Relist);
             }
             self.cluster = Some(header.cluster_id());

@@ -71,8 +71,11 @@ pub use store::{
 pub use upstream_tls::{load_upstream_tls, UpstreamCas};
 
 /// Tries of a change whose compare-and-swap finds that another instance changed the state
-/// first; then the change is refused (`409`).
-const CAS_ATTEMPTS: usize = 5;
+/// first; then the change is refused (`409`). Between tries a random pause of up to
+/// [`CAS_BACKOFF`] times the try's number: two instances writing in a tight loop would
+/// otherwise find each other's write every time.
+const CAS_ATTEMPTS: u32 = 10;
+const CAS_BACKOFF: Duration = Duration::from_millis(10);
 
 /// The longest this process waits for a shared store's answer, beyond the store's own
 /// request timeout.
@@ -337,7 +340,13 @@ impl Pool {
             ));
         }
         let as_driver = source == Source::Rollout && self.store.info().shared;
-        for _ in 0..CAS_ATTEMPTS {
+        for attempt in 0..CAS_ATTEMPTS {
+            if attempt > 0 {
+                use std::hash::BuildHasher;
+                let random = std::hash::RandomState::new().hash_one(attempt);
+                let most = CAS_BACKOFF * attempt;
+                std::thread::sleep(most.mul_f64((random % 1000) as f64 / 1000.0));
+            }
             let (next, stored, revision, why) = {
                 let desired = self.lock();
                 let current = self.current.load_full();
