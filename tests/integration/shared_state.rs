@@ -17,30 +17,38 @@ struct Etcd {
     peer: SocketAddr,
     dir: PathBuf,
     child: Option<Child>,
+    /// With TLS: the CA, and the client certificate and key etcdctl shows.
+    tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    /// `user:password` once auth is enabled.
+    user: Option<String>,
 }
 
 impl Etcd {
     fn start() -> Etcd {
+        Etcd::start_with(None)
+    }
+
+    fn start_with(tls: Option<(PathBuf, PathBuf, PathBuf)>) -> Etcd {
         let port = |_| SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut etcd = Etcd {
             client: port(0),
             peer: port(1),
             dir: temp_path("etcd"),
             child: None,
+            tls,
+            user: None,
         };
         etcd.spawn();
         etcd
     }
 
     fn endpoint(&self) -> String {
-        format!("http://{}", self.client)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.client)
     }
 
     fn spawn(&mut self) {
-        let (client, peer) = (
-            format!("http://{}", self.client),
-            format!("http://{}", self.peer),
-        );
+        let (client, peer) = (self.endpoint(), format!("http://{}", self.peer));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -63,6 +71,7 @@ impl Etcd {
                 &peer,
             ])
             .args(["--initial-cluster", &format!("default={peer}")])
+            .args(self.server_tls())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -71,6 +80,19 @@ impl Etcd {
         wait_until("etcd answers", Duration::from_secs(20), || {
             self.ctl(&["endpoint", "health"]).is_ok()
         });
+    }
+
+    fn server_tls(&self) -> Vec<String> {
+        let certs = test_certs();
+        match &self.tls {
+            None => Vec::new(),
+            Some(_) => vec![
+                format!("--cert-file={}", certs.cert.display()),
+                format!("--key-file={}", certs.key.display()),
+                format!("--trusted-ca-file={}", certs.ca.display()),
+                "--client-cert-auth".into(),
+            ],
+        }
     }
 
     fn kill(&mut self) {
@@ -82,12 +104,26 @@ impl Etcd {
 
     /// `etcdctl` against this member: its output, or what it printed when it failed.
     fn ctl(&self, args: &[&str]) -> Result<String, String> {
-        let out = Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .args(["--endpoints", &self.endpoint(), "--command-timeout", "2s"])
-            .args(args)
-            .output()
-            .map_err(|e| e.to_string())?;
+        let mut command = Command::new("etcdctl");
+        command.env("ETCDCTL_API", "3").args([
+            "--endpoints",
+            &self.endpoint(),
+            "--command-timeout",
+            "2s",
+        ]);
+        if let Some((ca, cert, key)) = &self.tls {
+            command
+                .arg("--cacert")
+                .arg(ca)
+                .arg("--cert")
+                .arg(cert)
+                .arg("--key")
+                .arg(key);
+        }
+        if let Some(user) = &self.user {
+            command.args(["--user", user]);
+        }
+        let out = command.args(args).output().map_err(|e| e.to_string())?;
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
@@ -453,4 +489,227 @@ fn an_instance_on_an_older_config_keeps_what_only_the_newer_config_has() {
     );
     let api = json(&new.api("GET", "/api/v1/routes/api", None));
     assert_eq!(api["split"], serde_json::json!({"blue": 1, "green": 1}));
+}
+
+/// A client certificate for etcd's `--client-cert-auth`, signed by the tests' CA.
+fn client_cert() -> (PathBuf, PathBuf, PathBuf) {
+    let certs = test_certs();
+    let dir = certs.ca.parent().expect("certs dir").to_path_buf();
+    let (key, csr, cert) = (
+        dir.join("etcd-client.key"),
+        dir.join("etcd-client.csr"),
+        dir.join("etcd-client.pem"),
+    );
+    if !cert.exists() {
+        let ext = dir.join("etcd-client.ext");
+        std::fs::write(
+            &ext,
+            "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+        )
+        .expect("ext");
+        let run = |args: &[&std::ffi::OsStr]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .output()
+                .expect("openssl");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let os = std::ffi::OsStr::new;
+        run(&[
+            os("req"),
+            os("-newkey"),
+            os("ec"),
+            os("-pkeyopt"),
+            os("ec_paramgen_curve:prime256v1"),
+            os("-nodes"),
+            os("-keyout"),
+            key.as_os_str(),
+            os("-out"),
+            csr.as_os_str(),
+            os("-subj"),
+            os("/CN=switchyard"),
+        ]);
+        let ca_key = dir.join("ca.key");
+        run(&[
+            os("x509"),
+            os("-req"),
+            os("-in"),
+            csr.as_os_str(),
+            os("-CA"),
+            certs.ca.as_os_str(),
+            os("-CAkey"),
+            ca_key.as_os_str(),
+            os("-CAcreateserial"),
+            os("-out"),
+            cert.as_os_str(),
+            os("-days"),
+            os("3"),
+            os("-extfile"),
+            ext.as_os_str(),
+        ]);
+    }
+    (certs.ca.clone(), cert, key)
+}
+
+#[test]
+fn over_tls_with_a_client_certificate_a_password_and_a_dead_endpoint_it_works() {
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let (ca, cert, key) = client_cert();
+    let mut etcd = Etcd::start_with(Some((ca.clone(), cert.clone(), key.clone())));
+    etcd.ctl(&["user", "add", "root:s3cret"]).expect("user add");
+    etcd.ctl(&["auth", "enable"]).expect("auth enable");
+    etcd.user = Some("root:s3cret".into());
+    let password = temp_path("etcd-password");
+    std::fs::write(&password, "s3cret\n").expect("password file");
+    // The first member named is down: the client goes on to the next.
+    let dead = format!("https://127.0.0.1:{}", free_port());
+    let yaml = |name: &str, password: &std::path::Path| {
+        let store = format!(
+            "state_file: {{dir}}/state.json\nstate_store:\n  etcd:\n    endpoints: [\"{dead}\", \"{}\"]\n    prefix: /sy/tls\n    name: {name}\n    username: root\n    password_file: {}\n    tls:\n      ca_file: {}\n      cert_file: {}\n      key_file: {}\n",
+            etcd.endpoint(),
+            password.display(),
+            ca.display(),
+            cert.display(),
+            key.display()
+        );
+        blue_green(blue.addr, green.addr, (1, 0), "", &store)
+    };
+    let a = Switchyard::start(&yaml("lb-a", &password));
+    let b = Switchyard::start(&yaml("lb-b", &password));
+    let r = set_split(&a, 25, 75);
+    assert_eq!(r.status, 200, "{}", r.text());
+    wait_until("b has the split", Duration::from_secs(1), || {
+        split(&b) == serde_json::json!({"blue": 25, "green": 75})
+    });
+    let status = store_status(&b);
+    assert_eq!(status["instance"], "lb-b", "{status:#}");
+    assert_eq!(status["kind"], "etcd", "{status:#}");
+    let stored = etcd
+        .state("/sy/tls")
+        .expect("state readable with the password");
+    assert_eq!(stored["splits"]["web"]["split"]["green"], 75);
+    // A wrong password: the instance serves, and changes are refused naming the store.
+    let wrong = temp_path("etcd-password");
+    std::fs::write(&wrong, "wrong\n").expect("password file");
+    let c = Switchyard::start(&yaml("lb-c", &wrong));
+    let refused = set_split(&c, 50, 50);
+    assert!(
+        matches!(refused.status, 500 | 503),
+        "{} {}",
+        refused.status,
+        refused.text()
+    );
+    assert!(refused.text().contains("/sy/tls"), "{}", refused.text());
+    assert_eq!(get(c.addr, "/").status, 200);
+}
+
+#[test]
+fn the_driver_judges_windows_on_every_instances_traffic() {
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let etcd = Etcd::start();
+    let all: Vec<Switchyard> = (0..2)
+        .map(|_| instance(&blue, &green, &etcd, "/sy/h"))
+        .collect();
+    wait_until("a driver and both reports", Duration::from_secs(10), || {
+        all.iter().any(|sy| store_status(sy)["driver"] == true)
+            && store_status(&all[0])["instances"]
+                .as_array()
+                .map_or(0, Vec::len)
+                == 2
+    });
+    let driver = all
+        .iter()
+        .position(|sy| store_status(sy)["driver"] == true)
+        .expect("driver");
+    let other = &all[1 - driver];
+    // Only the instance that does not drive gets traffic: the driver's own counters stay at
+    // zero, and its windows still see the requests.
+    let load = Load::start(other.addr, 4);
+    let r = all[driver].api(
+        "POST",
+        "/api/v1/routes/web/rollout",
+        Some(r#"{"to": "green", "steps": [50], "step_interval": "1h", "analysis": {"interval": "500ms", "min_requests": 5}}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let rollout = |sy: &Switchyard| json(&sy.api("GET", "/api/v1/routes/web/rollout", None));
+    wait_until("a window with requests", Duration::from_secs(10), || {
+        rollout(&all[driver])["windows"]
+            .as_array()
+            .is_some_and(|w| w.iter().any(|w| w["requests"].as_u64() > Some(0)))
+    });
+    green.set_failing_percent(100);
+    wait_until(
+        "rolled back on the other's errors",
+        Duration::from_secs(10),
+        || rollout(&all[driver])["state"] == "rolled_back",
+    );
+    wait_until(
+        "the other instance rolled back too",
+        Duration::from_secs(1),
+        || {
+            split(other) == serde_json::json!({"blue": 10000, "green": 0})
+                || rollout(other)["state"] == "rolled_back"
+        },
+    );
+    drop(load.stop());
+}
+
+#[test]
+fn a_backend_is_removed_only_once_every_instance_has_drained_it() {
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let etcd = Etcd::start();
+    let a = instance(&blue, &green, &etcd, "/sy/i");
+    let b = instance(&blue, &green, &etcd, "/sy/i");
+    assert_eq!(set_split(&a, 1, 1).status, 200);
+    green.set_delay(Duration::from_secs(3));
+    // A slow request to green through b, while the operator drains green through a.
+    let slow = std::thread::spawn({
+        let addr = b.addr;
+        move || {
+            for _ in 0..20 {
+                if get(addr, "/").text() == "green" {
+                    return;
+                }
+            }
+            panic!("no request reached green");
+        }
+    });
+    let green_backend = format!("/api/v1/upstreams/green/backends/{}", green.addr);
+    let held_by_b = |sy: &Switchyard| {
+        store_status(sy)["instances"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|i| i["in_flight"]["green"][green.addr.to_string()].as_u64() > Some(0))
+    };
+    wait_until(
+        "a sees b's request in flight",
+        Duration::from_secs(5),
+        || held_by_b(&a),
+    );
+    let drained = a.api("PATCH", &green_backend, Some(r#"{"state": "draining"}"#));
+    assert_eq!(drained.status, 200, "{}", drained.text());
+    let refused = a.api("DELETE", &green_backend, None);
+    assert_eq!(refused.status, 409, "{}", refused.text());
+    assert!(refused.text().contains("in flight"), "{}", refused.text());
+    slow.join().expect("slow request");
+    wait_until(
+        "b's request done, as a sees it",
+        Duration::from_secs(5),
+        || !held_by_b(&a),
+    );
+    let removed = a.api("DELETE", &green_backend, None);
+    assert_eq!(removed.status, 200, "{}", removed.text());
+    wait_until("removed on b too", Duration::from_secs(1), || {
+        json(&b.api("GET", "/api/v1/upstreams/green", None))["backends"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    });
 }

@@ -43,6 +43,10 @@ pub struct InstanceStatus {
     pub name: String,
     pub revision: Revision,
     pub driver: bool,
+    /// Its requests in flight, upstream -> backend -> count (backends with any): what a
+    /// `DELETE` of a backend waits for on every instance.
+    pub in_flight:
+        std::collections::BTreeMap<String, std::collections::BTreeMap<std::net::SocketAddr, usize>>,
 }
 
 impl Pool {
@@ -404,6 +408,7 @@ impl Pool {
                     name: p.name.clone(),
                     revision: p.revision,
                     driver: p.driver,
+                    in_flight: p.in_flight.clone(),
                 })
                 .collect()
         } else {
