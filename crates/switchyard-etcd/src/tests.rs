@@ -49,8 +49,12 @@ struct TlsFiles {
 /// One etcd member on free ports, killed (by its PID) when dropped.
 struct Etcd {
     dir: PathBuf,
+    /// The member's name in `--initial-cluster`.
+    member: String,
     client_port: u16,
     peer_port: u16,
+    /// `--initial-cluster`: this member alone, or every member of a cluster.
+    initial_cluster: String,
     tls: Option<TlsFiles>,
     child: Option<Child>,
 }
@@ -61,15 +65,42 @@ impl Etcd {
     }
 
     async fn start_with(name: &str, tls: Option<TlsFiles>) -> Etcd {
-        let mut etcd = Etcd {
-            dir: temp_dir(name),
-            client_port: free_port(),
-            peer_port: free_port(),
-            tls,
-            child: None,
-        };
+        let mut etcd = Etcd::new(name, "default", tls);
+        etcd.initial_cluster = format!("default=http://127.0.0.1:{}", etcd.peer_port);
         etcd.run().await;
         etcd
+    }
+
+    fn new(name: &str, member: &str, tls: Option<TlsFiles>) -> Etcd {
+        Etcd {
+            dir: temp_dir(&format!("{name}-{member}")),
+            member: member.into(),
+            client_port: free_port(),
+            peer_port: free_port(),
+            initial_cluster: String::new(),
+            tls,
+            child: None,
+        }
+    }
+
+    /// A cluster of `n` members, every one answering.
+    async fn cluster(name: &str, n: usize) -> Vec<Etcd> {
+        let mut members: Vec<Etcd> = (0..n)
+            .map(|i| Etcd::new(name, &format!("m{i}"), None))
+            .collect();
+        let initial = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.member, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        for member in &mut members {
+            member.initial_cluster = initial.clone();
+            member.spawn();
+        }
+        for member in &members {
+            member.ready().await;
+        }
+        members
     }
 
     fn scheme(&self) -> &'static str {
@@ -86,6 +117,11 @@ impl Etcd {
 
     /// Starts the member (again: same data directory, same ports) and waits until it answers.
     async fn run(&mut self) {
+        self.spawn();
+        self.ready().await;
+    }
+
+    fn spawn(&mut self) {
         assert!(self.child.is_none(), "already running");
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::OpenOptions::new()
@@ -101,7 +137,8 @@ impl Etcd {
             .args(["--advertise-client-urls", &self.url()])
             .args(["--listen-peer-urls", &peer])
             .args(["--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("default={peer}")])
+            .args(["--name", &self.member])
+            .args(["--initial-cluster", &self.initial_cluster])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
             .stderr(log);
@@ -116,6 +153,9 @@ impl Etcd {
                 .arg("--client-cert-auth");
         }
         self.child = Some(command.spawn().expect("etcd starts"));
+    }
+
+    async fn ready(&self) {
         if self.tls.is_some() {
             // The raw test client has no TLS: wait for the port instead.
             let deadline = Instant::now() + Duration::from_secs(30);
@@ -233,6 +273,25 @@ async fn wait_driver(driver: &mut watch::Receiver<bool>, want: bool, limit: Dura
     )
     .await
     .expect("the store lives");
+}
+
+/// Waits until one of `a` and `b` is the driver: `true` for `a`.
+async fn one_driver(a: &mut watch::Receiver<bool>, b: &mut watch::Receiver<bool>) -> bool {
+    within(LEASE_TTL + Duration::from_secs(2), "a driver", async {
+        loop {
+            if *a.borrow_and_update() {
+                return true;
+            }
+            if *b.borrow_and_update() {
+                return false;
+            }
+            tokio::select! {
+                _ = a.changed() => {}
+                _ = b.changed() => {}
+            }
+        }
+    })
+    .await
 }
 
 fn is_state(n: u32) -> impl Fn(&StoreUpdate) -> bool {
@@ -545,18 +604,7 @@ async fn one_driver_at_a_time_and_the_other_takes_over_when_it_resigns_or_dies()
     let mut a_driver = a.driver();
     let mut b_driver = b.driver();
     let limit = LEASE_TTL + Duration::from_secs(2);
-    within(limit, "a driver", async {
-        loop {
-            if *a_driver.borrow() || *b_driver.borrow() {
-                return;
-            }
-            tokio::select! {
-                _ = a_driver.changed() => {}
-                _ = b_driver.changed() => {}
-            }
-        }
-    })
-    .await;
+    one_driver(&mut a_driver, &mut b_driver).await;
     // Exactly one, and it stays so.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_ne!(*a_driver.borrow(), *b_driver.borrow());
@@ -624,19 +672,7 @@ async fn a_deposed_drivers_write_is_refused_as_not_driver() {
         .await
         .unwrap();
     // Someone becomes the driver again (either: both campaign).
-    within(LEASE_TTL + Duration::from_secs(2), "a new driver", async {
-        let mut b_driver = b.driver();
-        loop {
-            if *a_driver.borrow() || *b_driver.borrow() {
-                return;
-            }
-            tokio::select! {
-                _ = a_driver.changed() => {}
-                _ = b_driver.changed() => {}
-            }
-        }
-    })
-    .await;
+    one_driver(&mut a_driver, &mut b.driver()).await;
 }
 
 #[tokio::test]
@@ -1074,4 +1110,133 @@ async fn a_dead_member_among_the_endpoints_does_not_fail_requests() {
         }
     }
     assert!(failures.is_empty(), "{failures:#?}");
+}
+
+#[tokio::test]
+async fn an_idle_watch_stays_up() {
+    let etcd = Etcd::start("idle").await;
+    let store = etcd.store("a");
+    let mut updates = store.watch(0);
+    next_update(&mut updates, Duration::from_secs(5), |u| {
+        *u == StoreUpdate::Up
+    })
+    .await;
+    // Five request timeouts without a change: the progress answers keep it alive.
+    tokio::time::sleep(REQUEST_TIMEOUT * 5).await;
+    assert_eq!(
+        updates.try_recv(),
+        Err(tokio::sync::mpsc::error::TryRecvError::Empty)
+    );
+}
+
+#[tokio::test]
+async fn a_wiped_store_is_listed_again_and_found_empty() {
+    let mut etcd = Etcd::start("wiped").await;
+    let a = etcd.store("a");
+    let mut revision = 0;
+    for n in 1..=5 {
+        revision = a
+            .compare_and_swap(&state(n), revision, false, "n")
+            .await
+            .unwrap();
+    }
+    let mut updates = a.watch(revision);
+    next_update(&mut updates, Duration::from_secs(5), |u| {
+        *u == StoreUpdate::Up
+    })
+    .await;
+
+    // A new cluster where the old one was: another cluster ID, revisions from 1 again.
+    etcd.stop();
+    std::fs::remove_dir_all(etcd.dir.join("data")).unwrap();
+    etcd.run().await;
+    let update = next_update(&mut updates, Duration::from_secs(10), |u| {
+        matches!(u, StoreUpdate::Empty { .. } | StoreUpdate::State(_))
+    })
+    .await;
+    assert!(
+        matches!(update, StoreUpdate::Empty { revision: r } if r < revision),
+        "{update:?}"
+    );
+    // The follower writes back what it has; it is delivered although its revision is lower.
+    let written = within(Duration::from_secs(5), "the write-back", async {
+        loop {
+            match a.compare_and_swap(&state(5), 0, false, "write back").await {
+                Ok(r) => return r,
+                Err(StoreError::Unavailable { .. }) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await;
+    assert!(written < revision);
+    let update = next_update(&mut updates, Duration::from_secs(1), |u| {
+        matches!(u, StoreUpdate::State(_))
+    })
+    .await;
+    assert!(matches!(update, StoreUpdate::State(s) if s.revision == written));
+}
+
+#[tokio::test]
+async fn a_member_down_hands_over_to_another_member() {
+    let mut members = Etcd::cluster("cluster", 3).await;
+    let mut config = members[0].config();
+    config.endpoints = members.iter().map(|m| m.url()).collect();
+    let a = EtcdStore::start(&config, "a".into()).unwrap();
+    let b = EtcdStore::start(&config, "b".into()).unwrap();
+    let mut revision = a.compare_and_swap(&state(0), 0, false, "0").await.unwrap();
+    let mut updates = b.watch(revision);
+    next_update(&mut updates, Duration::from_secs(5), |u| {
+        *u == StoreUpdate::Up
+    })
+    .await;
+    let (mut a_driver, mut b_driver) = (a.driver(), b.driver());
+    let (driver, other, mut driver_flag, mut other_flag) =
+        if one_driver(&mut a_driver, &mut b_driver).await {
+            (a, b, a_driver, b_driver)
+        } else {
+            (b, a, b_driver, a_driver)
+        };
+
+    // The member both stores talk to goes (the first endpoint; it may be the leader).
+    members[0].stop();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut n = 1;
+    // Once the cluster has settled (a new leader if needed), writes go without a failure.
+    let mut in_a_row = 0;
+    while in_a_row < 20 {
+        match other
+            .compare_and_swap(&state(n), revision, false, "n")
+            .await
+        {
+            Ok(next) => {
+                revision = next;
+                n += 1;
+                in_a_row += 1;
+            }
+            Err(StoreError::Unavailable { reason, .. }) => {
+                assert!(Instant::now() < deadline, "still failing: {reason}");
+                in_a_row = 0;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    // The watch follows on another member, and delivers the last write.
+    next_update(
+        &mut updates,
+        Duration::from_secs(5),
+        |u| matches!(u, StoreUpdate::State(s) if s.revision == revision),
+    )
+    .await;
+    // The driver's lease is kept alive through another member: it stays the driver.
+    assert!(*driver_flag.borrow_and_update());
+    assert!(!*other_flag.borrow());
+    tokio::time::sleep(LEASE_TTL).await;
+    assert!(*driver_flag.borrow());
+    // And when it resigns, the other takes over through the members left.
+    driver.resign().await;
+    wait_driver(&mut other_flag, true, LEASE_TTL + Duration::from_secs(2)).await;
+    assert!(other.report(&InstanceReport::default()).await.is_ok());
 }
