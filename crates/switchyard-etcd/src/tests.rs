@@ -1240,3 +1240,38 @@ async fn a_member_down_hands_over_to_another_member() {
     wait_driver(&mut other_flag, true, LEASE_TTL + Duration::from_secs(2)).await;
     assert!(other.report(&InstanceReport::default()).await.is_ok());
 }
+
+#[tokio::test]
+async fn a_follower_slow_to_take_updates_is_no_silence() {
+    let etcd = Etcd::start("slow").await;
+    let store = etcd.store("a");
+    let mut updates = store.watch(0);
+    next_update(&mut updates, Duration::from_secs(5), |u| {
+        *u == StoreUpdate::Up
+    })
+    .await;
+    // More updates than the stream holds, then nobody reads for a while.
+    let mut revision = 0;
+    for n in 0..100 {
+        revision = store
+            .compare_and_swap(&state(n), revision, false, "n")
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(REQUEST_TIMEOUT * 5).await;
+    let mut last = 0;
+    while last != revision {
+        match within(Duration::from_secs(1), "an update", updates.recv()).await {
+            Some(StoreUpdate::State(s)) => {
+                assert!(s.revision > last);
+                last = s.revision;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    tokio::time::sleep(REQUEST_TIMEOUT * 2).await;
+    assert_eq!(
+        updates.try_recv(),
+        Err(tokio::sync::mpsc::error::TryRecvError::Empty)
+    );
+}
