@@ -137,6 +137,12 @@ pub(crate) async fn run(inner: Arc<Inner>) {
             "{}: lease {lease:x} lost; no longer the rollout driver until a new lease is granted",
             inner.store
         );
+        // It may still live in etcd (answers that came too late): give it up, so that the
+        // driver's key goes now rather than when etcd runs it out.
+        let _ = inner
+            .conn
+            .run(|mut client| async move { client.lease_revoke(lease).await })
+            .await;
         backoff.wait().await;
     }
 }
@@ -167,6 +173,16 @@ async fn hold(inner: &Arc<Inner>, lease: i64, mut expires: Instant) {
                 return;
             }
             _ = keep_alive.tick() => {
+                let stuck = unanswered
+                    .front()
+                    .is_some_and(|sent| sent.elapsed() > inner.request_timeout());
+                if stuck {
+                    // A stream that stopped answering: open another (on the next member).
+                    debug!("{}: lease {lease:x}: keep-alive unanswered", inner.store);
+                    keeper = None;
+                    unanswered.clear();
+                    inner.conn.failed(member).await;
+                }
                 match &mut keeper {
                     Some((sender, _)) => {
                         unanswered.push_back(Instant::now());

@@ -8,7 +8,7 @@
 //! | `{prefix}/state` | the whole [`RuntimeState`] as JSON; its `mod_revision` is the [`Revision`] |
 //! | `{prefix}/driver` | the rollout driver's instance name, under its lease |
 //! | `{prefix}/instances/{name}` | each instance's [`InstanceReport`] as JSON, under its lease |
-//! | `{prefix}/audit/{revision:020}` | one entry per state written, in the same transaction |
+//! | `{prefix}/audit/{r0:020}` | one entry per state written, in the same transaction |
 //!
 //! An audit entry is `{"instance": name, "replaces": r0, "why": why, "at": RFC 3339}`, named
 //! by `r0`, the revision of the state the write replaced (`0`: none). A transaction cannot
@@ -16,8 +16,9 @@
 //! `mod_revision` (`etcdctl get --prefix {prefix}/audit/ -w json`): the entry and the state
 //! are one write. The same transaction deletes the entries that replaced a state more than
 //! 1000 revisions older than the one it replaces (a range delete: keys below
-//! `{prefix}/audit/{r0 - 1000:020}`). The store's revision counts every write under it,
-//! reports included, so 1000 revisions are minutes to hours of history, not 1000 changes.
+//! `{prefix}/audit/{r0 - 1000:020}`). etcd's revision counts every write to the cluster,
+//! the reports' included, so 1000 revisions are minutes to hours of history, not 1000
+//! changes.
 //!
 //! The client lives on a runtime of its own: a thread named `etcd` running a current-thread
 //! tokio runtime, where every request and every background task (the watches, the lease and
@@ -25,7 +26,8 @@
 //! each have one); they hand their request over and wait for its answer. Nothing here blocks
 //! on the network at start: etcd may be down, and the client connects (and reconnects, with
 //! a jittered backoff from 100 ms to 5 s) in the background. Every request is bounded by
-//! `request_timeout`.
+//! `request_timeout`, and goes to one member at a time: a member that does not answer (or
+//! has no leader) hands over to the next endpoint.
 
 mod conn;
 mod lease;

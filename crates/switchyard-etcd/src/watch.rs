@@ -222,9 +222,13 @@ impl Follower {
         loop {
             tokio::select! {
                 answer = answers.message() => {
-                    last = Instant::now();
                     match answer {
-                        Ok(Some(answer)) => self.answer(answer, backoff).await?,
+                        Ok(Some(answer)) => {
+                            self.answer(answer, backoff).await?;
+                            // From when it was handled: a follower slow to take an update
+                            // is no silence of etcd's.
+                            last = Instant::now();
+                        }
                         Ok(None) => return Err(End::Failed("the watch stream ended".into())),
                         Err(e) => return Err(End::Failed(format!("watch: {}", classify(e)))),
                     }
