@@ -144,6 +144,12 @@ pub(crate) fn state_store(
         );
     }
     if let Some(t) = &tls {
+        if t.ca_file.is_none() {
+            problem(
+                ".etcd.tls.ca_file",
+                "needed: the CA that signed etcd's certificates (no system CAs are trusted for etcd)".into(),
+            );
+        }
         if t.cert_file.is_some() != t.key_file.is_some() {
             problem(
                 ".etcd.tls.key_file",

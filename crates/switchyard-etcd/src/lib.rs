@@ -14,11 +14,9 @@
 //! by `r0`, the revision of the state the write replaced (`0`: none). A transaction cannot
 //! know the revision it will be given, so that of the new state is the entry's own
 //! `mod_revision` (`etcdctl get --prefix {prefix}/audit/ -w json`): the entry and the state
-//! are one write. The same transaction deletes the entries that replaced a state more than
-//! 1000 revisions older than the one it replaces (a range delete: keys below
-//! `{prefix}/audit/{r0 - 1000:020}`). etcd's revision counts every write to the cluster,
-//! the reports' included, so 1000 revisions are minutes to hours of history, not 1000
-//! changes.
+//! are one write. The last 1000 entries are kept: every 50th write of an instance counts them
+//! and deletes the oldest beyond that (keys sort by the zero-padded revision). Counted in
+//! entries, not in etcd revisions, which every write to the cluster (the reports too) takes.
 //!
 //! The client lives on a runtime of its own: a thread named `etcd` running a current-thread
 //! tokio runtime, where every request and every background task (the watches, the lease and
@@ -55,8 +53,10 @@ use tokio::sync::{mpsc, oneshot, watch as tokio_watch, Notify};
 use crate::conn::{Conn, Failure, Settings};
 use crate::lease::LeaseState;
 
-/// Audit entries older than this many revisions before a write go with it.
-const AUDIT_KEEP: u64 = 1000;
+/// Audit entries kept: the last this many changes.
+const AUDIT_KEEP: i64 = 1000;
+/// Every this many successful writes of this instance, the audit entries are counted.
+const AUDIT_TRIM_EVERY: u64 = 50;
 
 /// The keys of one store, all under its prefix.
 pub(crate) struct Keys {
@@ -99,6 +99,8 @@ pub(crate) struct Inner {
     pub(crate) driver: tokio_watch::Sender<bool>,
     /// Wakes the lease task: something found the driver key or the lease not as it thought.
     pub(crate) poke: Notify,
+    /// Successful state writes of this instance, for the audit's trimming.
+    pub(crate) writes: std::sync::atomic::AtomicU64,
 }
 
 impl Inner {
@@ -177,6 +179,7 @@ impl EtcdStore {
             lease: tokio_watch::Sender::new(LeaseState::default()),
             driver: tokio_watch::Sender::new(false),
             poke: Notify::new(),
+            writes: std::sync::atomic::AtomicU64::new(0),
         });
         runtime.spawn(lease::run(inner.clone()));
         Ok(EtcdStore {
@@ -264,16 +267,10 @@ async fn compare_and_swap(
             lease,
         ));
     }
-    let mut writes = vec![
+    let writes = vec![
         TxnOp::put(keys.state.as_str(), value, None),
         TxnOp::put(keys.audit_entry(expected), audit, None),
     ];
-    if expected > AUDIT_KEEP {
-        writes.push(TxnOp::delete(
-            keys.audit.as_str(),
-            Some(DeleteOptions::new().with_range(keys.audit_entry(expected - AUDIT_KEEP))),
-        ));
-    }
     let txn = Txn::new().when(compares).and_then(writes).or_else(vec![
         TxnOp::get(keys.state.as_str(), None),
         TxnOp::get(keys.driver.as_str(), None),
@@ -288,6 +285,12 @@ async fn compare_and_swap(
         .map_err(|f| inner.error(f))?;
     if response.succeeded() {
         let revision = response.header().map_or(0, |h| h.revision()).max(0) as Revision;
+        let writes = inner
+            .writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if writes.is_multiple_of(AUDIT_TRIM_EVERY) {
+            tokio::spawn(trim_audit(inner.clone(), AUDIT_KEEP));
+        }
         return Ok(revision);
     }
     let responses = response.op_responses();
@@ -312,6 +315,66 @@ async fn compare_and_swap(
     Err(StoreError::NotDriver {
         store: inner.store.clone(),
     })
+}
+
+/// Deletes the oldest audit entries beyond the last `keep`. Best effort: a failure leaves
+/// them for the next count.
+async fn trim_audit(inner: Arc<Inner>, keep: i64) {
+    let prefix = inner.keys.audit.clone();
+    let counted = inner
+        .conn
+        .run(|mut client| {
+            let prefix = prefix.clone();
+            async move {
+                let options = GetOptions::new().with_prefix().with_count_only();
+                client.get(prefix, Some(options)).await
+            }
+        })
+        .await;
+    let excess = match counted {
+        Ok(counted) => counted.count() - keep,
+        Err(e) => return debug!("{}: counting the audit entries: {e}", inner.store),
+    };
+    if excess <= 0 {
+        return;
+    }
+    let oldest = inner
+        .conn
+        .run(|mut client| {
+            let prefix = prefix.clone();
+            async move {
+                let options = GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only()
+                    .with_sort(etcd_client::SortTarget::Key, etcd_client::SortOrder::Ascend)
+                    .with_limit(excess);
+                client.get(prefix, Some(options)).await
+            }
+        })
+        .await;
+    let Some(last) = oldest
+        .ok()
+        .and_then(|r| r.kvs().last().map(|kv| kv.key().to_vec()))
+    else {
+        return;
+    };
+    // Every key from the prefix up to and with the last of the oldest.
+    let mut end = last;
+    end.push(0);
+    let deleted = inner
+        .conn
+        .run(|mut client| {
+            let (prefix, end) = (prefix.clone(), end.clone());
+            async move {
+                client
+                    .delete(prefix, Some(DeleteOptions::new().with_range(end)))
+                    .await
+            }
+        })
+        .await;
+    if let Err(e) = deleted {
+        debug!("{}: deleting old audit entries: {e}", inner.store);
+    }
 }
 
 async fn load(inner: Arc<Inner>) -> Result<Option<Stored>, StoreError> {

@@ -248,7 +248,9 @@ impl Follower {
 
     /// Delivers what one answer of the watch says.
     async fn answer(&mut self, answer: WatchResponse, backoff: &mut Backoff) -> Result<(), End> {
-        if let Some(header) = answer.header() {
+        // A header of zeros (the answer that cancels a watch of a compacted revision has one)
+        // says nothing about the store.
+        if let Some(header) = answer.header().filter(|h| h.revision() > 0) {
             if self.cluster.is_some_and(|c| c != header.cluster_id()) {
                 let reason = format!(
                     "the cluster's ID changed ({:x} -> {:x})",
