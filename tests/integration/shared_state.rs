@@ -343,8 +343,14 @@ fn etcd_down_keeps_serving_refuses_changes_with_503_and_everyone_catches_up() {
         split(&a) == serde_json::json!({"blue": 20, "green": 80})
     });
     load_a.run_for(100, Duration::from_secs(10));
-    assert_no_failures("a", &load_a.stop());
-    assert_no_failures("b", &load_b.stop());
+    let (a_report, b_report) = (load_a.stop(), load_b.stop());
+    println!(
+        "etcd killed and restarted under load: {} requests through a, {} through b",
+        a_report.total(),
+        b_report.total()
+    );
+    assert_no_failures("a", &a_report);
+    assert_no_failures("b", &b_report);
 }
 
 #[test]
@@ -418,7 +424,12 @@ fn the_rollout_driver_killed_mid_rollout_is_replaced_and_goes_on_at_the_same_ste
         (1.into(), "progressing".into()),
         "{now:#}"
     );
-    assert_no_failures("survivor", &load.stop());
+    let report = load.stop();
+    println!(
+        "rollout driver killed: {} requests through the survivor",
+        report.total()
+    );
+    assert_no_failures("survivor", &report);
     drop(all.remove(driver));
 }
 
