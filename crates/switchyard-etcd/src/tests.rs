@@ -290,6 +290,18 @@ async fn next_update(
     }
 }
 
+/// The next state the watch delivers, within a second, is the one written at `revision`.
+async fn state_arrives(updates: &mut mpsc::Receiver<StoreUpdate>, revision: u64) {
+    let update = next_update(updates, Duration::from_secs(1), |u| {
+        matches!(u, StoreUpdate::State(_))
+    })
+    .await;
+    assert!(
+        matches!(&update, StoreUpdate::State(s) if s.revision == revision),
+        "{update:?}"
+    );
+}
+
 async fn wait_driver(driver: &mut watch::Receiver<bool>, want: bool, limit: Duration) {
     within(
         limit,
@@ -740,11 +752,7 @@ async fn a_stopped_etcd_is_unavailable_at_once_and_the_watch_resumes_when_it_is_
         cas(&b, &state(2), revision, false, "2"),
     )
     .await;
-    let update = next_update(&mut updates, Duration::from_secs(1), |u| {
-        matches!(u, StoreUpdate::State(_))
-    })
-    .await;
-    assert!(matches!(update, StoreUpdate::State(s) if s.revision == next));
+    state_arrives(&mut updates, next).await;
 }
 
 #[tokio::test]
@@ -781,11 +789,7 @@ async fn a_silent_etcd_is_down_and_back_up_when_it_speaks_again() {
     })
     .await;
     let revision = cas(&a, &state(1), 0, false, "1").await;
-    let update = next_update(&mut updates, Duration::from_secs(1), |u| {
-        matches!(u, StoreUpdate::State(_))
-    })
-    .await;
-    assert!(matches!(update, StoreUpdate::State(s) if s.revision == revision));
+    state_arrives(&mut updates, revision).await;
 }
 
 #[tokio::test]
@@ -1141,11 +1145,7 @@ async fn a_wiped_store_is_listed_again_and_found_empty() {
     )
     .await;
     assert!(written < revision);
-    let update = next_update(&mut updates, Duration::from_secs(1), |u| {
-        matches!(u, StoreUpdate::State(_))
-    })
-    .await;
-    assert!(matches!(update, StoreUpdate::State(s) if s.revision == written));
+    state_arrives(&mut updates, written).await;
 }
 
 #[tokio::test]

@@ -153,21 +153,11 @@ impl Pool {
         )
     }
 
-    /// [`Pool::new`] on a store shared with other instances, where this one is `name`. It
-    /// starts from the state file (the local copy of the store's last state it applied) at
-    /// once, whether or not the store answers; [`Pool::follow_store`] catches up from there.
-    pub fn shared(
-        config: Config,
-        cas: UpstreamCas,
-        metrics: Arc<Metrics>,
-        handover: Option<&Path>,
-        store: SharedStore,
-        name: String,
-    ) -> Result<Pool, String> {
-        Pool::with_store(config, cas, metrics, handover, store, name)
-    }
-
-    fn with_store(
+    /// [`Pool::new`] on `store`, where this instance is `name` (empty on one node). With a
+    /// shared store it starts from the state file (the local copy of the store's last state
+    /// it applied) at once, whether or not the store answers; [`Pool::follow_store`] catches
+    /// up from there.
+    pub fn with_store(
         config: Config,
         cas: UpstreamCas,
         metrics: Arc<Metrics>,

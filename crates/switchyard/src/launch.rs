@@ -153,7 +153,9 @@ pub fn run(
     }
     let handed = upgrade.then_some(handover.as_path());
     let pool = Arc::new(match store {
-        Some((store, name)) => Pool::shared(config, upstream_cas, metrics, handed, store, name)?,
+        Some((store, name)) => {
+            Pool::with_store(config, upstream_cas, metrics, handed, store, name)?
+        }
         None => Pool::new(config, upstream_cas, metrics, handed)?,
     });
     if upgrade {
