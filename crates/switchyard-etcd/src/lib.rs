@@ -7,7 +7,7 @@
 //! |---|---|
 //! | `{prefix}/state` | the whole [`RuntimeState`] as JSON; its `mod_revision` is the [`Revision`] |
 //! | `{prefix}/driver` | the rollout driver's instance name, under its lease |
-//! | `{prefix}/instances/{name}` | each instance's [`InstanceReport`] as JSON, under its lease |
+//! | `{prefix}/instances/{name}@{pid}` | each process's [`InstanceReport`] as JSON, under its lease, written when it changed |
 //! | `{prefix}/audit/{r0:020}` | one entry per state written, in the same transaction |
 //!
 //! An audit entry is `{"instance": name, "replaces": r0, "why": why, "at": RFC 3339}`, named
@@ -101,6 +101,8 @@ pub(crate) struct Inner {
     pub(crate) poke: Notify,
     /// Successful state writes of this instance, for the audit's trimming.
     pub(crate) writes: std::sync::atomic::AtomicU64,
+    /// The report last written, under which lease.
+    pub(crate) last_report: std::sync::Mutex<Option<(i64, Vec<u8>)>>,
 }
 
 impl Inner {
@@ -180,6 +182,7 @@ impl EtcdStore {
             driver: tokio_watch::Sender::new(false),
             poke: Notify::new(),
             writes: std::sync::atomic::AtomicU64::new(0),
+            last_report: std::sync::Mutex::new(None),
         });
         runtime.spawn(lease::run(inner.clone()));
         Ok(EtcdStore {
@@ -404,12 +407,27 @@ async fn report(inner: Arc<Inner>, mine: Vec<u8>) -> Result<Vec<InstanceReport>,
             .wait_for(|l| l.lease.is_some() || l.resigned)
             .await
             .map_err(|_| Failure::Unavailable("the etcd client stopped".into()))?;
-        let key = format!("{}{}", inner.keys.instances, inner.name);
+        // One key per process: during a binary upgrade two processes share the name.
+        let key = format!(
+            "{}{}@{}",
+            inner.keys.instances,
+            inner.name,
+            std::process::id()
+        );
         let mut ops = Vec::new();
-        if let Some(lease) = state.lease {
+        // Written again only when it changed (or the lease did): the lease keeps it alive,
+        // and every write is a revision etcd keeps until it is compacted.
+        let unchanged = |last: &Option<(i64, Vec<u8>)>| {
+            last.as_ref()
+                .is_some_and(|(l, v)| Some(*l) == state.lease && *v == mine)
+        };
+        let put = state
+            .lease
+            .filter(|_| !unchanged(&inner.last_report.lock().unwrap_or_else(|p| p.into_inner())));
+        if let Some(lease) = put {
             ops.push(TxnOp::put(
                 key,
-                mine,
+                mine.clone(),
                 Some(PutOptions::new().with_lease(lease)),
             ));
         }
@@ -428,6 +446,10 @@ async fn report(inner: Arc<Inner>, mine: Vec<u8>) -> Result<Vec<InstanceReport>,
             .map(|(_, response)| response);
         if matches!(&result, Err(f) if lease::is_lease_gone(f)) {
             inner.poke.notify_one();
+        }
+        if let (Ok(_), Some(lease)) = (&result, put) {
+            *inner.last_report.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((lease, mine.clone()));
         }
         result
     };

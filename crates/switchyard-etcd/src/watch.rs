@@ -40,7 +40,9 @@ pub(crate) fn spawn(
         // The caller has seen `from`: a store behind it was wiped or restored.
         seen: from as i64,
         health: Health::Unknown,
-        relist: false,
+        // Listed first: a store behind the caller's revision (restored, replaced, wiped) is
+        // told at once, and a caller far behind gets the state, not its whole history.
+        relist: true,
         reset: None,
         member: None,
     }));
@@ -138,6 +140,12 @@ impl Follower {
         let (cluster, revision) = response
             .take_header()
             .map_or((None, 0), |h| (Some(h.cluster_id()), h.revision()));
+        if revision < self.seen && self.reset.is_none() {
+            self.reset = Some(format!(
+                "it is at revision {revision}, behind the {} this instance had",
+                self.seen
+            ));
+        }
         self.up().await?;
         self.cluster = cluster;
         self.seen = revision;

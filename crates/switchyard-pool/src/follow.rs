@@ -41,6 +41,7 @@ pub struct StoreStatus {
 #[derive(Debug, Clone, Serialize)]
 pub struct InstanceStatus {
     pub name: String,
+    pub pid: u32,
     pub revision: Revision,
     pub driver: bool,
     /// Its requests in flight, upstream -> backend -> count (backends with any): what a
@@ -263,11 +264,15 @@ impl Pool {
                     }
                     None => return,
                 },
-                _ = report.tick() => self.report().await,
-                _ = shutdown.changed() => {
-                    if *shutdown.borrow() {
+                _ = report.tick(), if !self.resigned.load(Ordering::Acquire) => {
+                    self.report().await
+                }
+                _ = shutdown.changed(), if !*shutdown.borrow() => {
+                    // Stopping: the lease goes (another instance drives at once), and the
+                    // states others write are still applied while open connections finish.
+                    if *shutdown.borrow() && !self.resigned.swap(true, Ordering::AcqRel) {
                         self.store.resign().await;
-                        return;
+                        self.store_metrics.driver.set(0);
                     }
                 }
             }
@@ -319,6 +324,21 @@ impl Pool {
         }
     }
 
+    /// Gives up the store's lease at once (at a hand-over): the next process drives from
+    /// now on. Once only; nothing on one node.
+    pub(crate) fn resign(&self) {
+        if !self.store.info().shared || self.resigned.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let store = Arc::clone(&self.store);
+        let _ = self.wait(async move {
+            store.resign().await;
+            Ok(())
+        });
+        self.store_metrics.driver.set(0);
+        info!("rollout driver's lease given up for the next process");
+    }
+
     /// Publishes this instance's report and takes everyone's.
     async fn report(&self) {
         let driver = *self.store.driver().borrow();
@@ -348,6 +368,7 @@ impl Pool {
         };
         let mut report = InstanceReport {
             name: self.name.clone(),
+            pid: std::process::id(),
             revision,
             driver,
             ..InstanceReport::default()
@@ -359,11 +380,13 @@ impl Pool {
                 pairs.insert(upstream, reading);
             }
         }
+        // Only where a removal waits for it: backends this instance no longer sends new
+        // requests to. (An instance still at an older revision is refused apart.)
         let snapshot = self.snapshot();
         for upstream in &snapshot.upstreams {
             for backend in &upstream.backends {
                 let n = backend.live.in_flight();
-                if n > 0 {
+                if n > 0 && backend.state != crate::BackendState::Active {
                     report
                         .in_flight
                         .entry(upstream.name.to_string())
@@ -379,15 +402,35 @@ impl Pool {
     /// last reported. What the rollout driver judges its windows on.
     pub fn cluster_reading(&self, route: &str, upstream: &str) -> ClusterReading {
         let mut reading = ClusterReading::default();
-        reading
-            .by_instance
-            .insert(self.name.clone(), self.pair_stats(route, upstream).read());
-        for peer in self.peers.load().iter().filter(|p| p.name != self.name) {
+        let me = std::process::id();
+        reading.by_instance.insert(
+            format!("{}@{me}", self.name),
+            self.pair_stats(route, upstream).read(),
+        );
+        for peer in self.peers.load().iter().filter(|p| !self.is_me(p)) {
             if let Some(r) = peer.pairs.get(route).and_then(|p| p.get(upstream)) {
-                reading.by_instance.insert(peer.name.clone(), r.clone());
+                reading
+                    .by_instance
+                    .insert(format!("{}@{}", peer.name, peer.pid), r.clone());
             }
         }
         reading
+    }
+
+    /// Whether `report` is this process's own.
+    pub(crate) fn is_me(&self, report: &InstanceReport) -> bool {
+        report.name == self.name && report.pid == std::process::id()
+    }
+
+    /// Instances that still run a revision before `revision`: a removal waits for them,
+    /// since their reports may predate the drain it relies on.
+    pub(crate) fn behind(&self, revision: Revision) -> Vec<String> {
+        self.peers
+            .load()
+            .iter()
+            .filter(|p| !self.is_me(p) && p.revision < revision)
+            .map(|p| format!("{} (pid {}, revision {})", p.name, p.pid, p.revision))
+            .collect()
     }
 
     /// Whether this instance drives rollouts now (always on one node).
@@ -406,6 +449,7 @@ impl Pool {
                 .iter()
                 .map(|p| InstanceStatus {
                     name: p.name.clone(),
+                    pid: p.pid,
                     revision: p.revision,
                     driver: p.driver,
                     in_flight: p.in_flight.clone(),

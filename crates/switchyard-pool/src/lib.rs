@@ -76,6 +76,8 @@ pub use upstream_tls::{load_upstream_tls, UpstreamCas};
 /// otherwise find each other's write every time.
 const CAS_ATTEMPTS: u32 = 10;
 const CAS_BACKOFF: Duration = Duration::from_millis(10);
+/// No new try after this long: the caller (an admin request) gets its `409` in time.
+const CAS_BUDGET: Duration = Duration::from_secs(5);
 
 /// The longest this process waits for a shared store's answer, beyond the store's own
 /// request timeout.
@@ -98,6 +100,8 @@ pub struct Pool {
     name: String,
     peers: ArcSwap<Vec<InstanceReport>>,
     store_up: AtomicBool,
+    /// The store's lease was given up (hand-over or stop): no more reports.
+    resigned: AtomicBool,
     store_metrics: shared::StoreMetrics,
     metrics: Arc<Metrics>,
     local_errors: LocalErrors,
@@ -252,6 +256,7 @@ impl Pool {
             name,
             peers: ArcSwap::from_pointee(Vec::new()),
             store_up: AtomicBool::new(!is_shared),
+            resigned: AtomicBool::new(false),
             store_metrics: shared::StoreMetrics::new(&metrics),
             local_errors: LocalErrors::new(&metrics),
             metrics,
@@ -261,6 +266,7 @@ impl Pool {
             handed_over: AtomicBool::new(false),
         };
         pool.store_metrics.up.set(i64::from(!is_shared));
+        pool.store_metrics.driver.set(i64::from(!is_shared));
         pool.store_metrics.revision.set(revision as i64);
         if let Some(handover) = handover {
             pool.take_over_keys(handover);
@@ -330,7 +336,11 @@ impl Pool {
             ));
         }
         let as_driver = source == Source::Rollout && self.store.info().shared;
+        let started = std::time::Instant::now();
         for attempt in 0..CAS_ATTEMPTS {
+            if attempt > 0 && started.elapsed() > CAS_BUDGET {
+                break;
+            }
             if attempt > 0 {
                 use std::hash::BuildHasher;
                 let random = std::hash::RandomState::new().hash_one(attempt);
@@ -344,8 +354,19 @@ impl Pool {
                 let live = shared::ClusterLive {
                     local: &*current,
                     peers: &peers,
-                    me: &self.name,
+                    me: self,
                 };
+                // A removal counts every instance's requests in flight from their reports:
+                // one still behind this revision may not have applied the drain yet.
+                if matches!(change, Change::RemoveBackend { .. } | Change::ResetState) {
+                    let behind = self.behind(desired.revision);
+                    if !behind.is_empty() {
+                        return Err(Rejection::Conflict(format!(
+                            "instances still run an older state: {}; retry once they have caught up (within a second or two)",
+                            behind.join(", ")
+                        )));
+                    }
+                }
                 let next = desired.state.with_change(&desired.config, change, live)?;
                 let stored = shared::merge(&desired.stored, &desired.state, &next);
                 let why =
@@ -389,7 +410,7 @@ impl Pool {
             return Ok(());
         }
         Err(Rejection::Conflict(format!(
-            "the state in {} changed {CAS_ATTEMPTS} times in a row while this change was being made (other instances are changing it): try again",
+            "the state in {} kept changing while this change was being made (other instances are changing it; tried up to {CAS_ATTEMPTS} times within {CAS_BUDGET:?}): try again",
             self.store.info().name
         )))
     }
@@ -588,6 +609,10 @@ impl Pool {
     /// the new process (with one, the file is already current).
     /// Records a `handed_over` event either way.
     pub fn hand_over(&self, path: &Path) -> Result<(), String> {
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        // The next process drives from now on: the driver's lease goes at once, not when
+        // this one's shutdown begins seconds later.
+        self.resign();
         let desired = self.lock();
         // Under the writer lock, so that no retiring window ends after the state written here.
         self.handed_over.store(true, Ordering::Relaxed);

@@ -63,7 +63,8 @@ pub(crate) fn merge(
         }
     }
     out.store_revision = None;
-    out.format = crate::state::STATE_FORMAT;
+    // As a state file is: a binary from before a feature still reads a state without it.
+    out.format = out.oldest_format();
     out
 }
 
@@ -87,7 +88,7 @@ fn merge_map<K: Ord + Clone, V: Clone + PartialEq>(
 pub(crate) struct ClusterLive<'a, L> {
     pub local: L,
     pub peers: &'a [InstanceReport],
-    pub me: &'a str,
+    pub me: &'a crate::Pool,
 }
 
 impl<L: Live> Live for ClusterLive<'_, L> {
@@ -95,7 +96,7 @@ impl<L: Live> Live for ClusterLive<'_, L> {
         let others: usize = self
             .peers
             .iter()
-            .filter(|p| p.name != self.me)
+            .filter(|p| !self.me.is_me(p))
             .filter_map(|p| p.in_flight.get(upstream)?.get(&address))
             .sum();
         self.local.in_flight(upstream, address) + others

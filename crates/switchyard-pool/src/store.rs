@@ -106,6 +106,10 @@ pub enum StoreUpdate {
 pub struct InstanceReport {
     /// The instance's name (`state_store.etcd.name`).
     pub name: String,
+    /// Its process: during a binary upgrade two processes run under one name, and each one's
+    /// counters and requests in flight are its own.
+    #[serde(default)]
+    pub pid: u32,
     /// The revision of the state it runs.
     pub revision: Revision,
     /// It holds the rollout driver's lease.
