@@ -679,6 +679,16 @@ fn a_backend_is_removed_only_once_every_instance_has_drained_it() {
     let a = instance(&blue, &green, &etcd, "/sy/i");
     let b = instance(&blue, &green, &etcd, "/sy/i");
     assert_eq!(set_split(&a, 1, 1).status, 200);
+    wait_until(
+        "a sees both instances at the split's revision",
+        Duration::from_secs(5),
+        || {
+            let status = store_status(&a);
+            status["instances"].as_array().is_some_and(|all| {
+                all.len() == 2 && all.iter().all(|i| i["revision"] == status["revision"])
+            })
+        },
+    );
     green.set_delay(Duration::from_secs(3));
     // A slow request to green through b, while the operator drains green through a.
     let slow = std::thread::spawn({
@@ -700,27 +710,21 @@ fn a_backend_is_removed_only_once_every_instance_has_drained_it() {
             .flatten()
             .any(|i| i["in_flight"]["green"][green.addr.to_string()].as_u64() > Some(0))
     };
+    // The slow request has reached green (counted on arrival; blue's answers are quick).
+    wait_until("the slow request at green", Duration::from_secs(5), || {
+        green.requests() > 0
+    });
+    let drained = a.api("PATCH", &green_backend, Some(r#"{"state": "draining"}"#));
+    assert_eq!(drained.status, 200, "{}", drained.text());
+    // b reports what it still has in flight to a backend it no longer sends new requests to,
+    // once it runs the drain: until then a removal waits for it.
+    let early = a.api("DELETE", &green_backend, None);
+    assert_eq!(early.status, 409, "{}", early.text());
     wait_until(
         "a sees b's request in flight",
         Duration::from_secs(5),
         || held_by_b(&a),
     );
-    let drained = a.api("PATCH", &green_backend, Some(r#"{"state": "draining"}"#));
-    assert_eq!(drained.status, 200, "{}", drained.text());
-    // Until b runs the drain too, its report may be from before it: a removal waits.
-    let early = a.api("DELETE", &green_backend, None);
-    if early.status == 409 && early.text().contains("older state") {
-        let revision = store_status(&a)["revision"].clone();
-        wait_until(
-            "b reports the drain's revision",
-            Duration::from_secs(5),
-            || {
-                store_status(&a)["instances"]
-                    .as_array()
-                    .is_some_and(|all| all.iter().all(|i| i["revision"] == revision))
-            },
-        );
-    }
     let refused = a.api("DELETE", &green_backend, None);
     assert_eq!(refused.status, 409, "{}", refused.text());
     assert!(refused.text().contains("in flight"), "{}", refused.text());

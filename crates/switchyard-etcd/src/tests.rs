@@ -1134,7 +1134,7 @@ async fn a_wiped_store_is_listed_again_and_found_empty() {
     })
     .await;
     assert!(
-        matches!(&update, StoreUpdate::Reset { state: None, reason } if reason.contains("backwards") || reason.contains("cluster")),
+        matches!(&update, StoreUpdate::Reset { state: None, reason } if reason.contains("backwards") || reason.contains("behind") || reason.contains("cluster")),
         "{update:?}"
     );
     // The follower writes back what it has; it is delivered although its revision is lower.

@@ -43,6 +43,7 @@ pub(crate) fn spawn(
         // Listed first: a store behind the caller's revision (restored, replaced, wiped) is
         // told at once, and a caller far behind gets the state, not its whole history.
         relist: true,
+        initial: true,
         reset: None,
         member: None,
     }));
@@ -80,6 +81,9 @@ struct Follower {
     health: Health,
     /// List before watching again.
     relist: bool,
+    /// The first listing is still to come: what the caller has already (the state at its
+    /// revision, or nothing at 0) is not delivered again.
+    initial: bool,
     /// Why the store counts as reset (wiped, restored, replaced): the next listing is
     /// delivered as [`StoreUpdate::Reset`], to be run whatever its revision.
     reset: Option<String>,
@@ -156,6 +160,17 @@ impl Follower {
                 revision: revision.max(0) as Revision,
             },
         };
+        let known = std::mem::replace(&mut self.initial, false)
+            && self.reset.is_none()
+            && match &update {
+                StoreUpdate::State(stored) => stored.revision == self.delivered,
+                StoreUpdate::Empty { .. } => self.delivered == 0,
+                _ => false,
+            };
+        if known {
+            self.relist = false;
+            return Ok(());
+        }
         self.delivered = match &update {
             StoreUpdate::State(stored) => stored.revision,
             StoreUpdate::Unreadable { revision, .. } | StoreUpdate::Empty { revision } => *revision,
