@@ -742,3 +742,52 @@ fn a_backend_is_removed_only_once_every_instance_has_drained_it() {
             .is_some_and(Vec::is_empty)
     });
 }
+
+#[test]
+fn a_binary_upgrade_of_the_driver_hands_the_lease_and_the_state_to_the_new_process() {
+    let blue = TestBackend::start("blue");
+    let green = TestBackend::start("green");
+    let etcd = Etcd::start();
+    let mut a = instance(&blue, &green, &etcd, "/sy/j");
+    wait_until("a drives", Duration::from_secs(10), || {
+        store_status(&a)["driver"] == true
+    });
+    let b = instance(&blue, &green, &etcd, "/sy/j");
+    assert_eq!(set_split(&b, 80, 20).status, 200);
+    let want = serde_json::json!({"blue": 80, "green": 20});
+    wait_until("a has b's split", Duration::from_secs(1), || {
+        split(&a) == want
+    });
+    let load = Load::start(a.addr, 4);
+    load.run_for(50, Duration::from_secs(10));
+    let old_pid = store_status(&a)["instances"]
+        .as_array()
+        .and_then(|all| all.iter().find(|i| i["driver"] == true).cloned())
+        .expect("a's report")["pid"]
+        .clone();
+    a.upgrade();
+    // The new process runs the shared state and follows what b writes; the old one gave the
+    // lease up at the hand-over, so one of the two live processes drives.
+    assert_eq!(split(&a), want);
+    wait_until("a live process drives", Duration::from_secs(5), || {
+        [&a, &b].iter().any(|sy| store_status(sy)["driver"] == true)
+    });
+    assert_eq!(set_split(&b, 40, 60).status, 200);
+    let want = serde_json::json!({"blue": 40, "green": 60});
+    wait_until("the new process has it", Duration::from_secs(1), || {
+        split(&a) == want
+    });
+    wait_until(
+        "one report per live process",
+        Duration::from_secs(5),
+        || {
+            store_status(&b)["instances"]
+                .as_array()
+                .is_some_and(|all| all.len() == 2 && all.iter().all(|i| i["pid"] != old_pid))
+        },
+    );
+    load.run_for(50, Duration::from_secs(10));
+    let report = load.stop();
+    println!("upgrade of the driver: {} requests", report.total());
+    assert_no_failures("a", &report);
+}
