@@ -234,6 +234,7 @@ pub(crate) fn parse_state(key: &str, kv: &KeyValue) -> Result<Stored, String> {
 #[derive(serde::Serialize)]
 struct AuditEntry<'a> {
     instance: &'a str,
+    pid: u32,
     replaces: Revision,
     why: &'a str,
     at: String,
@@ -249,6 +250,7 @@ async fn compare_and_swap(
     let keys = &inner.keys;
     let audit = serde_json::to_vec(&AuditEntry {
         instance: &inner.name,
+        pid: std::process::id(),
         replaces: expected,
         why: &why,
         at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
@@ -274,18 +276,36 @@ async fn compare_and_swap(
         TxnOp::put(keys.state.as_str(), value, None),
         TxnOp::put(keys.audit_entry(expected), audit, None),
     ];
+    let audit_key = keys.audit_entry(expected);
     let txn = Txn::new().when(compares).and_then(writes).or_else(vec![
         TxnOp::get(keys.state.as_str(), None),
         TxnOp::get(keys.driver.as_str(), None),
+        TxnOp::get(audit_key.as_str(), None),
     ]);
-    let response = inner
+    let response = match inner
         .conn
         .run(|mut client| {
             let txn = txn.clone();
             async move { client.txn(txn).await }
         })
         .await
-        .map_err(|f| inner.error(f))?;
+    {
+        Ok(response) => response,
+        Err(f) => {
+            // The answer may be lost after etcd applied the write: its audit entry says so.
+            let audit_key = audit_key.clone();
+            let landed = inner
+                .conn
+                .run(|mut client| {
+                    let key = audit_key.clone();
+                    async move { client.get(key, None).await }
+                })
+                .await
+                .ok()
+                .and_then(|r| r.kvs().first().and_then(|kv| ours(kv, &inner.name, &why)));
+            return landed.ok_or_else(|| inner.error(f));
+        }
+    };
     if response.succeeded() {
         let revision = response.header().map_or(0, |h| h.revision()).max(0) as Revision;
         let writes = inner
@@ -297,6 +317,12 @@ async fn compare_and_swap(
         return Ok(revision);
     }
     let responses = response.op_responses();
+    // A write sent again (to another member, its first answer lost) finds its own first try.
+    if let Some(TxnOpResponse::Get(get)) = responses.get(2) {
+        if let Some(revision) = get.kvs().first().and_then(|kv| ours(kv, &inner.name, &why)) {
+            return Ok(revision);
+        }
+    }
     let current = match responses.first() {
         Some(TxnOpResponse::Get(get)) => get.kvs().first().cloned(),
         _ => None,
@@ -380,6 +406,14 @@ async fn trim_audit(inner: Arc<Inner>, keep: i64) {
     }
 }
 
+/// The revision of the state an audit entry recorded, if this process wrote it for `why`.
+fn ours(kv: &KeyValue, name: &str, why: &str) -> Option<Revision> {
+    let entry: serde_json::Value = serde_json::from_slice(kv.value()).ok()?;
+    let mine =
+        entry["instance"] == name && entry["pid"] == std::process::id() && entry["why"] == why;
+    mine.then(|| kv.mod_revision().max(0) as Revision)
+}
+
 async fn load(inner: Arc<Inner>) -> Result<Option<Stored>, StoreError> {
     let key = inner.keys.state.clone();
     let response = inner
@@ -460,7 +494,18 @@ async fn report(inner: Arc<Inner>, mine: Vec<u8>) -> Result<Vec<InstanceReport>,
             conn::show(deadline)
         ))),
     }
-    .map_err(|f| inner.error(f))?;
+    .map_err(|f| {
+        // etcd answered: the store is up, only this instance's lease ran out (a new one is
+        // being granted). Not a reason to call the store down.
+        if lease::is_lease_gone(&f) {
+            inner.error(Failure::Refused(format!(
+                "this instance's lease is gone ({}); a new one is being granted",
+                f.reason()
+            )))
+        } else {
+            inner.error(f)
+        }
+    })?;
     let mut reports = Vec::new();
     for op in response.op_responses() {
         let TxnOpResponse::Get(get) = op else {

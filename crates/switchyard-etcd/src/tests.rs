@@ -1241,3 +1241,22 @@ async fn a_follower_slow_to_take_updates_is_no_silence() {
         Err(tokio::sync::mpsc::error::TryRecvError::Empty)
     );
 }
+
+#[tokio::test]
+async fn a_write_sent_again_after_its_answer_was_lost_finds_itself() {
+    let etcd = Etcd::start("again").await;
+    let a = etcd.store("a");
+    let first = cas(&a, &state(1), 0, false, "set 1").await;
+    // The same write again (as after a lost answer): its own first try, not a conflict.
+    let again = a
+        .compare_and_swap(&state(1), 0, false, "set 1")
+        .await
+        .expect("found");
+    assert_eq!(again, first);
+    // Another change built on the same revision is a conflict as ever.
+    let other = a.compare_and_swap(&state(2), 0, false, "set 2").await;
+    assert!(
+        matches!(other, Err(StoreError::Conflict { .. })),
+        "{other:?}"
+    );
+}

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use crate::events::{Draft, Source};
 use crate::shared::ClusterReading;
 use crate::snapshot::Snapshot;
+use crate::state::RuntimeState;
 use crate::store::{InstanceReport, Revision, StoreInfo, StoreUpdate, Stored};
 use crate::{rollout, Pool};
 
@@ -136,8 +137,13 @@ impl Pool {
         desired.revision = stored.revision;
         desired.dropped = dropped;
         self.store_metrics.revision.set(stored.revision as i64);
-        self.save_local_copy(&desired);
+        let copy = self.local_copy(&desired);
         drop(desired);
+        if reset.is_some() {
+            // Revisions start again lower: the copy follows them down.
+            self.forget_local_copy_revision();
+        }
+        self.write_local_copy(copy);
         if rollouts_moved {
             self.rollouts_moved.send_modify(|v| *v += 1);
         }
@@ -163,6 +169,9 @@ impl Pool {
             );
         }
         desired.revision = 0;
+        drop(desired);
+        // A wiped store starts its revisions again: the copy follows them down.
+        self.forget_local_copy_revision();
     }
 
     /// Writes this instance's state into an empty store, unless another instance did first
@@ -186,7 +195,9 @@ impl Pool {
                 let mut desired = self.lock();
                 desired.revision = revision;
                 self.store_metrics.revision.set(revision as i64);
-                self.save_local_copy(&desired);
+                let copy = self.local_copy(&desired);
+                drop(desired);
+                self.write_local_copy(copy);
                 info!("state written back into the empty state store at revision {revision}");
             }
             Err(crate::StoreError::Conflict {
@@ -229,17 +240,35 @@ impl Pool {
         }
     }
 
-    /// After every revision this instance runs: the state file as its local copy.
-    pub(crate) fn save_local_copy(&self, desired: &crate::Desired) {
-        if !self.store.info().shared {
+    /// What the local copy gets after the revision `desired` is at, taken under the state
+    /// lock; written by [`Pool::write_local_copy`] once the lock is released (requests that
+    /// refresh the snapshot take it too, and a save fsyncs).
+    pub(crate) fn local_copy(&self, desired: &crate::Desired) -> Option<RuntimeState> {
+        if !self.store.info().shared || self.state_file.is_none() {
+            return None;
+        }
+        let mut copy = desired.stored.clone();
+        copy.store_revision = Some(desired.revision);
+        Some(copy)
+    }
+
+    fn forget_local_copy_revision(&self) {
+        *self.copy_written.lock().unwrap_or_else(|p| p.into_inner()) = 0;
+    }
+
+    /// Writes the local copy unless a newer revision's was written meanwhile.
+    pub(crate) fn write_local_copy(&self, copy: Option<RuntimeState>) {
+        let (Some(copy), Some(file)) = (copy, &self.state_file) else {
+            return;
+        };
+        let mut written = self.copy_written.lock().unwrap_or_else(|p| p.into_inner());
+        let revision = copy.store_revision.unwrap_or(0);
+        if *written > revision {
             return;
         }
-        if let Some(file) = &self.state_file {
-            let mut copy = desired.stored.clone();
-            copy.store_revision = Some(desired.revision);
-            if let Err(e) = file.save(&copy) {
-                warn!("{e} (the local copy of the shared state)");
-            }
+        match file.save(&copy) {
+            Ok(()) => *written = revision,
+            Err(e) => warn!("{e} (the local copy of the shared state)"),
         }
     }
 

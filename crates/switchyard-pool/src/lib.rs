@@ -102,6 +102,9 @@ pub struct Pool {
     store_up: AtomicBool,
     /// The store's lease was given up (hand-over or stop): no more reports.
     resigned: AtomicBool,
+    /// The revision of the local copy last written (copies are written outside the state
+    /// lock: an older one must not land after a newer one).
+    copy_written: Mutex<Revision>,
     store_metrics: shared::StoreMetrics,
     metrics: Arc<Metrics>,
     local_errors: LocalErrors,
@@ -257,6 +260,7 @@ impl Pool {
             peers: ArcSwap::from_pointee(Vec::new()),
             store_up: AtomicBool::new(!is_shared),
             resigned: AtomicBool::new(false),
+            copy_written: Mutex::new(0),
             store_metrics: shared::StoreMetrics::new(&metrics),
             local_errors: LocalErrors::new(&metrics),
             metrics,
@@ -453,7 +457,7 @@ impl Pool {
         desired.stored = stored;
         desired.revision = revision;
         self.store_metrics.revision.set(revision as i64);
-        self.save_local_copy(&desired);
+        let copy = self.local_copy(&desired);
         if rollouts_moved {
             self.rollouts_moved.send_modify(|v| *v += 1);
         }
@@ -476,6 +480,8 @@ impl Pool {
         for event in events {
             self.events.record(event);
         }
+        drop(desired);
+        self.write_local_copy(copy);
     }
 
     /// Runs a store request to its end. The local store's requests finish without waiting;

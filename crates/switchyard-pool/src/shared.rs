@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use prometheus::{IntCounter, IntGauge};
 
 use crate::metrics::Metrics;
-use crate::state::{Live, RuntimeState, UpstreamChanges};
+use crate::state::{BackendChange, Live, RuntimeState, UpstreamChanges};
 use crate::stats::{StatsReading, Window};
 use crate::store::InstanceReport;
 
@@ -43,7 +43,7 @@ pub(crate) fn merge(
             continue;
         }
         let entry = out.upstreams.entry(name.clone()).or_default();
-        merge_map(&mut entry.changed, &b.changed, &a.changed);
+        merge_backend_changes(&mut entry.changed, &b.changed, &a.changed);
         let (b_removed, a_removed) = (&b.removed, &a.removed);
         for gone in b_removed.difference(a_removed) {
             entry.removed.remove(gone);
@@ -78,6 +78,39 @@ fn merge_map<K: Ord + Clone, V: Clone + PartialEq>(
             (b, Some(a)) if b != Some(a) => drop(out.insert(key.clone(), a.clone())),
             (Some(_), None) => drop(out.remove(key)),
             _ => {}
+        }
+    }
+}
+
+/// A backend's weight and its state are merged apart: a drain written by an instance whose
+/// file gives the backend another weight (so its own view dropped the weight set through the
+/// API) leaves that weight in the store for the instances it still fits.
+fn merge_backend_changes(
+    out: &mut BTreeMap<SocketAddr, BackendChange>,
+    before: &BTreeMap<SocketAddr, BackendChange>,
+    after: &BTreeMap<SocketAddr, BackendChange>,
+) {
+    let none = BackendChange::default();
+    for address in before.keys().chain(after.keys()) {
+        let (b, a) = (
+            before.get(address).unwrap_or(&none),
+            after.get(address).unwrap_or(&none),
+        );
+        if a == b {
+            continue;
+        }
+        let mut merged = out.get(address).copied().unwrap_or_default();
+        if (a.weight, a.file_weight) != (b.weight, b.file_weight) {
+            merged.weight = a.weight;
+            merged.file_weight = a.file_weight;
+        }
+        if a.state != b.state {
+            merged.state = a.state;
+        }
+        if merged.weight.is_none() && merged.state.is_none() {
+            out.remove(address);
+        } else {
+            out.insert(*address, merged);
         }
     }
 }
@@ -181,7 +214,7 @@ impl StoreMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{BackendChange, SplitOverride};
+    use crate::state::SplitOverride;
 
     fn split(weights: &[(&str, u32)]) -> SplitOverride {
         SplitOverride {
@@ -232,6 +265,43 @@ mod tests {
             undone.upstreams["app"].changed.keys().collect::<Vec<_>>(),
             vec![&other_backend]
         );
+    }
+
+    #[test]
+    fn a_drain_keeps_a_weight_only_another_instance_sees() {
+        let backend: SocketAddr = "10.0.0.1:80".parse().expect("address");
+        let weighted = BackendChange {
+            weight: Some(5),
+            file_weight: Some(1),
+            state: None,
+        };
+        let mut stored = RuntimeState::default();
+        stored
+            .upstreams
+            .entry("app".into())
+            .or_default()
+            .changed
+            .insert(backend, weighted);
+        // This instance's file gives the backend weight 2: its view dropped the weight.
+        let before = RuntimeState::default();
+        let mut after = RuntimeState::default();
+        let drained = BackendChange {
+            state: Some(crate::BackendState::Draining),
+            ..BackendChange::default()
+        };
+        after
+            .upstreams
+            .entry("app".into())
+            .or_default()
+            .changed
+            .insert(backend, drained);
+        let merged = merge(&stored, &before, &after);
+        let change = merged.upstreams["app"].changed[&backend];
+        assert_eq!(change.weight, Some(5));
+        assert_eq!(change.state, Some(crate::BackendState::Draining));
+        // Undoing the drain leaves the weight.
+        let undone = merge(&merged, &after, &before);
+        assert_eq!(undone.upstreams["app"].changed[&backend], weighted);
     }
 
     #[test]
