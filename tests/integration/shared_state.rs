@@ -77,8 +77,9 @@ impl Etcd {
             .spawn()
             .expect("etcd (apt-get install etcd-server)");
         self.child = Some(child);
-        wait_until("etcd answers", Duration::from_secs(20), || {
-            self.ctl(&["endpoint", "health"]).is_ok()
+        // A read, as the instances make them; generous, as a loaded host starts etcd slowly.
+        wait_until("etcd answers", Duration::from_secs(60), || {
+            self.ctl(&["get", "/switchyard-test-probe"]).is_ok()
         });
     }
 
@@ -109,7 +110,7 @@ impl Etcd {
             "--endpoints",
             &self.endpoint(),
             "--command-timeout",
-            "2s",
+            "5s",
         ]);
         if let Some((ca, cert, key)) = &self.tls {
             command
@@ -242,6 +243,15 @@ fn a_split_set_on_one_instance_is_live_on_the_others_within_a_second() {
     assert!(
         audit.lines().filter(|l| !l.is_empty()).count() >= 3,
         "{audit}"
+    );
+    // `switchyard status` shows the store and every instance.
+    let config = all[0].config.display().to_string();
+    let (code, stdout, stderr) = run_binary(&["status", "--config", &config]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("State store etcd"), "{stdout}");
+    assert!(
+        stdout.contains("INSTANCE") && stdout.contains("DRIVER"),
+        "{stdout}"
     );
     // Changes that came from the store are events with source `store`.
     let events = json(&all[2].api("GET", "/api/v1/events", None));

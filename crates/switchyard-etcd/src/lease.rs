@@ -26,12 +26,13 @@ const CAMPAIGN_EVERY: Duration = Duration::from_secs(1);
 /// This instance's lease as the lease task knows it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct LeaseState {
-    /// The live lease, `None` while there is none (etcd unreachable, or resigned).
+    /// The live lease, `None` while there is none (etcd unreachable).
     pub(crate) lease: Option<i64>,
     /// The driver's key holds this lease.
     pub(crate) driver: bool,
-    /// [`resign`] was called: no new lease, no campaign.
-    pub(crate) resigned: bool,
+    /// [`step_down`] was called: the lease (and the report on it) stays, the driver's key
+    /// is given up and never campaigned for again.
+    pub(crate) stepped_down: bool,
 }
 
 /// etcd's answer for a lease that is gone (ran out, or revoked).
@@ -46,10 +47,7 @@ impl Inner {
         self.lease.send_if_modified(|state| {
             let before = *state;
             change(state);
-            if state.resigned {
-                state.lease = None;
-            }
-            if state.lease.is_none() {
+            if state.lease.is_none() || state.stepped_down {
                 state.driver = false;
             }
             now = *state;
@@ -64,39 +62,50 @@ impl Inner {
     }
 }
 
-/// Gives the lease up at once: the driver's key and this instance's report go with it. No
-/// new lease is granted afterwards. Bounded by `request_timeout`.
-pub(crate) async fn resign(inner: &Arc<Inner>) {
+/// Stops driving at once, for good: the driver's key goes (if this lease holds it) so that
+/// another instance takes over within a campaign round, while the lease and this process's
+/// report on it stay until the process ends (its requests in flight still count). Bounded by
+/// `request_timeout`.
+pub(crate) async fn step_down(inner: &Arc<Inner>) {
     let mut lease = None;
     inner.set_lease(|state| {
         lease = state.lease;
-        state.resigned = true;
+        state.stepped_down = true;
     });
-    inner.poke.notify_one();
-    if let Some(lease) = lease {
-        match inner
-            .conn
-            .run(|mut client| async move { client.lease_revoke(lease).await })
-            .await
-        {
-            Ok(_) => info!("{}: gave up lease {lease:x}", inner.store),
-            Err(e) => warn!(
-                "{}: cannot revoke lease {lease:x} ({e}); it runs out in {}",
-                inner.store,
-                crate::conn::show(inner.lease_ttl)
-            ),
+    let Some(lease) = lease else {
+        return;
+    };
+    let key = inner.keys.driver.clone();
+    let txn = Txn::new()
+        .when(vec![Compare::lease(key.as_str(), CompareOp::Equal, lease)])
+        .and_then(vec![TxnOp::delete(key.as_str(), None)]);
+    match inner
+        .conn
+        .run(|mut client| {
+            let txn = txn.clone();
+            async move { client.txn(txn).await }
+        })
+        .await
+    {
+        Ok(response) if response.succeeded() => {
+            info!(
+                "{}: {} gave up the rollout driver's key",
+                inner.store, inner.name
+            )
         }
+        Ok(_) => {}
+        Err(e) => warn!(
+            "{}: cannot give up the rollout driver's key ({e}); it goes with the lease",
+            inner.store
+        ),
     }
 }
 
-/// The lease task: runs while the store lives, until [`resign`].
+/// The lease task: runs while the store lives.
 pub(crate) async fn run(inner: Arc<Inner>) {
     let ttl = inner.lease_ttl.as_secs().max(1) as i64;
     let mut backoff = Backoff::new();
     loop {
-        if inner.lease.borrow().resigned {
-            return;
-        }
         let sent = Instant::now();
         let granted = inner
             .conn
@@ -113,26 +122,15 @@ pub(crate) async fn run(inner: Arc<Inner>) {
                 continue;
             }
         };
-        let state = inner.set_lease(|state| state.lease = Some(lease));
-        if state.resigned {
-            // Resigned while the grant was on its way: this lease is not wanted.
-            let _ = inner
-                .conn
-                .run(|mut client| async move { client.lease_revoke(lease).await })
-                .await;
-            return;
-        }
+        inner.set_lease(|state| state.lease = Some(lease));
         debug!("{}: lease {lease:x} granted", inner.store);
         backoff.reset();
         hold(&inner, lease, sent + inner.lease_ttl).await;
-        let state = inner.set_lease(|state| {
+        inner.set_lease(|state| {
             if state.lease == Some(lease) {
                 state.lease = None;
             }
         });
-        if state.resigned {
-            return;
-        }
         warn!(
             "{}: lease {lease:x} lost; no longer the rollout driver until a new lease is granted",
             inner.store
@@ -164,7 +162,7 @@ async fn hold(inner: &Arc<Inner>, lease: i64, mut expires: Instant) {
         let budget = inner
             .request_timeout()
             .min(expires.saturating_duration_since(Instant::now()));
-        if inner.lease.borrow().resigned || budget.is_zero() {
+        if budget.is_zero() {
             return;
         }
         tokio::select! {
@@ -264,7 +262,7 @@ async fn next_answer(
 /// Puts the driver's key with `lease` if it is absent, else reads who holds it, and sets the
 /// driver flag accordingly. `false`: the lease is gone.
 async fn run_campaign(inner: &Arc<Inner>, lease: i64, budget: Duration) -> bool {
-    if inner.lease.borrow().resigned {
+    if inner.lease.borrow().stepped_down {
         return true;
     }
     let key = inner.keys.driver.clone();

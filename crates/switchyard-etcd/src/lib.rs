@@ -55,6 +55,8 @@ use crate::lease::LeaseState;
 
 /// Audit entries kept: the last this many changes.
 const AUDIT_KEEP: i64 = 1000;
+/// How long a write that failed looks for its own audit entry (its answer lost).
+const LANDED_CHECK: Duration = Duration::from_millis(500);
 /// Every this many successful writes of this instance, the audit entries are counted.
 const AUDIT_TRIM_EVERY: u64 = 50;
 
@@ -106,6 +108,16 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
+    /// One key per process: during a binary upgrade two processes share the name.
+    fn report_key(&self) -> String {
+        format!(
+            "{}{}@{}",
+            self.keys.instances,
+            self.name,
+            std::process::id()
+        )
+    }
+
     pub(crate) fn request_timeout(&self) -> Duration {
         self.conn.request_timeout()
     }
@@ -293,16 +305,17 @@ async fn compare_and_swap(
         Ok(response) => response,
         Err(f) => {
             // The answer may be lost after etcd applied the write: its audit entry says so.
+            // Asked briefly: an unreachable store must not take twice its timeout to say so.
             let audit_key = audit_key.clone();
             let landed = inner
                 .conn
-                .run(|mut client| {
+                .run_within(LANDED_CHECK.min(inner.request_timeout()), |mut client| {
                     let key = audit_key.clone();
                     async move { client.get(key, None).await }
                 })
                 .await
                 .ok()
-                .and_then(|r| r.kvs().first().and_then(|kv| ours(kv, &inner.name, &why)));
+                .and_then(|(_, r)| r.kvs().first().and_then(|kv| ours(kv, &inner.name, &why)));
             return landed.ok_or_else(|| inner.error(f));
         }
     };
@@ -438,16 +451,10 @@ async fn report(inner: Arc<Inner>, mine: Vec<u8>) -> Result<Vec<InstanceReport>,
         // At start the first lease may still be on its way.
         let mut lease = inner.lease.subscribe();
         let state = *lease
-            .wait_for(|l| l.lease.is_some() || l.resigned)
+            .wait_for(|l| l.lease.is_some())
             .await
             .map_err(|_| Failure::Unavailable("the etcd client stopped".into()))?;
-        // One key per process: during a binary upgrade two processes share the name.
-        let key = format!(
-            "{}{}@{}",
-            inner.keys.instances,
-            inner.name,
-            std::process::id()
-        );
+        let key = inner.report_key();
         let mut ops = Vec::new();
         // Written again only when it changed (or the lease did): the lease keeps it alive,
         // and every write is a revision etcd keeps until it is compacted.
@@ -507,11 +514,14 @@ async fn report(inner: Arc<Inner>, mine: Vec<u8>) -> Result<Vec<InstanceReport>,
         }
     })?;
     let mut reports = Vec::new();
+    let key = inner.report_key();
+    let mut ours_listed = false;
     for op in response.op_responses() {
         let TxnOpResponse::Get(get) = op else {
             continue;
         };
         for kv in get.kvs() {
+            ours_listed |= kv.key() == key.as_bytes() && kv.value() == mine.as_slice();
             match serde_json::from_slice::<InstanceReport>(kv.value()) {
                 Ok(report) => reports.push(report),
                 Err(e) => debug!(
@@ -521,6 +531,11 @@ async fn report(inner: Arc<Inner>, mine: Vec<u8>) -> Result<Vec<InstanceReport>,
                 ),
             }
         }
+    }
+    if !ours_listed {
+        // Deleted or replaced behind our back (a wiped prefix, a restored snapshot): the
+        // next report is written again whatever it holds.
+        *inner.last_report.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
     Ok(reports)
 }
@@ -597,7 +612,7 @@ impl StateStore for EtcdStore {
         let inner = self.inner.clone();
         let _ = self
             .on_runtime(async move {
-                lease::resign(&inner).await;
+                lease::step_down(&inner).await;
                 Ok(())
             })
             .await;

@@ -290,6 +290,21 @@ async fn next_update(
     }
 }
 
+/// A watch of a store that holds nothing yet, past its first answers: `Up`, then the
+/// listing's `Empty`.
+async fn watch_empty(store: &EtcdStore) -> mpsc::Receiver<StoreUpdate> {
+    let mut updates = store.watch(0);
+    next_update(&mut updates, Duration::from_secs(5), |u| {
+        *u == StoreUpdate::Up
+    })
+    .await;
+    next_update(&mut updates, Duration::from_secs(5), |u| {
+        matches!(u, StoreUpdate::Empty { .. })
+    })
+    .await;
+    updates
+}
+
 /// The next state the watch delivers, within a second, is the one written at `revision`.
 async fn state_arrives(updates: &mut mpsc::Receiver<StoreUpdate>, revision: u64) {
     let update = next_update(updates, Duration::from_secs(1), |u| {
@@ -462,11 +477,7 @@ async fn a_state_written_by_another_store_arrives_within_a_second() {
     let etcd = Etcd::start("watch").await;
     let a = etcd.store("a");
     let b = etcd.store("b");
-    let mut updates = a.watch(0);
-    next_update(&mut updates, Duration::from_secs(5), |u| {
-        *u == StoreUpdate::Up
-    })
-    .await;
+    let mut updates = watch_empty(&a).await;
 
     let written = Instant::now();
     let revision = cas(&b, &state(1), 0, false, "b").await;
@@ -673,7 +684,7 @@ async fn a_deposed_drivers_write_is_refused_as_not_driver() {
 }
 
 #[tokio::test]
-async fn reports_of_every_live_instance_and_none_of_a_resigned_one() {
+async fn reports_of_every_live_instance_and_none_of_a_dead_one() {
     let etcd = Etcd::start("report").await;
     let a = etcd.store("a");
     let b = etcd.store("b");
@@ -697,9 +708,21 @@ async fn reports_of_every_live_instance_and_none_of_a_resigned_one() {
     assert_eq!(all.len(), 2, "{all:?}");
     assert!(all.contains(&report("a", 3)));
 
+    // A resigned instance only stops driving: its report stays while it lives (its requests
+    // in flight still count), and goes with its lease once it is gone.
     b.resign().await;
     let all = a.report(&report("a", 4)).await.unwrap();
-    assert_eq!(all, [report("a", 4)]);
+    assert_eq!(all.len(), 2, "{all:?}");
+    drop(b);
+    let deadline = Instant::now() + LEASE_TTL + Duration::from_secs(3);
+    loop {
+        let all = a.report(&report("a", 5)).await.unwrap();
+        if all == [report("a", 5)] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{all:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]
@@ -759,11 +782,7 @@ async fn a_stopped_etcd_is_unavailable_at_once_and_the_watch_resumes_when_it_is_
 async fn a_silent_etcd_is_down_and_back_up_when_it_speaks_again() {
     let etcd = Etcd::start("silent").await;
     let a = etcd.store("a");
-    let mut updates = a.watch(0);
-    next_update(&mut updates, Duration::from_secs(5), |u| {
-        *u == StoreUpdate::Up
-    })
-    .await;
+    let mut updates = watch_empty(&a).await;
     let pid = etcd.child.as_ref().unwrap().id().to_string();
     let signal = |name: &str| {
         let status = Command::new("kill")
@@ -1094,11 +1113,7 @@ async fn a_dead_member_among_the_endpoints_does_not_fail_requests() {
 async fn an_idle_watch_stays_up() {
     let etcd = Etcd::start("idle").await;
     let store = etcd.store("a");
-    let mut updates = store.watch(0);
-    next_update(&mut updates, Duration::from_secs(5), |u| {
-        *u == StoreUpdate::Up
-    })
-    .await;
+    let mut updates = watch_empty(&store).await;
     // Five request timeouts without a change: the progress answers keep it alive.
     tokio::time::sleep(REQUEST_TIMEOUT * 5).await;
     assert_eq!(
@@ -1214,11 +1229,7 @@ async fn a_member_down_hands_over_to_another_member() {
 async fn a_follower_slow_to_take_updates_is_no_silence() {
     let etcd = Etcd::start("slow").await;
     let store = etcd.store("a");
-    let mut updates = store.watch(0);
-    next_update(&mut updates, Duration::from_secs(5), |u| {
-        *u == StoreUpdate::Up
-    })
-    .await;
+    let mut updates = watch_empty(&store).await;
     // More updates than the stream holds, then nobody reads for a while.
     let mut revision = 0;
     for n in 0..100 {

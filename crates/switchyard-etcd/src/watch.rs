@@ -160,16 +160,25 @@ impl Follower {
                 revision: revision.max(0) as Revision,
             },
         };
-        let known = std::mem::replace(&mut self.initial, false)
-            && self.reset.is_none()
-            && match &update {
-                StoreUpdate::State(stored) => stored.revision == self.delivered,
-                StoreUpdate::Empty { .. } => self.delivered == 0,
-                _ => false,
-            };
-        if known {
-            self.relist = false;
-            return Ok(());
+        let initial = std::mem::replace(&mut self.initial, false);
+        if initial && self.reset.is_none() {
+            match &update {
+                // The caller has it already.
+                StoreUpdate::State(stored) if stored.revision == self.delivered => {
+                    self.relist = false;
+                    return Ok(());
+                }
+                // Older than the caller's copy: the store was restored or replaced.
+                StoreUpdate::State(stored) if stored.revision < self.delivered => {
+                    self.reset = Some(format!(
+                        "it holds revision {}, older than the {} this instance had",
+                        stored.revision, self.delivered
+                    ));
+                }
+                // Nothing: told even at 0, so that a state the caller has (a single node's
+                // state file moving to a shared store) is written in.
+                _ => {}
+            }
         }
         self.delivered = match &update {
             StoreUpdate::State(stored) => stored.revision,

@@ -139,10 +139,6 @@ impl Pool {
         self.store_metrics.revision.set(stored.revision as i64);
         let copy = self.local_copy(&desired);
         drop(desired);
-        if reset.is_some() {
-            // Revisions start again lower: the copy follows them down.
-            self.forget_local_copy_revision();
-        }
         self.write_local_copy(copy);
         if rollouts_moved {
             self.rollouts_moved.send_modify(|v| *v += 1);
@@ -169,9 +165,6 @@ impl Pool {
             );
         }
         desired.revision = 0;
-        drop(desired);
-        // A wiped store starts its revisions again: the copy follows them down.
-        self.forget_local_copy_revision();
     }
 
     /// Writes this instance's state into an empty store, unless another instance did first
@@ -252,23 +245,17 @@ impl Pool {
         Some(copy)
     }
 
-    fn forget_local_copy_revision(&self) {
-        *self.copy_written.lock().unwrap_or_else(|p| p.into_inner()) = 0;
-    }
-
-    /// Writes the local copy unless a newer revision's was written meanwhile.
+    /// Writes the local copy. Every caller holds the writer lock, so copies land in the order
+    /// of their revisions; after a hand-over the next process owns the file.
     pub(crate) fn write_local_copy(&self, copy: Option<RuntimeState>) {
         let (Some(copy), Some(file)) = (copy, &self.state_file) else {
             return;
         };
-        let mut written = self.copy_written.lock().unwrap_or_else(|p| p.into_inner());
-        let revision = copy.store_revision.unwrap_or(0);
-        if *written > revision {
+        if self.handed_over.load(Ordering::Acquire) {
             return;
         }
-        match file.save(&copy) {
-            Ok(()) => *written = revision,
-            Err(e) => warn!("{e} (the local copy of the shared state)"),
+        if let Err(e) = file.save(&copy) {
+            warn!("{e} (the local copy of the shared state)");
         }
     }
 
@@ -293,15 +280,13 @@ impl Pool {
                     }
                     None => return,
                 },
-                _ = report.tick(), if !self.resigned.load(Ordering::Acquire) => {
-                    self.report().await
-                }
+                _ = report.tick() => self.report().await,
                 _ = shutdown.changed(), if !*shutdown.borrow() => {
-                    // Stopping: the lease goes (another instance drives at once), and the
-                    // states others write are still applied while open connections finish.
-                    if *shutdown.borrow() && !self.resigned.swap(true, Ordering::AcqRel) {
-                        self.store.resign().await;
-                        self.store_metrics.driver.set(0);
+                    // Stopping: another instance drives at once; the states others write
+                    // are still applied, and this one still reports, while its open
+                    // connections finish.
+                    if *shutdown.borrow() {
+                        self.resign();
                     }
                 }
             }
@@ -353,19 +338,20 @@ impl Pool {
         }
     }
 
-    /// Gives up the store's lease at once (at a hand-over): the next process drives from
-    /// now on. Once only; nothing on one node.
+    /// Stops driving rollouts for good (at a hand-over, or a stop): the driver's key goes
+    /// at once, on the store's runtime, without waiting (a hand-over must send the sockets
+    /// in time, whatever etcd does). Reports go on while the process serves. Once only;
+    /// nothing on one node.
     pub(crate) fn resign(&self) {
         if !self.store.info().shared || self.resigned.swap(true, Ordering::AcqRel) {
             return;
         }
-        let store = Arc::clone(&self.store);
-        let _ = self.wait(async move {
-            store.resign().await;
-            Ok(())
-        });
+        if let Some(runtime) = self.store.runtime() {
+            let store = Arc::clone(&self.store);
+            runtime.spawn(async move { store.resign().await });
+        }
         self.store_metrics.driver.set(0);
-        info!("rollout driver's lease given up for the next process");
+        info!("no longer driving rollouts: the rollout driver's key is given up");
     }
 
     /// Publishes this instance's report and takes everyone's.

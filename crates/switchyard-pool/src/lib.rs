@@ -78,6 +78,8 @@ const CAS_ATTEMPTS: u32 = 10;
 const CAS_BACKOFF: Duration = Duration::from_millis(10);
 /// No new try after this long: the caller (an admin request) gets its `409` in time.
 const CAS_BUDGET: Duration = Duration::from_secs(5);
+/// How often a removal looks again whether every instance runs its revision.
+const PEER_POLL: Duration = Duration::from_millis(100);
 
 /// The longest this process waits for a shared store's answer, beyond the store's own
 /// request timeout.
@@ -102,9 +104,6 @@ pub struct Pool {
     store_up: AtomicBool,
     /// The store's lease was given up (hand-over or stop): no more reports.
     resigned: AtomicBool,
-    /// The revision of the local copy last written (copies are written outside the state
-    /// lock: an older one must not land after a newer one).
-    copy_written: Mutex<Revision>,
     store_metrics: shared::StoreMetrics,
     metrics: Arc<Metrics>,
     local_errors: LocalErrors,
@@ -260,7 +259,6 @@ impl Pool {
             peers: ArcSwap::from_pointee(Vec::new()),
             store_up: AtomicBool::new(!is_shared),
             resigned: AtomicBool::new(false),
-            copy_written: Mutex::new(0),
             store_metrics: shared::StoreMetrics::new(&metrics),
             local_errors: LocalErrors::new(&metrics),
             metrics,
@@ -331,6 +329,12 @@ impl Pool {
         source: Source,
         even_unsaved: bool,
     ) -> Result<(), Rejection> {
+        // Waited for before the writer lock: the follower goes on applying others' changes.
+        let removal = matches!(change, Change::RemoveBackend { .. } | Change::ResetState);
+        let started = std::time::Instant::now();
+        if removal {
+            self.wait_for_peers(started)?;
+        }
         let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         // Only the retire service is stopped here: the admin API refuses changes once the
         // process is closing, and the rollout engine is stopped before the hand-over.
@@ -340,7 +344,6 @@ impl Pool {
             ));
         }
         let as_driver = source == Source::Rollout && self.store.info().shared;
-        let started = std::time::Instant::now();
         for attempt in 0..CAS_ATTEMPTS {
             if attempt > 0 && started.elapsed() > CAS_BUDGET {
                 break;
@@ -351,6 +354,10 @@ impl Pool {
                 let most = CAS_BACKOFF * attempt;
                 std::thread::sleep(most.mul_f64((random % 1000) as f64 / 1000.0));
             }
+            // After a conflict brought a newer revision, the instances must catch up with it.
+            if attempt > 0 && removal {
+                self.wait_for_peers(started)?;
+            }
             let (next, stored, revision, why) = {
                 let desired = self.lock();
                 let current = self.current.load_full();
@@ -360,17 +367,7 @@ impl Pool {
                     peers: &peers,
                     me: self,
                 };
-                // A removal counts every instance's requests in flight from their reports:
-                // one still behind this revision may not have applied the drain yet.
-                if matches!(change, Change::RemoveBackend { .. } | Change::ResetState) {
-                    let behind = self.behind(desired.revision);
-                    if !behind.is_empty() {
-                        return Err(Rejection::Conflict(format!(
-                            "instances still run an older state: {}; retry once they have caught up (within a second or two)",
-                            behind.join(", ")
-                        )));
-                    }
-                }
+
                 let next = desired.state.with_change(&desired.config, change, live)?;
                 let stored = shared::merge(&desired.stored, &desired.state, &next);
                 let why =
@@ -417,6 +414,25 @@ impl Pool {
             "the state in {} kept changing while this change was being made (other instances are changing it; tried up to {CAS_ATTEMPTS} times within {CAS_BUDGET:?}): try again",
             self.store.info().name
         )))
+    }
+
+    /// A removal counts every instance's requests in flight from their reports: one that
+    /// still runs an older revision may not have applied the drain yet, so it is waited for
+    /// (its next report comes within a second), up to the retries' budget.
+    fn wait_for_peers(&self, started: std::time::Instant) -> Result<(), Rejection> {
+        loop {
+            let behind = self.behind(self.lock().revision);
+            if behind.is_empty() {
+                return Ok(());
+            }
+            if started.elapsed() > CAS_BUDGET {
+                return Err(Rejection::Conflict(format!(
+                    "instances still run an older state: {}; retry once they have caught up",
+                    behind.join(", ")
+                )));
+            }
+            std::thread::sleep(PEER_POLL);
+        }
     }
 
     /// Runs `next` (and `stored`, the store's side of it, at `revision`) after the store took
@@ -615,16 +631,26 @@ impl Pool {
     /// the new process (with one, the file is already current).
     /// Records a `handed_over` event either way.
     pub fn hand_over(&self, path: &Path) -> Result<(), String> {
-        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        // The next process drives from now on: the driver's lease goes at once, not when
-        // this one's shutdown begins seconds later.
+        // The next process drives from now on: the driver's key goes at once, not when this
+        // one's shutdown begins seconds later.
         self.resign();
+        // One node: under the writer lock, so that no retiring window ends after the state
+        // written here. A shared store's changes are in the store, where the next process
+        // reads them: a change being written there must not hold the sockets' hand-over up.
+        let _writer = (!self.store.info().shared)
+            .then(|| self.writer.lock().unwrap_or_else(|p| p.into_inner()));
         let desired = self.lock();
         // Under the writer lock, so that no retiring window ends after the state written here.
         self.handed_over.store(true, Ordering::Relaxed);
         let shared = self.store.info().shared;
         let result = match self.local_file() {
-            Some(_) if shared => Ok("the runtime state is in the local copy of the state store"),
+            Some(file) if shared => {
+                // Written now from what runs, whatever the copy last written says.
+                let mut copy = desired.stored.clone();
+                copy.store_revision = Some(desired.revision);
+                file.save(&copy)
+                    .map(|()| "the runtime state is in the local copy of the state store")
+            }
             // A state the file is behind gets one more try: the new process reads the file.
             Some(file) if desired.unsaved => file
                 .save(&desired.state)

@@ -171,8 +171,9 @@ pub trait StateStore: Send + Sync {
     /// instance's latest, this one's included. A single node returns its own alone.
     async fn report(&self, mine: &InstanceReport) -> Result<Vec<InstanceReport>, StoreError>;
 
-    /// At a stop: gives up the driver's lease and withdraws this instance's report at once,
-    /// so that another instance takes over without waiting for the lease to run out.
+    /// At a stop or a hand-over: stops driving rollouts for good and gives the driver's key
+    /// up at once, so that another instance takes over without waiting for the lease to run
+    /// out. The report stays (its requests in flight still count) until the process ends.
     async fn resign(&self);
 }
 

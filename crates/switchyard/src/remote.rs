@@ -19,6 +19,12 @@ pub fn status(api: &ApiArgs) -> Result<(), String> {
         Err(e) => return Err(e.to_string()),
     };
     let upstreams = client.get("/api/v1/upstreams").map_err(|e| e.to_string())?;
+    // As for rollouts: a server from before shared stores has no such endpoint.
+    let store = match client.get("/api/v1/store") {
+        Ok(store) => Some(store),
+        Err(ApiError::Refused { status: 404, .. }) => None,
+        Err(e) => return Err(e.to_string()),
+    };
     if api.json {
         let mut all = Map::new();
         all.insert("routes".into(), routes);
@@ -26,9 +32,15 @@ pub fn status(api: &ApiArgs) -> Result<(), String> {
             all.insert("rollouts".into(), rollouts);
         }
         all.insert("upstreams".into(), upstreams);
+        if let Some(store) = store {
+            all.insert("store".into(), store);
+        }
         println!("{:#}", Value::Object(all));
     } else {
-        print!("{}", tables::status(&routes, rollouts.as_ref(), &upstreams));
+        print!(
+            "{}",
+            tables::status(&routes, rollouts.as_ref(), &upstreams, store.as_ref())
+        );
     }
     Ok(())
 }

@@ -58,8 +58,14 @@ impl Table {
     }
 }
 
-/// `switchyard status`: routes, rollouts (when the server has the endpoint) and upstreams.
-pub fn status(routes: &Value, rollouts: Option<&Value>, upstreams: &Value) -> String {
+/// `switchyard status`: routes, rollouts (when the server has the endpoint), upstreams, and
+/// a shared state store's instances.
+pub fn status(
+    routes: &Value,
+    rollouts: Option<&Value>,
+    upstreams: &Value,
+    store: Option<&Value>,
+) -> String {
     let mut sections = vec![format!("Routes\n{}", routes_table(routes).render())];
     if let Some(rollouts) = rollouts {
         let rollouts = items(rollouts);
@@ -73,6 +79,25 @@ pub fn status(routes: &Value, rollouts: Option<&Value>, upstreams: &Value) -> St
         "Upstreams\n{}",
         upstreams_table(upstreams).render()
     ));
+    if let Some(store) = store.filter(|s| s["shared"] == true) {
+        let mut table = Table::new(&["INSTANCE", "PID", "REVISION", "DRIVER"]);
+        for instance in items(&store["instances"]) {
+            table.row(vec![
+                text(instance, "name"),
+                text(instance, "pid"),
+                text(instance, "revision"),
+                text(instance, "driver"),
+            ]);
+        }
+        let up = if store["up"] == true { "up" } else { "DOWN" };
+        sections.push(format!(
+            "State store {} ({up}), this instance {} at revision {}\n{}",
+            text(store, "name"),
+            text(store, "instance"),
+            text(store, "revision"),
+            table.render()
+        ));
+    }
     sections.join("\n")
 }
 
@@ -541,7 +566,7 @@ mod tests {
             {"name": "green", "algorithm": "least_conn", "backends": []}
         ]);
         assert_eq!(
-            status(&routes, Some(&rollouts), &upstreams),
+            status(&routes, Some(&rollouts), &upstreams, None),
             "Routes\n\
              ROUTE  HOST             PATH  MATCH                                                    STICKY                               SPLIT\n\
              web    -                /     -                                                        cookie:switchyard_user (set_cookie)  blue=9500 (95%) green=500 (5%)\n\
@@ -562,9 +587,23 @@ mod tests {
 
     #[test]
     fn status_without_the_rollouts_endpoint_has_no_rollouts_section() {
-        let text = status(&json!([]), None, &json!([]));
+        let text = status(&json!([]), None, &json!([]), None);
         assert_eq!(text, "Routes\nROUTE  HOST  PATH  MATCH  STICKY  SPLIT\n\nUpstreams\nUPSTREAM  ALGORITHM  BACKEND  HEALTHY  STATE  WEIGHT  IN_FLIGHT\n");
-        assert!(status(&json!([]), Some(&json!([])), &json!([])).contains("Rollouts\nnone\n"));
+        assert!(status(&json!([]), Some(&json!([])), &json!([]), None).contains("Rollouts\nnone\n"));
+        // A shared store: its instances, which one drives.
+        let store = json!({"shared": true, "name": "etcd http://a:2379 /p", "up": true, "instance": "lb-1", "revision": 7,
+            "instances": [{"name": "lb-1", "pid": 10, "revision": 7, "driver": true}, {"name": "lb-2", "pid": 11, "revision": 6, "driver": false}]});
+        let shown = status(&json!([]), None, &json!([]), Some(&store));
+        assert!(
+            shown.contains(
+                "State store etcd http://a:2379 /p (up), this instance lb-1 at revision 7"
+            ),
+            "{shown}"
+        );
+        assert!(shown.contains("lb-2"), "{shown}");
+        // One node: nothing about a store.
+        let single = json!({"shared": false, "kind": "file"});
+        assert!(!status(&json!([]), None, &json!([]), Some(&single)).contains("State store"));
     }
 
     #[test]
