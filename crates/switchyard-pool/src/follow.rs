@@ -259,8 +259,9 @@ impl Pool {
         }
     }
 
-    /// Follows a shared store until `shutdown`: applies what others write, keeps reporting.
-    /// Returns at once on one node. At the end it resigns (the driver's lease goes at once).
+    /// Follows a shared store: applies what others write, keeps reporting. At `shutdown` it
+    /// steps down as the rollout driver and goes on following while the process serves.
+    /// Returns at once on one node.
     pub async fn follow_store(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         if !self.store.info().shared {
             return;
