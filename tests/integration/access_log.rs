@@ -96,7 +96,15 @@ fn every_request_gets_a_line_with_its_fields_and_one_request_id_end_to_end() {
     wait_for_lines(&file, 4);
     let lines = json_lines(&file);
     assert_eq!(lines.len(), 4, "one line per request: {lines:?}");
-    let first = &lines[0];
+    // Found by request id: with two workers, a request's line may be written after the next
+    // request's (each is handed to the writer once its answer has gone out).
+    let line = |id: &str| {
+        lines
+            .iter()
+            .find(|l| l["request_id"] == id)
+            .unwrap_or_else(|| panic!("no line for request {id}: {lines:?}"))
+    };
+    let first = line(kept);
     for field in [
         "time",
         "client",
@@ -137,9 +145,9 @@ fn every_request_gets_a_line_with_its_fields_and_one_request_id_end_to_end() {
             .is_some_and(|t| t.len() == 24 && t.ends_with('Z')),
         "{first}"
     );
-    assert_eq!(lines[1]["request_id"], generated[0].as_str());
-    assert_eq!(lines[2]["request_id"], generated[1].as_str());
-    let not_found = &lines[3];
+    line(&generated[0]);
+    line(&generated[1]);
+    let not_found = line(&not_found_id);
     assert_eq!(not_found["status"], 404);
     assert_eq!(not_found["request_id"], not_found_id.as_str());
     assert_eq!(not_found["route"], Value::Null);
@@ -485,9 +493,15 @@ fn heads_refused_unread_get_a_line_too() {
     assert_eq!(r.status, 414);
     let lines = wait_for_lines(&sy.dir.join("access.log"), 2);
     assert_eq!(lines.len(), 2, "{lines:?}");
+    // In either order: the two connections may be served by different workers.
     assert!(
-        lines[0].starts_with("127.0.0.1 - - [") && lines[0].contains("] \"-\" 431 "),
+        lines
+            .iter()
+            .any(|l| l.starts_with("127.0.0.1 - - [") && l.contains("] \"-\" 431 ")),
         "{lines:?}"
     );
-    assert!(lines[1].contains("] \"-\" 414 "), "{lines:?}");
+    assert!(
+        lines.iter().any(|l| l.contains("] \"-\" 414 ")),
+        "{lines:?}"
+    );
 }
