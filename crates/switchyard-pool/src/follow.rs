@@ -240,9 +240,7 @@ impl Pool {
         if !self.store.info().shared || self.state_file.is_none() {
             return None;
         }
-        let mut copy = desired.stored.clone();
-        copy.store_revision = Some(desired.revision);
-        Some(copy)
+        Some(desired.copy(true))
     }
 
     /// Writes the local copy. Every caller holds the writer lock, so copies land in the order

@@ -135,6 +135,15 @@ pub(crate) struct Desired {
     unsaved: bool,
 }
 
+impl Desired {
+    /// The state as a file holds it: with a shared store, with the revision it was copied at.
+    pub(crate) fn copy(&self, shared: bool) -> RuntimeState {
+        let mut copy = self.stored.clone();
+        copy.store_revision = shared.then_some(self.revision);
+        copy
+    }
+}
+
 impl Pool {
     /// Builds the pool from `config`, the CA certificates read from it ([`load_upstream_tls`],
     /// before anything of the process is committed: a binary upgrade takes the sockets over
@@ -637,20 +646,15 @@ impl Pool {
         // One node: under the writer lock, so that no retiring window ends after the state
         // written here. A shared store's changes are in the store, where the next process
         // reads them: a change being written there must not hold the sockets' hand-over up.
-        let _writer = (!self.store.info().shared)
-            .then(|| self.writer.lock().unwrap_or_else(|p| p.into_inner()));
-        let desired = self.lock();
-        // Under the writer lock, so that no retiring window ends after the state written here.
-        self.handed_over.store(true, Ordering::Relaxed);
         let shared = self.store.info().shared;
+        let _writer = (!shared).then(|| self.writer.lock().unwrap_or_else(|p| p.into_inner()));
+        let desired = self.lock();
+        self.handed_over.store(true, Ordering::Relaxed);
         let result = match self.local_file() {
-            Some(file) if shared => {
-                // Written now from what runs, whatever the copy last written says.
-                let mut copy = desired.stored.clone();
-                copy.store_revision = Some(desired.revision);
-                file.save(&copy)
-                    .map(|()| "the runtime state is in the local copy of the state store")
-            }
+            // Written now from what runs, whatever the copy last written says.
+            Some(file) if shared => file
+                .save(&desired.copy(shared))
+                .map(|()| "the runtime state is in the local copy of the state store"),
             // A state the file is behind gets one more try: the new process reads the file.
             Some(file) if desired.unsaved => file
                 .save(&desired.state)
@@ -659,10 +663,8 @@ impl Pool {
             None => {
                 // With a shared store, the new process starts from the store's state at
                 // this revision and catches up from there.
-                let mut state = desired.stored.clone();
-                state.store_revision = shared.then_some(desired.revision);
                 StateFile::new(path.to_path_buf())
-                    .save(&state)
+                    .save(&desired.copy(shared))
                     .map(|()| "the runtime state was written for it")
             }
         };
